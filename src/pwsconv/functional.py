@@ -1,0 +1,81 @@
+"""Functional core of Parametric Weights Standardization (PWS).
+
+Every PWS layer (1d/2d/3d convolutions, transposed convolutions, linear) calls :func:`pws_weight`;
+nothing else in the package standardizes weights on its own.
+
+Eq. 12 of Liu et al., "Delving into Variance Transmission and Normalization" (AAAI 2021)::
+
+    Ŵ_o = sqrt(2 / n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ),      Y_o = α_o · (X ⊛ Ŵ_o) + β_o
+
+with E and Var the mean and the population (biased) variance over the n_l elements of filter o.
+α_o multiplies the kernel, which is the same as multiplying the output channel (Y_o is linear in Ŵ_o).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["pws_weight", "check_gamma", "he_std"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_gamma(gamma: float) -> float:
+    """Validate γ of eq. 12: a finite number ≥ 0. Returns it as a float."""
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise ValueError(f"gamma must be a non-negative finite number, got {gamma!r}") from None
+    if not math.isfinite(g) or g < 0:
+        raise ValueError(f"gamma must be a non-negative finite number, got {gamma!r}")
+    return g
+
+
+def he_std(fan: int) -> float:
+    """Standard deviation of He (kaiming normal, ReLU) init: sqrt(2 / fan)."""
+    return math.sqrt(2.0 / fan)
+
+
+def pws_weight(
+    weight: Tensor,
+    gamma: float,
+    alpha: Tensor | None = None,
+    *,
+    reduce_dims: Sequence[int] | None = None,
+    gain: float | None = None,
+) -> Tensor:
+    """Standardize ``weight`` per filter (eq. 12) and scale it by α.
+
+    Args:
+        weight: raw weight. By default filter ``o`` is ``weight[o]`` (the layout of ``nn.ConvNd`` and ``nn.Linear``).
+        gamma: γ ≥ 0, added to the filter variance inside the square root.
+        alpha: per-filter scale, broadcastable to the kept (non-reduced) dims of ``weight``; ``None`` for no α.
+        reduce_dims: the dims that make one filter (default: every dim but 0).
+        gain: the constant in front; default sqrt(2 / n_l) with n_l the number of elements in one filter.
+            Pass ``1.0`` for the "without sqrt(2/n_l)" ablation of Table 2.
+
+    Statistics are computed in float32 when ``weight`` is float16/bfloat16 (also under autocast) and the
+    result is returned in ``weight``'s dtype. Gradients flow to ``weight`` and ``alpha``; by eq. 13 the gradient
+    of ``weight`` has zero mean over every filter.
+    """
+    if reduce_dims is None:
+        reduce_dims = tuple(range(1, weight.dim()))
+    reduce_dims = tuple(reduce_dims)
+    if gain is None:
+        n = 1
+        for d in reduce_dims:
+            n *= weight.shape[d]
+        gain = he_std(n)
+    w = weight.float() if weight.dtype in _LOW_PRECISION else weight
+    var, mean = torch.var_mean(w, dim=reduce_dims, correction=0, keepdim=True)
+    scale = torch.rsqrt(var + gamma)
+    if alpha is not None:
+        scale = scale * alpha.to(scale.dtype)
+    if gain != 1.0:
+        scale = scale * gain
+    out = (w - mean) * scale
+    return out.to(weight.dtype)

@@ -1,0 +1,411 @@
+"""The PWS layer family: thin subclasses of torch layers around :func:`pwsconv.functional.pws_weight`.
+
+Each class keeps its torch parent's constructor arguments and ``weight`` / ``bias`` state_dict keys and adds a
+trainable per-filter ``alpha`` (eq. 12: Y_o = α_o · (X ⊛ Ŵ_o) + β_o). ``layer.to_plain()`` returns the parent torch
+layer holding α·Ŵ and the bias (exact folding; the paper: "PWS can be reset to a normal conv layer in the inference
+stage").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import check_gamma, he_std, pws_weight
+
+__all__ = [
+    "PWSMixin",
+    "PWSConv1d",
+    "PWSConv2d",
+    "PWSConv3d",
+    "PWSConvTranspose1d",
+    "PWSConvTranspose2d",
+    "PWSConvTranspose3d",
+    "PWSLinear",
+    "FAN_MODES",
+]
+
+FAN_MODES = ("fan_in", "fan_out")
+
+
+class PWSMixin:
+    """Shared machinery of the PWS layers: α, γ, the ablation switches, the eval cache and folding.
+
+    Constructor switches (paper defaults first):
+        gamma (1e-3): γ of eq. 12, ≥ 0.
+        use_alpha (True): trainable per-filter α (Table 2 "Trainable α").
+        use_gain (True): the sqrt(2/n_l) factor of eq. 12 (Table 2 "sqrt(2/n_l) in (12)").
+        fan_mode ("fan_in"): n used by sqrt(2/n) and by the He init of the raw weights; "fan_in" is the paper's n_l.
+        equiv (False): the authors' "equiv" option, γ → 2γ/n, i.e. Ŵ = (W − μ)/sqrt(n·Var/2 + γ).
+        data_init_alpha (False): the authors' "initalpha": on the first training forward α ← sqrt(2 / Var(Y)).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    alpha: nn.Parameter | None
+    _plain_cls: type[nn.Module]
+    _transposed_layout: bool = False
+
+    def _pws_setup(
+        self,
+        gamma: float,
+        use_alpha: bool,
+        use_gain: bool,
+        fan_mode: str,
+        equiv: bool,
+        data_init_alpha: bool,
+    ) -> None:
+        if fan_mode not in FAN_MODES:
+            raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {fan_mode!r}")
+        self._gamma = check_gamma(gamma)
+        self.use_gain = bool(use_gain)
+        self.fan_mode = fan_mode
+        self.equiv = bool(equiv)
+        self.data_init_alpha = bool(data_init_alpha)
+        n_filter = self.filter_size
+        if n_filter < 2:
+            raise ValueError(
+                f"{type(self).__name__}: a filter has {n_filter} element(s); standardizing a single weight gives 0. "
+                "PWS needs in_channels/groups × kernel elements ≥ 2 (leave such layers as plain layers)"
+            )
+        out = self.weight.shape[1] * (self.groups if hasattr(self, "groups") else 1) if self._transposed_layout \
+            else self.weight.shape[0]
+        if use_alpha:
+            self.alpha = nn.Parameter(torch.ones(out, device=self.weight.device, dtype=self.weight.dtype))
+        else:
+            self.register_parameter("alpha", None)
+        if data_init_alpha:
+            self.register_buffer("alpha_initialized", torch.zeros((), dtype=torch.bool, device=self.weight.device))
+        self._cache: tuple[tuple, Tensor] | None = None
+        self._pws_ready = True
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def filter_size(self) -> int:
+        """n_l: the number of weights in one filter (in_channels/groups × kernel elements)."""
+        w = self.weight
+        k = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+        if self._transposed_layout:
+            return (w.shape[0] // self.groups) * k
+        return w.shape[1] * k
+
+    @property
+    def fan(self) -> int:
+        """The n of sqrt(2/n) and of the He init: ``filter_size`` for fan_in, out_channels/groups × kernel for fan_out."""
+        if self.fan_mode == "fan_in":
+            return self.filter_size
+        w = self.weight
+        k = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+        out_per_group = w.shape[1] if self._transposed_layout else w.shape[0] // getattr(self, "groups", 1)
+        return out_per_group * k
+
+    @property
+    def gamma(self) -> float:
+        """γ of eq. 12 (validated on assignment)."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self._gamma = check_gamma(value)
+        self._cache = None
+
+    @property
+    def effective_gamma(self) -> float:
+        """γ as used inside the square root (2γ/n under ``equiv``)."""
+        return 2.0 * self._gamma / self.fan if self.equiv else self._gamma
+
+    @property
+    def gain(self) -> float:
+        return he_std(self.fan) if self.use_gain else 1.0
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        if not getattr(self, "_pws_ready", False):
+            return  # called by the torch parent's __init__ before the PWS attributes exist
+        with torch.no_grad():
+            self.weight.normal_(0.0, he_std(self.fan))  # He (kaiming normal, ReLU) init, paper "Experiments"
+            if self.bias is not None:
+                self.bias.zero_()
+            if self.alpha is not None:
+                self.alpha.fill_(1.0)
+            if self.data_init_alpha:
+                self.alpha_initialized.fill_(False)
+        self._cache = None
+
+    # ------------------------------------------------------------------ the standardized weight
+    def _layout(self) -> tuple[tuple[int, ...] | None, tuple[int, ...], tuple[int, ...]]:
+        """(grouped view shape or None, filter dims to reduce, α broadcast shape)."""
+        w = self.weight
+        if not self._transposed_layout:
+            return None, tuple(range(1, w.dim())), (w.shape[0],) + (1,) * (w.dim() - 1)
+        g = self.groups
+        view = (g, w.shape[0] // g) + tuple(w.shape[1:])  # [G, Cin/G, Cout/G, *k]
+        reduce = (1,) + tuple(range(3, len(view)))
+        return view, reduce, (g, 1, w.shape[1]) + (1,) * (w.dim() - 2)
+
+    def _compute_weight(self) -> Tensor:
+        view, reduce, alpha_shape = self._layout()
+        w = self.weight if view is None else self.weight.view(view)
+        alpha = None if self.alpha is None else self.alpha.view(alpha_shape)
+        out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
+        return out if view is None else out.view(self.weight.shape)
+
+    def _cache_key(self) -> tuple:
+        key: tuple = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device,
+                      self._gamma, self.equiv, self.use_gain)
+        if self.alpha is not None:
+            key += (self.alpha._version, self.alpha.data_ptr(), self.alpha.dtype)
+        return key
+
+    def standardized_weight(self) -> Tensor:
+        """α·Ŵ of eq. 12 as the layer uses it.
+
+        In eval mode, when no gradient is needed, the result is cached and reused until ``weight``, ``alpha`` or γ
+        change (in place, by ``load_state_dict``, by an optimizer, or by ``.to()``) or the layer goes back to
+        ``.train()``; the cache is keyed on the tensors' version counters and storage, so it is never stale.
+        """
+        needs_grad = torch.is_grad_enabled() and (
+            self.weight.requires_grad or (self.alpha is not None and self.alpha.requires_grad)
+        )
+        if self.training or needs_grad:
+            self._cache = None
+            return self._compute_weight()
+        key = self._cache_key()
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        with torch.no_grad():
+            w = self._compute_weight()
+        self._cache = (key, w)
+        return w
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        self._cache = None
+        return super().train(mode)  # type: ignore[misc]
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): drop the cache with the old tensors
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+
+    def _maybe_data_init_alpha(self, x: Tensor) -> None:
+        if not (self.data_init_alpha and self.training and self.alpha is not None) or bool(self.alpha_initialized):
+            return
+        with torch.no_grad():
+            y = self._forward_with(x, self._compute_weight(), None)
+            var = y.float().var()
+            if torch.isfinite(var) and var > 0:
+                self.alpha.mul_(torch.sqrt(2.0 / var).to(self.alpha.dtype))
+            self.alpha_initialized.fill_(True)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        self._maybe_data_init_alpha(x)
+        return self._forward_with(x, self.standardized_weight(), self.bias, *args, **kwargs)
+
+    # ------------------------------------------------------------------ folding
+    def to_plain(self) -> nn.Module:
+        """The parent torch layer holding α·Ŵ and the bias: the same function, with no pwsconv class."""
+        plain = torch.nn.utils.skip_init(
+            self._plain_cls, **self._plain_kwargs(), device=self.weight.device, dtype=self.weight.dtype
+        )
+        with torch.no_grad():
+            plain.weight.copy_(self._compute_weight())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        s = super().extra_repr()  # type: ignore[misc]
+        s += f", gamma={self._gamma:g}"
+        if self.alpha is None:
+            s += ", use_alpha=False"
+        if not self.use_gain:
+            s += ", use_gain=False"
+        if self.fan_mode != "fan_in":
+            s += f", fan_mode={self.fan_mode!r}"
+        if self.equiv:
+            s += ", equiv=True"
+        if self.data_init_alpha:
+            s += ", data_init_alpha=True"
+        return s
+
+
+def _check_conv_args(name: str, in_channels: int, out_channels: int, kernel_size: Any, groups: int) -> None:
+    for arg, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
+    ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
+    if any((not isinstance(k, int)) or k <= 0 for k in ks):
+        raise ValueError(f"{name}: kernel_size must be positive ints, got {kernel_size!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"{name}: in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+        )
+
+
+_PWS_DOC = """
+    PWS extras (eq. 12): gamma=1e-3, use_alpha=True, use_gain=True, fan_mode="fan_in", equiv=False,
+    data_init_alpha=False (see :class:`PWSMixin`).
+"""
+
+
+class _PWSConvNd(PWSMixin):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | str | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        gamma: float = 1e-3,
+        use_alpha: bool = True,
+        use_gain: bool = True,
+        fan_mode: str = "fan_in",
+        equiv: bool = False,
+        data_init_alpha: bool = False,
+    ) -> None:
+        _check_conv_args(type(self).__name__, in_channels, out_channels, kernel_size, groups)
+        super().__init__(  # type: ignore[call-arg]
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
+        )
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha)
+
+    def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+
+    def _plain_kwargs(self) -> dict[str, Any]:
+        return dict(
+            in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
+            stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=self.bias is not None, padding_mode=self.padding_mode,
+        )
+
+
+class PWSConv1d(_PWSConvNd, nn.Conv1d):
+    __doc__ = "Drop-in ``nn.Conv1d`` with Parametric Weights Standardization (eq. 12)." + _PWS_DOC
+    _plain_cls = nn.Conv1d
+
+
+class PWSConv2d(_PWSConvNd, nn.Conv2d):
+    __doc__ = "Drop-in ``nn.Conv2d`` with Parametric Weights Standardization (eq. 12)." + _PWS_DOC
+    _plain_cls = nn.Conv2d
+
+
+class PWSConv3d(_PWSConvNd, nn.Conv3d):
+    __doc__ = "Drop-in ``nn.Conv3d`` with Parametric Weights Standardization (eq. 12)." + _PWS_DOC
+    _plain_cls = nn.Conv3d
+
+
+class _PWSConvTransposeNd(PWSMixin):
+    _transposed_layout = True
+    _n_spatial: int
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        output_padding: int | Sequence[int] = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation: int | Sequence[int] = 1,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        gamma: float = 1e-3,
+        use_alpha: bool = True,
+        use_gain: bool = True,
+        fan_mode: str = "fan_in",
+        equiv: bool = False,
+        data_init_alpha: bool = False,
+    ) -> None:
+        _check_conv_args(type(self).__name__, in_channels, out_channels, kernel_size, groups)
+        super().__init__(  # type: ignore[call-arg]
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, output_padding=output_padding,
+            groups=groups, bias=bias, dilation=dilation, padding_mode=padding_mode, device=device, dtype=dtype,
+        )
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha)
+
+    _conv_fn = staticmethod(F.conv_transpose2d)
+
+    def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None, output_size: list[int] | None = None):
+        output_padding = self._output_padding(  # type: ignore[attr-defined]
+            x, output_size, self.stride, self.padding, self.kernel_size, self._n_spatial, self.dilation
+        )
+        return type(self)._conv_fn(x, weight, bias, self.stride, self.padding, output_padding, self.groups,
+                                   self.dilation)
+
+    def _plain_kwargs(self) -> dict[str, Any]:
+        return dict(
+            in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size,
+            stride=self.stride, padding=self.padding, output_padding=self.output_padding, groups=self.groups,
+            bias=self.bias is not None, dilation=self.dilation, padding_mode=self.padding_mode,
+        )
+
+
+class PWSConvTranspose1d(_PWSConvTransposeNd, nn.ConvTranspose1d):
+    __doc__ = "Drop-in ``nn.ConvTranspose1d`` with PWS; a filter is one output channel's slice (eq. 12)." + _PWS_DOC
+    _plain_cls = nn.ConvTranspose1d
+    _n_spatial = 1
+    _conv_fn = staticmethod(F.conv_transpose1d)
+
+
+class PWSConvTranspose2d(_PWSConvTransposeNd, nn.ConvTranspose2d):
+    __doc__ = "Drop-in ``nn.ConvTranspose2d`` with PWS; a filter is one output channel's slice (eq. 12)." + _PWS_DOC
+    _plain_cls = nn.ConvTranspose2d
+    _n_spatial = 2
+    _conv_fn = staticmethod(F.conv_transpose2d)
+
+
+class PWSConvTranspose3d(_PWSConvTransposeNd, nn.ConvTranspose3d):
+    __doc__ = "Drop-in ``nn.ConvTranspose3d`` with PWS; a filter is one output channel's slice (eq. 12)." + _PWS_DOC
+    _plain_cls = nn.ConvTranspose3d
+    _n_spatial = 3
+    _conv_fn = staticmethod(F.conv_transpose3d)
+
+
+class PWSLinear(PWSMixin, nn.Linear):
+    __doc__ = "Drop-in ``nn.Linear`` with PWS; a filter is one output unit's row (eq. 12)." + _PWS_DOC
+    _plain_cls = nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        gamma: float = 1e-3,
+        use_alpha: bool = True,
+        use_gain: bool = True,
+        fan_mode: str = "fan_in",
+        equiv: bool = False,
+        data_init_alpha: bool = False,
+    ) -> None:
+        for arg, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"PWSLinear: {arg} must be a positive int, got {v!r}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha)
+
+    def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _plain_kwargs(self) -> dict[str, Any]:
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
