@@ -1,0 +1,335 @@
+"""Speed and memory of every normalization method, side by side, as ratios to plain conv ("none").
+
+Measures in one process, same model and input, medians over repeats (interleaved round-robin so that drifts in
+machine load hit every method alike):
+
+* ``train``: one training step (forward + backward + SGD step) per method, model and batch size;
+* ``infer``: inference for plain conv, PWS eval (cached α·Ŵ), PWS folded, BN unfused and BN fused into the conv, GN, SN;
+* ``memory``: peak training memory: on CUDA ``max_memory_allocated``; on CPU the bytes of the tensors autograd saves
+  for backward (activation memory, the part that differs between methods) plus parameters, gradients and momentum;
+* ``probe``: the overhead of the diagnostics probe attached to a training step;
+* ``scaling``: PWS's and BN's overhead over plain conv as the batch grows (standardization is O(weights),
+  BN is O(activations)).
+
+Usage::
+
+    python benchmarks/bench_methods.py --suite all --out benchmarks/results   # writes results.json / results.md
+    python benchmarks/bench_methods.py --suite train --models resnet_cifar_small --batch-sizes 2 32 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import pwsconv
+from pwsconv.models import build_model
+
+DEFAULT_METHODS = ["none", "bn", "gn", "in", "ln", "sn", "wn", "ws", "sws", "mabn", "pws"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _methods(requested: list[str]) -> list[str]:
+    known = set(pwsconv.available_methods())
+    missing = [m for m in requested if m not in known]
+    if missing:
+        print(f"# skipping methods not in the registry: {missing}", file=sys.stderr)
+    return [m for m in requested if m in known]
+
+
+def _build(model: str, method: str, batch: int, device: torch.device, in_ch: int = 3) -> nn.Module:
+    opts = {}
+    if method == "mabn":
+        opts = {"batch_size": batch, "real_batch_size": batch}
+    try:
+        net = build_model(model, method=method, num_classes=10, in_channels=in_ch, **opts)
+    except (TypeError, ValueError):
+        net = build_model(model, method=method, num_classes=10, in_channels=in_ch)
+    return net.to(device)
+
+
+def timed_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int,
+                      inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, measured round-robin (one call of each per round)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            _sync(device)
+            samples[k].append((time.perf_counter() - t) / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Callable | None = None):
+    net.train()
+    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1e-3, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        if extra is not None:
+            extra()
+        opt.step()
+
+    return step
+
+
+def bench_train(models, methods, batch_sizes, image, device, repeats, warmup) -> list[dict]:
+    rows = []
+    for model in models:
+        for b in batch_sizes:
+            x = torch.randn(b, 3, image, image, device=device)
+            y = torch.randint(0, 10, (b,), device=device)
+            fns = {}
+            for m in methods:
+                torch.manual_seed(0)
+                if m == "bn" and b == 1:
+                    continue
+                fns[m] = _train_step_fn(_build(model, m, b, device), x, y)
+            t = timed_interleaved(fns, device, repeats, warmup)
+            for m, s in t.items():
+                rows.append(dict(suite="train", model=model, batch=b, method=m, ms=s * 1e3,
+                                 images_per_s=b / s, ratio=s / t["none"]))
+            print(_fmt_line(rows[-len(t):]), flush=True)
+    return rows
+
+
+def _fuse_bn(model: nn.Module) -> nn.Module:
+    """Fuse every BatchNorm into the conv that feeds it (eval), via torch's fuse_conv_bn_eval."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    mods = list(model.named_modules())
+    prev: tuple[str, nn.Module] | None = None
+    for name, mod in mods:
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and prev is not None \
+                and isinstance(prev[1], nn.modules.conv._ConvNd) and prev[1].out_channels == mod.num_features:
+            fused = fuse_conv_bn_eval(prev[1], mod)
+            _set(model, prev[0], fused)
+            _set(model, name, nn.Identity())
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+            prev = (name, mod)
+    return model
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def bench_infer(models, batch_sizes, image, device, repeats, warmup) -> list[dict]:
+    rows = []
+    for model in models:
+        for b in batch_sizes:
+            x = torch.randn(b, 3, image, image, device=device)
+            torch.manual_seed(0)
+            nets = {
+                "none": _build(model, "none", b, device).eval(),
+                "pws (eval, cached)": _build(model, "pws", b, device).eval(),
+                "bn (unfused)": _build(model, "bn", b, device).eval(),
+                "gn": _build(model, "gn", b, device).eval(),
+            }
+            if "sn" in pwsconv.available_methods():
+                nets["sn"] = _build(model, "sn", b, device).eval()
+            nets["pws (folded)"] = pwsconv.fold(nets["pws (eval, cached)"])
+            nets["bn (fused)"] = _fuse_bn(nets["bn (unfused)"])
+
+            def mk(n):
+                def f():
+                    with torch.inference_mode():
+                        n(x)
+                return f
+
+            t = timed_interleaved({k: mk(n) for k, n in nets.items()}, device, repeats, warmup)
+            for k, s in t.items():
+                rows.append(dict(suite="infer", model=model, batch=b, method=k, ms=s * 1e3,
+                                 images_per_s=b / s, ratio=s / t["none"]))
+            print(_fmt_line(rows[-len(t):]), flush=True)
+    return rows
+
+
+def _saved_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one training step (unique storages)."""
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in params:
+            seen[ptr] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    return sum(seen.values())
+
+
+def bench_memory(models, methods, batch_sizes, image, device) -> list[dict]:
+    rows = []
+    for model in models:
+        for b in batch_sizes:
+            x = torch.randn(b, 3, image, image, device=device)
+            y = torch.randint(0, 10, (b,), device=device)
+            res = {}
+            for m in methods:
+                if m == "bn" and b == 1:
+                    continue
+                torch.manual_seed(0)
+                net = _build(model, m, b, device).train()
+                state = sum(p.numel() * p.element_size() for p in net.parameters()) * 3  # params + grads + momentum
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    _train_step_fn(net, x, y)()
+                    peak = torch.cuda.max_memory_allocated() - base + state
+                else:
+                    peak = _saved_bytes(net, x, y) + state
+                res[m] = peak
+            for m, v in res.items():
+                rows.append(dict(suite="memory", model=model, batch=b, method=m, mib=v / 2**20,
+                                 ratio=v / res["none"], ratio_to_bn=v / res["bn"] if "bn" in res else None))
+            print("  ".join(f"{m}={v / 2**20:.1f}MiB" for m, v in res.items()), f"[{model} b={b}]", flush=True)
+    return rows
+
+
+def bench_probe(models, batch_sizes, image, device, repeats, warmup) -> list[dict]:
+    from pwsconv.diagnostics import VarianceProbe
+
+    rows = []
+    for model in models:
+        for b in batch_sizes:
+            x = torch.randn(b, 3, image, image, device=device)
+            y = torch.randint(0, 10, (b,), device=device)
+            torch.manual_seed(0)
+            plain = _build(model, "pws", b, device)
+            probed = copy.deepcopy(plain)
+            probe = VarianceProbe(probed, lr=1e-3)
+            probe.attach()
+            step_idx = [0]
+
+            def record() -> None:
+                probe.step(step_idx[0])
+                step_idx[0] += 1
+
+            t = timed_interleaved({"pws": _train_step_fn(plain, x, y),
+                                   "pws + probe": _train_step_fn(probed, x, y, record)}, device, repeats, warmup)
+            probe.detach()
+            for k, s in t.items():
+                rows.append(dict(suite="probe", model=model, batch=b, method=k, ms=s * 1e3, ratio=s / t["pws"]))
+            print(_fmt_line(rows[-2:]), flush=True)
+    return rows
+
+
+def _fmt_line(rows: list[dict]) -> str:
+    r0 = rows[0]
+    return f"[{r0['suite']} {r0['model']} b={r0['batch']}] " + "  ".join(
+        f"{r['method']}={r['ms']:.1f}ms(x{r['ratio']:.3f})" for r in rows)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    out = []
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        rs = [r for r in rows if r["suite"] == suite]
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        keys = list(dict.fromkeys((r["model"], r["batch"]) for r in rs))
+        unit = "MiB" if suite == "memory" else "ms"
+        out.append(f"\n### {suite} ({unit}, ratio to plain conv)\n")
+        out.append("| model | batch | " + " | ".join(methods) + " |")
+        out.append("|---|---:|" + "---:|" * len(methods))
+        for model, b in keys:
+            cells = []
+            for m in methods:
+                r = next((r for r in rs if r["model"] == model and r["batch"] == b and r["method"] == m), None)
+                if r is None:
+                    cells.append("—")
+                elif suite == "memory":
+                    cells.append(f"{r['mib']:.1f} (×{r['ratio']:.2f})")
+                else:
+                    cells.append(f"{r['ms']:.2f} (×{r['ratio']:.3f})")
+            out.append(f"| {model} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def machine() -> dict:
+    info = dict(python=platform.python_version(), torch=torch.__version__, pwsconv=pwsconv.__version__,
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cores=os.cpu_count())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", nargs="+", default=["all"],
+                   choices=["all", "train", "infer", "memory", "probe", "scaling"])
+    p.add_argument("--models", nargs="+", default=["resnet_cifar_small", "convpool_cnn_c_small"])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 32, 128])
+    p.add_argument("--image", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    suites = {"train", "infer", "memory", "probe", "scaling"} if "all" in a.suite else set(a.suite)
+    methods = _methods(a.methods)
+    if "none" not in methods:
+        methods.insert(0, "none")
+    torch.backends.cudnn.benchmark = True
+    rows: list[dict] = []
+    t0 = time.time()
+    if "train" in suites:
+        rows += bench_train(a.models, methods, a.batch_sizes, a.image, device, a.repeats, a.warmup)
+    if "scaling" in suites:
+        sc = bench_train(a.models[:1], ["none", "bn", "pws"], [1, 2, 4, 8, 16, 32, 64, 128], a.image, device,
+                         a.repeats, a.warmup)
+        for r in sc:
+            r["suite"] = "scaling"
+        rows += sc
+    if "infer" in suites:
+        rows += bench_infer(a.models, a.batch_sizes, a.image, device, a.repeats, a.warmup)
+    if "memory" in suites:
+        rows += bench_memory(a.models, methods, a.batch_sizes, a.image, device)
+    if "probe" in suites:
+        rows += bench_probe(a.models[:1], a.batch_sizes[-1:], a.image, device, a.repeats, a.warmup)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(machine=machine(), command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+                wall_s=time.time() - t0, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    md = f"Machine: {json.dumps(meta['machine'])}\n\nCommand: `{meta['command']}` ({meta['wall_s']:.0f} s)\n" + to_markdown(rows)
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
