@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .norms import build_norm, get_method
+from .norms import _split_opts, build_norm, get_method, plain_conv
 
 __all__ = ["convert", "fold", "param_groups", "is_norm_layer", "NORM_TYPES"]
 
@@ -125,25 +126,29 @@ def convert(
             raise ValueError(f"output_norm: cannot infer the channels entering {out_name!r} (no conv before it)")
     if input_norm and in_name is None:
         raise ValueError("input_norm=True: the model has no conv layer")
+    if in_name and in_name not in {n for n, _ in targets}:
+        raise ValueError(f"input_norm: no module named {in_name!r}")
 
-    opts = dict(method_opts)
+    # method options go to the factories that take them (e.g. "gn": groups/eps to the GroupNorm, not the conv)
+    opts = _split_opts(m, dict(method_opts))
+    conv_opts = _opts_for(m.conv, opts)
+    norm_opts = _opts_for(m.norm, opts)
     for name, mod in targets:
         if _matches(name, exclude):
             continue
         dim = _exact_type(mod, _CONV_DIM)
         if dim is not None:
-            new = _convert_conv(m, mod, dim, bias, copy_weights, opts, name)
+            new = _convert_conv(m, mod, dim, bias, copy_weights, conv_opts, name)
         elif convert_transposed and (dim := _exact_type(mod, _CONVT_DIM)) is not None and m.transposed is not None:
-            new = _convert_convt(m, mod, dim, bias, copy_weights, opts, name)
+            new = _convert_convt(m, mod, dim, bias, copy_weights, _opts_for(m.transposed, opts), name)
         elif convert_linear and type(mod) is nn.Linear and m.linear is not None:
-            new = m.linear(mod.in_features, mod.out_features, mod.bias is not None if bias is None else bias, **opts)
-            _copy_params(mod, new, copy_weights)
+            new = _convert_linear(m, mod, bias, copy_weights, _opts_for(m.linear, opts), name)
         elif (dim := _exact_type(mod, _BN_DIM)) is not None:
-            new = mod if m.name == "bn" else build_norm(m, mod.num_features, dim)
+            new = mod if m.name == "bn" else build_norm(m, mod.num_features, dim, **norm_opts)
         else:
             continue
         if new is not mod:
-            new.to(device=_device_of(mod))
+            new.to(device=_device_of(mod), dtype=_dtype_of(mod))
             new.train(mod.training)
             _set_submodule(model, name, new)
 
@@ -152,17 +157,51 @@ def convert(
         c = _channels_of(mod)
         if c is None:
             raise ValueError(f"input_norm: cannot infer the output channels of {in_name!r}")
-        _set_submodule(model, in_name, nn.Sequential(mod, nn.GroupNorm(1, c).to(_device_of(mod))))
+        gn = nn.GroupNorm(1, c).to(device=_device_of(mod), dtype=_dtype_of(mod))
+        _set_submodule(model, in_name, _wrap(mod, mod, gn))
     if out_name:
         mod = model.get_submodule(out_name)
-        _set_submodule(model, out_name, nn.Sequential(nn.GroupNorm(1, out_channels).to(_device_of(model)), mod))
+        gn = nn.GroupNorm(1, out_channels).to(device=_device_of(model), dtype=_dtype_of(model))
+        _set_submodule(model, out_name, _wrap(mod, gn, mod))
     return model
+
+
+def _wrap(mod: nn.Module, *parts: nn.Module) -> nn.Sequential:
+    """``nn.Sequential(*parts)`` in ``mod``'s train/eval mode (without touching the modes inside ``mod``)."""
+    seq = nn.Sequential(*parts)
+    seq.training = mod.training
+    for p in parts:
+        if p is not mod:
+            p.train(mod.training)
+    return seq
+
+
+def _opts_for(factory: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """The subset of the method options that ``factory`` takes: none for plain torch convs, all for a factory with
+    ``**kwargs``, else those named in its signature."""
+    if not opts or factory is None or factory is plain_conv:
+        return {}
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return dict(opts)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(opts)
+    names = {p.name for p in params}
+    return {k: v for k, v in opts.items() if k in names}
 
 
 def _device_of(mod: nn.Module) -> torch.device:
     for p in mod.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def _dtype_of(mod: nn.Module) -> torch.dtype | None:
+    for p in mod.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
 
 
 def _copy_params(old: nn.Module, new: nn.Module, copy_weights: bool) -> None:
@@ -189,6 +228,18 @@ def _convert_conv(m, conv: nn.Module, dim: int, bias, copy_weights: bool, opts: 
             return conv
         raise
     _copy_params(conv, new, copy_weights)
+    return new
+
+
+def _convert_linear(m, lin: nn.Linear, bias, copy_weights: bool, opts: dict, name: str) -> nn.Module:
+    try:
+        new = m.linear(lin.in_features, lin.out_features, lin.bias is not None if bias is None else bias, **opts)
+    except ValueError as e:
+        if "element" in str(e):  # e.g. PWSLinear(1, n): a filter of a single weight
+            warnings.warn(f"convert: {name} left as {type(lin).__name__}: {e}", stacklevel=3)
+            return lin
+        raise
+    _copy_params(lin, new, copy_weights)
     return new
 
 
@@ -222,13 +273,17 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     if hasattr(model, "to_plain") and callable(model.to_plain):
         return model.to_plain()
-    for name, mod in list(model.named_modules()):
+    folded: dict[int, nn.Module] = {}  # a layer shared by several parents is folded once and stays shared
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
         if name and hasattr(mod, "to_plain") and callable(mod.to_plain):
             try:
-                model.get_submodule(name)
+                if model.get_submodule(name) is not mod:
+                    continue
             except AttributeError:
                 continue  # inside a module already folded
-            _set_submodule(model, name, mod.to_plain())
+            if id(mod) not in folded:
+                folded[id(mod)] = mod.to_plain()
+            _set_submodule(model, name, folded[id(mod)])
     return model
 
 

@@ -25,7 +25,9 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def check_gamma(gamma: float) -> float:
-    """Validate γ of eq. 12: a finite number ≥ 0. Returns it as a float."""
+    """Validate γ of eq. 12: a finite number ≥ 0 (not a string or a bool). Returns it as a float."""
+    if isinstance(gamma, (str, bytes, bool)):
+        raise ValueError(f"gamma must be a non-negative finite number, got {gamma!r}")
     try:
         g = float(gamma)
     except (TypeError, ValueError):
@@ -53,7 +55,9 @@ def pws_weight(
     Args:
         weight: raw weight. By default filter ``o`` is ``weight[o]`` (the layout of ``nn.ConvNd`` and ``nn.Linear``).
         gamma: γ ≥ 0, added to the filter variance inside the square root.
-        alpha: per-filter scale, broadcastable to the kept (non-reduced) dims of ``weight``; ``None`` for no α.
+        alpha: per-filter scale; ``None`` for no α. Either a tensor with ``weight.dim()`` dims broadcastable to the
+            kept (non-reduced) dims, a scalar, or a tensor with one value per filter (e.g. shape ``[out]`` for the
+            default layout), which is reshaped to the kept dims.
         reduce_dims: the dims that make one filter (default: every dim but 0).
         gain: the constant in front; default sqrt(2 / n_l) with n_l the number of elements in one filter.
             Pass ``1.0`` for the "without sqrt(2/n_l)" ablation of Table 2.
@@ -64,7 +68,10 @@ def pws_weight(
     """
     if reduce_dims is None:
         reduce_dims = tuple(range(1, weight.dim()))
-    reduce_dims = tuple(reduce_dims)
+    reduce_dims = tuple(sorted({int(d) % weight.dim() for d in reduce_dims})) if weight.dim() else ()
+    if not reduce_dims:
+        # torch reads an empty dim list as "reduce everything": refuse instead of silently mixing filters
+        raise ValueError(f"pws_weight: no filter dims to reduce (weight of shape {tuple(weight.shape)})")
     if gain is None:
         n = 1
         for d in reduce_dims:
@@ -74,6 +81,14 @@ def pws_weight(
     var, mean = torch.var_mean(w, dim=reduce_dims, correction=0, keepdim=True)
     scale = torch.rsqrt(var + gamma)
     if alpha is not None:
+        if alpha.dim() != w.dim() and alpha.numel() != 1:
+            # one value per filter: lay it out along the kept dims (a [out] vector would otherwise broadcast
+            # against the trailing kernel dim and silently scale the wrong axis)
+            if alpha.numel() != scale.numel():
+                raise ValueError(
+                    f"pws_weight: alpha has {alpha.numel()} values for {scale.numel()} filters (shape {tuple(alpha.shape)})"
+                )
+            alpha = alpha.reshape(scale.shape)
         scale = scale * alpha.to(scale.dtype)
     if gain != 1.0:
         scale = scale * gain

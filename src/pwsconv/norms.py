@@ -101,7 +101,7 @@ def get_method(name: str | NormMethod) -> NormMethod:
     if isinstance(name, NormMethod):
         return name
     _load_builtin_methods()
-    key = str(name).lower()
+    key = name if name in _REGISTRY else str(name).lower()  # exact name first: register_method keeps the case
     if key not in _REGISTRY:
         raise ValueError(f"unknown normalization method {name!r}; choose one of {', '.join(_REGISTRY)}")
     return _REGISTRY[key]
@@ -211,7 +211,7 @@ def _ln(c: int, dim: int, **kw: Any) -> nn.Module:
 
 
 # Modules whose import registers more methods (one line per zoo file).
-_ZOO_MODULES: tuple[str, ...] = ()
+_ZOO_MODULES: tuple[str, ...] = ("pwsconv.zoo",)
 
 _ZOO_LOADED = False
 

@@ -23,3 +23,16 @@ __all__ = [
     "PWSLinear",
     "PWSMixin",
 ]
+
+# The rest of the normalization zoo (registered by name in :mod:`pwsconv.zoo`).
+from .mabn import CenConv1d, CenConv2d, CenConv3d, MABN1d, MABN2d, MABN3d  # noqa: E402
+from .switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, sn_batch_average  # noqa: E402
+from .wn import WNConv1d, WNConv2d, WNConv3d, WNLinear  # noqa: E402
+from .ws import SWSConv1d, SWSConv2d, SWSConv3d, SWSLinear, WSConv1d, WSConv2d, WSConv3d  # noqa: E402
+
+__all__ += [
+    "CenConv1d", "CenConv2d", "CenConv3d", "MABN1d", "MABN2d", "MABN3d",
+    "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "sn_batch_average",
+    "WNConv1d", "WNConv2d", "WNConv3d", "WNLinear",
+    "WSConv1d", "WSConv2d", "WSConv3d", "SWSConv1d", "SWSConv2d", "SWSConv3d", "SWSLinear",
+]

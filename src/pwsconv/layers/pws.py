@@ -9,6 +9,7 @@ stage").
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -30,6 +31,13 @@ __all__ = [
 ]
 
 FAN_MODES = ("fan_in", "fan_out")
+
+
+def _is_compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
 
 
 class PWSMixin:
@@ -150,38 +158,53 @@ class PWSMixin:
 
     def _compute_weight(self) -> Tensor:
         view, reduce, alpha_shape = self._layout()
-        w = self.weight if view is None else self.weight.view(view)
+        w = self.weight if view is None else self.weight.reshape(view)
         alpha = None if self.alpha is None else self.alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
-        return out if view is None else out.view(self.weight.shape)
+        return out if view is None else out.reshape(self.weight.shape)
 
     def _cache_key(self) -> tuple:
-        key: tuple = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device,
-                      self._gamma, self.equiv, self.use_gain)
+        # The tensors themselves (compared by identity, so a replaced Parameter can never be mistaken for the old one
+        # whose memory it reuses), their version counters and storage, and every setting _compute_weight reads.
+        key: tuple = (self.weight, self.weight._version, self.weight.data_ptr(), self.weight.dtype,
+                      self.weight.device, self._gamma, self.equiv, self.use_gain, self.fan_mode,
+                      torch.is_inference_mode_enabled())
         if self.alpha is not None:
-            key += (self.alpha._version, self.alpha.data_ptr(), self.alpha.dtype)
+            key += (self.alpha, self.alpha._version, self.alpha.data_ptr(), self.alpha.dtype)
         return key
+
+    @staticmethod
+    def _same_key(a: tuple, b: tuple) -> bool:
+        return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
 
     def standardized_weight(self) -> Tensor:
         """α·Ŵ of eq. 12 as the layer uses it.
 
         In eval mode, when no gradient is needed, the result is cached and reused until ``weight``, ``alpha`` or γ
-        change (in place, by ``load_state_dict``, by an optimizer, or by ``.to()``) or the layer goes back to
-        ``.train()``; the cache is keyed on the tensors' version counters and storage, so it is never stale.
+        change (in place, by ``load_state_dict``, by an optimizer, by replacing the Parameter, or by ``.to()``) or the
+        layer goes back to ``.train()``; the cache is keyed on the tensors' identity, version counters and storage.
+        Writes through ``.data`` (``layer.weight.data.mul_(2)``) bypass the version counter: call ``layer.eval()``
+        again after them. Under ``torch.compile`` the cache is not used.
         """
         needs_grad = torch.is_grad_enabled() and (
             self.weight.requires_grad or (self.alpha is not None and self.alpha.requires_grad)
         )
-        if self.training or needs_grad:
-            self._cache = None
+        if self.training or needs_grad or _is_compiling():
+            if self._cache is not None:
+                self._cache = None
             return self._compute_weight()
         key = self._cache_key()
-        if self._cache is not None and self._cache[0] == key:
+        if self._cache is not None and self._same_key(self._cache[0], key):
             return self._cache[1]
         with torch.no_grad():
             w = self._compute_weight()
         self._cache = (key, w)
         return w
+
+    def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
+        state = super().__getstate__()  # type: ignore[misc]
+        state["_cache"] = None
+        return state
 
     def train(self, mode: bool = True):  # type: ignore[override]
         self._cache = None
@@ -234,12 +257,16 @@ class PWSMixin:
         return s
 
 
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+
+
 def _check_conv_args(name: str, in_channels: int, out_channels: int, kernel_size: Any, groups: int) -> None:
     for arg, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if not _is_pos_int(v):
             raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
     ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,)
-    if any((not isinstance(k, int)) or k <= 0 for k in ks):
+    if len(ks) == 0 or not all(_is_pos_int(k) for k in ks):
         raise ValueError(f"{name}: kernel_size must be positive ints, got {kernel_size!r}")
     if in_channels % groups or out_channels % groups:
         raise ValueError(
@@ -399,7 +426,7 @@ class PWSLinear(PWSMixin, nn.Linear):
         data_init_alpha: bool = False,
     ) -> None:
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not _is_pos_int(v):
                 raise ValueError(f"PWSLinear: {arg} must be a positive int, got {v!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha)

@@ -1,0 +1,322 @@
+"""The ``pwsconv`` command line.
+
+    pwsconv train [--config cfg.yaml] [--set key=value ...] [--lr 0.1 --method bn ...] [--resume]
+    pwsconv eval CKPT [--dataset NAME] [--split test|val]
+    pwsconv fold CKPT OUT
+    pwsconv demo [--out runs/demo] [--epochs N] [--quick]
+
+Bad input (unknown model/method/dataset, a negative LR or batch size, a missing data directory, malformed YAML, a
+corrupt checkpoint, an output directory that holds another run) prints one line on stderr and exits with code 2;
+set ``PWSCONV_DEBUG=1`` to get the traceback instead. A collapsed training run is a result (status "nan"), exit 0.
+
+Adding a subcommand is one function decorated with :func:`subcommand`: it receives its ``argparse`` parser, adds its
+arguments, and returns the handler ``(args) -> exit code``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from typing import Any, Callable, Sequence
+
+__all__ = ["main", "build_parser", "subcommand"]
+
+Handler = Callable[[argparse.Namespace], int | None]
+_SUBCOMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], Handler]]] = []
+
+
+def subcommand(name: str, help: str) -> Callable:
+    """Register ``fn(parser) -> handler`` as ``pwsconv NAME`` (subcommands appear in registration order)."""
+
+    def deco(fn: Callable[[argparse.ArgumentParser], Handler]) -> Callable[[argparse.ArgumentParser], Handler]:
+        _SUBCOMMANDS[:] = [s for s in _SUBCOMMANDS if s[0] != name]
+        _SUBCOMMANDS.append((name, help, fn))
+        return fn
+
+    return deco
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit code 2, as argparse's own)."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(ValueError):
+    """Bad command-line input detected by a handler."""
+
+
+# --------------------------------------------------------------------------------------------------------- train
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One ``--field-name`` flag per TrainConfig field (values are parsed like ``--set``)."""
+    from .config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    g = p.add_argument_group("config fields (each overrides --config and --set; see TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if hint is bool:
+            g.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default: {default})")
+        elif typing.get_origin(hint) is list:
+            g.add_argument(flag, dest=f"cfg_{f.name}", nargs="*", default=None, metavar="N",
+                           help=f"(default: {default})")
+        elif typing.get_origin(hint) is dict:
+            g.add_argument(flag.rstrip("s") if f.name.endswith("opts") else flag, dest=f"cfg_{f.name}",
+                           action="append", default=None, metavar="KEY=VALUE",
+                           help="one option of the method, e.g. gamma=1e-4 (repeatable)")
+        else:
+            g.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
+                           help=f"(default: {default})")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from .config import ConfigError, parse_value
+
+    out: list[tuple[str, Any]] = []
+    for key, value in vars(args).items():
+        if not key.startswith("cfg_") or value is None:
+            continue
+        name = key[4:]
+        if name == "method_opts":
+            for item in value:
+                k, eq, v = item.partition("=")
+                if not eq or not k.strip():
+                    raise ConfigError(f"--method-opt must look like key=value, got {item!r}")
+                out.append((f"method_opts.{k.strip()}", parse_value(v)))
+        elif isinstance(value, list):
+            out.append((name, [parse_value(v) for v in value]))
+        else:
+            out.append((name, value))
+    return out
+
+
+@subcommand("train", "train one network (config file + overrides); --resume continues a run")
+def _train_parser(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("--config", "-c", metavar="YAML", help="a YAML file of TrainConfig fields")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set lr=0.1 --set method_opts.gamma=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in out_dir from its checkpoint (its config.yaml is the base config "
+                        "when --config is not given)")
+    p.add_argument("--print-config", action="store_true", help="print the effective config as YAML and exit")
+    _add_config_flags(p)
+
+    def run(args: argparse.Namespace) -> int:
+        import yaml
+
+        from .config import TrainConfig, apply_overrides, load_yaml
+        from .train import train
+
+        flags = _flag_overrides(args)
+        base: dict[str, Any] = {}
+        if args.config:
+            base = load_yaml(args.config)
+        elif args.resume:
+            # the run's own config, found from the out_dir given by the flags (or the default out_dir)
+            probe = apply_overrides(TrainConfig(), list(args.overrides))
+            probe = apply_overrides(probe, dict(flags))
+            saved = os.path.join(probe.out_dir, "config.yaml")
+            if os.path.isfile(saved):
+                base = load_yaml(saved)
+        cfg = TrainConfig.from_dict(base, validate=False)
+        cfg = apply_overrides(cfg, list(args.overrides))
+        cfg = apply_overrides(cfg, dict(flags))
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        res = train(cfg, resume=args.resume)
+        m = res.metrics
+        print(f"{res.name}: status {res.status} | epoch {res.epoch:g} step {res.step} | "
+              f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f} | "
+              f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f} | {res.wall_time:.1f} s")
+        print(f"results in {res.out_dir} (config.yaml, metrics.csv, metrics.jsonl, checkpoint.pt, result.json)")
+        return 0
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+def _load_model(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(model in eval mode, its spec, the checkpoint) from a training checkpoint or a folded model file."""
+    from .train.checkpoint import CheckpointError, load_checkpoint
+    from .train.engine import build_from_spec
+
+    ck = load_checkpoint(path)
+    spec = ck.get("model_spec")
+    if not isinstance(spec, dict) or "model" not in ck:
+        raise CheckpointError(f"{path} has no model (missing model_spec or model state)")
+    model = build_from_spec(spec)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: the stored weights do not fit the model {spec.get('model')!r}: {first}") from None
+    return model.eval(), spec, ck
+
+
+@subcommand("eval", "evaluate a checkpoint (training checkpoint or `pwsconv fold` output) on a data set")
+def _eval_parser(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt, a run directory, or a folded model file")
+    p.add_argument("--dataset", help="data set name (default: the one the model was trained on)")
+    p.add_argument("--data-root", help="data directory (default: the training run's)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many training images "
+                                                            "(with --split train)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from .data import Loader, load_dataset
+        from .train import evaluate
+        from .train.engine import resolve_device
+
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+        model, spec, ck = _load_model(args.checkpoint)
+        cfg = dict(ck.get("config") or {})
+        name = args.dataset or spec.get("dataset") or cfg.get("dataset")
+        if not name:
+            raise UsageError("the checkpoint does not say which data set it was trained on; pass --dataset")
+        same = name == cfg.get("dataset")
+        root = args.data_root if args.data_root is not None else (cfg.get("data_root") if same else None)
+        bundle = load_dataset(name, root, val_fraction=float(cfg.get("val_fraction") or 0.0) if same else 0.0,
+                              seed=int(cfg.get("seed") or 0) if same else 0,
+                              limit=args.limit if args.limit is not None else (cfg.get("limit") if same else None))
+        if bundle.num_classes != spec["num_classes"] or bundle.in_channels != spec["in_channels"]:
+            raise UsageError(f"data set {name!r} has {bundle.num_classes} classes and {bundle.in_channels} channels; "
+                             f"the model expects {spec['num_classes']} and {spec['in_channels']}")
+        images = getattr(bundle, args.split)
+        if images is None:
+            raise UsageError(f"data set {name!r} has no {args.split} split here (a val split needs val_fraction > 0)")
+        device = resolve_device(args.device)
+        model.to(device)
+        loader = Loader(images, args.batch_size, shuffle=False, augment=None, mean=spec["mean"], std=spec["std"],
+                        device=device)
+        m = evaluate(model, loader, device=device)
+        out = {"checkpoint": args.checkpoint, "dataset": name, "split": args.split, "folded": bool(spec.get("folded")),
+               "loss": m["loss"], "acc": m["acc"], "n": m["n"]}
+        if args.json:
+            from .train.checkpoint import dumps
+
+            print(dumps(out))
+        else:
+            print(f"{name} {args.split}: loss {m['loss']:.4f} acc {m['acc']:.4f} ({100 * m['acc']:.2f}%, "
+                  f"n={m['n']}){' [folded]' if spec.get('folded') else ''}")
+        return 0
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------- fold
+@subcommand("fold", "fold PWS (and other reparameterized) layers into plain convs: a deployable model file")
+def _fold_parser(p: argparse.ArgumentParser) -> Handler:
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt or a run directory")
+    p.add_argument("out", metavar="OUT", help="the model file to write (state_dict + model spec)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+
+    def run(args: argparse.Namespace) -> int:
+        from . import fold
+        from .train.checkpoint import MODEL_FORMAT, atomic_save
+
+        if os.path.exists(args.out) and not args.force:
+            raise UsageError(f"{args.out} already exists; pass --force to overwrite it or choose another OUT")
+        if os.path.isdir(args.out):
+            raise UsageError(f"{args.out} is a directory; OUT must be a file path")
+        model, spec, ck = _load_model(args.checkpoint)
+        n_reparam = sum(1 for m in model.modules() if callable(getattr(m, "to_plain", None)))
+        folded = fold(model.eval())
+        n_left = sum(1 for m in folded.modules() if callable(getattr(m, "to_plain", None)))
+        spec = {**spec, "folded": True}
+        atomic_save({"format": MODEL_FORMAT, "version": 1, "model_spec": spec, "model": folded.state_dict(),
+                     "config": ck.get("config") or {}, "source": os.path.abspath(args.checkpoint)}, args.out)
+        kinds = sorted({type(m).__name__ for m in folded.modules() if len(list(m.children())) == 0
+                        and any(True for _ in m.parameters(recurse=False))})
+        print(f"folded {n_reparam - n_left} layer(s) of {spec['model']} ({spec['method']}) into plain layers → {args.out}")
+        print(f"layers with parameters now: {', '.join(kinds)}; evaluate with: pwsconv eval {args.out}")
+        return 0
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------- demo
+@subcommand("demo", "the paper's story in minutes on the bundled digits data: plain / BN / GN / PWS, two LRs, batch 2")
+def _demo_parser(p: argparse.ArgumentParser) -> Handler:
+    from .experiments.demo import DEFAULT_OUT
+
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT}); an interrupted "
+                                                      "demo continues where it stopped")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's)")
+    p.add_argument("--quick", action="store_true", help="a much smaller demo (a few seconds; for tests)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-run progress bars (default: when stderr is a terminal)")
+
+    def run(args: argparse.Namespace) -> int:
+        from .experiments.demo import run_demo
+
+        if args.epochs is not None and args.epochs < 1:
+            raise UsageError(f"--epochs must be ≥ 1, got {args.epochs}")
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        run_demo(args.out, epochs=args.epochs, quick=args.quick, progress=progress)
+        return 0
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="pwsconv", description="Parametric Weights Standardization (PWS): train, evaluate, fold, "
+                                                 "and reproduce the paper's experiments.")
+    parser.add_argument("--version", action="version", version=f"pwsconv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, help, fn in _SUBCOMMANDS:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=fn(sp))
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pwsconv`` console script; returns the exit code (2 for bad input)."""
+    from .config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = os.environ.get("PWSCONV_DEBUG", "") not in ("", "0")
+    try:
+        import yaml
+
+        yaml_errors: tuple[type[BaseException], ...] = (yaml.YAMLError,)
+    except ImportError:  # pragma: no cover
+        yaml_errors = ()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"pwsconv {args.command}: interrupted; a training run continues from its last checkpoint with --resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ConfigError, *yaml_errors) as e:  # bad input: one line, exit 2
+        if debug:
+            raise
+        print(f"pwsconv {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # python -m pwsconv.cli
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Typed run configuration: YAML files and ``key=value`` overrides mapped onto :class:`TrainConfig`.
+
+    cfg = load_config("cfg.yaml", overrides=["lr=0.1", "method_opts.gamma=1e-4"])   # validated
+    cfg.to_dict()                                                                    # plain dict (YAML/JSON/checkpoint)
+
+Every problem is a :class:`ConfigError` (a ``ValueError``) with a one-line message: unknown key (with a suggestion),
+wrong type, out-of-range value, unknown model/method/dataset name, malformed YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "apply_overrides", "parse_value",
+           "RESUME_MUTABLE_FIELDS"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line and names the offending key."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Field names are the YAML keys and the ``--set`` keys.
+
+    The defaults follow the paper's CIFAR setting where one applies (SGD momentum 0.9, weight decay 5e-4, multi-step
+    LR ×0.1); the data/model defaults are the offline digits set and the small ``tiny_cnn``.
+    """
+
+    # what to train
+    model: str = "tiny_cnn"
+    method: str = "pws"                      # normalization method: pwsconv.available_methods()
+    method_opts: dict[str, Any] = field(default_factory=dict)   # e.g. {"gamma": 1e-3} for pws, {"groups": 8} for gn
+    model_opts: dict[str, Any] = field(default_factory=dict)    # the model builder's options, e.g. {"width": 0.5}
+    dataset: str = "digits"
+    data_root: str | None = None
+    val_fraction: float = 0.0
+    limit: int | None = None                 # use at most this many training images (quick runs)
+    test_limit: int | None = None            # evaluate on at most this many test images
+    augment: bool = True                     # the dataset's standard augmentation (if it has one)
+    # optimization (SGD + MultiStepLR)
+    epochs: int = 10
+    max_steps: int | None = None             # stop after this many optimizer steps (whatever the epoch)
+    batch_size: int = 128                    # global batch (split evenly across DDP processes)
+    eval_batch_size: int = 500
+    drop_last: bool = True                   # drop the last incomplete training batch of an epoch
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4               # α of PWS layers always gets 0 (pwsconv.param_groups)
+    milestones: list[int] = field(default_factory=list)   # epochs at which the LR is multiplied by lr_decay
+    lr_decay: float = 0.1
+    # reproducibility and speed
+    seed: int = 0
+    deterministic: bool = False              # torch.use_deterministic_algorithms(True) + cudnn deterministic
+    amp: str | None = None                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
+    channels_last: bool = False
+    device: str = "auto"                     # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
+    sync_bn: bool = False                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need nothing of the kind)
+    # outputs
+    out_dir: str = "runs/train"
+    name: str | None = None                  # a label for tables (default: the out_dir's name)
+    ckpt_every: int = 200                    # also checkpoint every this many steps (0: only at epoch ends)
+    log_every: int = 10                      # progress-bar refresh and collapse check, in steps
+    progress: bool = True                    # tqdm bars and per-epoch lines
+    tensorboard: bool = False                # write TensorBoard events to out_dir/tb (if tensorboard is installed)
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["method_opts"] = dict(self.method_opts)
+        d["model_opts"] = dict(self.model_opts)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, validate: bool = True) -> "TrainConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config must be a mapping of keys to values, got {type(data).__name__}")
+        cfg = cls()
+        for key, value in data.items():
+            _set_field(cfg, str(key), value)
+        if validate:
+            cfg.validate()
+        return cfg
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some fields changed."""
+        d = self.to_dict()
+        d.update(changes)
+        return TrainConfig.from_dict(d)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, *, check_names: bool = True) -> "TrainConfig":
+        """Check ranges and (with ``check_names``) that model, method and dataset exist; returns ``self``."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
+        need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be ≥ 1, got {self.eval_batch_size}")
+        need(self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be ≥ 1 or null, got {self.max_steps}")
+        need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        need(math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        need(all(m >= 1 for m in self.milestones) and list(self.milestones) == sorted(set(self.milestones)),
+             f"milestones must be strictly increasing epochs ≥ 1, got {self.milestones}")
+        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        need(self.limit is None or self.limit >= 1, f"limit must be ≥ 1 or null, got {self.limit}")
+        need(self.test_limit is None or self.test_limit >= 1, f"test_limit must be ≥ 1 or null, got {self.test_limit}")
+        need(self.amp in (None, "bf16", "fp16"), f"amp must be null, 'bf16' or 'fp16', got {self.amp!r}")
+        need(self.ckpt_every >= 0, f"ckpt_every must be ≥ 0 (0: epoch ends only), got {self.ckpt_every}")
+        need(self.log_every >= 1, f"log_every must be ≥ 1, got {self.log_every}")
+        need(bool(self.out_dir), "out_dir must not be empty")
+        need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+        if check_names:
+            self._check_names()
+        return self
+
+    def _check_names(self) -> None:
+        from .norms import available_methods
+
+        methods = available_methods()
+        if self.method.lower() not in methods:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(methods)}")
+        try:
+            from .models import available_models
+        except ImportError:  # pragma: no cover - the models package is part of the project
+            available_models = None
+        if available_models is not None:
+            models = list(available_models())
+            if self.model not in models:
+                raise ConfigError(f"unknown model {self.model!r}{_suggest(self.model, models)}; "
+                                  f"choose one of {', '.join(models)}")
+        try:
+            from .data import available_datasets
+        except ImportError:  # pragma: no cover
+            available_datasets = None
+        if available_datasets is not None:
+            sets = list(available_datasets())
+            if self.dataset not in sets:
+                raise ConfigError(f"unknown dataset {self.dataset!r}{_suggest(self.dataset, sets)}; "
+                                  f"choose one of {', '.join(sets)}")
+
+    @property
+    def run_name(self) -> str:
+        return self.name or os.path.basename(os.path.normpath(self.out_dir))
+
+
+#: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how
+#: verbosely a run goes on, not what it computes).
+RESUME_MUTABLE_FIELDS = frozenset({"epochs", "max_steps", "ckpt_every", "log_every", "progress", "tensorboard",
+                                   "out_dir", "name", "device", "data_root"})
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: ints, floats (``1e-4`` too), true/false, null, lists ``[100, 150]`` and dicts via YAML."""
+    s = text.strip()
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    import yaml
+
+    try:
+        v = yaml.safe_load(s) if s else ""
+    except yaml.YAMLError:
+        return s
+    return _fix_floats(v)
+
+
+def _fix_floats(v: Any) -> Any:
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; numbers written that way are meant as numbers
+    if isinstance(v, str):
+        try:
+            return float(v) if v.strip().lower() not in ("nan", "inf", "-inf", "infinity") else v
+        except ValueError:
+            return v
+    if isinstance(v, list):
+        return [_fix_floats(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _fix_floats(x) for k, x in v.items()}
+    return v
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(key, inner, value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.strip().lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, str):
+            value = parse_value(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = parse_value(value) if value.strip() else []
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = parse_value(value) if value.strip() else {}
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _fix_floats(v) for k, v in value.items()}
+    return value  # pragma: no cover
+
+
+def _set_field(cfg: TrainConfig, key: str, value: Any) -> None:
+    top, _, sub = key.partition(".")
+    if top not in _FIELDS:
+        raise ConfigError(f"unknown config key {top!r}{_suggest(top, _FIELDS)}")
+    if sub:
+        if typing.get_origin(_HINTS[top]) is not dict:
+            raise ConfigError(f"config key {top!r} has no sub-keys (got {key!r})")
+        d = dict(getattr(cfg, top))
+        d[sub] = parse_value(value) if isinstance(value, str) else _fix_floats(value)
+        setattr(cfg, top, d)
+        return
+    setattr(cfg, top, _coerce(top, _HINTS[top], value))
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or malformed YAML is a one-line :class:`ConfigError`."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file is not UTF-8 text: {path}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return _fix_floats(data)
+
+
+def apply_overrides(cfg: TrainConfig | Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any]) -> TrainConfig:
+    """Apply ``["key=value", "method_opts.gamma=1e-4", ...]`` (or a mapping) and validate."""
+    cfg = TrainConfig.from_dict(cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg, validate=False)
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        for item in overrides:
+            key, eq, value = str(item).partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"an override must look like key=value, got {item!r}")
+            items.append((key.strip(), value))
+    for key, value in items:
+        _set_field(cfg, key, value)
+    return cfg.validate()
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = ()) -> TrainConfig:
+    """Defaults ← YAML file (if given) ← overrides, validated."""
+    base = load_yaml(path) if path is not None else {}
+    cfg = TrainConfig.from_dict(base, validate=False)
+    return apply_overrides(cfg, overrides)

@@ -1,0 +1,232 @@
+"""A sweep: a list of run configs, each trained with :func:`pwsconv.train.train` in its own directory, then collected
+into tables and plots. The demo and the paper-table experiments are sweeps.
+
+    runs = [RunSpec("pws_lr0.1", TrainConfig(method="pws", lr=0.1), {"method": "pws", "LR": 0.1}), ...]
+    records = run_sweep(runs, "runs/my_sweep")        # resumable: finished runs are skipped, broken ones resumed
+    print(results_table(records, ["method", "LR"]))
+    write_results(records, "runs/my_sweep")           # results.md / .csv / .jsonl
+    plot_curves(records, "runs/my_sweep/curves.png", group_by="LR", line_by="method")
+
+Layout: ``<sweep dir>/<run name>/`` holds each run's config.yaml, metrics.csv/.jsonl, checkpoint.pt, result.json.
+Running the same sweep again skips runs whose result.json matches their config and resumes interrupted ones from
+their last checkpoint; a run directory holding a run with a *different* config is an error, never overwritten.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from ..config import ConfigError, TrainConfig
+from ..train.checkpoint import atomic_write_text, dumps
+from ..train.engine import RunResult, train
+from ..train.metrics import read_metrics
+
+__all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "results_table", "results_rows", "write_results",
+           "plot_curves", "format_value"]
+
+# config fields that do not change what a run computes (a finished run with other values here is still "the same")
+_COSMETIC = frozenset({"progress", "out_dir", "name", "device", "data_root", "tensorboard", "log_every",
+                       "ckpt_every"})
+
+
+class SweepError(ValueError):
+    """A sweep directory holds runs with other settings, or the run list is malformed."""
+
+
+@dataclass
+class RunSpec:
+    """One run of a sweep: a unique ``name`` (its directory), its config, and the ``labels`` shown in tables."""
+
+    name: str
+    config: TrainConfig
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepRecord:
+    spec: RunSpec
+    result: RunResult
+    rows: list[dict[str, Any]]       # the run's per-epoch metrics
+    skipped: bool                    # already finished before this call
+    seconds: float                   # time spent on it in this call
+
+
+def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = (set(a) | set(b)) - _COSMETIC
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: bool = False,
+              log: Callable[[str], None] | None = print) -> list[SweepRecord]:
+    """Train every run of ``runs`` under ``out_dir`` (resumably) and return their records, in order."""
+    out_dir = os.fspath(out_dir)
+    names = [r.name for r in runs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise SweepError(f"run names must be unique in a sweep; repeated: {', '.join(sorted(dup))}")
+    bad = [n for n in names if not n or os.sep in n or n.startswith(".")]
+    if bad:
+        raise SweepError(f"run names must be plain directory names, got {bad}")
+    records: list[SweepRecord] = []
+    for i, spec in enumerate(runs, 1):
+        run_dir = os.path.join(out_dir, spec.name)
+        cfg = TrainConfig.from_dict({**spec.config.to_dict(), "out_dir": run_dir, "name": spec.name,
+                                     "progress": progress})
+        t0 = time.perf_counter()
+        result, skipped = None, False
+        if os.path.isfile(os.path.join(run_dir, "result.json")):
+            try:
+                prev = RunResult.load(run_dir)
+            except (ValueError, KeyError, OSError):
+                prev = None
+            if prev is not None and prev.status in ("ok", "nan") and _same_run(prev.config, cfg.to_dict()):
+                result, skipped = prev, True
+        if result is None:
+            try:
+                result = train(cfg, resume=True)
+            except ConfigError as e:
+                if "cannot resume" in str(e):
+                    raise SweepError(f"{run_dir} holds a run with other settings ({str(e).split(' in ', 1)[-1]}); "
+                                     f"choose another output directory") from None
+                raise
+        rec = SweepRecord(spec, result, read_metrics(run_dir), skipped, time.perf_counter() - t0)
+        records.append(rec)
+        if log is not None:
+            acc = format_value(result.metrics.get("test_acc", math.nan), pct=True)
+            how = "done before, skipped" if skipped else f"{rec.seconds:.1f} s"
+            log(f"[{i}/{len(runs)}] {spec.name}: {result.status}, test acc {acc} ({how})")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+def format_value(v: Any, *, pct: bool = False, digits: int = 2) -> str:
+    """NaN → "NaN" (a collapse, as in the paper's tables); accuracies as percentages with ``pct``."""
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "NaN"
+        if pct:
+            return f"{100 * v:.{digits}f}"
+        return f"{v:g}"
+    return str(v)
+
+
+_RESULT_COLUMNS = ("test_acc", "test_loss", "train_loss", "train_acc", "val_acc", "images_per_s")
+
+
+def results_rows(records: Iterable[SweepRecord]) -> list[dict[str, Any]]:
+    """One flat dict per run: name, labels, status, final metrics, epochs, steps, seconds, directory."""
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {"name": r.spec.name, **r.spec.labels, "status": r.result.status}
+        for k in _RESULT_COLUMNS:
+            row[k] = r.result.metrics.get(k, math.nan)
+        row.update({"epochs": r.result.epoch, "steps": r.result.step, "wall_time": r.result.wall_time,
+                    "out_dir": r.result.out_dir})
+        rows.append(row)
+    return rows
+
+
+def results_table(records: Sequence[SweepRecord], columns: Sequence[str] | None = None, *,
+                  metric_columns: Sequence[tuple[str, str]] = (("test_acc", "test acc (%)"),)) -> str:
+    """A Markdown table: the label ``columns`` (default: all labels of the first run), the metrics, the status."""
+    if columns is None:
+        columns = list(records[0].spec.labels) if records else []
+    head = list(columns) + [title for _, title in metric_columns] + ["status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in records:
+        cells = [format_value(r.spec.labels.get(c)) for c in columns]
+        for key, _ in metric_columns:
+            v = r.result.metrics.get(key, math.nan)
+            cells.append(format_value(v, pct=key.endswith("_acc")))
+        cells.append(r.result.status)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(records: Sequence[SweepRecord], out_dir: str | os.PathLike, *, title: str = "Results",
+                  columns: Sequence[str] | None = None, notes: str = "") -> dict[str, str]:
+    """Write ``results.md`` (title, table, notes), ``results.csv`` and ``results.jsonl``; returns their paths."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = results_rows(records)
+    paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("md", "csv", "jsonl")}
+    md = f"# {title}\n\n{results_table(records, columns)}\n"
+    if notes:
+        md += f"\n{notes.rstrip()}\n"
+    atomic_write_text(md, paths["md"])
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    atomic_write_text(buf.getvalue(), paths["csv"])
+    atomic_write_text("".join(dumps(r) + "\n" for r in rows), paths["jsonl"])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------- plots
+def plot_curves(records: Sequence[SweepRecord], path: str | os.PathLike, *, group_by: str | Callable | None = None,
+                line_by: str = "method", metrics: Sequence[tuple[str, str]] = (
+                    ("train_loss", "train loss"), ("test_acc", "test accuracy")), title: str | None = None) -> str:
+    """Training curves as a PNG: one column per group (runs with the same ``group_by`` label, or the value a
+    callable returns for a record), one row per metric, one line per run labelled by ``line_by``. A collapsed run's
+    curve stops where it became NaN and ends in a red ×."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    def group_of(r: SweepRecord) -> str:
+        if group_by is None:
+            return ""
+        if callable(group_by):
+            return str(group_by(r))
+        return f"{group_by} {format_value(r.spec.labels.get(group_by))}"
+
+    groups: dict[str, list[SweepRecord]] = {}
+    for r in records:
+        groups.setdefault(group_of(r), []).append(r)
+    ncol, nrow = max(1, len(groups)), len(metrics)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
+    for c, (gname, recs) in enumerate(groups.items()):
+        for rr, (key, label) in enumerate(metrics):
+            ax = axes[rr][c]
+            for r in recs:
+                xs = [row["epoch"] for row in r.rows if row.get("status") != "nan"]
+                ys = [row.get(key, math.nan) for row in r.rows if row.get("status") != "nan"]
+                name = format_value(r.spec.labels.get(line_by, r.spec.name))
+                (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name + (" (NaN)" if r.result.status == "nan" else ""))
+                if r.result.status == "nan":
+                    x_nan = r.result.epoch
+                    finite = [y for y in ys if isinstance(y, float) and math.isfinite(y)]
+                    y_nan = finite[-1] if finite else (0.0 if key.endswith("acc") else 1.0)
+                    ax.plot([x_nan], [y_nan], marker="x", color="red", ms=10, mew=2)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            if key.endswith("loss"):
+                ax.set_yscale("log")
+            if rr == 0:
+                ax.set_title(gname)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,18 @@
+"""Training: one loop for every experiment (``pwsconv train``, the demo, the paper-table sweeps).
+
+    from pwsconv.config import TrainConfig
+    from pwsconv.train import train, evaluate
+    result = train(TrainConfig(method="pws", lr=0.5, epochs=5, out_dir="runs/pws"))
+
+See :mod:`pwsconv.train.engine` for the loop, :mod:`pwsconv.train.checkpoint` for the checkpoint format and
+:mod:`pwsconv.train.distributed` for multi-process training (and why PWS needs no SyncBN).
+"""
+
+from ..config import ConfigError, TrainConfig, load_config
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint
+from .engine import RunDirError, RunResult, build_from_spec, evaluate, model_spec, resolve_device, train
+from .metrics import read_metrics
+
+__all__ = ["train", "evaluate", "RunResult", "RunDirError", "TrainConfig", "ConfigError", "load_config",
+           "CheckpointError", "load_checkpoint", "atomic_save", "build_from_spec", "model_spec", "resolve_device",
+           "read_metrics"]

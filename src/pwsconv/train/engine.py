@@ -1,0 +1,522 @@
+"""The training loop (the only one in pwsconv): SGD + MultiStepLR, AMP, DDP, step-exact checkpoints, collapse = result.
+
+    from pwsconv.config import TrainConfig
+    from pwsconv.train import train
+    result = train(TrainConfig(model="tiny_cnn", method="pws", lr=0.5, epochs=5, out_dir="runs/x"))
+    result.status, result.metrics["test_acc"]          # "ok" | "nan", final test accuracy (NaN if collapsed)
+
+Reading order: :func:`train` sets up a :class:`_Run` (data, model, optimizer, resume state) and calls its ``loop``.
+Each epoch: the loader's order is fixed by (seed, epoch); after every ``ckpt_every`` optimizer steps and at the end of
+every epoch a checkpoint is written atomically, holding everything needed to continue bit-exactly (model, optimizer,
+scheduler, scaler, RNG states, position in the epoch, the epoch's running sums). A resumed run replays the epoch's
+order and skips the batches already consumed, so on CPU its final weights equal an uninterrupted run's.
+
+A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends) ends the run with status
+``"nan"`` and NaN metrics, as the paper's tables report a collapse — it is a result, not an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import param_groups
+from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig
+from . import distributed as D
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    dumps,
+    load_checkpoint,
+    load_scheduler_state,
+    rng_state,
+    scheduler_state,
+    set_rng_state,
+)
+from .metrics import MetricsLog, read_metrics
+
+__all__ = ["train", "evaluate", "RunResult", "RunDirError", "build_from_spec", "model_spec", "resolve_device",
+           "FINAL_METRICS"]
+
+FINAL_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s")
+NAN = float("nan")
+
+
+class RunDirError(ValueError):
+    """The output directory cannot be used (it holds another run and ``resume`` was not asked for)."""
+
+
+@dataclass
+class RunResult:
+    """What a run produced: ``status`` ("ok" or "nan" = collapsed), final ``metrics`` (NaN where missing or collapsed),
+    progress counters, and the paths of its files."""
+
+    status: str
+    metrics: dict[str, float]
+    epoch: float
+    step: int
+    wall_time: float
+    out_dir: str
+    config: dict[str, Any]
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or os.path.basename(os.path.normpath(self.out_dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunResult":
+        metrics = {k: (NAN if v is None else float(v)) for k, v in dict(d.get("metrics", {})).items()}
+        return cls(status=d["status"], metrics=metrics, epoch=float(d.get("epoch", 0)), step=int(d.get("step", 0)),
+                   wall_time=float(d.get("wall_time") or 0.0), out_dir=d.get("out_dir", ""),
+                   config=dict(d.get("config", {})), paths=dict(d.get("paths", {})))
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike) -> "RunResult":
+        import json
+
+        with open(os.path.join(out_dir, "result.json"), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" → ``cuda:LOCAL_RANK`` if CUDA is available, else cpu; a bare "cuda" also gets the local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def model_spec(cfg: TrainConfig, bundle: Any) -> dict[str, Any]:
+    """Everything needed to rebuild the network (and its input normalization) without the training data."""
+    return {
+        "model": cfg.model, "method": cfg.method, "method_opts": dict(cfg.method_opts),
+        "model_opts": dict(cfg.model_opts),
+        "num_classes": int(bundle.num_classes), "in_channels": int(bundle.in_channels),
+        "image_size": _plain(bundle.image_size), "mean": [float(v) for v in bundle.mean],
+        "std": [float(v) for v in bundle.std], "dataset": cfg.dataset, "folded": False,
+    }
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [int(x) for x in v]
+    return int(v) if v is not None else None
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """The network of a :func:`model_spec` (folded to plain layers when ``spec["folded"]``), in eval mode."""
+    from .. import fold
+    from ..models import build_model
+
+    model = build_model(spec["model"], spec["method"], num_classes=spec["num_classes"],
+                        in_channels=spec["in_channels"], **dict(spec.get("model_opts") or {}),
+                        method_opts=dict(spec.get("method_opts") or {}))
+    if spec.get("folded"):
+        model = fold(model.eval())
+    return model.eval()
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _grad_scaler(device: torch.device, amp: str | None):
+    if amp != "fp16":
+        return None
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")  # pragma: no cover - torch < 2.3
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = None, amp: str | None = None,
+             distributed: bool | None = None) -> dict[str, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` over ``loader`` (in eval mode; the mode is restored).
+
+    Under torch.distributed with a sharded loader (``world_size > 1``) the sums are all-reduced, so every process
+    gets the metrics of the whole set. Returns ``{"loss", "acc", "n"}``.
+    """
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    dev = torch.device(device) if device is not None else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    try:
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with _autocast(dev, amp):
+                out = model(x)
+            out = out.float()
+            sums[0] += F.cross_entropy(out, y, reduction="sum").double()
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += y.numel()
+    finally:
+        model.train(was_training)
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            getattr(loader, "world_size", 1) > 1
+    if distributed:
+        torch.distributed.all_reduce(sums)
+    loss, correct, n = sums.tolist()
+    return {"loss": loss / n if n else NAN, "acc": correct / n if n else NAN, "n": int(n)}
+
+
+def _as_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return TrainConfig.from_dict(config.to_dict())
+    if isinstance(config, Mapping):
+        return TrainConfig.from_dict(config)
+    from ..config import load_config
+
+    return load_config(config)
+
+
+def _nonempty_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(True for _ in os.scandir(path))
+
+
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k in RESUME_MUTABLE_FIELDS:
+            continue
+        if old.get(k) != new.get(k):
+            out.append(f"{k} {old.get(k)!r} → {new.get(k)!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- the run
+class _Run:
+    """State of one training run: built by ``__init__``, advanced by :meth:`loop`."""
+
+    def __init__(self, cfg: TrainConfig, dist: D.DistInfo, device: torch.device, resume: bool,
+                 on_step: Callable[[int], None] | None) -> None:
+        from ..data import Loader, load_dataset
+        from ..models import build_model
+
+        self.cfg, self.dist, self.device, self.on_step = cfg, dist, device, on_step
+        self.out_dir = os.path.abspath(cfg.out_dir)
+        self.paths = {k: os.path.join(self.out_dir, f) for k, f in (
+            ("config", "config.yaml"), ("metrics_csv", "metrics.csv"), ("metrics_jsonl", "metrics.jsonl"),
+            ("checkpoint", "checkpoint.pt"), ("result", "result.json"))}
+
+        # -- the output directory: a new run never touches another run's files
+        ckpt = None
+        if resume and os.path.isfile(self.paths["checkpoint"]):
+            ckpt = load_checkpoint(self.paths["checkpoint"], formats=(CHECKPOINT_FORMAT,))
+            diff = _config_diff(ckpt["config"], cfg.to_dict())
+            if diff:
+                raise ConfigError(f"cannot resume {cfg.out_dir}: the config differs from the checkpoint's in "
+                                  + "; ".join(diff))
+        elif not resume and _nonempty_dir(self.out_dir):
+            raise RunDirError(f"output directory {cfg.out_dir} already holds files; resume that run (--resume) or "
+                              f"choose another out_dir")
+        elif os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise RunDirError(f"output path {cfg.out_dir} exists and is not a directory")
+        self.ckpt = ckpt
+
+        # -- data (before anything is written: a missing data set leaves no trace)
+        bundle = load_dataset(cfg.dataset, cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                              limit=cfg.limit, test_limit=cfg.test_limit)
+        self.bundle = bundle
+        common = dict(mean=bundle.mean, std=bundle.std, device=device, channels_last=cfg.channels_last,
+                      rank=dist.rank, world_size=dist.world_size)
+        self.train_loader = Loader(bundle.train, cfg.batch_size, shuffle=True,
+                                   augment=bundle.augment if cfg.augment else None, drop_last=cfg.drop_last,
+                                   generator=torch.Generator().manual_seed(cfg.seed), **common)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
+                              f"({len(bundle.train.y)} images) with drop_last: true")
+        self.eval_loaders = {split: Loader(getattr(bundle, split), cfg.eval_batch_size, shuffle=False, augment=None,
+                                           drop_last=False, **common)
+                             for split in ("val", "test") if getattr(bundle, split, None) is not None}
+
+        # -- model, optimizer, schedule (the model's init depends on the seed only)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.method, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
+                            **cfg.model_opts, method_opts=dict(cfg.method_opts))
+        if cfg.sync_bn and dist.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.spec = model_spec(cfg, bundle)
+        self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov)
+        self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=list(cfg.milestones),
+                                                          gamma=cfg.lr_decay)
+        self.scaler = _grad_scaler(device, cfg.amp)
+
+        # -- position: (epoch, batch within epoch, global step), the epoch's running sums, time
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss·n, correct, n of this epoch (local)
+        self.wall_before = 0.0
+        self.status = "running"
+        torch.manual_seed(cfg.seed + 1000003 * dist.rank)  # per-process stream for dropout etc.
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            load_scheduler_state(self.sched, ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.epoch, self.batch, self.step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
+            self.sums = torch.tensor(ckpt["sums"], dtype=torch.float64, device=device)
+            self.wall_before = float(ckpt["wall_time"])
+            self.status = ckpt["status"]
+            rngs = ckpt["rng"]
+            if len(rngs) == dist.world_size:
+                set_rng_state(rngs[dist.rank])
+        self.raw_model = model
+        self.model: nn.Module = model
+        if dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def max_steps(self) -> int:
+        total = self.cfg.epochs * self.steps_per_epoch
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def finished(self) -> bool:
+        return self.status == "nan" or self.step >= self.max_steps or self.epoch >= self.cfg.epochs
+
+    def save_checkpoint(self) -> None:
+        rngs = [rng_state()]
+        if self.dist.enabled:
+            gathered: list[Any] = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if not self.dist.is_main:
+            return
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "version": 1, "config": self.cfg.to_dict(), "model_spec": self.spec,
+            "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": scheduler_state(self.sched),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": self.sums.tolist(),
+            "wall_time": self.wall_time(), "status": self.status, "rng": rngs,
+            "world_size": self.dist.world_size,
+        }, self.paths["checkpoint"])
+
+    def wall_time(self) -> float:
+        return self.wall_before + (time.perf_counter() - self.t_start)
+
+    def collapsed(self) -> bool:
+        """Non-finite running loss (not under fp16, where the GradScaler skips such steps) or parameter, any process."""
+        flags = [torch.isfinite(p).all() for p in self.raw_model.parameters()]
+        if self.scaler is None:
+            flags.append(torch.isfinite(self.sums[0]))
+        bad = (~torch.stack(flags).all()).to(torch.float32).reshape(1)
+        return D.all_reduce_sum(bad, self.dist).item() > 0
+
+    def write_result(self, metrics: dict[str, float]) -> "RunResult":
+        res = RunResult(status=self.status, metrics=metrics, epoch=self.epoch + self.batch / self.steps_per_epoch,
+                        step=self.step, wall_time=self.wall_time(), out_dir=self.out_dir, config=self.cfg.to_dict(),
+                        paths=dict(self.paths))
+        if self.dist.is_main:
+            atomic_write_text(dumps(res.to_dict()) + "\n", self.paths["result"])
+        return res
+
+    def result_from_files(self) -> "RunResult":
+        if os.path.isfile(self.paths["result"]):
+            try:
+                return RunResult.load(self.out_dir)
+            except (ValueError, KeyError, OSError):
+                pass  # rebuilt below
+        rows = read_metrics(self.out_dir)
+        last = rows[-1] if rows else {}
+        metrics = {k: float(last.get(k, NAN)) if last.get(k) is not None else NAN for k in FINAL_METRICS}
+        return self.write_result(metrics)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> "RunResult":
+        cfg, dist = self.cfg, self.dist
+        self.t_start = time.perf_counter()
+        if self.ckpt is not None and self.finished():
+            return self.result_from_files()   # nothing left to do (a finished or collapsed run)
+        if dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            import yaml
+
+            atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.paths["config"])
+        log = MetricsLog(self.out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard,
+                         resume_step=self.step if self.ckpt is not None else None)
+        D.barrier(dist)
+        try:
+            return self.loop(log)
+        finally:
+            log.close()
+
+    def loop(self, log: MetricsLog) -> "RunResult":
+        cfg, model, opt = self.cfg, self.model, self.opt
+        show = cfg.progress and self.dist.is_main
+        if show:
+            from tqdm.auto import tqdm
+        final: dict[str, float] = {}
+        while not self.finished():
+            self.train_loader.set_epoch(self.epoch)
+            if self.batch:  # resumed mid-epoch: the same order, from the first batch not yet consumed
+                self.train_loader.load_state_dict({"epoch": self.epoch, "batch": self.batch})
+            model.train()
+            seg_images, seg_t0 = 0, time.perf_counter()
+            bar = tqdm(total=self.steps_per_epoch, initial=self.batch, leave=False, dynamic_ncols=True,
+                       desc=f"{cfg.run_name} epoch {self.epoch + 1}/{cfg.epochs}") if show else None
+            collapsed = False
+            for i, (x, y) in enumerate(self.train_loader, start=self.batch):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with _autocast(self.device, cfg.amp):
+                    out = model(x)
+                    loss = F.cross_entropy(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(opt)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                self.step += 1
+                self.batch = i + 1
+                n = y.numel()
+                seg_images += n
+                self.sums += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
+                                          torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                if self.on_step is not None:
+                    self.on_step(self.step)
+                last = self.batch == self.steps_per_epoch or self.step >= self.max_steps
+                if self.step % cfg.log_every == 0 or last:
+                    if self.collapsed():
+                        collapsed = True
+                        break
+                    if bar is not None:
+                        s = self.sums.tolist()
+                        ips = seg_images * self.dist.world_size / max(time.perf_counter() - seg_t0, 1e-9)
+                        bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{s[1] / s[2]:.3f}", img_s=f"{ips:.0f}",
+                                        refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if self.step >= self.max_steps:
+                    break
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and not last:
+                    self.save_checkpoint()
+            if bar is not None:
+                bar.close()
+            seg_time = time.perf_counter() - seg_t0
+            ips = seg_images * self.dist.world_size / max(seg_time, 1e-9)
+
+            if collapsed:
+                self.status = "nan"
+                final = {k: NAN for k in FINAL_METRICS}
+                final["images_per_s"] = ips
+                self._log_row(log, final, seg_time)
+                self.save_checkpoint()
+                if show:
+                    tqdm.write(f"{cfg.run_name}: collapsed (non-finite loss or weights) at step {self.step}, "
+                               f"epoch {self.epoch + 1}")
+                break
+
+            # end of an epoch (or of the run, mid-epoch, at max_steps)
+            tot = D.all_reduce_sum(self.sums.clone(), self.dist).tolist()
+            final = {"train_loss": tot[0] / tot[2], "train_acc": tot[1] / tot[2], "val_loss": NAN, "val_acc": NAN,
+                     "test_loss": NAN, "test_acc": NAN, "images_per_s": ips}
+            for split, loader in self.eval_loaders.items():
+                ev = evaluate(self.raw_model, loader, device=self.device, amp=cfg.amp,
+                              distributed=self.dist.enabled)
+                final[f"{split}_loss"], final[f"{split}_acc"] = ev["loss"], ev["acc"]
+            lr = opt.param_groups[0]["lr"]
+            if self.batch == self.steps_per_epoch:   # a complete epoch: next epoch, next LR
+                self.sched.step()
+                self.epoch, self.batch = self.epoch + 1, 0
+                self.sums.zero_()
+            done = self.step >= self.max_steps or self.epoch >= cfg.epochs
+            self.status = "ok" if done else "running"
+            self._log_row(log, final, seg_time, lr=lr)
+            self.save_checkpoint()
+            if show:
+                tqdm.write(f"{cfg.run_name} epoch {self.epoch if self.batch == 0 else self.epoch + 1}: "
+                           f"loss {final['train_loss']:.4f} acc {final['train_acc']:.4f} | "
+                           + (f"val acc {final['val_acc']:.4f} | " if "val" in self.eval_loaders else "")
+                           + f"test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f} | "
+                           f"{ips:.0f} img/s | lr {lr:g}")
+        D.barrier(self.dist)
+        return self.write_result(final)
+
+    def _log_row(self, log: MetricsLog, m: dict[str, float], seg_time: float, lr: float | None = None) -> None:
+        row = {"epoch": self.epoch + self.batch / self.steps_per_epoch, "step": self.step,
+               "lr": self.opt.param_groups[0]["lr"] if lr is None else lr}
+        row.update({k: m.get(k, NAN) for k in FINAL_METRICS})
+        row.update({"epoch_time": seg_time, "wall_time": self.wall_time(), "status": self.status})
+        log.log(row)
+
+
+def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume: bool = False,
+          on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Train one network as ``config`` says and return its :class:`RunResult`.
+
+    Args:
+        config: a :class:`~pwsconv.config.TrainConfig`, a dict of its fields, or the path of a YAML file.
+        resume: continue the run in ``config.out_dir`` from its checkpoint (start fresh if there is none; return at
+            once if it already finished or collapsed). Without it, an ``out_dir`` that holds files is refused.
+        on_step: called with the global step after every optimizer step (progress hooks; an exception it raises
+            aborts the run like a crash, leaving the last checkpoint).
+
+    A collapse (non-finite loss or weights) is returned as ``status="nan"`` with NaN metrics, never raised. Bad
+    configs raise :class:`~pwsconv.config.ConfigError`, an unusable ``out_dir`` :class:`RunDirError`, a bad
+    checkpoint :class:`~pwsconv.train.checkpoint.CheckpointError`, missing data ``pwsconv.data.DataError`` — all
+    ``ValueError`` s with one-line messages.
+    """
+    cfg = _as_config(config)
+    device_type = resolve_device(cfg.device).type
+    dist = D.setup_distributed(device_type)
+    det_before = torch.are_deterministic_algorithms_enabled()
+    cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        device = resolve_device(cfg.device, dist.local_rank)
+        if cfg.batch_size % dist.world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                              f"{dist.world_size} processes")
+        if cfg.deterministic:
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        return _Run(cfg, dist, device, resume, on_step).run()
+    finally:
+        torch.use_deterministic_algorithms(det_before)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_before
+        D.cleanup_distributed(dist)

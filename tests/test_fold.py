@@ -1,0 +1,305 @@
+"""Folding (``pwsconv.fold``): a PWS network becomes plain torch layers holding α·Ŵ with the same outputs.
+
+The property test draws random layer kinds (1d/2d/3d conv, transposed conv, linear), shapes, groups, stride, dilation,
+padding and padding modes, PWS switches, and random α/bias values set after init.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import pwsconv
+from pwsconv import (
+    PWSConv1d,
+    PWSConv2d,
+    PWSConv3d,
+    PWSConvTranspose1d,
+    PWSConvTranspose2d,
+    PWSConvTranspose3d,
+    PWSLinear,
+)
+
+CONV = {1: PWSConv1d, 2: PWSConv2d, 3: PWSConv3d}
+CONVT = {1: PWSConvTranspose1d, 2: PWSConvTranspose2d, 3: PWSConvTranspose3d}
+PLAIN = {PWSConv1d: nn.Conv1d, PWSConv2d: nn.Conv2d, PWSConv3d: nn.Conv3d, PWSConvTranspose1d: nn.ConvTranspose1d,
+         PWSConvTranspose2d: nn.ConvTranspose2d, PWSConvTranspose3d: nn.ConvTranspose3d, PWSLinear: nn.Linear}
+HYPER = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
+         "output_padding", "in_features", "out_features")
+
+
+def no_pwsconv_left(model: nn.Module) -> bool:
+    return all(not type(m).__module__.startswith("pwsconv") for m in model.modules())
+
+
+def assert_same_output(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    scale = max(b.abs().max().item(), 1e-30)
+    assert (a - b).abs().max().item() <= rtol * scale, (a - b).abs().max().item() / scale
+
+
+def randomize(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "alpha", None) is not None:
+                m.alpha.copy_(torch.rand(m.alpha.shape, generator=g) * 4 - 2)
+            if isinstance(m, pwsconv.PWSMixin) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+
+
+@st.composite
+def layer_and_input(draw):
+    kind = draw(st.sampled_from(["conv", "conv", "convT", "linear"]))
+    opts = dict(
+        gamma=draw(st.sampled_from([0.0, 1e-5, 1e-3, 0.1])),
+        use_alpha=draw(st.booleans()),
+        use_gain=draw(st.booleans()),
+        fan_mode=draw(st.sampled_from(["fan_in", "fan_out"])),
+        equiv=draw(st.booleans()),
+    )
+    bias = draw(st.booleans())
+    batch = draw(st.integers(1, 2))
+    if kind == "linear":
+        fin, fout = draw(st.integers(2, 6)), draw(st.integers(1, 4))
+        lead = draw(st.sampled_from([(batch,), (batch, 3)]))
+        return PWSLinear(fin, fout, bias=bias, **opts), lead + (fin,)
+    dim = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 2))
+    ks = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    assume((cin // groups) * math.prod(ks) >= 2)  # PWS needs filters of ≥ 2 weights
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    dil = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    pad = tuple(draw(st.integers(0, 2)) for _ in range(dim))
+    if kind == "conv":
+        mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+        padding: object = pad
+        if draw(st.integers(0, 5)) == 0:  # padding="same" (stride 1 only)
+            stride, padding, pad = (1,) * dim, "same", tuple(d * (k - 1) for d, k in zip(dil, ks))
+        sizes = tuple(max(d * (k - 1) + 1 - 2 * p, p + 1, 1) + draw(st.integers(0, 2))
+                      for d, k, p in zip(dil, ks, pad))
+        layer = CONV[dim](cin, cout, ks, stride=stride, padding=padding, dilation=dil, groups=groups, bias=bias,
+                          padding_mode=mode, **opts)
+    else:
+        outpad = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dil))
+        sizes = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+        out = [(n - 1) * s - 2 * p + d * (k - 1) + op + 1
+               for n, s, p, d, k, op in zip(sizes, stride, pad, dil, ks, outpad)]
+        assume(all(o >= 1 for o in out))
+        layer = CONVT[dim](cin, cout, ks, stride=stride, padding=pad, output_padding=outpad, groups=groups,
+                           bias=bias, dilation=dil, **opts)
+    return layer, (batch, cin) + sizes
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=layer_and_input(), seed=st.integers(0, 2**16), train=st.booleans())
+def test_fold_random_layers(case, seed, train):
+    layer, shape = case
+    torch.manual_seed(seed)
+    randomize(layer, seed)
+    model = nn.Sequential(nn.Sequential(layer), nn.Identity()).train(train)
+    x = torch.randn(shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        y = model(x)
+    folded = pwsconv.fold(model)
+    assert no_pwsconv_left(folded)
+    plain = folded[0][0]
+    assert type(plain) is PLAIN[type(layer)]
+    assert plain.training == train
+    for h in HYPER:
+        if hasattr(layer, h):
+            assert getattr(plain, h) == getattr(layer, h), h
+    assert (plain.bias is None) == (layer.bias is None)
+    with torch.no_grad():
+        assert_same_output(folded(x), y)
+        assert_same_output(folded.eval()(x), model.eval()(x))
+    # the original is untouched (a deep copy was folded)
+    assert model[0][0] is layer and isinstance(layer, pwsconv.PWSMixin)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_fold_inplace_and_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(PWSConv2d(3, 4, 3, padding=1), nn.ReLU(), PWSConv2d(4, 4, 3, groups=2))
+    randomize(model, 0)
+    x = torch.randn(2, 3, 6, 6)
+    y = model(x).detach()
+    copy_folded = pwsconv.fold(model)
+    assert copy_folded is not model and isinstance(model[0], PWSConv2d) and isinstance(model[2], PWSConv2d)
+    same = pwsconv.fold(model, inplace=True)
+    assert same is model
+    assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Conv2d and no_pwsconv_left(model)
+    assert_same_output(model(x).detach(), y)
+    assert_same_output(copy_folded(x).detach(), y)
+    # folding a plain model is a no-op copy
+    again = pwsconv.fold(model)
+    assert_same_output(again(x).detach(), y)
+
+
+def test_fold_top_level_layer_and_shared_layer():
+    torch.manual_seed(1)
+    layer = PWSConvTranspose2d(4, 6, 3, stride=2, groups=2)
+    randomize(layer, 1)
+    x = torch.randn(1, 4, 3, 3)
+    plain = pwsconv.fold(layer)
+    assert type(plain) is nn.ConvTranspose2d
+    assert_same_output(plain(x).detach(), layer(x).detach())
+    shared = PWSConv2d(3, 3, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    folded = pwsconv.fold(model)
+    assert no_pwsconv_left(folded)
+    assert folded[0] is folded[2]  # sharing survives folding
+    x = torch.randn(1, 3, 5, 5)
+    assert_same_output(folded(x).detach(), model(x).detach())
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = PWSConv2d(cin, cout, 3, stride=stride, padding=1)
+        self.conv2 = PWSConv2d(cout, cout, 3, padding=1, padding_mode="reflect")
+        self.down = PWSConv2d(cin, cout, 1, stride=stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return self.down(x) + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
+def _nested_net() -> nn.Module:
+    return nn.Sequential(
+        PWSConv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(1, 8),
+        _Block(8, 8, 1),
+        _Block(8, 16, 2),
+        nn.Sequential(nn.GroupNorm(1, 16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        PWSLinear(16, 5),
+    )
+
+
+def test_fold_nested_model():
+    torch.manual_seed(2)
+    net = _nested_net()
+    randomize(net, 2)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x)
+    folded = pwsconv.fold(net)
+    assert no_pwsconv_left(folded)
+    assert isinstance(folded[2], _Block) and type(folded[3].down) is nn.Conv2d and type(folded[5]) is nn.Linear
+    assert not folded.training and not folded[3].conv1.training
+    with torch.no_grad():
+        assert_same_output(folded(x), y)
+    # a folded model is an ordinary torch model: state_dict without alpha, trainable
+    assert not any(k.endswith("alpha") for k in folded.state_dict())
+    folded.train()(x).sum().backward()
+    assert all(p.grad is not None for p in folded.parameters())
+
+
+def test_fold_converted_resnet_like_model():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    pws = pwsconv.convert(net, convert_linear=True, input_norm=True, output_norm=True)
+    randomize(pws, 3)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        y = pws.eval()(x)
+    folded = pwsconv.fold(pws)
+    assert no_pwsconv_left(folded)
+    with torch.no_grad():
+        assert_same_output(folded(x), y)
+
+
+def test_fold_float64_and_bf16():
+    torch.manual_seed(4)
+    layer = PWSConv2d(4, 6, 3, groups=2).double()
+    randomize(layer, 4)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    plain = pwsconv.fold(layer)
+    assert plain.weight.dtype == torch.float64
+    torch.testing.assert_close(plain(x), layer(x), rtol=1e-12, atol=1e-12)
+    lb = PWSConv2d(4, 6, 3).to(torch.bfloat16)
+    pb = pwsconv.fold(lb)
+    assert pb.weight.dtype == torch.bfloat16
+    assert torch.equal(pb.weight, lb.standardized_weight().detach())
+
+
+def test_folded_model_torch_compile():
+    torch.manual_seed(5)
+    net = _nested_net().eval()
+    randomize(net, 5)
+    folded = pwsconv.fold(net)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x)
+        for backend in ("eager", "aot_eager"):
+            torch._dynamo.reset()
+            assert_same_output(torch.compile(folded, backend=backend, fullgraph=True)(x), y)
+
+
+@pytest.mark.slow
+def test_folded_model_torch_compile_inductor():
+    # default inductor backend on a tiny net (≈ 20 s cold on 2 CPU cores, a few seconds with a warm cache)
+    torch.manual_seed(6)
+    net = nn.Sequential(PWSConv2d(3, 8, 3, padding=1), nn.ReLU(), PWSConv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), PWSLinear(8, 4)).eval()
+    randomize(net, 6)
+    folded = pwsconv.fold(net)
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        y = torch.compile(folded)(x)
+        assert_same_output(y, net(x), rtol=1e-4)
+    assert time.perf_counter() - t0 < 120
+
+
+def test_folded_model_onnx_export(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(7)
+    net = _nested_net().eval()
+    folded = pwsconv.fold(net)
+    x = torch.randn(1, 3, 8, 8)
+    path = tmp_path / "pws.onnx"
+    try:
+        import onnxscript  # noqa: F401
+
+        torch.onnx.export(folded, (x,), str(path))
+    except ImportError:
+        torch.onnx.export(folded, (x,), str(path), dynamo=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    assert "Conv" in ops
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_same_output(torch.from_numpy(out), net(x), rtol=1e-4)
+
+
+def test_folded_state_dict_loads_into_plain_architecture():
+    torch.manual_seed(8)
+    pws = nn.Sequential(PWSConv2d(3, 4, 3), nn.ReLU(), PWSLinear(4, 2))
+    randomize(pws, 8)
+    folded = pwsconv.fold(pws)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 2))
+    plain.load_state_dict(folded.state_dict())  # strict: exactly the plain keys
+    x = torch.randn(2, 3, 3, 3)
+    h = torch.randn(5, 4)
+    with torch.no_grad():
+        assert_same_output(plain[0](x), pws[0](x))
+        assert_same_output(plain[2](h), pws[2](h))
