@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -163,6 +161,19 @@ def test_convert_exclude():
     assert all(type(m) is nn.Conv2d for m in convs_of(pws3.layer1).values())
     assert type(pws3.layer2[0].conv1) is PWSConv2d
     assert pws(x).shape == pws2(x).shape == pws3(x).shape == (2, 5)
+
+
+def test_convert_shared_layers_and_string_exclude():
+    conv, bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+    model = nn.Sequential(conv, bn, nn.ReLU(), conv, bn)
+    pws = pwsconv.convert(model)
+    assert type(pws[0]) is PWSConv2d and pws[0] is pws[3]  # converted once, still shared
+    assert type(pws[1]) is nn.Identity and type(pws[4]) is nn.Identity
+    block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+    tied = pwsconv.convert(nn.Sequential(block, block))
+    assert tied[0] is tied[1] and type(tied[0][0]) is PWSConv2d
+    one = pwsconv.convert(nn.Sequential(nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 3)), exclude="0")
+    assert type(one[0]) is nn.Conv2d and type(one[1]) is PWSConv2d
 
 
 def test_convert_copy_weights():

@@ -99,10 +99,11 @@ def convert(
         of a single weight, as in a 1×1 depthwise conv) stay as they are, with a warning.
     """
     m = get_method(method)
-    exclude = tuple(exclude)
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # "conv1" is one pattern, not five
     if not inplace:
         model = copy.deepcopy(model)
-    targets: list[tuple[str, nn.Module]] = [(n, mod) for n, mod in model.named_modules() if n]
+    # every path to every module: a layer shared by several parents is converted once and stays shared
+    targets: list[tuple[str, nn.Module]] = [(n, mod) for n, mod in model.named_modules(remove_duplicate=False) if n]
 
     # resolve the LayerNorm positions before anything is replaced
     first_conv = next((n for n, mod in targets if isinstance(mod, nn.modules.conv._ConvNd)), None)
@@ -133,8 +134,12 @@ def convert(
     opts = _split_opts(m, dict(method_opts))
     conv_opts = _opts_for(m.conv, opts)
     norm_opts = _opts_for(m.norm, opts)
+    converted: dict[int, nn.Module] = {}
     for name, mod in targets:
         if _matches(name, exclude):
+            continue
+        if id(mod) in converted:
+            _set_submodule(model, name, converted[id(mod)])
             continue
         dim = _exact_type(mod, _CONV_DIM)
         if dim is not None:
@@ -151,6 +156,7 @@ def convert(
             new.to(device=_device_of(mod), dtype=_dtype_of(mod))
             new.train(mod.training)
             _set_submodule(model, name, new)
+        converted[id(mod)] = new
 
     if in_name:
         mod = model.get_submodule(in_name)

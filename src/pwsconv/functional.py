@@ -86,7 +86,8 @@ def pws_weight(
             # against the trailing kernel dim and silently scale the wrong axis)
             if alpha.numel() != scale.numel():
                 raise ValueError(
-                    f"pws_weight: alpha has {alpha.numel()} values for {scale.numel()} filters (shape {tuple(alpha.shape)})"
+                    f"pws_weight: alpha has {alpha.numel()} values (shape {tuple(alpha.shape)}) "
+                    f"for {scale.numel()} filters"
                 )
             alpha = alpha.reshape(scale.shape)
         scale = scale * alpha.to(scale.dtype)

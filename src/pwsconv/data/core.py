@@ -15,6 +15,9 @@ __all__ = ["DataError", "ImageSet", "DatasetBundle", "channel_stats", "stratifie
 class DataError(ValueError):
     """Missing, truncated or malformed data. The message is one line naming the file and what is wrong."""
 
+    def __init__(self, message: str = "") -> None:
+        super().__init__(" ".join(str(message).split()))
+
 
 @dataclass
 class ImageSet:
@@ -118,8 +121,7 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     means, stds = [], []
     values = torch.arange(256, dtype=torch.float64) / 255.0
     for c in range(x.shape[1]):
-        hist = torch.bincount(x[:, c].reshape(-1).cpu().to(torch.int64) if x.device.type != "cpu"
-                              else x[:, c].reshape(-1), minlength=256).to(torch.float64)
+        hist = torch.bincount(x[:, c].reshape(-1).cpu(), minlength=256).to(torch.float64)
         n = hist.sum()
         if n == 0:
             means.append(0.0)

@@ -114,9 +114,10 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: not an .npz archive (a single .npy array)")
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an .npz archive (a single .npy array)")
+        with z:
             return {k: z[k] for k in z.files}
     except DataError:
         raise
@@ -141,6 +142,8 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy ≥ 2: skip the deprecated alias
+            module = "numpy._core." + module[len("numpy.core."):]
         return super().find_class(module, name)
 
 

@@ -108,10 +108,10 @@ def build_model(name: str, method: str = "pws", num_classes: int = 10, in_channe
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     opts = dict(method_opts)
-    extra = opts.pop("method_opts", None) or {}
+    opts = {**dict(opts.pop("method_opts", None) or {}), **opts}
     model_keys = entry.model_options()
     model_kw = dict(entry.preset)
-    meth_kw: dict[str, Any] = dict(extra)
+    meth_kw: dict[str, Any] = {}
     for k, v in opts.items():
         (model_kw if k in model_keys else meth_kw)[k] = v
     spec = MethodSpec(method, meth_kw)  # validates the method options (ValueError names the accepted ones)
@@ -140,7 +140,7 @@ def _register_builtin_models() -> None:
                    "He et al. 2016a; PWS paper Table 5"),
         ModelEntry("resnet50_small", imagenet_resnet, {"layers": (1, 1, 1, 1), "width": 0.25},
                    "bottleneck ResNet (1/1/1/1 blocks, width 0.25)", "He et al. 2016a"),
-        ModelEntry("tiny_cnn", TinyCNN, {}, "8 conv units, ~35k params, for 8×8 digits / 28×28 MNIST", "this project"),
+        ModelEntry("tiny_cnn", TinyCNN, {}, "10 conv units, ~46k params, for 8×8 digits / 28×28 MNIST", "this project"),
     ):
         register_model(e)
 

@@ -114,8 +114,8 @@ class ResNet(nn.Module):
         return self.fc(global_pool(self.neck(self.stages(self.stem(x)))))
 
 
-def _make_stages(spec: MethodSpec, block: type[BasicBlock], in_ch: int, widths: Sequence[int],
-                 blocks: Sequence[int], strides: Sequence[int], shortcut: str, pre_act: bool) -> tuple[nn.Sequential, int]:
+def _make_stages(spec: MethodSpec, block: type[BasicBlock], in_ch: int, widths: Sequence[int], blocks: Sequence[int],
+                 strides: Sequence[int], shortcut: str, pre_act: bool) -> tuple[nn.Sequential, int]:
     stages = []
     for planes, n, stride in zip(widths, blocks, strides):
         layers = []
