@@ -157,6 +157,8 @@ def test_method_options_pass_through_and_validation():
     assert len(bns) == 3 and all(m.momentum == 0.01 for m in bns)
     # model options, via kwargs or mixed into method_opts (as the training engine passes them)
     assert build_model("convpool_cnn_c", "pws", width=0.25).fc.in_features == 48
+    assert build_model("resnet_cifar_small", "bn", width=0.5).fc.in_features == 32
+    assert build_model("resnet50_small", "pws", width=0.5, layers=(1, 1)).fc.in_features == 256  # 2 stages: 64·4
     assert build_model("resnet_cifar", "bn", method_opts={"depth": 8}) is not None
     with pytest.raises(ValueError, match="gamma"):
         build_model("tiny_cnn", "bn", gamma=1e-3)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .norms import _split_opts, build_norm, get_method, plain_conv
+from .norms import _opts_for, _split_opts, build_norm, get_method
 
 __all__ = ["convert", "fold", "param_groups", "is_norm_layer", "NORM_TYPES"]
 
@@ -180,21 +179,6 @@ def _wrap(mod: nn.Module, *parts: nn.Module) -> nn.Sequential:
         if p is not mod:
             p.train(mod.training)
     return seq
-
-
-def _opts_for(factory: Any, opts: dict[str, Any]) -> dict[str, Any]:
-    """The subset of the method options that ``factory`` takes: none for plain torch convs, all for a factory with
-    ``**kwargs``, else those named in its signature."""
-    if not opts or factory is None or factory is plain_conv:
-        return {}
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return dict(opts)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return dict(opts)
-    names = {p.name for p in params}
-    return {k: v for k, v in opts.items() if k in names}
 
 
 def _device_of(mod: nn.Module) -> torch.device:

@@ -11,6 +11,7 @@ Adding a method is one :func:`register_method` call (usually at the bottom of th
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -116,6 +117,21 @@ def _split_opts(method: NormMethod, opts: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def _opts_for(factory: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    """The subset of the method options that ``factory`` takes: none for plain torch convs, all for a factory with
+    ``**kwargs``, else those named in its signature."""
+    if not opts or factory is None or factory is plain_conv:
+        return {}
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return dict(opts)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(opts)
+    names = {p.name for p in params}
+    return {k: v for k, v in opts.items() if k in names}
+
+
 def build_conv(
     method: str | NormMethod,
     dim: int,
@@ -136,7 +152,8 @@ def build_conv(
         raise ValueError(f"dim must be 1, 2 or 3, got {dim!r}")
     return m.conv(
         dim, in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, bias=m.conv_bias if bias is None else bias, padding_mode=padding_mode, **_split_opts(m, opts),
+        groups=groups, bias=m.conv_bias if bias is None else bias, padding_mode=padding_mode,
+        **_opts_for(m.conv, _split_opts(m, opts)),
     )
 
 
@@ -145,7 +162,7 @@ def build_norm(method: str | NormMethod, num_channels: int, dim: int = 2, **opts
     m = get_method(method)
     if m.norm is None:
         return nn.Identity()
-    return m.norm(num_channels, dim, **_split_opts(m, opts))
+    return m.norm(num_channels, dim, **_opts_for(m.norm, _split_opts(m, opts)))
 
 
 def build_linear(method: str | NormMethod, in_features: int, out_features: int, bias: bool = True,
@@ -154,7 +171,7 @@ def build_linear(method: str | NormMethod, in_features: int, out_features: int, 
     m = get_method(method)
     if m.linear is None:
         return nn.Linear(in_features, out_features, bias=bias)
-    return m.linear(in_features, out_features, bias, **_split_opts(m, opts))
+    return m.linear(in_features, out_features, bias, **_opts_for(m.linear, _split_opts(m, opts)))
 
 
 # ---------------------------------------------------------------------------------------------- built-in methods
@@ -171,7 +188,7 @@ def gn_groups(num_channels: int, groups: int = 32) -> int:
     """Groups for GroupNorm: the largest divisor of ``num_channels`` that is ≤ ``groups`` (32, Wu & He 2018).
 
     With fewer channels than ``groups`` every channel is its own group (GN = IN with a shared affine); with a count
-    not divisible by 32 (e.g. 48) the next smaller divisor (16) is used.
+    not divisible by 32 (e.g. 48) the largest divisor below 32 (24) is used.
     """
     if num_channels <= 0 or groups <= 0:
         raise ValueError(f"num_channels and groups must be positive, got {num_channels}, {groups}")

@@ -131,7 +131,7 @@ def _register_builtin_models() -> None:
         ModelEntry("resnet32", cifar_resnet, {"depth": 32}, "CIFAR ResNet-32 (0.46M)", he_cifar),
         ModelEntry("resnet56", cifar_resnet, {"depth": 56}, "CIFAR ResNet-56 (0.85M)", he_cifar),
         ModelEntry("resnet110", cifar_resnet, {"depth": 110}, "CIFAR ResNet-110 (1.7M)", he_cifar),
-        ModelEntry("resnet_cifar_small", cifar_resnet, {"depth": 8, "width": 16}, "CIFAR ResNet-8 (78k)", he_cifar),
+        ModelEntry("resnet_cifar_small", cifar_resnet, {"depth": 8}, "CIFAR ResNet-8 (75k; width=0.5: 19k)", he_cifar),
         ModelEntry("vgg16", VGG, {}, "VGG-16 (13 conv units + linear head, 14.7M), 32×32 or 224×224",
                    "Simonyan & Zisserman 2015"),
         ModelEntry("vgg_small", VGG, {"width": 0.25}, "VGG-16 at width 0.25 (16..128 ch, 0.9M)",

@@ -7,14 +7,13 @@ Every conv of a conv+norm unit is made by :func:`pwsconv.norms.build_conv` and i
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..norms import NormMethod, build_conv, build_norm, get_method, plain_conv
+from ..norms import NormMethod, _opts_for, _split_opts, build_conv, build_norm, get_method
 
 __all__ = [
     "MethodSpec",
@@ -25,21 +24,6 @@ __all__ = [
     "init_classifier",
     "scaled",
 ]
-
-
-def _factory_opts(factory: Any, opts: Mapping[str, Any]) -> dict[str, Any]:
-    """The subset of ``opts`` that ``factory`` accepts: none for plain torch convs, all for a ``**kwargs`` factory,
-    else those named in its signature (the same rule as :func:`pwsconv.convert`)."""
-    if not opts or factory is None or factory is plain_conv:
-        return {}
-    try:
-        params = list(inspect.signature(factory).parameters.values())
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return dict(opts)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return dict(opts)
-    names = {p.name for p in params}
-    return {k: v for k, v in opts.items() if k in names}
 
 
 class MethodSpec:
@@ -54,15 +38,10 @@ class MethodSpec:
             opts = {**method.opts, **(opts or {})}
             method = method.method
         self.method: NormMethod = get_method(method)
-        self.opts: dict[str, Any] = dict(opts or {})
-        unknown = set(self.opts) - set(self.method.options)
-        if unknown:
-            raise ValueError(
-                f"method {self.method.name!r} takes no option(s) {sorted(unknown)}; "
-                f"it accepts {sorted(self.method.options) or 'none'}"
-            )
-        self.conv_opts = _factory_opts(self.method.conv, self.opts)
-        self.norm_opts = _factory_opts(self.method.norm, self.opts)
+        # validated here; build_conv / build_norm give each factory only the options it takes
+        self.opts: dict[str, Any] = _split_opts(self.method, dict(opts or {}))
+        self.conv_opts = _opts_for(self.method.conv, self.opts)  # e.g. gn's "groups" must not reach the conv
+        self.norm_opts = _opts_for(self.method.norm, self.opts)
 
     @property
     def name(self) -> str:

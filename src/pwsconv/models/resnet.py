@@ -151,10 +151,10 @@ def _check_shortcut(shortcut: str) -> str:
 
 
 def cifar_resnet(method: str | MethodSpec = "pws", num_classes: int = 10, in_channels: int = 3, depth: int = 20,
-                 width: int = 16, shortcut: str | None = None, pws_variant: bool = False, ln_io: bool | None = None,
+                 width: float = 1.0, shortcut: str | None = None, pws_variant: bool = False, ln_io: bool | None = None,
                  method_opts: dict | None = None) -> ResNet:
-    """The CIFAR-10 ResNet of He et al. 2016a (Sec. 4.2): 3×3 stem with ``width`` (16) channels, three stages of
-    ``n = (depth − 2) / 6`` basic blocks with 16/32/64 channels (×``width``/16), stride 2 at stages 2 and 3, global
+    """The CIFAR-10 ResNet of He et al. 2016a (Sec. 4.2): 3×3 stem with 16 channels, three stages of
+    ``n = (depth − 2) / 6`` basic blocks with 16/32/64 channels (all × ``width``), stride 2 at stages 2 and 3, global
     average pooling, ``Linear`` classifier. depth 20/32/44/56/110 (≈ 0.27M/0.46M/0.66M/0.85M/1.7M parameters with
     BN). No max-pool (3×3 stride-1 stem).
 
@@ -171,7 +171,7 @@ def cifar_resnet(method: str | MethodSpec = "pws", num_classes: int = 10, in_cha
     shortcut = _check_shortcut(shortcut or ("B" if pws_variant else "A"))
     ln_io = pws_variant if ln_io is None else bool(ln_io)
     n = (depth - 2) // 6
-    widths = [int(width), int(width) * 2, int(width) * 4]
+    widths = [scaled(c, width) for c in (16, 32, 64)]
     stages, out_ch = _make_stages(spec, BasicBlock, widths[0], widths, [n] * 3, [1, 2, 2], shortcut, pws_variant)
     stem, neck = _stem_and_neck(spec, in_channels, widths[0], 3, 1, False, out_ch, pws_variant, ln_io)
     return ResNet(stem, stages, neck, out_ch, num_classes)
