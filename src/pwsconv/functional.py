@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["pws_weight", "check_gamma", "he_std"]
 
@@ -78,20 +79,59 @@ def pws_weight(
             n *= weight.shape[d]
         gain = he_std(n)
     w = weight.float() if weight.dtype in _LOW_PRECISION else weight
-    var, mean = torch.var_mean(w, dim=reduce_dims, correction=0, keepdim=True)
-    scale = torch.rsqrt(var + gamma)
-    if alpha is not None:
+    keep_shape = [1 if d in reduce_dims else s for d, s in enumerate(w.shape)]
+    if alpha is None:
+        scale = None if gain == 1.0 else torch.full(keep_shape, gain, dtype=w.dtype, device=w.device)
+    else:
         if alpha.dim() != w.dim() and alpha.numel() != 1:
             # one value per filter: lay it out along the kept dims (a [out] vector would otherwise broadcast
             # against the trailing kernel dim and silently scale the wrong axis)
-            if alpha.numel() != scale.numel():
+            if alpha.numel() != math.prod(keep_shape):
                 raise ValueError(
                     f"pws_weight: alpha has {alpha.numel()} values (shape {tuple(alpha.shape)}) "
-                    f"for {scale.numel()} filters"
+                    f"for {math.prod(keep_shape)} filters"
                 )
-            alpha = alpha.reshape(scale.shape)
-        scale = scale * alpha.to(scale.dtype)
-    if gain != 1.0:
-        scale = scale * gain
-    out = (w - mean) * scale
+            alpha = alpha.reshape(keep_shape)
+        scale = alpha.to(w.dtype)
+        if gain != 1.0:
+            scale = scale * gain
+        scale = scale.expand(keep_shape)
+    out = _Standardize.apply(w, scale, float(gamma), reduce_dims)
     return out.to(weight.dtype)
+
+
+class _Standardize(torch.autograd.Function):
+    """x̂ · c with x̂ = (w − E[w]) / sqrt(Var[w] + γ) per filter: one fused op with the closed-form backward
+
+        ∂L/∂w = c / sqrt(Var + γ) · (g − E[g] − x̂ · E[g x̂]),      ∂L/∂c = Σ_filter g x̂
+
+    (E over the filter's elements, g = ∂L/∂out). The first term has zero mean over every filter: eq. 13.
+    It saves only x̂ and per-filter scalars for backward (the autograd graph of the unfused expression keeps
+    three weight-sized tensors), and launches fewer kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor | None, gamma: float, dims: tuple[int, ...]) -> Tensor:
+        var, mean = torch.var_mean(w, dim=dims, correction=0, keepdim=True)
+        inv = torch.rsqrt(var + gamma)
+        xhat = (w - mean) * inv
+        ctx.dims = dims
+        ctx.has_scale = scale is not None
+        ctx.save_for_backward(xhat, inv, scale if scale is not None else inv.new_ones(()))
+        return xhat * scale if scale is not None else xhat
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        xhat, inv, scale = ctx.saved_tensors
+        dims = ctx.dims
+        gx = g * xhat
+        grad_w = grad_scale = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = gx.sum(dims, keepdim=True)
+        if ctx.needs_input_grad[0]:
+            if ctx.has_scale:
+                g = g * scale
+                gx = gx * scale
+            grad_w = (g - g.mean(dims, keepdim=True) - xhat * gx.mean(dims, keepdim=True)) * inv
+        return grad_w, grad_scale, None, None
