@@ -62,6 +62,7 @@ class TrainConfig:
     amp: str | None = None                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
     channels_last: bool = False
     device: str = "auto"                     # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
+    num_threads: int | None = None           # torch.set_num_threads for this run (CPU; restored afterwards)
     sync_bn: bool = False                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need nothing of the kind)
     # outputs
     out_dir: str = "runs/train"
@@ -120,6 +121,8 @@ class TrainConfig:
         need(self.test_limit is None or self.test_limit >= 1, f"test_limit must be ≥ 1 or null, got {self.test_limit}")
         need(self.amp in (None, "bf16", "fp16"), f"amp must be null, 'bf16' or 'fp16', got {self.amp!r}")
         need(self.ckpt_every >= 0, f"ckpt_every must be ≥ 0 (0: epoch ends only), got {self.ckpt_every}")
+        need(self.num_threads is None or self.num_threads >= 1,
+             f"num_threads must be ≥ 1 or null, got {self.num_threads}")
         need(self.log_every >= 1, f"log_every must be ≥ 1, got {self.log_every}")
         need(bool(self.out_dir), "out_dir must not be empty")
         need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0")
@@ -167,7 +170,7 @@ class TrainConfig:
 #: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how
 #: verbosely a run goes on, not what it computes).
 RESUME_MUTABLE_FIELDS = frozenset({"epochs", "max_steps", "ckpt_every", "log_every", "progress", "tensorboard",
-                                   "out_dir", "name", "device", "data_root"})
+                                   "out_dir", "name", "device", "data_root", "num_threads"})
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)

@@ -502,12 +502,15 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
     device_type = resolve_device(cfg.device).type
     dist = D.setup_distributed(device_type)
     det_before = torch.are_deterministic_algorithms_enabled()
+    threads_before = torch.get_num_threads()
     cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         device = resolve_device(cfg.device, dist.local_rank)
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
                               f"{dist.world_size} processes")
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
         if cfg.deterministic:
             if device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -518,5 +521,7 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
         return _Run(cfg, dist, device, resume, on_step).run()
     finally:
         torch.use_deterministic_algorithms(det_before)
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_before
         D.cleanup_distributed(dist)
