@@ -70,7 +70,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         elif typing.get_origin(hint) is dict:
             g.add_argument(flag.rstrip("s") if f.name.endswith("opts") else flag, dest=f"cfg_{f.name}",
                            action="append", default=None, metavar="KEY=VALUE",
-                           help="one option of the method, e.g. gamma=1e-4 (repeatable)")
+                           help=("one option of the method, e.g. gamma=1e-4" if f.name == "method_opts" else
+                                 "one option of the model builder, e.g. widths=[16,32]") + " (repeatable)")
         else:
             g.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
                            help=f"(default: {default})")
@@ -84,12 +85,12 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
         if not key.startswith("cfg_") or value is None:
             continue
         name = key[4:]
-        if name == "method_opts":
+        if name in ("method_opts", "model_opts"):
             for item in value:
                 k, eq, v = item.partition("=")
                 if not eq or not k.strip():
-                    raise ConfigError(f"--method-opt must look like key=value, got {item!r}")
-                out.append((f"method_opts.{k.strip()}", parse_value(v)))
+                    raise ConfigError(f"--{name[:-1].replace('_', '-')} must look like key=value, got {item!r}")
+                out.append((f"{name}.{k.strip()}", parse_value(v)))
         elif isinstance(value, list):
             out.append((name, [parse_value(v) for v in value]))
         else:
@@ -132,6 +133,8 @@ def _train_parser(p: argparse.ArgumentParser) -> Handler:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         res = train(cfg, resume=args.resume)
+        if os.environ.get("RANK", "0") not in ("", "0"):
+            return 0  # under torchrun only rank 0 reports
         m = res.metrics
         print(f"{res.name}: status {res.status} | epoch {res.epoch:g} step {res.step} | "
               f"train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f} | "
@@ -174,8 +177,6 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
 
     def run(args: argparse.Namespace) -> int:
-        import json
-
         from .data import Loader, load_dataset
         from .train import evaluate
         from .train.engine import resolve_device

@@ -152,6 +152,19 @@ class TrainConfig:
             if self.model not in models:
                 raise ConfigError(f"unknown model {self.model!r}{_suggest(self.model, models)}; "
                                   f"choose one of {', '.join(models)}")
+        if available_models is not None:
+            from .models import model_info
+            from .models.common import MethodSpec
+
+            try:
+                MethodSpec(self.method, self.method_opts)
+            except ValueError as e:
+                raise ConfigError(f"method_opts: {e}") from None
+            allowed = model_info(self.model).model_options()
+            unknown = sorted(set(self.model_opts) - allowed)
+            if unknown:
+                raise ConfigError(f"model {self.model!r} takes no option(s) {unknown}; it accepts "
+                                  f"{sorted(allowed) or 'none'}")
         try:
             from .data import available_datasets
         except ImportError:  # pragma: no cover

@@ -76,9 +76,9 @@ _NOTES = """\
 Same network (`tiny_cnn`, 10 conv units) and seed for every row; SGD momentum 0.9, weight decay 5e-4 (α of PWS: 0),
 constant LR; test accuracy on the held-out 20 % of scikit-learn's digits after the last epoch. **NaN** = the run
 collapsed (non-finite loss or weights; the paper's tables report this as NaN); "chance level" = the network stopped
-learning (≈10 %). Plain conv trains at the moderate LR but not at the large one, where BN and PWS still train: PWS
-standardizes every filter (zero mean, eq. 12), which removes the "shift of the average gradient" that makes the plain
-network's variance explode. At batch size 2 PWS does not depend on the batch at all; BN normalizes with the statistics
+learning (≈10 %). Plain conv trains at the moderate LR but not at the large one (depending on the seed its loss
+becomes NaN or the network dies at chance level), where BN, GN and PWS still train: PWS standardizes every filter
+(zero mean, eq. 12), which removes the "shift of the average gradient" that inflates the plain network's variance. At batch size 2 PWS does not depend on the batch at all; BN normalizes with the statistics
 of two images. Per-run curves: curves.png; per-epoch metrics: <run>/metrics.csv."""
 
 

@@ -197,6 +197,13 @@ def plot_curves(records: Sequence[SweepRecord], path: str | os.PathLike, *, grou
     groups: dict[str, list[SweepRecord]] = {}
     for r in records:
         groups.setdefault(group_of(r), []).append(r)
+    names: list[str] = []
+    for r in records:
+        n = format_value(r.spec.labels.get(line_by, r.spec.name))
+        if n not in names:
+            names.append(n)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    colors = {n: cycle[i % len(cycle)] for i, n in enumerate(names)}   # one colour per line label in every panel
     ncol, nrow = max(1, len(groups)), len(metrics)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False)
     for c, (gname, recs) in enumerate(groups.items()):
@@ -206,7 +213,8 @@ def plot_curves(records: Sequence[SweepRecord], path: str | os.PathLike, *, grou
                 xs = [row["epoch"] for row in r.rows if row.get("status") != "nan"]
                 ys = [row.get(key, math.nan) for row in r.rows if row.get("status") != "nan"]
                 name = format_value(r.spec.labels.get(line_by, r.spec.name))
-                (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name + (" (NaN)" if r.result.status == "nan" else ""))
+                ax.plot(xs, ys, marker="o", ms=3, color=colors[name],
+                        label=name + (" (NaN)" if r.result.status == "nan" else ""))
                 if r.result.status == "nan":
                     x_nan = r.result.epoch
                     finite = [y for y in ys if isinstance(y, float) and math.isfinite(y)]

@@ -9,7 +9,7 @@ gradients, so a PWS/GN/plain network computes the same update as one process wit
 BatchNorm is the exception: each process normalizes with the statistics of its own share of the batch, so the update
 differs from single-process training (and BN degrades as the per-process batch shrinks). ``sync_bn: true`` converts
 BatchNorm to ``nn.SyncBatchNorm``, which all-reduces the statistics every forward (one more communication per BN
-layer). PWS normalizes the *filters*, which are identical on every process, so it needs no SyncBN and no
+layer; torch implements it for CUDA devices only, so it is refused on CPU). PWS normalizes the *filters*, which are identical on every process, so it needs no SyncBN and no
 communication beyond DDP's gradient all-reduce.
 """
 

@@ -8,8 +8,9 @@
 Reading order: :func:`train` sets up a :class:`_Run` (data, model, optimizer, resume state) and calls its ``loop``.
 Each epoch: the loader's order is fixed by (seed, epoch); after every ``ckpt_every`` optimizer steps and at the end of
 every epoch a checkpoint is written atomically, holding everything needed to continue bit-exactly (model, optimizer,
-scheduler, scaler, RNG states, position in the epoch, the epoch's running sums). A resumed run replays the epoch's
-order and skips the batches already consumed, so on CPU its final weights equal an uninterrupted run's.
+scheduler, scaler, RNG states, position in the epoch, the epoch's running sums). A resumed run restarts the loader in
+the same epoch at the first batch not yet consumed (the loader's order and augmentation depend only on (seed, epoch)),
+so on CPU its final weights equal an uninterrupted run's.
 
 A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends) ends the run with status
 ``"nan"`` and NaN metrics, as the paper's tables report a collapse — it is a result, not an exception.
@@ -18,7 +19,6 @@ A non-finite loss or parameter (checked every ``log_every`` steps and at epoch e
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -35,7 +35,6 @@ from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_FORMAT,
-    CheckpointError,
     atomic_save,
     atomic_write_text,
     dumps,
@@ -335,10 +334,13 @@ class _Run:
         return self.wall_before + (time.perf_counter() - self.t_start)
 
     def collapsed(self) -> bool:
-        """Non-finite running loss (not under fp16, where the GradScaler skips such steps) or parameter, any process."""
+        """Non-finite parameter or running loss, on any process. Under fp16 the GradScaler skips steps with a
+        non-finite loss, so there a collapse is a loss scale driven below 1 (even unscaled gradients overflow)."""
         flags = [torch.isfinite(p).all() for p in self.raw_model.parameters()]
         if self.scaler is None:
             flags.append(torch.isfinite(self.sums[0]))
+        else:
+            flags.append(torch.tensor(self.scaler.get_scale() >= 1.0, device=self.device))
         bad = (~torch.stack(flags).all()).to(torch.float32).reshape(1)
         return D.all_reduce_sum(bad, self.dist).item() > 0
 
@@ -365,6 +367,7 @@ class _Run:
     def run(self) -> "RunResult":
         cfg, dist = self.cfg, self.dist
         self.t_start = time.perf_counter()
+        D.barrier(dist)   # every process has checked out_dir / read the checkpoint before rank 0 writes anything
         if self.ckpt is not None and self.finished():
             return self.result_from_files()   # nothing left to do (a finished or collapsed run)
         if dist.is_main:
@@ -384,7 +387,10 @@ class _Run:
         cfg, model, opt = self.cfg, self.model, self.opt
         show = cfg.progress and self.dist.is_main
         if show:
-            from tqdm.auto import tqdm
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # tqdm is part of the "suite" extra; without it, train quietly
+                show = False
         final: dict[str, float] = {}
         while not self.finished():
             self.train_loader.set_epoch(self.epoch)
@@ -509,6 +515,9 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
                               f"{dist.world_size} processes")
+        if cfg.sync_bn and dist.enabled and device.type != "cuda":
+            raise ConfigError("sync_bn: true needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                              "set sync_bn: false")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         if cfg.deterministic:

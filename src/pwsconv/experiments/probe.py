@@ -1,0 +1,89 @@
+"""``pwsconv probe``: the paper's Figure 1 experiment on a model and data set chosen by name.
+
+The same network is built as each method ("none", "bn", "pws" by default) and trained for a few steps at a large LR
+(or measured without updates, Figure 6 caption) with :class:`pwsconv.diagnostics.VarianceProbe` attached; the plots
+(figure1.png, figure2.png, figure6.png, variance.png), the records (records.csv / records.jsonl) and a Markdown summary
+(summary.md: the shift per layer for each method, and whether the plain network's Var[Y_l] grows with depth as eq. 6
+predicts) are written to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["configure_probe_parser", "probe"]
+
+
+def probe(
+    model: str = "tiny_cnn",
+    dataset: str = "digits",
+    methods: tuple[str, ...] = ("none", "bn", "pws"),
+    lr: float = 0.5,
+    steps: int = 30,
+    batch_size: int = 64,
+    mode: str = "train",
+    out_dir: str = "runs/probe",
+    data_root: str | None = None,
+    seed: int = 0,
+    every: int = 1,
+    progress: bool = True,
+    **method_opts: Any,
+) -> dict[str, Any]:
+    """Run the Figure 1 experiment; returns :func:`pwsconv.diagnostics.run_probe_experiment`'s result."""
+    from ..data import load_dataset
+    from ..diagnostics import run_probe_experiment
+    from ..models import build_model
+    from ..norms import get_method
+
+    if not (lr > 0) or lr != lr or lr == float("inf"):
+        raise ValueError(f"--lr must be a positive number, got {lr}")
+    if steps <= 0 or batch_size <= 0 or every <= 0:
+        raise ValueError("--steps, --batch-size and --every must be positive")
+    if mode not in ("train", "measure"):
+        raise ValueError(f"--mode must be 'train' or 'measure', got {mode!r}")
+    for m in methods:
+        get_method(m)
+    data = load_dataset(dataset, data_root, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    loader = data.loader("train", batch_size, generator=g, drop_last=True)
+
+    def batches():
+        return iter(loader)
+
+    def model_fn(method: str) -> torch.nn.Module:
+        return build_model(model, method=method, num_classes=data.num_classes, in_channels=data.in_channels,
+                           **(method_opts if method == "pws" else {}))
+
+    os.makedirs(out_dir, exist_ok=True)
+    return run_probe_experiment(model_fn, batches, methods=methods, lr=lr, steps=steps, mode=mode, out_dir=out_dir,
+                                every=every, seed=seed, progress=progress)
+
+
+def configure_probe_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    p.add_argument("--model", default="tiny_cnn", help="a name of pwsconv.models.available_models()")
+    p.add_argument("--dataset", default="digits", help="a name of pwsconv.data.available_datasets()")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--methods", nargs="+", default=["none", "bn", "pws"])
+    p.add_argument("--lr", type=float, default=0.5, help="a large LR, where the plain network collapses")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mode", choices=["train", "measure"], default="train",
+                   help="train: apply the updates; measure: the paper's measure-without-update mode")
+    p.add_argument("--every", type=int, default=1, help="record every N-th step")
+    p.add_argument("--gamma", type=float, default=1e-3, help="γ of the PWS layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/probe")
+    p.add_argument("--no-progress", action="store_true")
+
+    def run(a: argparse.Namespace) -> int:
+        res = probe(a.model, a.dataset, tuple(a.methods), a.lr, a.steps, a.batch_size, a.mode, a.out, a.data_root,
+                    a.seed, a.every, not a.no_progress, gamma=a.gamma)
+        print(res["markdown"])
+        print(f"\nplots, records and summary written to {a.out}/")
+        return 0
+
+    return run

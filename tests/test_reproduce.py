@@ -1,0 +1,146 @@
+"""The paper-table experiments (pwsconv.experiments.paper): smoke runs end to end, resume, grid sizes, settings."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+
+import pytest
+
+from pwsconv.experiments.paper import (
+    EXPERIMENTS,
+    PAPER_NUMBERS,
+    ReproduceError,
+    add_reproduce_parser,
+    aggregate,
+    build_runs,
+    milestones_for,
+    reproduce,
+)
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("reproduce")
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_smoke_end_to_end_and_resume(name, smoke_dir):
+    out = smoke_dir / name
+    info = reproduce(name, "smoke", out_dir=out, log=None)
+    assert info["n_runs"] == len(info["records"]) > 0
+    assert info["skipped"] == 0
+    for f in ("results.md", "results.csv", "results.jsonl", "summary.csv", "curves.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert any(p.endswith(("err_vs_lr.png", "err_vs_batch.png")) for p in info["files"].values())
+    md = (out / "results.md").read_text()
+    assert "pwsconv reproduce" in md and "torch" in md and "Wall time" in md and "paper" in md.lower()
+    if name in ("table1", "table2"):
+        assert "detection" in md          # the VOC mAP caveat
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == info["n_runs"]
+    for r in info["records"]:
+        assert r.result.status in ("ok", "nan")
+        assert r.result.config["dataset"] == "digits" and r.result.step <= 2
+    if name == "collapse":
+        assert {f["method"] for f in info["first_collapse"]} == {"none", "pws"}
+        assert "first LR with a collapse" in md
+    # second call: every run is skipped, the results are written again
+    again = reproduce(name, "smoke", out_dir=out, log=None, plots=False)
+    assert again["skipped"] == again["n_runs"]
+    assert [r.result.metrics.get("test_acc") for r in again["records"]] == \
+        [r.result.metrics.get("test_acc") for r in info["records"]] or any(
+            r.result.status == "nan" for r in info["records"])
+
+
+@pytest.mark.parametrize("name,preset,n", [
+    ("table4", "full", 2 * 6 * 2 * 1), ("table4", "cpu", 2 * 6 * 2 * 3),
+    ("table1", "full", 7 * 4 * 1), ("table1", "cpu", 7 * 4 * 3),
+    ("table2", "full", 7 * 2 * 1), ("table2", "cpu", 7 * 2 * 3),
+    ("collapse", "full", 6 * 9 * 1), ("collapse", "cpu", 6 * 9 * 3),
+])
+def test_dry_run_grid_sizes(name, preset, n, tmp_path):
+    info = reproduce(name, preset, out_dir=tmp_path / "x", dry_run=True, log=None)
+    assert info["n_runs"] == len(info["runs"]) == n
+    assert not (tmp_path / "x").exists()            # nothing trained or written
+    if preset == "cpu":
+        assert info["estimated_seconds"] is not None and info["estimated_seconds"] < 2 * 3600
+        assert all(r["config"]["dataset"] == "cifar10" and r["config"]["limit"] for r in info["runs"])
+    assert reproduce(name, preset, seeds=2, dry_run=True, log=None)["n_runs"] == 2 * (n // (3 if preset == "cpu" else 1))
+
+
+def test_table4_full_matches_paper_settings():
+    runs = build_runs("table4", "full")
+    assert {r.config.model for r in runs} == {"convpool_cnn_c", "resnet20"}
+    assert {r.labels["method"] for r in runs} == {"none", "bn", "gn", "sn", "wn", "pws"}
+    assert {r.config.lr for r in runs} == {0.1, 0.05}
+    for r in runs:
+        c = r.config
+        assert (c.dataset, c.batch_size, c.weight_decay, c.momentum, c.epochs, c.milestones, c.lr_decay) == \
+            ("cifar10", 128, 5e-4, 0.9, 200, [100, 150, 180], 0.1)
+        assert c.limit is None and c.test_limit is None and c.max_steps is None
+        if c.method == "pws":
+            assert c.method_opts["gamma"] == 1e-3
+    # every cell has a paper number
+    assert all((r.labels["arch"], r.labels["method"], r.labels["LR"]) in PAPER_NUMBERS["table4"] for r in runs)
+
+
+def test_other_presets_settings():
+    t1 = build_runs("table1", "full")
+    assert {r.config.batch_size for r in t1} == {2, 4, 8, 128}
+    mabn = [r.config for r in t1 if r.config.method == "mabn"]
+    assert all(c.method_opts["batch_size"] == c.batch_size and c.method_opts["real_batch_size"] >= c.batch_size
+               and c.method_opts["real_batch_size"] % c.batch_size == 0 for c in mabn)
+    t2 = build_runs("table2", "full")
+    assert {r.config.lr for r in t2} == {1e-3, 1e-2} and {r.config.batch_size for r in t2} == {16}
+    opts = [r.config.method_opts for r in t2 if r.config.method == "pws"]
+    assert {o["gamma"] for o in opts} == {1e-3, 1e-4, 1e-5}
+    assert any(o.get("use_gain") is False for o in opts) and any(o.get("use_alpha") is False for o in opts)
+    col = build_runs("collapse", "cpu")
+    lrs = sorted({r.config.lr for r in col})
+    assert lrs[0] <= 0.0125 and lrs[-1] >= 3.2 and all(math.isclose(b / a, 2) for a, b in zip(lrs, lrs[1:]))
+    cpu = build_runs("table4", "cpu")
+    c = cpu[0].config
+    assert c.milestones == milestones_for(c.epochs) and len(c.milestones) >= 2
+    assert milestones_for(200) == [100, 150, 180] and milestones_for(20) == [10, 15, 18]
+    assert len({r.config.seed for r in cpu}) >= 3
+
+
+def test_errors():
+    with pytest.raises(ReproduceError, match="unknown experiment"):
+        reproduce("table9", dry_run=True, log=None)
+    with pytest.raises(ValueError, match="unknown preset"):
+        reproduce("table4", preset="gpu", dry_run=True, log=None)
+    with pytest.raises(ValueError, match="seeds"):
+        build_runs("table4", "smoke", seeds=0)
+
+
+def test_aggregate_counts_nan():
+    from pwsconv.experiments.sweep import RunSpec, SweepRecord
+    from pwsconv.train.engine import RunResult
+
+    def rec(seed, acc, status="ok"):
+        res = RunResult(status=status, metrics={"test_acc": acc, "images_per_s": 10.0}, epoch=1.0, step=1,
+                        wall_time=1.0, out_dir="x", config={})
+        return SweepRecord(RunSpec(f"r{seed}", None, {"method": "pws", "seed": seed}), res, [], False, 0.0)
+
+    agg = aggregate([rec(0, 0.9), rec(1, math.nan, "nan"), rec(2, 0.8)], ["method"])
+    assert agg[0]["err"] == "NaN (1/3)" and agg[0]["n_collapsed"] == 1 and math.isclose(agg[0]["err_mean"], 15.0)
+    agg = aggregate([rec(0, 0.9), rec(1, 0.8)], ["method"])
+    assert agg[0]["err"].startswith("15.00 ± ")
+
+
+def test_cli_parser(tmp_path, capsys):
+    ap = argparse.ArgumentParser()
+    add_reproduce_parser(ap.add_subparsers(dest="cmd"))
+    args = ap.parse_args(["reproduce", "table4", "--full", "--dry-run", "--out", str(tmp_path / "o")])
+    assert args.func(args) == 0
+    assert "24 runs" in capsys.readouterr().out
+    args = ap.parse_args(["reproduce", "nope", "--dry-run"])
+    with pytest.raises(ValueError):
+        args.func(args)
+    args = ap.parse_args(["reproduce", "table4", "--full", "--preset", "cpu", "--dry-run"])
+    with pytest.raises(ValueError):
+        args.func(args)
