@@ -4,6 +4,8 @@
     pwsconv eval CKPT [--dataset NAME] [--split test|val]
     pwsconv fold CKPT OUT
     pwsconv demo [--out runs/demo] [--epochs N] [--quick]
+    pwsconv probe [--model tiny_cnn --dataset digits --lr 0.5 --steps 30 --mode train|measure]
+    pwsconv reproduce NAME [--preset cpu|full|smoke] [--dry-run]
 
 Bad input (unknown model/method/dataset, a negative LR or batch size, a missing data directory, malformed YAML, a
 corrupt checkpoint, an output directory that holds another run) prints one line on stderr and exits with code 2;
@@ -271,6 +273,21 @@ def _demo_parser(p: argparse.ArgumentParser) -> Handler:
         return 0
 
     return run
+
+
+# --------------------------------------------------------------------------------------------------- probe, reproduce
+@subcommand("probe", "the paper's Figure 1 experiment: variance-transmission diagnostics of none / bn / pws at a large LR")
+def _probe_parser(p: argparse.ArgumentParser) -> Handler:
+    from .experiments.probe import configure_probe_parser
+
+    return configure_probe_parser(p)
+
+
+@subcommand("reproduce", "re-run a table of the paper (table4, table1, table2, collapse) with a CPU or full preset")
+def _reproduce_parser(p: argparse.ArgumentParser) -> Handler:
+    from .experiments.paper import configure_reproduce_parser
+
+    return configure_reproduce_parser(p)
 
 
 # ---------------------------------------------------------------------------------------------------------- main
