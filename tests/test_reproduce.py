@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 
 import pytest
 
@@ -68,7 +67,8 @@ def test_dry_run_grid_sizes(name, preset, n, tmp_path):
     if preset == "cpu":
         assert info["estimated_seconds"] is not None and info["estimated_seconds"] < 2 * 3600
         assert all(r["config"]["dataset"] == "cifar10" and r["config"]["limit"] for r in info["runs"])
-    assert reproduce(name, preset, seeds=2, dry_run=True, log=None)["n_runs"] == 2 * (n // (3 if preset == "cpu" else 1))
+    per_seed = n // (3 if preset == "cpu" else 1)
+    assert reproduce(name, preset, seeds=2, dry_run=True, log=None)["n_runs"] == 2 * per_seed
 
 
 def test_table4_full_matches_paper_settings():

@@ -25,17 +25,20 @@ Presets
 ``smoke`` — a few optimizer steps on the offline ``digits`` set with ``tiny_cnn`` / ``resnet_cifar_small``, 1 seed,
             1 thread: checks the whole pipeline in seconds (the tests use it).
 
-CPU-preset sizing (measured, not guessed): one epoch of ``convpool_cnn_c_small`` (width 0.25) with PWS on a
-5000-image CIFAR-10 subset trained at ≈ 95 images/s on this 2-core machine *while it was loaded by other jobs*
-(61 s wall including loading and a 2000-image evaluation); ResNet-8 trained at ≈ 190 images/s (see _CPU_IMAGES_PER_S
-for the per-model rates used by the dry-run estimate; width 0.125 / 0.5 roughly doubles them). Sizes and estimates
-(3 seeds, eval counted as 1/3 of a training pass):
+CPU-preset sizing (measured, not guessed). One engine epoch of ``convpool_cnn_c_small`` (width 0.25, PWS) on a
+5000-image CIFAR-10 subset took 61 s wall (≈ 95-190 training images/s; the 2-core machine was shared with other jobs,
+load 2-4) and ResNet-8 ≈ 200 images/s. Timed without the other load, the chosen width-scaled models train at
+≈ 800-900 images/s (ConvPool-C w=0.125) and ≈ 1500-2000 images/s (ResNet-8 w=0.5) at batch 128, ≈ 430-560 / 630-880
+at batch 8 and ≈ 170-270 / 220-300 at batch 2; SN is ≈ 2× slower than the others, MABN ≈ 1.3×
+(:data:`_CPU_RATES`). The dry-run estimate uses those rates × 0.6 (data loading, evaluation, a shared machine) and
+gives, for 3 seeds (expect up to ~2× longer if the machine is as loaded as it was while measuring):
 
-    table4   2 archs × 6 methods × 2 LRs × 3 seeds = 72 runs, 1500 images × 8 epochs   ≈ 55 min
-    table1   7 methods × 4 batch sizes × 3 seeds   = 84 runs, 1000 images × 6 epochs   ≈ 60 min (batch 2 is slow)
-    table2   7 variants × 2 LRs × 3 seeds           = 42 runs, 1500 images × 8 epochs   ≈ 35 min
-    collapse 6 methods × 9 LRs × 3 seeds            = 162 runs, 1000 images × 3 epochs  ≈ 45 min
+    table4   2 archs × 6 methods × 2 LRs × 3 seeds = 72 runs,  3000 images × 8 epochs, batch 128   ≈ 54 min
+    table1   7 methods × 4 batch sizes × 3 seeds   = 84 runs,   800 images × 6 epochs, batch 2…128 ≈ 64 min
+    table2   7 variants × 2 LRs × 3 seeds          = 42 runs,  2000 images × 8 epochs, batch 16    ≈ 49 min
+    collapse 6 methods × 9 LRs × 3 seeds           = 162 runs, 2000 images × 4 epochs, batch 128   ≈ 57 min
 
+(1000 test images each; milestones 8 epochs → [4, 6, 7], 6 → [3, 4, 5], 4 → [2, 3].)
 ``reproduce(..., dry_run=True)`` prints the per-grid estimate. The cpu numbers are far from the paper's errors
 (a few epochs on a few thousand images); what they can show is the ordering and the collapses.
 """
@@ -54,8 +57,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import TrainConfig
 from ..train.checkpoint import atomic_write_text
-from .sweep import RunSpec, SweepRecord, format_value, plot_curves, results_rows, results_table, run_sweep, \
-    write_results
+from .sweep import RunSpec, SweepRecord, plot_curves, results_table, run_sweep, write_results
 
 __all__ = ["EXPERIMENTS", "PRESETS", "PAPER_NUMBERS", "ReproduceError", "reproduce", "build_runs",
            "add_reproduce_parser", "aggregate", "milestones_for"]
@@ -151,13 +153,13 @@ _SMOKE = dict(dataset="digits", limit=256, test_limit=64, epochs=1, seeds=1, max
               extra=(("eval_batch_size", 64),))
 
 _SIZES: dict[str, dict[str, _Size]] = {
-    "table4": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 1500, 1000, 8, 3),
+    "table4": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 3000, 1000, 8, 3),
                "smoke": _Size(**_SMOKE)},
-    "table1": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 1000, 1000, 6, 3),
+    "table1": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 800, 1000, 6, 3),
                "smoke": _Size(**_SMOKE)},
-    "table2": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 1500, 1000, 8, 3),
+    "table2": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 2000, 1000, 8, 3),
                "smoke": _Size(**_SMOKE)},
-    "collapse": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 1000, 1000, 3, 3),
+    "collapse": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 2000, 1000, 4, 3),
                  "smoke": _Size(**_SMOKE)},
 }
 
@@ -281,8 +283,41 @@ _TITLES = {
     "collapse": "LR collapse scan — the LR at which each method first collapses",
 }
 
-#: images/s (2 loaded CPU cores, training; eval counted at 3× this) used by the dry-run time estimate
-_CPU_IMAGES_PER_S = {"convpool_cnn_c_small": 190.0, "resnet_cifar_small": 260.0, "tiny_cnn": 5000.0}
+#: training images/s of forward+backward+SGD step measured on this 2-core machine (torch 2.13, random 32×32 inputs,
+#: 2026-11-23) for the cpu-preset models, by batch size; the dry-run estimate uses these × _ENGINE_EFFICIENCY
+#: (data loading, augmentation, evaluation bookkeeping, other load on the machine).
+_CPU_RATES: dict[str, dict[int, dict[str, float]]] = {
+    "convpool_cnn_c_small": {   # width 0.125
+        128: dict(none=833, bn=783, gn=903, sn=466, wn=881, pws=888, mabn=690, **{"in": 786}),
+        8: dict(none=564, bn=506, gn=543, sn=267, wn=512, pws=429, mabn=369, **{"in": 464}),
+        2: dict(none=269, bn=228, gn=229, sn=98, wn=212, pws=173, mabn=151, **{"in": 174}),
+    },
+    "resnet_cifar_small": {     # width 0.5
+        128: dict(none=1991, bn=1455, gn=1769, sn=801, wn=1948, pws=1643, mabn=1247, **{"in": 1586}),
+        8: dict(none=879, bn=750, gn=856, sn=345, wn=770, pws=629, mabn=515, **{"in": 667}),
+        2: dict(none=270, bn=230, gn=308, sn=117, wn=267, pws=216, mabn=180, **{"in": 248}),
+    },
+    "tiny_cnn": {128: {}},
+}
+_ENGINE_EFFICIENCY = 0.6
+
+
+def _estimate_seconds(runs: Sequence[RunSpec]) -> float | None:
+    """Rough wall time of ``runs`` on 2 CPU cores (None for models without a measured rate, e.g. the full preset)."""
+    total = 0.0
+    for r in runs:
+        c = r.config
+        table = _CPU_RATES.get(c.model)
+        if table is None or c.limit is None:
+            return None
+        near = min(table, key=lambda b: (abs(math.log(b / c.batch_size)), b))
+        rate = table[near].get(c.method, 3000.0) * _ENGINE_EFFICIENCY
+        steps = max(1, c.limit // c.batch_size) * c.epochs
+        if c.max_steps is not None:
+            steps = min(steps, c.max_steps)
+        evals = (c.test_limit or 10000) * math.ceil(steps / max(1, c.limit // c.batch_size))
+        total += (steps * c.batch_size + evals / 3.0) / rate + 1.0   # eval ≈ 3× faster; 1 s start-up per run
+    return total
 
 
 def _seed_list(seeds: int | Sequence[int] | None, default: int) -> list[int]:
@@ -316,26 +351,6 @@ def build_runs(name: str, preset: str = "cpu", seeds: int | Sequence[int] | None
         for r in runs:
             r.config.data_root = os.fspath(data_root)
     return runs
-
-
-def _estimate_seconds(runs: Sequence[RunSpec]) -> float | None:
-    total = 0.0
-    for r in runs:
-        c = r.config
-        rate = _CPU_IMAGES_PER_S.get(c.model)
-        if rate is None or c.limit is None:
-            return None
-        width = float(c.model_opts.get("width", 1.0 if c.model != "convpool_cnn_c_small" else 0.25))
-        base_w = 0.25 if c.model == "convpool_cnn_c_small" else 1.0
-        rate *= max(1.0, (base_w / width)) if width < base_w else 1.0
-        steps_per_epoch = max(1, c.limit // c.batch_size)
-        images = steps_per_epoch * c.batch_size * c.epochs
-        if c.max_steps is not None:
-            images = min(images, c.max_steps * c.batch_size)
-        small_batch_penalty = 1.0 + 8.0 / c.batch_size      # per-step overhead dominates at batch 2..8
-        evals = (c.test_limit or 10000) * c.epochs / 3.0
-        total += (images * small_batch_penalty + evals) / rate + 2.0
-    return total
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -399,7 +414,7 @@ def _summary_table4(agg: list[dict[str, Any]]) -> str:
     for arch in archs:
         for lr in T4_LRS:
             head += [f"{arch} LR {lr:g}: measured", "paper"]
-    for m in T4_METHODS:
+    for m in [m for m in T4_METHODS if any(k[1] == m for k in cell)]:
         row = [m]
         for arch in archs:
             for lr in T4_LRS:
@@ -414,7 +429,7 @@ def _summary_table1(agg: list[dict[str, Any]]) -> str:
     head = ["method"] + [f"err B={b}" for b in T1_BATCHES] + ["img/s B=8", "img/s B=128", "paper FPS (B=8)"] + \
         [f"paper mAP B={b}" for b in (2, 4, 8)]
     rows = []
-    for m in T1_METHODS:
+    for m in [m for m in T1_METHODS if any(k[0] == m for k in cell)]:
         fps, maps = PAPER_NUMBERS["table1"].get(m, (None, {}))
         row = [m] + [cell[(m, b)]["err"] if (m, b) in cell else "—" for b in T1_BATCHES]
         for b in (8, 128):
@@ -446,6 +461,8 @@ def _summary_table2(agg: list[dict[str, Any]], preset: str) -> str:
             "paper mAP (LR 1e-2)"]
     rows = []
     for variant, (method, opts) in T2_VARIANTS.items():
+        if not any(k[0] == variant for k in cell):
+            continue
         rows.append([variant, cell.get((variant, small), "—"), _paper_t2(method, opts, 0),
                      cell.get((variant, large), "—"), _paper_t2(method, opts, 1)])
     return (f"Test error (%), mean ± std over seeds, at the small / large LR ({small:g} / {large:g}); paper = Table 2 "
@@ -681,13 +698,18 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_reproduce_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``reproduce NAME [--preset cpu|full|smoke] [--full] [--out DIR] [--seeds N] [--data-root DIR]
-    [--dry-run] [--progress]`` to an argparse sub-parser set; ``func`` returns the exit code."""
-    p = subparsers.add_parser(
-        "reproduce", help="re-run one of the paper's tables (table4, table1, table2, collapse)",
-        description="Re-run one of the paper's experiments as a resumable sweep and write results.md (paper numbers "
-                    "beside measured mean ± std), results.csv/jsonl and PNG plots. Presets: cpu (about an hour on 2 "
-                    "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds, digits).")
+    """Add ``reproduce`` to an argparse sub-parser set; ``func`` returns the exit code."""
+    p = subparsers.add_parser("reproduce", help="re-run one of the paper's tables (table4, table1, table2, collapse)")
+    p.set_defaults(func=configure_reproduce_parser(p))
+    return p
+
+
+def configure_reproduce_parser(p: argparse.ArgumentParser) -> Any:
+    """Add ``NAME [--preset cpu|full|smoke] [--full] [--out DIR] [--seeds N] [--data-root DIR] [--dry-run]
+    [--progress]`` to ``p`` and return the handler (``pwsconv reproduce``)."""
+    p.description = ("Re-run one of the paper's experiments as a resumable sweep and write results.md (paper numbers "
+                     "beside measured mean ± std), results.csv/jsonl and PNG plots. Presets: cpu (about an hour on 2 "
+                     "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds, digits).")
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}")
     p.add_argument("--preset", default=None, help="cpu (default), full or smoke")
     p.add_argument("--full", action="store_true", help="same as --preset full")
@@ -696,8 +718,7 @@ def add_reproduce_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, metavar="DIR", help="dataset directory")
     p.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; train nothing")
     p.add_argument("--progress", action="store_true", help="per-run progress bars")
-    p.set_defaults(func=_cmd_reproduce)
-    return p
+    return _cmd_reproduce
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
