@@ -163,19 +163,15 @@ class PWSMixin:
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
 
-    def _cache_key(self) -> tuple:
-        # The tensors themselves (compared by identity, so a replaced Parameter can never be mistaken for the old one
-        # whose memory it reuses), their version counters and storage, and every setting _compute_weight reads.
-        key: tuple = (self.weight, self.weight._version, self.weight.data_ptr(), self.weight.dtype,
-                      self.weight.device, self._gamma, self.equiv, self.use_gain, self.fan_mode,
-                      torch.is_inference_mode_enabled())
-        if self.alpha is not None:
-            key += (self.alpha, self.alpha._version, self.alpha.data_ptr(), self.alpha.dtype)
+    def _cache_key(self, w: Tensor, a: Tensor | None) -> tuple:
+        # Identity (id — safe because the cache entry keeps the tensors alive, so no other tensor can reuse the id),
+        # version counter and storage of weight and alpha, and every setting _compute_weight reads. Plain tuple
+        # equality: the eval fast path costs a few microseconds per layer.
+        key = (id(w), w._version, w.data_ptr(), w.dtype, self._gamma, self.equiv, self.use_gain, self.fan_mode,
+               torch.is_inference_mode_enabled())
+        if a is not None:
+            key += (id(a), a._version, a.data_ptr())
         return key
-
-    @staticmethod
-    def _same_key(a: tuple, b: tuple) -> bool:
-        return len(a) == len(b) and all(x is y if isinstance(x, Tensor) else x == y for x, y in zip(a, b))
 
     def standardized_weight(self) -> Tensor:
         """α·Ŵ of eq. 12 as the layer uses it.
@@ -186,20 +182,21 @@ class PWSMixin:
         Writes through ``.data`` (``layer.weight.data.mul_(2)``) bypass the version counter: call ``layer.eval()``
         again after them. Under ``torch.compile`` the cache is not used.
         """
-        needs_grad = torch.is_grad_enabled() and (
-            self.weight.requires_grad or (self.alpha is not None and self.alpha.requires_grad)
-        )
-        if self.training or needs_grad or _is_compiling():
+        params = self._parameters
+        w, a = params["weight"], params["alpha"]
+        if self.training or (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad))) \
+                or _is_compiling():
             if self._cache is not None:
                 self._cache = None
             return self._compute_weight()
-        key = self._cache_key()
-        if self._cache is not None and self._same_key(self._cache[0], key):
-            return self._cache[1]
+        key = self._cache_key(w, a)
+        cache = self._cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
         with torch.no_grad():
-            w = self._compute_weight()
-        self._cache = (key, w)
-        return w
+            out = self._compute_weight()
+        self._cache = (key, out, (w, a))
+        return out
 
     def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
         state = super().__getstate__()  # type: ignore[misc]
