@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_norm_input
+
 from ._reparam import LOW_PRECISION, ReparamConvNd, filter_dims
 
 __all__ = ["CenConv1d", "CenConv2d", "CenConv3d", "MABN1d", "MABN2d", "MABN3d", "centered_weight"]
@@ -208,11 +210,7 @@ class _MABNNd(nn.Module):
             self.bias.zero_()
 
     def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in self._input_dims:
-            want = " or ".join(f"{d}D" for d in self._input_dims)
-            raise ValueError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {x.dim()}D")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, got {x.shape[1]}")
+        check_norm_input(self, x, self._input_dims, self.num_features)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)

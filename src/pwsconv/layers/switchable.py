@@ -28,6 +28,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_norm_input
+
 from ._reparam import LOW_PRECISION
 
 __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "sn_batch_average"]
@@ -110,11 +112,7 @@ class _SwitchNormNd(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() not in self._input_dims:
-            want = " or ".join(f"{d}D" for d in self._input_dims)
-            raise ValueError(f"{type(self).__name__}: expected {want} input (N, C, ...), got {x.dim()}D")
-        if x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}: expected {self.num_features} channels, got {x.shape[1]}")
+        check_norm_input(self, x, self._input_dims, self.num_features)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
