@@ -673,7 +673,7 @@ class _RecordDtypes(TorchFunctionMode):
         self.seen = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.var_mean or func is torch.rsqrt:
+        if func in (torch.var_mean, torch.rsqrt, torch.native_layer_norm, torch.nn.functional.layer_norm):
             self.seen.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
 

@@ -20,6 +20,7 @@ from .layers.pws import (
     PWSConvTranspose3d,
     PWSLinear,
     PWSMixin,
+    fuse_standardization,
 )
 from .norms import NormMethod, available_methods, build_conv, build_linear, build_norm, get_method, register_method
 
@@ -36,6 +37,7 @@ __all__ = [
     "PWSConvTranspose3d",
     "PWSLinear",
     "PWSMixin",
+    "fuse_standardization",
     "convert",
     "fold",
     "param_groups",

@@ -61,6 +61,7 @@ class TrainConfig:
     deterministic: bool = False              # torch.use_deterministic_algorithms(True) + cudnn deterministic
     amp: str | None = None                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
     channels_last: bool = False
+    fuse_pws: bool = True                    # standardize all PWS layers in one autograd node per step (same values)
     device: str = "auto"                     # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
     num_threads: int | None = None           # torch.set_num_threads for this run (CPU; restored afterwards)
     sync_bn: bool = False                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need nothing of the kind)

@@ -10,6 +10,7 @@ from .pws import (
     PWSConvTranspose3d,
     PWSLinear,
     PWSMixin,
+    fuse_standardization,
 )
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "PWSConvTranspose3d",
     "PWSLinear",
     "PWSMixin",
+    "fuse_standardization",
 ]
 
 # The rest of the normalization zoo (registered by name in :mod:`pwsconv.zoo`).

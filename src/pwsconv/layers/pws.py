@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import check_gamma, he_std, pws_weight
+from ..functional import check_gamma, he_std, pws_weight, pws_weights_fused
 
 __all__ = [
     "PWSMixin",
@@ -28,6 +28,7 @@ __all__ = [
     "PWSConvTranspose3d",
     "PWSLinear",
     "FAN_MODES",
+    "fuse_standardization",
 ]
 
 FAN_MODES = ("fan_in", "fan_out")
@@ -89,6 +90,7 @@ class PWSMixin:
         if data_init_alpha:
             self.register_buffer("alpha_initialized", torch.zeros((), dtype=torch.bool, device=self.weight.device))
         self._cache: tuple[tuple, Tensor] | None = None
+        self._fused: tuple[list, tuple, Tensor] | None = None   # set by fuse_standardization during one forward
         self._pws_ready = True
         self.reset_parameters()
 
@@ -188,6 +190,9 @@ class PWSMixin:
                 or _is_compiling():
             if self._cache is not None:
                 self._cache = None
+            fused = self._fused
+            if fused is not None and fused[0][0] and fused[1] == _fused_key(w, a):
+                return fused[2]   # computed for this forward by fuse_standardization's pre-hook
             return self._compute_weight()
         key = self._cache_key(w, a)
         cache = self._cache
@@ -201,6 +206,7 @@ class PWSMixin:
     def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
         state = super().__getstate__()  # type: ignore[misc]
         state["_cache"] = None
+        state["_fused"] = None
         return state
 
     def train(self, mode: bool = True):  # type: ignore[override]
@@ -433,3 +439,97 @@ class PWSLinear(PWSMixin, nn.Linear):
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
+
+
+# ---------------------------------------------------------------------------------------------- fused standardization
+def _fused_key(w: Tensor, a: Tensor | None) -> tuple:
+    return (id(w), w._version, -1 if a is None else id(a), -1 if a is None else a._version)
+
+
+def _fusable(m: PWSMixin) -> bool:
+    w = m.weight
+    return (not m._transposed_layout and not m.equiv and w.dim() >= 2 and w.is_contiguous()
+            and w.dtype in (torch.float32, torch.float64)
+            and (m.alpha is None or (m.alpha.dtype == w.dtype and m.alpha.is_contiguous())))
+
+
+class _FuseHandle:
+    """What :func:`fuse_standardization` returns: ``.remove()`` takes the hooks off again."""
+
+    def __init__(self, model: nn.Module, pre: Any, post: Any) -> None:
+        self._model, self._pre, self._post = model, pre, post
+        self.active = True
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        if getattr(self._model, "_pws_fuse_handle", None) is self:
+            del self._model._pws_fuse_handle
+        self._pre.remove()
+        self._post.remove()
+        for m in self._model.modules():
+            if isinstance(m, PWSMixin):
+                m._fused = None
+
+
+def fuse_standardization(model: nn.Module) -> _FuseHandle:
+    """Standardize all PWS layers of ``model`` (eq. 12) in one autograd node per forward instead of one per layer.
+
+    A forward pre-hook on ``model`` computes every PWS layer's α·Ŵ with :func:`pwsconv.functional.pws_weights_fused`
+    when the layer would compute it anyway (training, or gradients needed); each layer then uses its result. Values
+    and gradients are identical to the unfused model (tested); the step is faster when the network has many small
+    layers or the batch is small (per-layer dispatch and autograd overhead dominate there; see BENCHMARKS.md).
+
+    Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it
+    and only while its ``weight``/``alpha`` are the same tensors at the same version (an in-place change, e.g. the
+    first-forward α data-init, makes it recompute); layers called outside that forward, transposed / ``equiv`` /
+    low-precision layers, and ``torch.compile`` tracing compute their weight as usual; eval mode keeps the cache.
+    The training engine turns this on for every model (``TrainConfig.fuse_pws``). Returns a handle with
+    ``.remove()``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_standardization expects an nn.Module, got {type(model).__name__}")
+    old = getattr(model, "_pws_fuse_handle", None)
+    if old is not None and old.active:
+        return old
+    state: dict[str, Any] = {"token": None, "layers": None}
+
+    def pre(module: nn.Module, args: Any) -> None:
+        if _is_compiling():
+            return
+        grad = torch.is_grad_enabled()
+        layers = []
+        for m in module.modules():
+            if isinstance(m, PWSMixin) and _fusable(m):
+                w, a = m.weight, m.alpha
+                if m.training or (grad and (w.requires_grad or (a is not None and a.requires_grad))):
+                    layers.append(m)
+        if not layers:
+            return
+        keys = [_fused_key(m.weight, m.alpha) for m in layers]
+        if grad:
+            outs = pws_weights_fused([m.weight for m in layers], [m.alpha for m in layers],
+                                     [m._gamma for m in layers], [m.gain for m in layers])
+        else:
+            with torch.no_grad():
+                outs = pws_weights_fused([m.weight for m in layers], [m.alpha for m in layers],
+                                         [m._gamma for m in layers], [m.gain for m in layers])
+        token = [True]
+        state["token"], state["layers"] = token, layers
+        for m, k, o in zip(layers, keys, outs):
+            m._fused = (token, k, o)
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        token = state["token"]
+        if token is not None:
+            token[0] = False          # every slot made by this forward is now dead
+            for m in state["layers"]:
+                m._fused = None
+            state["token"] = state["layers"] = None
+
+    h_pre = model.register_forward_pre_hook(pre)
+    h_post = model.register_forward_hook(post, always_call=True)
+    handle = _FuseHandle(model, h_pre, h_post)
+    model._pws_fuse_handle = handle
+    return handle

@@ -271,6 +271,10 @@ class _Run:
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        if cfg.fuse_pws:
+            from ..layers.pws import fuse_standardization
+
+            fuse_standardization(model)   # same values and gradients, less per-layer overhead (BENCHMARKS.md)
         self.spec = model_spec(cfg, bundle)
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)

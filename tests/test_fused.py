@@ -1,0 +1,228 @@
+"""fuse_standardization / pws_weights_fused: one autograd node for all PWS layers gives the same values and gradients
+as the per-layer path, and never hands a layer a stale or foreign weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck
+
+import pwsconv
+from pwsconv.functional import pws_weight, pws_weights_fused
+from pwsconv.layers.pws import PWSMixin
+from pwsconv.models import build_model
+
+torch.set_num_threads(1)
+
+
+def _pair(model: str = "resnet_cifar_small", **kw):
+    torch.manual_seed(0)
+    a = build_model(model, "pws", num_classes=10, in_channels=3, **kw)
+    b = copy.deepcopy(a)
+    handle = pwsconv.fuse_standardization(b)
+    return a, b, handle
+
+
+def _grads(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method_opts", [{}, {"use_alpha": False}, {"use_gain": False}, {"gamma": 0.0}])
+def test_fused_model_matches_unfused(method_opts):
+    torch.manual_seed(0)
+    a = build_model("resnet_cifar_small", "pws", num_classes=10, in_channels=3, method_opts=method_opts)
+    b = copy.deepcopy(a)
+    pwsconv.fuse_standardization(b)
+    x = torch.randn(4, 3, 32, 32)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    ga, gb = _grads(a), _grads(b)
+    assert ga.keys() == gb.keys() and any("alpha" in k for k in ga) == ("use_alpha" not in method_opts)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=0, atol=0, msg=k)
+
+
+def test_fused_training_trajectory_identical():
+    a, b, _ = _pair()
+    opts = [torch.optim.SGD(pwsconv.param_groups(n, 5e-4), lr=0.1, momentum=0.9) for n in (a, b)]
+    torch.manual_seed(1)
+    data = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))) for _ in range(4)]
+    for x, y in data:
+        for net, opt in zip((a, b), opts):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pb, pa, rtol=0, atol=0, msg=k)
+
+
+def test_fused_is_used_and_cleared():
+    _, b, _ = _pair()
+    layers = [m for m in b.modules() if isinstance(m, PWSMixin)]
+    calls = []
+    orig = PWSMixin._compute_weight
+
+    def spy(self):
+        calls.append(self)
+        return orig(self)
+
+    PWSMixin._compute_weight = spy
+    try:
+        b(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert calls == []                       # every layer took the pre-computed weight
+        assert all(m._fused is None for m in layers)   # and the slots are gone after the forward
+        layers[1](torch.randn(2, 16, 8, 8))      # called on its own: computes its weight itself
+        assert calls == [layers[1]]
+    finally:
+        PWSMixin._compute_weight = orig
+
+
+def test_in_place_change_inside_forward_recomputes():
+    """A weight changed in place between the pre-hook and the layer (e.g. α data-init) is not served stale."""
+    torch.manual_seed(0)
+    conv = pwsconv.PWSConv2d(3, 4, 3, padding=1)
+    ref = copy.deepcopy(conv)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.conv.alpha.mul_(2.0)
+            return self.conv(x)
+
+    net = Net()
+    pwsconv.fuse_standardization(net)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        ref.alpha.mul_(2.0)
+    torch.testing.assert_close(net(x), ref(x))
+
+
+def test_data_init_alpha_with_fusion():
+    torch.manual_seed(0)
+    a = build_model("tiny_cnn", "pws", num_classes=10, in_channels=1, method_opts={"data_init_alpha": True})
+    b = copy.deepcopy(a)
+    pwsconv.fuse_standardization(b)
+    x = torch.randn(8, 1, 8, 8)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+def test_exception_in_forward_leaves_no_slot():
+    conv = pwsconv.PWSConv2d(3, 4, 3)
+    pwsconv.fuse_standardization(conv)
+    with pytest.raises(RuntimeError):
+        conv(torch.randn(1, 5, 8, 8))            # wrong channel count: the conv raises after the pre-hook ran
+    assert conv._fused is None
+    conv(torch.randn(1, 3, 8, 8)).sum().backward()
+    assert conv.weight.grad is not None
+
+
+def test_shared_layer_called_twice():
+    conv = pwsconv.PWSConv2d(4, 4, 3, padding=1)
+    ref = copy.deepcopy(conv)
+    net, rnet = nn.Sequential(conv, nn.ReLU(), conv), nn.Sequential(ref, nn.ReLU(), ref)
+    pwsconv.fuse_standardization(net)
+    x = torch.randn(2, 4, 6, 6)
+    y, r = net(x), rnet(x)
+    torch.testing.assert_close(y, r, rtol=0, atol=0)
+    y.sum().backward()
+    r.sum().backward()
+    # the fused node sums both uses' gradients before the standardization's backward: equal up to rounding
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad)
+
+
+def test_eval_mode_keeps_cache_and_remove():
+    a, b, handle = _pair()
+    a.eval()
+    b.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    layer = next(m for m in b.modules() if isinstance(m, PWSMixin))
+    assert layer._cache is not None and layer._fused is None
+    assert pwsconv.fuse_standardization(b) is handle     # idempotent
+    handle.remove()
+    handle.remove()
+    assert not b._forward_pre_hooks and not b._forward_hooks
+    b.train()
+    torch.testing.assert_close(b(x), a.train()(x), rtol=0, atol=0)
+    assert pwsconv.fuse_standardization(b) is not handle
+
+
+def test_unfusable_layers_compute_themselves():
+    """Transposed layers, channels_last weights and bf16 weights fall back to their own path, same values."""
+    torch.manual_seed(0)
+    net = nn.Sequential(pwsconv.PWSConv2d(3, 4, 3), pwsconv.PWSConvTranspose2d(4, 4, 3, groups=2),
+                        pwsconv.PWSConv2d(4, 4, 1).to(memory_format=torch.channels_last))
+    ref = copy.deepcopy(net)
+    pwsconv.fuse_standardization(net)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
+
+
+def test_state_dict_and_pickle_unchanged():
+    a, b, _ = _pair()
+    assert list(a.state_dict()) == list(b.state_dict())
+    c = copy.deepcopy(b)
+    c(torch.randn(1, 3, 32, 32))
+
+
+def test_bad_input():
+    with pytest.raises(TypeError):
+        pwsconv.fuse_standardization(torch.randn(3))
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="same length"):
+        pws_weights_fused([w], [None, None], [1e-3], [1.0])
+    with pytest.raises(ValueError, match="alpha has 3 values"):
+        pws_weights_fused([w], [torch.ones(3)], [1e-3], [1.0])
+    with pytest.raises(ValueError, match="contiguous"):
+        pws_weights_fused([w.transpose(0, 1)], [None], [1e-3], [1.0])
+
+
+def test_pws_weights_fused_matches_and_gradcheck():
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (5, 7), (3, 2, 4), (2, 6, 1, 1, 2)]
+    ws = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    alphas = [torch.rand(s[0], dtype=torch.float64, requires_grad=True) + 0.5 for s in shapes[:2]] + [None, None]
+    alphas = [a.detach().requires_grad_() if a is not None else None for a in alphas]
+    gammas = [1e-3, 0.0, 1e-2, 1e-5]
+    gains = [0.3, 1.0, 2.0, 1.0]
+    outs = pws_weights_fused(ws, alphas, gammas, gains)
+    for w, a, g, gain, o in zip(ws, alphas, gammas, gains, outs):
+        torch.testing.assert_close(o, pws_weight(w, g, a, gain=gain))
+
+    flat = [t for pair in zip(ws, alphas) for t in pair if t is not None]
+
+    def fn(*ts):
+        it = iter(ts)
+        w_in, a_in = [], []
+        for a in alphas:
+            w_in.append(next(it))
+            a_in.append(next(it) if a is not None else None)
+        return tuple(pws_weights_fused(w_in, a_in, gammas, gains))
+
+    assert gradcheck(fn, tuple(flat), eps=1e-6, atol=1e-6, rtol=1e-4)
+    # eq. 13: the weight gradient has zero mean over every filter
+    g = torch.randn_like(outs[0])
+    (gw,) = torch.autograd.grad(outs[0], ws[0], g)
+    torch.testing.assert_close(gw.flatten(1).mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_engine_fuses_by_default(tmp_path):
+    from pwsconv.config import TrainConfig
+    from pwsconv.train import train
+
+    common = dict(model="tiny_cnn", method="pws", dataset="digits", limit=64, test_limit=32, epochs=1, batch_size=16,
+                  progress=False, ckpt_every=0, num_threads=1)
+    r1 = train(TrainConfig(out_dir=str(tmp_path / "a"), **common))
+    r2 = train(TrainConfig(out_dir=str(tmp_path / "b"), fuse_pws=False, **common))
+    assert r1.metrics["test_acc"] == r2.metrics["test_acc"]
+    assert r1.metrics["train_loss"] == r2.metrics["train_loss"]
