@@ -3,7 +3,9 @@
 Measures in one process, same model and input, medians over repeats (interleaved round-robin so that drifts in
 machine load hit every method alike):
 
-* ``train``: one training step (forward + backward + SGD step) per method, model and batch size;
+* ``train``: one training step (forward + backward + SGD step) per method, model and batch size, as the training
+  engine takes it (PWS layers standardized in one node by ``fuse_standardization``; "pws (unfused)" is the
+  per-layer path);
 * ``infer``: inference for plain conv, PWS eval (cached α·Ŵ), PWS folded, BN unfused and BN fused into the conv, GN, SN;
 * ``memory``: peak training memory: on CUDA ``max_memory_allocated``; on CPU the bytes of the tensors autograd saves
   for backward (activation memory, the part that differs between methods) plus parameters, gradients and momentum;
@@ -34,14 +36,10 @@ import torch
 from torch import nn
 
 import pwsconv
+from pwsconv.experiments.speed import timed_interleaved, train_step_fn
 from pwsconv.models import build_model
 
 DEFAULT_METHODS = ["none", "bn", "gn", "in", "ln", "sn", "wn", "ws", "sws", "mabn", "pws"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _methods(requested: list[str]) -> list[str]:
@@ -63,41 +61,12 @@ def _build(model: str, method: str, batch: int, device: torch.device, in_ch: int
     return net.to(device)
 
 
-def timed_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int,
-                      inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, measured round-robin (one call of each per round)."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(inner):
-                f()
-            _sync(device)
-            samples[k].append((time.perf_counter() - t) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+def _train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Callable | None = None,
+                   fuse: bool = True):
+    return train_step_fn(net, x, y, lr=1e-3, extra=extra, fuse=fuse)
 
 
-def _train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Callable | None = None):
-    net.train()
-    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1e-3, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        if extra is not None:
-            extra()
-        opt.step()
-
-    return step
-
-
-def bench_train(models, methods, batch_sizes, image, device, repeats, warmup) -> list[dict]:
+def bench_train(models, methods, batch_sizes, image, device, repeats, warmup, unfused=True) -> list[dict]:
     rows = []
     for model in models:
         for b in batch_sizes:
@@ -109,6 +78,9 @@ def bench_train(models, methods, batch_sizes, image, device, repeats, warmup) ->
                 if m == "bn" and b == 1:
                     continue
                 fns[m] = _train_step_fn(_build(model, m, b, device), x, y)
+                if m == "pws" and unfused:
+                    torch.manual_seed(0)   # the per-layer path, for before/after
+                    fns["pws (unfused)"] = _train_step_fn(_build(model, m, b, device), x, y, fuse=False)
             t = timed_interleaved(fns, device, repeats, warmup)
             for m, s in t.items():
                 rows.append(dict(suite="train", model=model, batch=b, method=m, ms=s * 1e3,
@@ -310,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_train(a.models, methods, a.batch_sizes, a.image, device, a.repeats, a.warmup)
     if "scaling" in suites:
         sc = bench_train(a.models[:1], ["none", "bn", "pws"], [1, 2, 4, 8, 16, 32, 64, 128], a.image, device,
-                         a.repeats, a.warmup)
+                         a.repeats, a.warmup, unfused=False)
         for r in sc:
             r["suite"] = "scaling"
         rows += sc

@@ -43,6 +43,12 @@ def test_smoke_end_to_end_and_resume(name, smoke_dir):
     for r in info["records"]:
         assert r.result.status in ("ok", "nan")
         assert r.result.config["dataset"] == "digits" and r.result.step <= 2
+    if name == "table1":   # speed measured interleaved after the sweep, one row per method
+        with open(out / "speed.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert {r["method"] for r in rows} == {"bn", "pws", "mabn"}
+        assert all(float(r["images_per_s"]) > 0 for r in rows)
+        assert "speed vs BN (B=8)" in md and "paper FPS vs BN" in md
     if name == "collapse":
         assert {f["method"] for f in info["first_collapse"]} == {"none", "pws"}
         assert "first LR with a collapse" in md

@@ -184,7 +184,7 @@ class TrainConfig:
 #: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how
 #: verbosely a run goes on, not what it computes).
 RESUME_MUTABLE_FIELDS = frozenset({"epochs", "max_steps", "ckpt_every", "log_every", "progress", "tensorboard",
-                                   "out_dir", "name", "device", "data_root", "num_threads"})
+                                   "out_dir", "name", "device", "data_root", "num_threads", "fuse_pws"})
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)

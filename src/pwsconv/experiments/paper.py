@@ -424,22 +424,57 @@ def _summary_table4(agg: list[dict[str, Any]]) -> str:
         _md_table(head, rows)
 
 
-def _summary_table1(agg: list[dict[str, Any]]) -> str:
+def _summary_table1(agg: list[dict[str, Any]], rates: dict[int, dict[str, dict[str, float]]] | None = None) -> str:
     cell = {(a["method"], a["batch"]): a for a in agg}
-    head = ["method"] + [f"err B={b}" for b in T1_BATCHES] + ["img/s B=8", "img/s B=128", "paper FPS (B=8)"] + \
+    rates = rates or {}
+    rate_batches = sorted(rates)
+    head = ["method"] + [f"err B={b}" for b in T1_BATCHES] + [f"img/s B={b}" for b in rate_batches] + \
+        (["speed vs BN (B=8)"] if 8 in rates and "bn" in rates[8] else []) + ["paper FPS (B=8)", "paper FPS vs BN"] + \
         [f"paper mAP B={b}" for b in (2, 4, 8)]
+    bn_fps = PAPER_NUMBERS["table1"]["bn"][0]
     rows = []
     for m in [m for m in T1_METHODS if any(k[0] == m for k in cell)]:
         fps, maps = PAPER_NUMBERS["table1"].get(m, (None, {}))
         row = [m] + [cell[(m, b)]["err"] if (m, b) in cell else "—" for b in T1_BATCHES]
-        for b in (8, 128):
-            ips = cell[(m, b)]["images_per_s"] if (m, b) in cell else math.nan
-            row.append("—" if math.isnan(ips) else f"{ips:.0f}")
-        row += [_paper(fps)] + [_paper(maps.get(b)) for b in (2, 4, 8)]
+        for b in rate_batches:
+            r = rates[b].get(m)
+            row.append("—" if r is None else f"{r['images_per_s']:.0f}")
+        if 8 in rates and "bn" in rates[8]:
+            r = rates[8].get(m)
+            row.append("—" if r is None else f"×{r['images_per_s'] / rates[8]['bn']['images_per_s']:.2f}")
+        row += [_paper(fps), "—" if fps is None else f"×{fps / bn_fps:.2f}"] + [_paper(maps.get(b)) for b in (2, 4, 8)]
         rows.append(row)
-    return ("Test error (%) by batch size, mean ± std over seeds; training images/s from the runs' last epoch "
-            "(this machine, not comparable with the paper's RTX 2080Ti FPS). Paper = Table 1 (VOC07 mAP %, higher "
-            "is better; mabn and batch 128 are not in the paper).\n\n" + _md_table(head, rows) + "\n\n" + VOC_NOTE)
+    return ("Test error (%) by batch size, mean ± std over seeds. Training images/s: forward + backward + SGD step of "
+            "the same model on random inputs of the dataset's shape, every method measured interleaved round-robin in one process "
+            "after the sweep (medians; this machine, not comparable in absolute terms with the paper's RTX 2080Ti "
+            "FPS — compare the ratios to BN). Paper = Table 1 (VOC07 mAP %, higher is better; mabn and batch 128 "
+            "are not in the paper).\n\n" + _md_table(head, rows) + "\n\n" + VOC_NOTE)
+
+
+#: Table 1's speed columns: batch sizes and interleaved rounds per preset
+T1_SPEED = {"full": ((8, 128), 20), "cpu": ((8, 128), 15), "smoke": ((8,), 2)}
+
+
+def _table1_rates(runs: Sequence[RunSpec], preset: str) -> dict[int, dict[str, dict[str, float]]]:
+    from .speed import train_step_rates
+
+    c = runs[0].config
+    methods = list(dict.fromkeys(r.config.method for r in runs))
+    batches, repeats = T1_SPEED[preset]
+    image, in_ch = (8, 1) if c.dataset == "digits" else (32, 3)
+    out = {}
+    for b in batches:
+        opts = {m: _method_opts(m, b) for m in methods}
+        out[b] = train_step_rates(c.model, methods, b, model_opts=c.model_opts, method_opts=opts, image_size=image,
+                                  in_channels=in_ch, repeats=repeats, warmup=2,
+                                  device="cuda" if c.device != "cpu" and _cuda() else "cpu")
+    return out
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _paper_t2(method: str, opts: dict[str, Any], lr_rank: int) -> str:
@@ -636,7 +671,8 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
         files["err_vs_lr"] = plot_vs_(agg, "LR", os.path.join(out_dir, "err_vs_lr.png"), panel_key="arch",
                                       title="Table 4: test error vs LR")
     elif name == "table1":
-        summary = _summary_table1(agg)
+        extra["speed"] = _table1_rates(runs, preset)
+        summary = _summary_table1(agg, extra["speed"])
         files["curves"] = plot_curves_(curve_recs, os.path.join(out_dir, "curves.png"), group_by="batch",
                                       title=f"Table 1 training curves (seed {first_seed})")
         files["err_vs_batch"] = plot_vs_(agg, "batch", os.path.join(out_dir, "err_vs_batch.png"),
@@ -668,6 +704,12 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     files = {k: v for k, v in files.items() if v is not None}
     files["summary"] = os.path.join(out_dir, "summary.csv")
     atomic_write_text(buf.getvalue(), files["summary"])
+    if "speed" in extra:
+        lines = ["batch,method,ms_per_step,images_per_s,ratio_to_first"]
+        for b, per in extra["speed"].items():
+            lines += [f"{b},{m},{r['ms']:.4f},{r['images_per_s']:.2f},{r['ratio_to_first']:.4f}" for m, r in per.items()]
+        files["speed"] = os.path.join(out_dir, "speed.csv")
+        atomic_write_text("\n".join(lines) + "\n", files["speed"])
 
     skipped = sum(r.skipped for r in records)
     md = [f"# {_TITLES[name]}", "",

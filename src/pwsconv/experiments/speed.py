@@ -1,0 +1,94 @@
+"""Training-speed measurement shared by ``pwsconv reproduce table1`` and ``benchmarks/bench_methods.py``.
+
+Speeds are compared fairly only when measured in one process, same model and input, interleaved round-robin (one
+call of every candidate per round, so a drift in machine load hits all of them alike), as medians over rounds.
+
+    from pwsconv.experiments.speed import train_step_rates
+    rates = train_step_rates("convpool_cnn_c_small", ["bn", "pws"], batch_size=8, model_opts={"width": 0.125})
+    # {"bn": {"ms": 12.1, "images_per_s": 661.0}, "pws": {...}}
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["timed_interleaved", "train_step_fn", "train_step_rates"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.device | str = "cpu", repeats: int = 10,
+                      warmup: int = 2, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each fn, measured round-robin (one call of each per round)."""
+    if repeats < 1 or warmup < 0 or inner < 1:
+        raise ValueError(f"repeats and inner must be ≥ 1 and warmup ≥ 0, got {repeats}, {inner}, {warmup}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            _sync(device)
+            samples[k].append((time.perf_counter() - t) / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3,
+                  extra: Callable[[], None] | None = None, fuse: bool = True) -> Callable[[], None]:
+    """One training step of ``net`` as the engine takes it (SGD momentum 0.9, α without weight decay, PWS layers
+    standardized in one node when ``fuse``): forward, cross-entropy, backward, optional ``extra()``, step."""
+    from ..convert import param_groups
+    from ..layers.pws import fuse_standardization
+
+    net.train()
+    if fuse:
+        fuse_standardization(net)
+    opt = torch.optim.SGD(param_groups(net, 5e-4), lr=lr, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        if extra is not None:
+            extra()
+        opt.step()
+
+    return step
+
+
+def train_step_rates(model: str, methods: Sequence[str], batch_size: int, *, model_opts: Mapping[str, Any] | None = None,
+                     method_opts: Mapping[str, Mapping[str, Any]] | None = None, image_size: int = 32,
+                     in_channels: int = 3, num_classes: int = 10, repeats: int = 10, warmup: int = 2,
+                     device: str = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
+    """Training images/s of ``model`` with each normalization method, measured interleaved in this process on random
+    inputs (forward + backward + SGD step). Returns ``{method: {"ms", "images_per_s", "ratio_to_first"}}``."""
+    from ..models import build_model
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, in_channels, image_size, image_size, generator=g).to(dev)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    fns = {}
+    for m in methods:
+        torch.manual_seed(seed)
+        net = build_model(model, m, num_classes=num_classes, in_channels=in_channels, **dict(model_opts or {}),
+                          method_opts=dict((method_opts or {}).get(m, {}))).to(dev)
+        fns[m] = train_step_fn(net, x, y)
+    t = timed_interleaved(fns, dev, repeats, warmup)
+    first = t[methods[0]]
+    return {m: {"ms": s * 1e3, "images_per_s": batch_size / s, "ratio_to_first": s / first} for m, s in t.items()}
