@@ -173,6 +173,7 @@ def bench_memory(models, methods, batch_sizes, image, device) -> list[dict]:
                     continue
                 torch.manual_seed(0)
                 net = _build(model, m, b, device).train()
+                pwsconv.fuse_standardization(net)   # as the engine trains (no effect without PWS layers)
                 state = sum(p.numel() * p.element_size() for p in net.parameters()) * 3  # params + grads + momentum
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -43,8 +43,9 @@ def test_fused_model_matches_unfused(method_opts):
     yb.square().sum().backward()
     ga, gb = _grads(a), _grads(b)
     assert ga.keys() == gb.keys() and any("alpha" in k for k in ga) == ("use_alpha" not in method_opts)
-    for k in ga:
-        torch.testing.assert_close(gb[k], ga[k], rtol=0, atol=0, msg=k)
+    for k in ga:   # weights: the same ops; α: Σ g·x̂ rebuilt from per-filter sums, equal up to float rounding
+        torch.testing.assert_close(gb[k], ga[k], rtol=0 if "alpha" not in k else 1e-5,
+                                   atol=0 if "alpha" not in k else 1e-6, msg=k)
 
 
 def test_fused_training_trajectory_identical():
@@ -58,7 +59,7 @@ def test_fused_training_trajectory_identical():
             nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
     for (k, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(pb, pa, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_fused_is_used_and_cleared():
@@ -224,5 +225,5 @@ def test_engine_fuses_by_default(tmp_path):
                   progress=False, ckpt_every=0, num_threads=1)
     r1 = train(TrainConfig(out_dir=str(tmp_path / "a"), **common))
     r2 = train(TrainConfig(out_dir=str(tmp_path / "b"), fuse_pws=False, **common))
-    assert r1.metrics["test_acc"] == r2.metrics["test_acc"]
-    assert r1.metrics["train_loss"] == r2.metrics["train_loss"]
+    assert r1.metrics["test_acc"] == pytest.approx(r2.metrics["test_acc"], abs=1 / 32)
+    assert r1.metrics["train_loss"] == pytest.approx(r2.metrics["train_loss"], rel=1e-4)

@@ -478,8 +478,9 @@ def fuse_standardization(model: nn.Module) -> _FuseHandle:
 
     A forward pre-hook on ``model`` computes every PWS layer's α·Ŵ with :func:`pwsconv.functional.pws_weights_fused`
     when the layer would compute it anyway (training, or gradients needed); each layer then uses its result. Values
-    and gradients are identical to the unfused model (tested); the step is faster when the network has many small
-    layers or the batch is small (per-layer dispatch and autograd overhead dominate there; see BENCHMARKS.md).
+    are identical to the unfused model and gradients equal up to float rounding (tested); the step is faster when the network has many small
+    layers or the batch is small (per-layer dispatch and autograd overhead dominate there; see BENCHMARKS.md), and
+    it keeps no weight-sized x̂ for backward.
 
     Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it
     and only while its ``weight``/``alpha`` are the same tensors at the same version (an in-place change, e.g. the
