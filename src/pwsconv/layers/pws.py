@@ -228,7 +228,8 @@ class PWSMixin:
             self.alpha_initialized.fill_(True)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        self._maybe_data_init_alpha(x)
+        if self.data_init_alpha:
+            self._maybe_data_init_alpha(x)
         return self._forward_with(x, self.standardized_weight(), self.bias, *args, **kwargs)
 
     # ------------------------------------------------------------------ folding
