@@ -7,6 +7,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from pwsconv.experiments.paper import (
     EXPERIMENTS,
@@ -150,3 +151,21 @@ def test_cli_parser(tmp_path, capsys):
     args = ap.parse_args(["reproduce", "table4", "--full", "--preset", "cpu", "--dry-run"])
     with pytest.raises(ValueError):
         args.func(args)
+
+
+def test_cpu_preset_scales_gn_groups_with_width():
+    """Width-scaled models keep the full-width net's channels per GN group (32 groups × width)."""
+    from pwsconv.models import build_model
+
+    for name in ("table4", "table1", "collapse"):
+        for r in build_runs(name, "cpu"):
+            c = r.config
+            if c.method == "gn":
+                assert c.method_opts == {"groups": round(32 * c.model_opts["width"])}
+            elif c.method in ("bn", "none", "sn", "wn"):
+                assert "groups" not in c.method_opts
+    r = next(r for r in build_runs("table4", "cpu") if r.config.method == "gn" and r.labels["arch"] == "plain")
+    net = build_model(r.config.model, "gn", num_classes=10, in_channels=3, **r.config.model_opts,
+                      method_opts=r.config.method_opts)
+    sizes = {m.num_channels // m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert sizes == {3, 6}        # 96/32 and 192/32 channels per group, as at full width

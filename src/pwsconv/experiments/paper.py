@@ -198,11 +198,16 @@ _SMOKE_SUBSET = {"table4": ("bn", "pws"), "table1": ("bn", "pws", "mabn"), "tabl
                  "table2": ("bn", "pws γ=1e-3", "pws no √(2/n), no α (γ=1e-3)"), "collapse": ("none", "pws")}
 
 
-def _method_opts(method: str, batch: int) -> dict[str, Any]:
+def _method_opts(method: str, batch: int, model_opts: dict[str, Any] | None = None) -> dict[str, Any]:
     if method == "pws":
         return {"gamma": 1e-3}
     if method == "mabn":
         return {"batch_size": batch, "real_batch_size": max(batch, 32)}
+    if method == "gn" and model_opts and "width" in model_opts:
+        # width-scaled model: scale GN's 32 groups with the width so that a group holds as many channels as in the
+        # full-width net (ConvPool-C at width 0.125: 12/24 channels in 4 groups = 3/6 per group, as 96/192 in 32).
+        # With 32 groups every channel would be its own group, which before global pooling erases the class signal.
+        return {"groups": max(1, round(32 * float(model_opts["width"])))}
     return {}
 
 
@@ -218,7 +223,7 @@ def _table4(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
             for lr in T4_LRS:
                 for s in seeds:
                     cfg = size.base(model=model, model_opts=mopts, method=method,
-                                    method_opts=_method_opts(method, 128), lr=lr, seed=s)
+                                    method_opts=_method_opts(method, 128, mopts), lr=lr, seed=s)
                     runs.append(RunSpec(f"{arch}_{method}_lr{_lr_tag(lr)}_s{s}", TrainConfig.from_dict(cfg),
                                         {"arch": arch, "method": method, "LR": lr, "seed": s}))
     return runs
@@ -232,7 +237,7 @@ def _table1(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
     for method in _SMOKE_SUBSET["table1"] if smoke else T1_METHODS:
         for b in _SMOKE_SUBSET["table1_batches"] if smoke else T1_BATCHES:
             for s in seeds:
-                cfg = size.base(model=model, model_opts=mopts, method=method, method_opts=_method_opts(method, b),
+                cfg = size.base(model=model, model_opts=mopts, method=method, method_opts=_method_opts(method, b, mopts),
                                 lr=T1_LR[preset], batch_size=b, seed=s)
                 runs.append(RunSpec(f"{method}_b{b}_s{s}", TrainConfig.from_dict(cfg),
                                     {"method": method, "batch": b, "seed": s}))
@@ -264,7 +269,7 @@ def _collapse(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
     for method in methods:
         for lr in lrs:
             for s in seeds:
-                cfg = size.base(model=model, model_opts=mopts, method=method, method_opts=_method_opts(method, 128),
+                cfg = size.base(model=model, model_opts=mopts, method=method, method_opts=_method_opts(method, 128, mopts),
                                 lr=lr, seed=s)
                 runs.append(RunSpec(f"{method}_lr{_lr_tag(lr)}_s{s}", TrainConfig.from_dict(cfg),
                                     {"method": method, "LR": lr, "seed": s}))
@@ -464,7 +469,7 @@ def _table1_rates(runs: Sequence[RunSpec], preset: str) -> dict[int, dict[str, d
     image, in_ch = (8, 1) if c.dataset == "digits" else (32, 3)
     out = {}
     for b in batches:
-        opts = {m: _method_opts(m, b) for m in methods}
+        opts = {m: _method_opts(m, b, c.model_opts) for m in methods}
         out[b] = train_step_rates(c.model, methods, b, model_opts=c.model_opts, method_opts=opts, image_size=image,
                                   in_channels=in_ch, repeats=repeats, warmup=2,
                                   device="cuda" if c.device != "cpu" and _cuda() else "cpu")
