@@ -4,7 +4,7 @@ training speed), Table 2 (PWS ablation) and an LR-collapse scan, each at three s
     from pwsconv.experiments.paper import reproduce, EXPERIMENTS
     out = reproduce("table4", preset="cpu")            # trains (resumably), writes results.md/csv/jsonl + PNGs
     reproduce("table4", preset="full", dry_run=True)    # lists the 24 runs of the paper's setting, trains nothing
-    $ pwsconv reproduce table4 --preset cpu --out runs/reproduce/table4_cpu
+    $ pwsconv reproduce table4 --preset cpu      # → results/reproduce/table4_cpu (resumes the runs already there)
 
 Presets
 -------
@@ -626,7 +626,8 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
               progress: bool = False, dry_run: bool = False, plots: bool = True,
               log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run (resumably) one of :data:`EXPERIMENTS` at a preset and write its results under ``out_dir``
-    (default ``runs/reproduce/<name>_<preset>``): ``results.md`` (the paper's numbers beside the measured mean ± std
+    (default ``results/reproduce/<name>_<preset>``, where this repository keeps its measured runs): ``results.md``
+    (the paper's numbers beside the measured mean ± std
     over seeds, the command, versions, wall time), ``results.csv``/``results.jsonl`` (one row per run),
     ``summary.csv`` (one row per cell), ``curves.png`` and ``err_vs_lr.png``/``err_vs_batch.png``.
 
@@ -635,7 +636,7 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     trained or written. ``plots=False`` skips the PNGs (tables only).
     """
     _check(name, preset)
-    out_dir = os.fspath(out_dir) if out_dir is not None else os.path.join("runs", "reproduce", f"{name}_{preset}")
+    out_dir = os.fspath(out_dir) if out_dir is not None else os.path.join("results", "reproduce", f"{name}_{preset}")
     data_root = os.fspath(data_root) if data_root is not None else None
     runs = build_runs(name, preset, seeds, data_root)
     info: dict[str, Any] = {"name": name, "preset": preset, "out_dir": out_dir, "n_runs": len(runs),
@@ -760,7 +761,8 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Any:
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}")
     p.add_argument("--preset", default=None, help="cpu (default), full or smoke")
     p.add_argument("--full", action="store_true", help="same as --preset full")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/reproduce/NAME_PRESET)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default results/reproduce/NAME_PRESET; finished runs there are skipped)")
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="number of seeds (default: the preset's)")
     p.add_argument("--data-root", default=None, metavar="DIR", help="dataset directory")
     p.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; train nothing")
