@@ -227,3 +227,97 @@ def test_engine_fuses_by_default(tmp_path):
     r2 = train(TrainConfig(out_dir=str(tmp_path / "b"), fuse_pws=False, **common))
     assert r1.metrics["test_acc"] == pytest.approx(r2.metrics["test_acc"], abs=1 / 32)
     assert r1.metrics["train_loss"] == pytest.approx(r2.metrics["train_loss"], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- edge cases (review)
+def test_in_place_change_of_one_layer_does_not_break_the_others_backward():
+    torch.manual_seed(0)
+    net = nn.Sequential(pwsconv.PWSLinear(4, 4, use_gain=False, data_init_alpha=True), pwsconv.PWSLinear(4, 4))
+    ref = copy.deepcopy(net)
+    pwsconv.fuse_standardization(net)
+    x = torch.randn(8, 4)
+    net(x).sum().backward()
+    ref(x).sum().backward()
+    for (k, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=k)
+
+    class Shrink(nn.Module):           # a forward that changes a weight in place after the pre-hook ran
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = pwsconv.PWSConv2d(2, 3, 3), pwsconv.PWSConv2d(3, 3, 1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.b.weight.mul_(0.5)
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    s = Shrink()
+    r = copy.deepcopy(s)
+    pwsconv.fuse_standardization(s)
+    x = torch.randn(1, 2, 5, 5)
+    s(x).sum().backward()
+    r(x).sum().backward()
+    for (k, p), q in zip(s.named_parameters(), r.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=k)
+
+
+def test_unused_layer_gets_no_gradient():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = pwsconv.PWSConv2d(2, 2, 1), pwsconv.PWSConv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    net = Skip()
+    pwsconv.fuse_standardization(net)
+    net(torch.randn(1, 2, 3, 3)).sum().backward()
+    assert net.used.weight.grad is not None
+    assert net.unused.weight.grad is None and net.unused.alpha.grad is None
+
+
+def test_grad_enabled_inside_no_grad_root():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = pwsconv.PWSConv2d(2, 2, 3)
+
+        def forward(self, x):
+            with torch.enable_grad():
+                return self.conv(x)
+
+    net = Mixed()
+    pwsconv.fuse_standardization(net)
+    with torch.no_grad():
+        y = net(torch.randn(1, 2, 5, 5))
+    (g,) = torch.autograd.grad(y.sum(), net.conv.weight)
+    assert g is not None and g.abs().sum() > 0
+
+
+def test_save_load_and_teacher_copy(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(pwsconv.PWSConv2d(3, 4, 3), nn.ReLU(), pwsconv.PWSConv2d(4, 4, 3))
+    pwsconv.fuse_standardization(net)
+    torch.save(net, tmp_path / "m.pt")                       # hooks are picklable
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), net(x))
+    teacher = copy.deepcopy(net)
+
+    class Distill(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student = net
+
+        def forward(self, x):
+            with torch.no_grad():
+                t = teacher(x)
+            return self.student(x) - t
+
+    d = Distill()
+    d(x).sum().backward()
+    layers = [m for m in net.modules() if isinstance(m, PWSMixin)]
+    assert all(m._fused is None for m in layers)
+    layers[0](x).sum().backward()                            # no stale slot: a fresh graph

@@ -136,10 +136,18 @@ class _PWSMany(torch.autograd.Function):
     """Eq. 12 for many weights in one autograd node: forward and backward loop over the layers in one Python call
     each (no per-op autograd bookkeeping), with the same ops as :func:`pws_weight` (``native_layer_norm`` and its
     closed-form backward). Keeps only per-filter E[w], 1/sqrt(Var + γ) and α for backward (plus the weights, which
-    are alive anyway): ∂L/∂α_o = gain · rstd_o · (Σ g·w − E[w_o] Σ g) needs no saved x̂."""
+    are alive anyway): ∂L/∂α_o = gain · rstd_o · Σ g·(w − E[w_o]) needs no saved x̂.
+
+    The weights and α are kept as references with their version counters rather than through ``save_for_backward``:
+    a layer whose weight changes in place after this node ran (α data-init on the first forward) computes its own
+    weight and sends no gradient here, and must not make the other layers' backward fail. A gradient that does
+    arrive for a changed tensor raises the usual "modified by an inplace operation" error. Differentiable once
+    (no double backward, e.g. gradient penalties: use the per-layer path there).
+    """
 
     @staticmethod
     def forward(ctx, spec: tuple, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)      # layers that were not used get None, not zeros
         outs, saved = [], []
         i = 0
         for rows, n, gamma, gain, has_alpha in spec:
@@ -148,24 +156,24 @@ class _PWSMany(torch.autograd.Function):
             w2 = w.view(rows, n)
             xhat, mean, rstd = torch.native_layer_norm(w2, (n,), None, None, gamma)
             if has_alpha:
-                s = tensors[i].view(rows, 1)
+                a = tensors[i]
                 i += 1
-                if gain != 1.0:
-                    s = s * gain
-                out = xhat * s
+                s = a.view(rows, 1)
+                out = xhat * (s * gain if gain != 1.0 else s)
+                versions = (w._version, a._version)
             else:
-                s = rstd.new_empty(0)
+                s = None
                 out = xhat * gain if gain != 1.0 else xhat.clone()
+                versions = (w._version, None)
             outs.append(out.view(w.shape))
-            saved += [w2, mean, rstd, s]     # x̂ is not kept: the α-gradient is rebuilt from per-filter sums
+            saved.append((w2, s, mean, rstd, w, a if has_alpha else None, versions))
         ctx.spec = spec
-        ctx.save_for_backward(*saved)
+        ctx.layers = saved
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        saved = ctx.saved_tensors
+    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         res: list[Tensor | None] = [None]
         i = 1
         for k, (rows, n, gamma, gain, has_alpha) in enumerate(ctx.spec):
@@ -176,17 +184,19 @@ class _PWSMany(torch.autograd.Function):
             if g is None or not (need_w or need_a):
                 res += [None, None] if has_alpha else [None]
                 continue
-            w2, mean, rstd, s = saved[4 * k:4 * k + 4]
+            w2, s, mean, rstd, w, a, (vw, va) = ctx.layers[k]
+            if w._version != vw or (a is not None and a._version != va):
+                raise RuntimeError("pws_weights_fused: a weight or alpha needed for gradient computation has been "
+                                   "modified by an inplace operation after the forward pass")
             g2 = g.reshape(rows, n)
             gw = ga = None
             if need_w:
-                gs = g2 * s if has_alpha else (g2 * gain if gain != 1.0 else g2)
+                gs = g2 * (s * gain if gain != 1.0 else s) if has_alpha else (g2 * gain if gain != 1.0 else g2)
                 gw = torch.ops.aten.native_layer_norm_backward(gs, w2, [n], mean, rstd, None, None,
                                                                [True, False, False])[0].view(g.shape)
             if need_a:
-                # Σ g·x̂ = rstd · (Σ g·w − E[w] · Σ g): two row reductions instead of a saved weight-sized x̂
-                gsum = g2.sum(1, keepdim=True)
-                ga = ((torch.linalg.vecdot(g2, w2, dim=1).unsqueeze(1) - mean * gsum) * (rstd * gain)).view(rows)
+                # Σ g·x̂ = rstd · Σ g·(w − E[w]): one row reduction instead of a saved weight-sized x̂
+                ga = (torch.linalg.vecdot(g2, w2 - mean, dim=1) * (rstd.view(rows) * gain)).view(a.shape)
             res.append(gw)
             if has_alpha:
                 res.append(ga)

@@ -444,14 +444,71 @@ class PWSLinear(PWSMixin, nn.Linear):
 
 # ---------------------------------------------------------------------------------------------- fused standardization
 def _fused_key(w: Tensor, a: Tensor | None) -> tuple:
-    return (id(w), w._version, -1 if a is None else id(a), -1 if a is None else a._version)
+    # the tensors, their versions and the grad mode: a weight made under no_grad is never handed to a layer that
+    # runs with gradients enabled (and vice versa)
+    return (id(w), w._version, -1 if a is None else id(a), -1 if a is None else a._version, torch.is_grad_enabled())
 
 
 def _fusable(m: PWSMixin) -> bool:
     w = m.weight
     return (not m._transposed_layout and not m.equiv and w.dim() >= 2 and w.is_contiguous()
             and w.dtype in (torch.float32, torch.float64)
-            and (m.alpha is None or (m.alpha.dtype == w.dtype and m.alpha.is_contiguous())))
+            and (m.alpha is None or (m.alpha.dtype == w.dtype and m.alpha.is_contiguous()))
+            and not (m.data_init_alpha and m.alpha is not None and not bool(m.alpha_initialized)))
+
+
+class _FuseState:
+    """Shared by the two hooks of one fused model: the live token and the layers holding a slot."""
+
+    def __init__(self) -> None:
+        self.token: list[bool] | None = None
+        self.layers: list[PWSMixin] | None = None
+
+
+class _FusePre:
+    """Forward pre-hook: standardize every fusable PWS layer that will need a fresh weight, in one node."""
+
+    def __init__(self, state: _FuseState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if _is_compiling():
+            return
+        st = self.state
+        if st.token is not None:      # re-entered (the model calls itself): the outer forward's slots stay
+            return
+        grad = torch.is_grad_enabled()
+        layers = []
+        for m in module.modules():
+            if isinstance(m, PWSMixin) and _fusable(m):
+                w, a = m.weight, m.alpha
+                if m.training or (grad and (w.requires_grad or (a is not None and a.requires_grad))):
+                    layers.append(m)
+        if not layers:
+            return
+        keys = [_fused_key(m.weight, m.alpha) for m in layers]
+        outs = pws_weights_fused([m.weight for m in layers], [m.alpha for m in layers],
+                                 [m._gamma for m in layers], [m.gain for m in layers])
+        token = [True]
+        st.token, st.layers = token, layers
+        for m, k, o in zip(layers, keys, outs):
+            m._fused = (token, k, o)
+
+
+class _FusePost:
+    """Forward hook (always called, also on an exception): every slot made by this forward dies."""
+
+    def __init__(self, state: _FuseState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        st = self.state
+        if st.token is None:
+            return
+        st.token[0] = False
+        for m in st.layers or ():
+            m._fused = None
+        st.token = st.layers = None
 
 
 class _FuseHandle:
@@ -479,59 +536,28 @@ def fuse_standardization(model: nn.Module) -> _FuseHandle:
 
     A forward pre-hook on ``model`` computes every PWS layer's α·Ŵ with :func:`pwsconv.functional.pws_weights_fused`
     when the layer would compute it anyway (training, or gradients needed); each layer then uses its result. Values
-    are identical to the unfused model and gradients equal up to float rounding (tested); the step is faster when the network has many small
-    layers or the batch is small (per-layer dispatch and autograd overhead dominate there; see BENCHMARKS.md), and
-    it keeps no weight-sized x̂ for backward.
+    are identical to the unfused model and gradients equal up to float rounding (tested); the step is faster when
+    the network has many small layers or the batch is small (per-layer dispatch and autograd overhead dominate
+    there; see BENCHMARKS.md), and it keeps no weight-sized x̂ for backward.
 
-    Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it
-    and only while its ``weight``/``alpha`` are the same tensors at the same version (an in-place change, e.g. the
-    first-forward α data-init, makes it recompute); layers called outside that forward, transposed / ``equiv`` /
-    low-precision layers, and ``torch.compile`` tracing compute their weight as usual; eval mode keeps the cache.
+    Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it,
+    only in the same grad mode and only while its ``weight``/``alpha`` are the same tensors at the same version (an
+    in-place change makes it recompute its own); layers called outside that forward, transposed / ``equiv`` /
+    low-precision layers, α data-init before its first batch, and ``torch.compile`` tracing compute their weight as
+    usual; eval mode keeps the cache; unused layers get no gradient. The hooks are picklable (``torch.save(model)``,
+    ``copy.deepcopy``). Not supported: double backward (gradient penalties), non-reentrant activation checkpointing
+    inside the model and ``torch.func`` transforms — call ``handle.remove()`` (or ``fuse_pws: false``) there.
     The training engine turns this on for every model (``TrainConfig.fuse_pws``). Returns a handle with
-    ``.remove()``.
+    ``.remove()``; calling it again on the same model returns the same handle.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_standardization expects an nn.Module, got {type(model).__name__}")
     old = getattr(model, "_pws_fuse_handle", None)
     if old is not None and old.active:
         return old
-    state: dict[str, Any] = {"token": None, "layers": None}
-
-    def pre(module: nn.Module, args: Any) -> None:
-        if _is_compiling():
-            return
-        grad = torch.is_grad_enabled()
-        layers = []
-        for m in module.modules():
-            if isinstance(m, PWSMixin) and _fusable(m):
-                w, a = m.weight, m.alpha
-                if m.training or (grad and (w.requires_grad or (a is not None and a.requires_grad))):
-                    layers.append(m)
-        if not layers:
-            return
-        keys = [_fused_key(m.weight, m.alpha) for m in layers]
-        if grad:
-            outs = pws_weights_fused([m.weight for m in layers], [m.alpha for m in layers],
-                                     [m._gamma for m in layers], [m.gain for m in layers])
-        else:
-            with torch.no_grad():
-                outs = pws_weights_fused([m.weight for m in layers], [m.alpha for m in layers],
-                                         [m._gamma for m in layers], [m.gain for m in layers])
-        token = [True]
-        state["token"], state["layers"] = token, layers
-        for m, k, o in zip(layers, keys, outs):
-            m._fused = (token, k, o)
-
-    def post(module: nn.Module, args: Any, output: Any) -> None:
-        token = state["token"]
-        if token is not None:
-            token[0] = False          # every slot made by this forward is now dead
-            for m in state["layers"]:
-                m._fused = None
-            state["token"] = state["layers"] = None
-
-    h_pre = model.register_forward_pre_hook(pre)
-    h_post = model.register_forward_hook(post, always_call=True)
+    state = _FuseState()
+    h_pre = model.register_forward_pre_hook(_FusePre(state))
+    h_post = model.register_forward_hook(_FusePost(state), always_call=True)
     handle = _FuseHandle(model, h_pre, h_post)
     model._pws_fuse_handle = handle
     return handle
