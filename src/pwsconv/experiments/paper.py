@@ -39,6 +39,8 @@ gives, for 3 seeds (expect up to ~2× longer if the machine is as loaded as it w
     collapse 6 methods × 9 LRs × 3 seeds           = 162 runs, 2000 images × 4 epochs, batch 128   ≈ 57 min
 
 (1000 test images each; milestones 8 epochs → [4, 6, 7], 6 → [3, 4, 5], 4 → [2, 3].)
+Measured on 2026-11-25 (two sweeps at a time, 1 torch thread each, on the 2-core machine): table4 ≈ 70 min,
+table1 38 min, table2 33 min, collapse 50 min of wall time (results in ``results/reproduce/*_cpu``).
 ``reproduce(..., dry_run=True)`` prints the per-grid estimate. The cpu numbers are far from the paper's errors
 (a few epochs on a few thousand images); what they can show is the ordering and the collapses.
 """
