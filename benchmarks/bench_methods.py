@@ -7,6 +7,7 @@ machine load hit every method alike):
   engine takes it (PWS layers standardized in one node by ``fuse_standardization``; "pws (unfused)" is the
   per-layer path);
 * ``infer``: inference for plain conv, PWS eval (cached α·Ŵ), PWS folded, BN unfused and BN fused into the conv, GN, SN;
+* ``fold``: plain conv, PWS eval (cached) and PWS folded alone (the precise check of the inference targets);
 * ``memory``: peak training memory: on CUDA ``max_memory_allocated``; on CPU the bytes of the tensors autograd saves
   for backward (activation memory, the part that differs between methods) plus parameters, gradients and momentum;
 * ``probe``: the overhead of the diagnostics probe attached to a training step;
@@ -143,6 +144,31 @@ def bench_infer(models, batch_sizes, image, device, repeats, warmup) -> list[dic
     return rows
 
 
+def bench_fold(models, batch_sizes, image, device, repeats, warmup) -> list[dict]:
+    """Folded / cached PWS against plain conv alone (no heavy methods in the rotation that could skew the caches)."""
+    rows = []
+    for model in models:
+        for b in batch_sizes:
+            x = torch.randn(b, 3, image, image, device=device)
+            torch.manual_seed(0)
+            pws = _build(model, "pws", b, device).eval()
+            nets = {"none": _build(model, "none", b, device).eval(), "pws (eval, cached)": pws,
+                    "pws (folded)": pwsconv.fold(pws)}
+
+            def mk(n):
+                def f():
+                    with torch.inference_mode():
+                        n(x)
+                return f
+
+            t = timed_interleaved({k: mk(n) for k, n in nets.items()}, device, repeats, warmup)
+            for k, s in t.items():
+                rows.append(dict(suite="fold", model=model, batch=b, method=k, ms=s * 1e3,
+                                 images_per_s=b / s, ratio=s / t["none"]))
+            print(_fmt_line(rows[-len(t):]), flush=True)
+    return rows
+
+
 def _saved_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes autograd keeps for backward in one training step (unique storages)."""
     seen: dict[int, int] = {}
@@ -265,7 +291,7 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", nargs="+", default=["all"],
-                   choices=["all", "train", "infer", "memory", "probe", "scaling"])
+                   choices=["all", "train", "infer", "fold", "memory", "probe", "scaling"])
     p.add_argument("--models", nargs="+", default=["resnet_cifar_small", "convpool_cnn_c_small"])
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 32, 128])
@@ -276,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    suites = {"train", "infer", "memory", "probe", "scaling"} if "all" in a.suite else set(a.suite)
+    suites = {"train", "infer", "fold", "memory", "probe", "scaling"} if "all" in a.suite else set(a.suite)
     methods = _methods(a.methods)
     if "none" not in methods:
         methods.insert(0, "none")
@@ -293,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += sc
     if "infer" in suites:
         rows += bench_infer(a.models, a.batch_sizes, a.image, device, a.repeats, a.warmup)
+    if "fold" in suites:
+        rows += bench_fold(a.models, a.batch_sizes, a.image, device, a.repeats, a.warmup)
     if "memory" in suites:
         rows += bench_memory(a.models, methods, a.batch_sizes, a.image, device)
     if "probe" in suites:

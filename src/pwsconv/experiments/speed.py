@@ -27,7 +27,8 @@ def _sync(device: torch.device) -> None:
 
 def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.device | str = "cpu", repeats: int = 10,
                       warmup: int = 2, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, measured round-robin (one call of each per round)."""
+    """Median seconds per call of each fn, measured round-robin (one call of each per round, the order rotated by one
+    every round)."""
     if repeats < 1 or warmup < 0 or inner < 1:
         raise ValueError(f"repeats and inner must be ≥ 1 and warmup ≥ 0, got {repeats}, {inner}, {warmup}")
     device = torch.device(device)
@@ -35,8 +36,10 @@ def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.devic
         for f in fns.values():
             f()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    items = list(fns.items())
+    for r in range(repeats):
+        # rotate the order every round, so that no method always runs right after the same (e.g. cache-thrashing) one
+        for k, f in items[r % len(items):] + items[:r % len(items)]:
             _sync(device)
             t = time.perf_counter()
             for _ in range(inner):
