@@ -113,6 +113,23 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
+def _time_inference(nets: dict, x: torch.Tensor, suite: str, model: str, device, repeats: int,
+                    warmup: int) -> list[dict]:
+    """Interleaved inference-mode timing of ``nets`` on ``x``; one row per net, ratios to ``nets["none"]``."""
+    def mk(n):
+        def f():
+            with torch.inference_mode():
+                n(x)
+        return f
+
+    t = timed_interleaved({k: mk(n) for k, n in nets.items()}, device, repeats, warmup)
+    b = x.shape[0]
+    rows = [dict(suite=suite, model=model, batch=b, method=k, ms=s * 1e3, images_per_s=b / s, ratio=s / t["none"])
+            for k, s in t.items()]
+    print(_fmt_line(rows), flush=True)
+    return rows
+
+
 def bench_infer(models, batch_sizes, image, device, repeats, warmup) -> list[dict]:
     rows = []
     for model in models:
@@ -129,18 +146,7 @@ def bench_infer(models, batch_sizes, image, device, repeats, warmup) -> list[dic
                 nets["sn"] = _build(model, "sn", b, device).eval()
             nets["pws (folded)"] = pwsconv.fold(nets["pws (eval, cached)"])
             nets["bn (fused)"] = _fuse_bn(nets["bn (unfused)"])
-
-            def mk(n):
-                def f():
-                    with torch.inference_mode():
-                        n(x)
-                return f
-
-            t = timed_interleaved({k: mk(n) for k, n in nets.items()}, device, repeats, warmup)
-            for k, s in t.items():
-                rows.append(dict(suite="infer", model=model, batch=b, method=k, ms=s * 1e3,
-                                 images_per_s=b / s, ratio=s / t["none"]))
-            print(_fmt_line(rows[-len(t):]), flush=True)
+            rows += _time_inference(nets, x, "infer", model, device, repeats, warmup)
     return rows
 
 
@@ -154,18 +160,7 @@ def bench_fold(models, batch_sizes, image, device, repeats, warmup) -> list[dict
             pws = _build(model, "pws", b, device).eval()
             nets = {"none": _build(model, "none", b, device).eval(), "pws (eval, cached)": pws,
                     "pws (folded)": pwsconv.fold(pws)}
-
-            def mk(n):
-                def f():
-                    with torch.inference_mode():
-                        n(x)
-                return f
-
-            t = timed_interleaved({k: mk(n) for k, n in nets.items()}, device, repeats, warmup)
-            for k, s in t.items():
-                rows.append(dict(suite="fold", model=model, batch=b, method=k, ms=s * 1e3,
-                                 images_per_s=b / s, ratio=s / t["none"]))
-            print(_fmt_line(rows[-len(t):]), flush=True)
+            rows += _time_inference(nets, x, "fold", model, device, repeats, warmup)
     return rows
 
 

@@ -175,6 +175,10 @@ class PWSMixin:
             key += (id(a), a._version, a.data_ptr())
         return key
 
+    def _needs_fresh_weight(self, w: Tensor, a: Tensor | None) -> bool:
+        """Training, or gradients wanted: α·Ŵ is computed anew (in the graph) instead of taken from the eval cache."""
+        return self.training or (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad)))
+
     def standardized_weight(self) -> Tensor:
         """α·Ŵ of eq. 12 as the layer uses it.
 
@@ -186,8 +190,7 @@ class PWSMixin:
         """
         params = self._parameters
         w, a = params["weight"], params["alpha"]
-        if self.training or (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad))) \
-                or _is_compiling():
+        if self._needs_fresh_weight(w, a) or _is_compiling():
             if self._cache is not None:
                 self._cache = None
             fused = self._fused
@@ -482,13 +485,8 @@ class _FusePre:
         st = self.state
         if st.token is not None:      # re-entered (the model calls itself): the outer forward's slots stay
             return
-        grad = torch.is_grad_enabled()
-        layers = []
-        for m in module.modules():
-            if isinstance(m, PWSMixin) and _fusable(m):
-                w, a = m.weight, m.alpha
-                if m.training or (grad and (w.requires_grad or (a is not None and a.requires_grad))):
-                    layers.append(m)
+        layers = [m for m in module.modules()
+                  if isinstance(m, PWSMixin) and _fusable(m) and m._needs_fresh_weight(m.weight, m.alpha)]
         if not layers:
             return
         keys = [_fused_key(m.weight, m.alpha) for m in layers]
