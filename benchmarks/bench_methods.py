@@ -5,7 +5,7 @@ machine load hit every method alike):
 
 * ``train``: one training step (forward + backward + SGD step) per method, model and batch size, as the training
   engine takes it (PWS layers standardized in one node by ``fuse_standardization``; "pws (unfused)" is the
-  per-layer path);
+  per-layer path, "pws (recompute)" the memory-saving variant that rebuilds α·Ŵ in backward);
 * ``infer``: inference for plain conv, PWS eval (cached α·Ŵ), PWS folded, BN unfused and BN fused into the conv, GN, SN;
 * ``fold``: plain conv, PWS eval (cached) and PWS folded alone (the precise check of the inference targets);
 * ``memory``: peak training memory: on CUDA ``max_memory_allocated``; on CPU the bytes of the tensors autograd saves
@@ -63,8 +63,8 @@ def _build(model: str, method: str, batch: int, device: torch.device, in_ch: int
 
 
 def _train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, extra: Callable | None = None,
-                   fuse: bool = True):
-    return train_step_fn(net, x, y, lr=1e-3, extra=extra, fuse=fuse)
+                   fuse: bool = True, recompute: bool = False):
+    return train_step_fn(net, x, y, lr=1e-3, extra=extra, fuse=fuse, recompute=recompute)
 
 
 def bench_train(models, methods, batch_sizes, image, device, repeats, warmup, unfused=True) -> list[dict]:
@@ -82,6 +82,8 @@ def bench_train(models, methods, batch_sizes, image, device, repeats, warmup, un
                 if m == "pws" and unfused:
                     torch.manual_seed(0)   # the per-layer path, for before/after
                     fns["pws (unfused)"] = _train_step_fn(_build(model, m, b, device), x, y, fuse=False)
+                    torch.manual_seed(0)   # the memory-saving variant: α·Ŵ rebuilt in backward
+                    fns["pws (recompute)"] = _train_step_fn(_build(model, m, b, device), x, y, recompute=True)
             t = timed_interleaved(fns, device, repeats, warmup)
             for m, s in t.items():
                 rows.append(dict(suite="train", model=model, batch=b, method=m, ms=s * 1e3,
@@ -189,12 +191,13 @@ def bench_memory(models, methods, batch_sizes, image, device) -> list[dict]:
             x = torch.randn(b, 3, image, image, device=device)
             y = torch.randint(0, 10, (b,), device=device)
             res = {}
-            for m in methods:
+            for m in methods + (["pws (recompute)"] if "pws" in methods else []):
                 if m == "bn" and b == 1:
                     continue
                 torch.manual_seed(0)
-                net = _build(model, m, b, device).train()
-                pwsconv.fuse_standardization(net)   # as the engine trains (no effect without PWS layers)
+                net = _build(model, m.split(" ")[0], b, device).train()
+                # as the engine trains (no effect without PWS layers); the variant rebuilds α·Ŵ in backward
+                pwsconv.fuse_standardization(net, recompute=m == "pws (recompute)")
                 state = sum(p.numel() * p.element_size() for p in net.parameters()) * 3  # params + grads + momentum
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -321,3 +321,114 @@ def test_save_load_and_teacher_copy(tmp_path):
     layers = [m for m in net.modules() if isinstance(m, PWSMixin)]
     assert all(m._fused is None for m in layers)
     layers[0](x).sum().backward()                            # no stale slot: a fresh graph
+
+
+# ---------------------------------------------------------------------------------------------- grouped layers
+def test_grouped_layers_gradcheck_and_partial_use():
+    """Layers with the same filter shape, γ, gain and α-ness share one native call: values and float64 gradients
+    are those of the per-layer path, also when only some layers of a group are used."""
+    torch.manual_seed(0)
+    shapes = [(4, 3, 2), (5, 3, 2), (3, 3, 2), (2, 3, 2)]
+    ws = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    alphas = [torch.rand(s[0], dtype=torch.float64).add(0.5).requires_grad_() for s in shapes[:2]] + [None, None]
+    gammas, gains = [1e-3] * 4, [0.5] * 4
+    outs = pws_weights_fused(ws, alphas, gammas, gains)
+    for w, a, o in zip(ws, alphas, outs):
+        torch.testing.assert_close(o, pws_weight(w, 1e-3, a, gain=0.5), rtol=0, atol=0)
+
+    def fn(w0, a0, w1, a1, w2, w3):
+        return tuple(pws_weights_fused([w0, w1, w2, w3], [a0, a1, None, None], gammas, gains))
+
+    assert gradcheck(fn, (ws[0], alphas[0], ws[1], alphas[1], ws[2], ws[3]), eps=1e-6, atol=1e-6, rtol=1e-4)
+    # only the second layer of the first group is used: the first gets no gradient at all
+    outs = pws_weights_fused(ws, alphas, gammas, gains)
+    outs[1].square().sum().backward()
+    assert ws[0].grad is None and alphas[0].grad is None and ws[2].grad is None
+    gw, ga = torch.autograd.grad(pws_weight(ws[1], 1e-3, alphas[1], gain=0.5).square().sum(), (ws[1], alphas[1]))
+    torch.testing.assert_close(ws[1].grad, gw)
+    torch.testing.assert_close(alphas[1].grad, ga)
+
+
+# ---------------------------------------------------------------------------------------------- recompute
+def _saved_storage_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = net(x)
+    y.square().sum().backward()
+    return sum(seen.values())
+
+
+def test_recompute_same_gradients_less_memory():
+    torch.manual_seed(0)
+    a = build_model("resnet_cifar_small", "pws", num_classes=10, in_channels=3)
+    b = copy.deepcopy(a)
+    h = pwsconv.fuse_standardization(a)
+    pwsconv.fuse_standardization(b, recompute=True)
+    assert not h.recompute and b._pws_fuse_handle.recompute
+    x = torch.randn(2, 3, 32, 32)
+    kept, dropped = _saved_storage_bytes(a, x), _saved_storage_bytes(b, x)
+    weight_bytes = sum(m.weight.numel() * 4 for m in a.modules() if isinstance(m, PWSMixin))
+    assert kept - dropped == weight_bytes        # exactly the α·Ŵ of every layer is no longer kept
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.grad, q.grad), k    # rebuilt with the same op: bit-identical gradients
+    # the outer hooks above saw every activation (chained, not overridden): the rest of the graph is unchanged
+    assert dropped > 0
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_recompute_retain_graph_outer_hooks_and_in_place_error():
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", "pws", num_classes=10, in_channels=1)
+    ref = copy.deepcopy(net)
+    pwsconv.fuse_standardization(net, recompute=True)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.autograd.graph.save_on_cpu():
+        y = net(x)
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()                       # rebuilt again for the second backward
+    ref(x).sum().backward()
+    for (k, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, 2 * q.grad, msg=k)
+    y = net(x)
+    with torch.no_grad():
+        next(m for m in net.modules() if isinstance(m, PWSMixin)).weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_recompute_exception_in_forward_pops_hooks_and_engine_option(tmp_path):
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = pwsconv.PWSConv2d(2, 2, 3)
+
+        def forward(self, x):
+            self.c(x)
+            raise KeyError("boom")
+
+    net = Boom()
+    pwsconv.fuse_standardization(net, recompute=True)
+    with pytest.raises(KeyError):
+        net(torch.randn(1, 2, 5, 5))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    assert net.c._fused is None
+    with pytest.raises(TypeError, match="recompute must be a bool"):
+        pwsconv.fuse_standardization(net, recompute="yes")
+
+    from pwsconv.config import TrainConfig
+    from pwsconv.train import train
+
+    common = dict(model="tiny_cnn", method="pws", dataset="digits", limit=64, test_limit=32, epochs=1, batch_size=16,
+                  progress=False, ckpt_every=0, num_threads=1)
+    r1 = train(TrainConfig(out_dir=str(tmp_path / "a"), **common))
+    r2 = train(TrainConfig(out_dir=str(tmp_path / "b"), pws_recompute=True, **common))
+    assert r1.metrics["train_loss"] == r2.metrics["train_loss"]     # the same computation, bit for bit
+    assert r1.metrics["test_acc"] == r2.metrics["test_acc"]

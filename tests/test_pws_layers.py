@@ -578,6 +578,35 @@ def test_cache_alpha_and_gamma_change(counted):
     assert calls["n"] == 6
 
 
+def test_settings_are_validated_and_drop_the_cache(counted):
+    layer, calls, x = counted
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        assert calls["n"] == 1
+        with pytest.raises(ValueError, match="fan_mode"):
+            layer.fan_mode = "fan_avg"
+        layer.equiv = True
+        torch.testing.assert_close(layer(x), expected(layer, x))
+    assert calls["n"] == 2 and layer._cache is not None
+    assert layer.equiv is True and layer.fan_mode == "fan_in" and layer.use_gain is True
+
+
+def test_unpickle_layer_from_before_settings_were_properties():
+    torch.manual_seed(0)
+    layer = PWSConv2d(3, 4, 3, equiv=True, use_gain=False).eval()
+    state = layer.__getstate__()
+    for k in ("use_gain", "fan_mode", "equiv"):   # the old layout stored the settings as plain attributes
+        state[k] = state.pop("_" + k)
+    old = PWSConv2d.__new__(PWSConv2d)
+    old.__setstate__(state)
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), layer(x))
+    assert old.equiv is True and old.use_gain is False
+
+
 def test_cache_load_state_dict_in_eval(counted):
     layer, calls, x = counted
     layer.eval()
@@ -673,7 +702,8 @@ class _RecordDtypes(TorchFunctionMode):
         self.seen = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.var_mean, torch.rsqrt, torch.native_layer_norm, torch.nn.functional.layer_norm):
+        if func in (torch.var_mean, torch.rsqrt, torch.native_layer_norm, torch.nn.functional.layer_norm,
+                    torch.batch_norm, torch.native_batch_norm):
             self.seen.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
 

@@ -62,6 +62,7 @@ class TrainConfig:
     amp: str | None = None                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
     channels_last: bool = False
     fuse_pws: bool = True                    # standardize all PWS layers in one autograd node per step (same values)
+    pws_recompute: bool = False              # with fuse_pws: rebuild α·Ŵ in backward instead of keeping it (less memory)
     device: str = "auto"                     # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
     num_threads: int | None = None           # torch.set_num_threads for this run (CPU; restored afterwards)
     sync_bn: bool = False                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need nothing of the kind)
@@ -184,7 +185,8 @@ class TrainConfig:
 #: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how
 #: verbosely a run goes on, not what it computes).
 RESUME_MUTABLE_FIELDS = frozenset({"epochs", "max_steps", "ckpt_every", "log_every", "progress", "tensorboard",
-                                   "out_dir", "name", "device", "data_root", "num_threads", "fuse_pws"})
+                                   "out_dir", "name", "device", "data_root", "num_threads", "fuse_pws",
+                                   "pws_recompute"})
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)

@@ -50,15 +50,17 @@ def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.devic
 
 
 def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3,
-                  extra: Callable[[], None] | None = None, fuse: bool = True) -> Callable[[], None]:
+                  extra: Callable[[], None] | None = None, fuse: bool = True,
+                  recompute: bool = False) -> Callable[[], None]:
     """One training step of ``net`` as the engine takes it (SGD momentum 0.9, α without weight decay, PWS layers
-    standardized in one node when ``fuse``): forward, cross-entropy, backward, optional ``extra()``, step."""
+    standardized in one node when ``fuse``, α·Ŵ rebuilt in backward when also ``recompute``): forward,
+    cross-entropy, backward, optional ``extra()``, step."""
     from ..convert import param_groups
     from ..layers.pws import fuse_standardization
 
     net.train()
     if fuse:
-        fuse_standardization(net)
+        fuse_standardization(net, recompute=recompute)
     opt = torch.optim.SGD(param_groups(net, 5e-4), lr=lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -70,6 +70,7 @@ class PWSMixin:
     ) -> None:
         if fan_mode not in FAN_MODES:
             raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {fan_mode!r}")
+        self._cache: tuple | None = None
         self._gamma = check_gamma(gamma)
         self.use_gain = bool(use_gain)
         self.fan_mode = fan_mode
@@ -89,7 +90,6 @@ class PWSMixin:
             self.register_parameter("alpha", None)
         if data_init_alpha:
             self.register_buffer("alpha_initialized", torch.zeros((), dtype=torch.bool, device=self.weight.device))
-        self._cache: tuple[tuple, Tensor] | None = None
         self._fused: tuple[list, tuple, Tensor] | None = None   # set by fuse_standardization during one forward
         self._pws_ready = True
         self.reset_parameters()
@@ -122,6 +122,40 @@ class PWSMixin:
     @gamma.setter
     def gamma(self, value: float) -> None:
         self._gamma = check_gamma(value)
+        self._cache = None
+
+    # the other settings that _compute_weight reads: assigning one drops the eval cache, so the cache key needs only
+    # the tensors
+    @property
+    def use_gain(self) -> bool:
+        """Whether eq. 12's sqrt(2/n_l) factor is applied."""
+        return self._use_gain
+
+    @use_gain.setter
+    def use_gain(self, value: bool) -> None:
+        self._use_gain = bool(value)
+        self._cache = None
+
+    @property
+    def fan_mode(self) -> str:
+        """"fan_in" (the paper's n_l) or "fan_out": the n of sqrt(2/n) and of the He init."""
+        return self._fan_mode
+
+    @fan_mode.setter
+    def fan_mode(self, value: str) -> None:
+        if value not in FAN_MODES:
+            raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {value!r}")
+        self._fan_mode = value
+        self._cache = None
+
+    @property
+    def equiv(self) -> bool:
+        """The authors' "equiv" option: γ → 2γ/n."""
+        return self._equiv
+
+    @equiv.setter
+    def equiv(self, value: bool) -> None:
+        self._equiv = bool(value)
         self._cache = None
 
     @property
@@ -166,14 +200,12 @@ class PWSMixin:
         return out if view is None else out.reshape(self.weight.shape)
 
     def _cache_key(self, w: Tensor, a: Tensor | None) -> tuple:
-        # Identity (id — safe because the cache entry keeps the tensors alive, so no other tensor can reuse the id),
-        # version counter and storage of weight and alpha, and every setting _compute_weight reads. Plain tuple
-        # equality: the eval fast path costs a few microseconds per layer.
-        key = (id(w), w._version, w.data_ptr(), w.dtype, self._gamma, self.equiv, self.use_gain, self.fan_mode,
-               torch.is_inference_mode_enabled())
-        if a is not None:
-            key += (id(a), a._version, a.data_ptr())
-        return key
+        # Version counter and storage of weight and alpha, the inference-mode flag and every setting
+        # _compute_weight reads (the stored fields, so that even a write that bypasses the setters is seen); the
+        # cache entry also holds the tensors themselves, compared by identity (``is``). Plain tuple equality: about
+        # a microsecond.
+        return (w._version, w.data_ptr(), -1 if a is None else a._version, -1 if a is None else a.data_ptr(),
+                torch.is_inference_mode_enabled(), self._gamma, self._use_gain, self._fan_mode, self._equiv)
 
     def _needs_fresh_weight(self, w: Tensor, a: Tensor | None) -> bool:
         """Training, or gradients wanted: α·Ŵ is computed anew (in the graph) instead of taken from the eval cache."""
@@ -190,20 +222,20 @@ class PWSMixin:
         """
         params = self._parameters
         w, a = params["weight"], params["alpha"]
+        cache = self._cache
+        if cache is not None and cache[2] is w and cache[3] is a and not self._needs_fresh_weight(w, a) \
+                and cache[0] == self._cache_key(w, a) and not _is_compiling():
+            return cache[1]        # the eval fast path: no new tensor, no op
         if self._needs_fresh_weight(w, a) or _is_compiling():
-            if self._cache is not None:
+            if cache is not None:
                 self._cache = None
             fused = self._fused
             if fused is not None and fused[0][0] and fused[1] == _fused_key(w, a):
                 return fused[2]   # computed for this forward by fuse_standardization's pre-hook
             return self._compute_weight()
-        key = self._cache_key(w, a)
-        cache = self._cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
         with torch.no_grad():
             out = self._compute_weight()
-        self._cache = (key, out, (w, a))
+        self._cache = (self._cache_key(w, a), out, w, a)
         return out
 
     def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
@@ -211,6 +243,13 @@ class PWSMixin:
         state["_cache"] = None
         state["_fused"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        # models pickled before use_gain / fan_mode / equiv became cache-dropping properties stored them plainly
+        for k in ("use_gain", "fan_mode", "equiv"):
+            if k in state:
+                state["_" + k] = state.pop(k)
+        super().__setstate__(state)  # type: ignore[misc]
 
     def train(self, mode: bool = True):  # type: ignore[override]
         self._cache = None
@@ -457,20 +496,90 @@ def _fused_key(w: Tensor, a: Tensor | None) -> tuple:
     return (id(w), w._version, -1 if a is None else id(a), -1 if a is None else a._version, torch.is_grad_enabled())
 
 
-def _fusable(m: PWSMixin) -> bool:
-    w = m.weight
-    return (not m._transposed_layout and not m.equiv and w.dim() >= 2 and w.is_contiguous()
-            and w.dtype in (torch.float32, torch.float64)
-            and (m.alpha is None or (m.alpha.dtype == w.dtype and m.alpha.is_contiguous()))
-            and not (m.data_init_alpha and m.alpha is not None and not bool(m.alpha_initialized)))
+def _fusable(m: PWSMixin, w: Tensor | None = None, a: Tensor | None = None) -> bool:
+    """Whether the fused node can standardize ``m`` (``w``/``a``: its weight and α when the caller has them)."""
+    if w is None:
+        w, a = m.weight, m.alpha
+    if m._transposed_layout or m.equiv or w.dtype not in _FUSE_DTYPES or w.dim() < 2 or not w.is_contiguous():
+        return False
+    if a is not None and (a.dtype != w.dtype or not a.is_contiguous()):
+        return False
+    return not (m.data_init_alpha and a is not None and not bool(m.alpha_initialized))
+
+
+_FUSE_DTYPES = (torch.float32, torch.float64)
 
 
 class _FuseState:
-    """Shared by the two hooks of one fused model: the live token and the layers holding a slot."""
+    """Shared by the two hooks of one fused model: the live token, the layers holding a slot and, with
+    ``recompute``, the saved-tensor hooks of the running forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, recompute: bool = False) -> None:
         self.token: list[bool] | None = None
         self.layers: list[PWSMixin] | None = None
+        self.recompute = recompute
+        self.saved_hooks: _RecomputeHooks | None = None
+
+    def __setstate__(self, state: dict) -> None:   # states pickled before ``recompute`` existed
+        self.__dict__.update({"recompute": False, "saved_hooks": None, **state})
+
+
+class _Recompute:
+    """What autograd keeps instead of a layer's α·Ŵ under ``fuse_standardization(..., recompute=True)``: the raw
+    weight and α (alive anyway as parameters), their versions and the layer's γ and gain."""
+
+    __slots__ = ("w", "a", "versions", "gamma", "gain")
+
+    def __init__(self, w: Tensor, a: Tensor | None, gamma: float, gain: float) -> None:
+        self.w, self.a, self.gamma, self.gain = w, a, gamma, gain
+        self.versions = (w._version, None if a is None else a._version)
+
+    def materialize(self) -> Tensor:
+        if self.versions != (self.w._version, None if self.a is None else self.a._version):
+            raise RuntimeError("fuse_standardization(recompute=True): a weight or alpha needed for gradient "
+                               "computation has been modified by an inplace operation after the forward pass")
+        with torch.no_grad():   # the same native op as the forward, so the same values
+            return pws_weight(self.w, self.gamma, self.a, gain=self.gain)
+
+
+class _Outer:
+    """A tensor packed by saved-tensor hooks that were active outside the model (chained, not overridden)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed: Any) -> None:
+        self.packed = packed
+
+
+class _RecomputeHooks:
+    """Saved-tensor hooks active during one fused forward: a PWS layer's α·Ŵ saved by its conv for backward is
+    replaced by a :class:`_Recompute` token and rebuilt when backward needs it; every other tensor goes to the
+    hooks that were active outside the model, if any, or is kept as usual."""
+
+    def __init__(self, outs: dict[int, tuple[Tensor, _Recompute]]) -> None:
+        self.outs = outs
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack_saved)
+
+    def pack(self, t: Tensor) -> Any:
+        hit = self.outs.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        return t if self.outer is None else (_Outer(self.outer[0](t)), self.outer[1])
+
+    def close(self) -> None:
+        self.ctx.__exit__(None, None, None)
+        self.outs.clear()     # drop the α·Ŵ tensors: from here on only the tokens refer to their layers
+
+
+def _unpack_saved(x: Any) -> Tensor:
+    # module-level (not a bound method): autograd keeps the unpack hook with every saved tensor, and it must not keep
+    # the forward's α·Ŵ alive
+    if type(x) is _Recompute:
+        return x.materialize()
+    if type(x) is tuple and len(x) == 2 and type(x[0]) is _Outer:
+        return x[1](x[0].packed)
+    return x
 
 
 class _FusePre:
@@ -485,17 +594,36 @@ class _FusePre:
         st = self.state
         if st.token is not None:      # re-entered (the model calls itself): the outer forward's slots stay
             return
-        layers = [m for m in module.modules()
-                  if isinstance(m, PWSMixin) and _fusable(m) and m._needs_fresh_weight(m.weight, m.alpha)]
+        grad = torch.is_grad_enabled()
+        layers, keys, ws, als, gammas, gains = [], [], [], [], [], []
+        for m in module.modules():
+            if not isinstance(m, PWSMixin):
+                continue
+            params = m._parameters
+            w, a = params["weight"], params["alpha"]
+            # the same test as m._needs_fresh_weight, inlined: this loop runs on every forward
+            if not (m.training or (grad and (w.requires_grad or (a is not None and a.requires_grad)))):
+                continue
+            if not _fusable(m, w, a):
+                continue
+            layers.append(m)
+            keys.append(_fused_key(w, a))
+            ws.append(w)
+            als.append(a)
+            gammas.append(m._gamma)
+            gains.append(m.gain)
         if not layers:
             return
-        keys = [_fused_key(m.weight, m.alpha) for m in layers]
-        outs = pws_weights_fused([m.weight for m in layers], [m.alpha for m in layers],
-                                 [m._gamma for m in layers], [m.gain for m in layers])
+        outs = pws_weights_fused(ws, als, gammas, gains)
         token = [True]
         st.token, st.layers = token, layers
         for m, k, o in zip(layers, keys, outs):
             m._fused = (token, k, o)
+        if st.recompute and grad:
+            hooks = _RecomputeHooks({id(o): (o, _Recompute(w, a, g, gn))
+                                     for o, w, a, g, gn in zip(outs, ws, als, gammas, gains)})
+            hooks.ctx.__enter__()
+            st.saved_hooks = hooks
 
 
 class _FusePost:
@@ -511,15 +639,28 @@ class _FusePost:
         st.token[0] = False
         for m in st.layers or ():
             m._fused = None
+        if st.saved_hooks is not None:
+            st.saved_hooks.close()
+            st.saved_hooks = None
         st.token = st.layers = None
 
 
 class _FuseHandle:
     """What :func:`fuse_standardization` returns: ``.remove()`` takes the hooks off again."""
 
-    def __init__(self, model: nn.Module, pre: Any, post: Any) -> None:
-        self._model, self._pre, self._post = model, pre, post
+    def __init__(self, model: nn.Module, pre: Any, post: Any, state: _FuseState) -> None:
+        self._model, self._pre, self._post, self._state = model, pre, post, state
         self.active = True
+
+    @property
+    def recompute(self) -> bool:
+        """Whether α·Ŵ is rebuilt in backward instead of kept (see :func:`fuse_standardization`)."""
+        return self._state.recompute
+
+    def __setstate__(self, state: dict) -> None:   # handles pickled before ``recompute`` existed
+        self.__dict__.update(state)
+        if "_state" not in state:
+            self._state = _FuseState()
 
     def remove(self) -> None:
         if not self.active:
@@ -534,7 +675,7 @@ class _FuseHandle:
                 m._fused = None
 
 
-def fuse_standardization(model: nn.Module) -> _FuseHandle:
+def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> _FuseHandle:
     """Standardize all PWS layers of ``model`` (eq. 12) in one autograd node per forward instead of one per layer.
 
     A forward pre-hook on ``model`` computes every PWS layer's α·Ŵ with :func:`pwsconv.functional.pws_weights_fused`
@@ -543,6 +684,13 @@ def fuse_standardization(model: nn.Module) -> _FuseHandle:
     the network has many small layers or the batch is small (per-layer dispatch and autograd overhead dominate
     there; see BENCHMARKS.md), and it keeps no weight-sized x̂ for backward.
 
+    ``recompute=True`` also drops the α·Ŵ each conv keeps for its backward and rebuilds it there from the raw weight
+    (the same native op, so the same values): one weight-sized tensor less per layer during a step, at the cost of
+    one more standardization per layer in backward — the memory of a plain-conv network, for small batches where
+    weights outweigh activations. It works through saved-tensor hooks during the model's forward; hooks that are
+    active outside the model (``torch.autograd.graph.save_on_cpu``, memory probes) still receive every other
+    tensor.
+
     Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it,
     only in the same grad mode and only while its ``weight``/``alpha`` are the same tensors at the same version (an
     in-place change makes it recompute its own); layers called outside that forward, transposed / ``equiv`` /
@@ -550,17 +698,21 @@ def fuse_standardization(model: nn.Module) -> _FuseHandle:
     usual; eval mode keeps the cache; unused layers get no gradient. The hooks are picklable (``torch.save(model)``,
     ``copy.deepcopy``). Not supported: double backward (gradient penalties), non-reentrant activation checkpointing
     inside the model and ``torch.func`` transforms — call ``handle.remove()`` (or ``fuse_pws: false``) there.
-    The training engine turns this on for every model (``TrainConfig.fuse_pws``). Returns a handle with
-    ``.remove()``; calling it again on the same model returns the same handle.
+    The training engine turns this on for every model (``TrainConfig.fuse_pws``, and ``TrainConfig.pws_recompute``
+    for ``recompute``). Returns a handle with ``.remove()``; calling it again on the same model returns the same
+    handle, with ``recompute`` set as asked.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_standardization expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"fuse_standardization: recompute must be a bool, got {recompute!r}")
     old = getattr(model, "_pws_fuse_handle", None)
     if old is not None and old.active:
+        old._state.recompute = recompute
         return old
-    state = _FuseState()
+    state = _FuseState(recompute)
     h_pre = model.register_forward_pre_hook(_FusePre(state))
     h_post = model.register_forward_hook(_FusePost(state), always_call=True)
-    handle = _FuseHandle(model, h_pre, h_post)
+    handle = _FuseHandle(model, h_pre, h_post, state)
     model._pws_fuse_handle = handle
     return handle

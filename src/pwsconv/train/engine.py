@@ -274,7 +274,8 @@ class _Run:
         if cfg.fuse_pws:
             from ..layers.pws import fuse_standardization
 
-            fuse_standardization(model)   # same values and gradients, less per-layer overhead (BENCHMARKS.md)
+            # same values and gradients, less per-layer overhead (BENCHMARKS.md)
+            fuse_standardization(model, recompute=cfg.pws_recompute)
         self.spec = model_spec(cfg, bundle)
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)
