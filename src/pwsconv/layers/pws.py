@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -519,9 +520,40 @@ class _FuseState:
         self.layers: list[PWSMixin] | None = None
         self.recompute = recompute
         self.saved_hooks: _RecomputeHooks | None = None
+        self.pws_layers: tuple[int, list[weakref.ref]] | None = None   # (module-tree generation, the PWS layers)
 
-    def __setstate__(self, state: dict) -> None:   # states pickled before ``recompute`` existed
-        self.__dict__.update({"recompute": False, "saved_hooks": None, **state})
+    def __getstate__(self) -> dict:   # pickling / deepcopy: the layer list refers to this model's layers
+        return {**self.__dict__, "pws_layers": None, "saved_hooks": None, "token": None, "layers": None}
+
+    def __setstate__(self, state: dict) -> None:   # also states pickled before ``recompute`` existed
+        self.__dict__.update({"recompute": False, "saved_hooks": None, "pws_layers": None, **state})
+
+    def pws_layer_refs(self, module: nn.Module) -> list[weakref.ref]:
+        """The model's PWS layers, walked once and again only after a submodule was registered anywhere (torch's
+        global module-registration hook). A layer added behind torch's back (``_modules`` edited directly) is
+        missed until then and computes its own weight, which is correct, only not fused; a removed layer is
+        skipped once it is garbage (weak references)."""
+        cached = self.pws_layers
+        if cached is None or cached[0] != _TREE_GENERATION[0]:
+            cached = self.pws_layers = (_TREE_GENERATION[0],
+                                        [weakref.ref(m) for m in module.modules() if isinstance(m, PWSMixin)])
+        return cached[1]
+
+
+#: bumped whenever any nn.Module registers a submodule, so that fused models re-walk their tree
+_TREE_GENERATION = [0]
+
+
+def _bump_tree_generation(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    _TREE_GENERATION[0] += 1
+
+
+_TREE_HOOK: list[Any] = []
+
+
+def _watch_module_tree() -> None:
+    if not _TREE_HOOK:
+        _TREE_HOOK.append(nn.modules.module.register_module_module_registration_hook(_bump_tree_generation))
 
 
 class _Recompute:
@@ -596,8 +628,9 @@ class _FusePre:
             return
         grad = torch.is_grad_enabled()
         layers, keys, ws, als, gammas, gains = [], [], [], [], [], []
-        for m in module.modules():
-            if not isinstance(m, PWSMixin):
+        for ref in st.pws_layer_refs(module):
+            m = ref()
+            if m is None:
                 continue
             params = m._parameters
             w, a = params["weight"], params["alpha"]
@@ -710,6 +743,7 @@ def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> _FuseH
     if old is not None and old.active:
         old._state.recompute = recompute
         return old
+    _watch_module_tree()
     state = _FuseState(recompute)
     h_pre = model.register_forward_pre_hook(_FusePre(state))
     h_post = model.register_forward_hook(_FusePost(state), always_call=True)
