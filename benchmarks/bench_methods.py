@@ -12,7 +12,9 @@ machine load hit every method alike):
   for backward (activation memory, the part that differs between methods) plus parameters, gradients and momentum;
 * ``probe``: the overhead of the diagnostics probe attached to a training step;
 * ``scaling``: PWS's and BN's overhead over plain conv as the batch grows (standardization is O(weights),
-  BN is O(activations)).
+  BN is O(activations));
+* ``floor``: the native kernels of eq. 12 alone (forward and backward for every PWS layer, no autograd), next to
+  the plain-conv and PWS steps: the least any per-step standardization can cost on this machine.
 
 Usage::
 
@@ -219,6 +221,44 @@ def bench_memory(models, methods, batch_sizes, image, device) -> list[dict]:
     return rows
 
 
+def bench_floor(models, batch_sizes, image, device, repeats, warmup) -> list[dict]:
+    """The least any per-step standardization can cost: only the native kernels of eq. 12 for every PWS layer of the
+    model (layer-norm forward + α multiply, batch-norm closed-form backward; no autograd, no Python between
+    layers beyond a loop), timed interleaved with the plain-conv and the PWS training step."""
+    from pwsconv.layers.pws import PWSMixin
+
+    bn_backward = torch.ops.aten.native_batch_norm_backward.default
+    rows = []
+    for model in models:
+        for b in batch_sizes:
+            x = torch.randn(b, 3, image, image, device=device)
+            y = torch.randint(0, 10, (b,), device=device)
+            torch.manual_seed(0)
+            pws = _build(model, "pws", b, device)
+            layers = [m for m in pws.modules() if isinstance(m, PWSMixin)]
+            ws = [m.weight.detach().view(m.weight.shape[0], -1) for m in layers]
+            grads = [torch.randn_like(w) for w in ws]
+            scales = [(m.alpha.detach() * m.gain) if m.alpha is not None else None for m in layers]
+
+            def kernels() -> None:
+                for w, g, s, m in zip(ws, grads, scales, layers):
+                    r, n = w.shape
+                    out, mean, rstd = torch.native_layer_norm(w, (n,), None, None, m.effective_gamma)
+                    if s is not None:
+                        out.mul_(s.view(r, 1))
+                    bn_backward(g.view(1, r, n), w.view(1, r, n), s, None, None, mean.view(r), rstd.view(r), True,
+                                m.effective_gamma, [True, s is not None, False])
+
+            torch.manual_seed(0)
+            fns = {"none": _train_step_fn(_build(model, "none", b, device), x, y),
+                   "pws": _train_step_fn(pws, x, y), "eq. 12 kernels only": kernels}
+            t = timed_interleaved(fns, device, repeats, warmup)
+            rows += [dict(suite="floor", model=model, batch=b, method=k, ms=v * 1e3, ratio=v / t["none"])
+                     for k, v in t.items()]
+            print(_fmt_line(rows[-3:]), flush=True)
+    return rows
+
+
 def bench_probe(models, batch_sizes, image, device, repeats, warmup) -> list[dict]:
     from pwsconv.diagnostics import VarianceProbe
 
@@ -289,7 +329,7 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", nargs="+", default=["all"],
-                   choices=["all", "train", "infer", "fold", "memory", "probe", "scaling"])
+                   choices=["all", "train", "infer", "fold", "memory", "probe", "scaling", "floor"])
     p.add_argument("--models", nargs="+", default=["resnet_cifar_small", "convpool_cnn_c_small"])
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 32, 128])
@@ -300,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    suites = {"train", "infer", "fold", "memory", "probe", "scaling"} if "all" in a.suite else set(a.suite)
+    suites = {"train", "infer", "fold", "memory", "probe", "scaling", "floor"} if "all" in a.suite else set(a.suite)
     methods = _methods(a.methods)
     if "none" not in methods:
         methods.insert(0, "none")
@@ -321,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_fold(a.models, a.batch_sizes, a.image, device, a.repeats, a.warmup)
     if "memory" in suites:
         rows += bench_memory(a.models, methods, a.batch_sizes, a.image, device)
+    if "floor" in suites:
+        rows += bench_floor(a.models, a.batch_sizes, a.image, device, a.repeats, a.warmup)
     if "probe" in suites:
         rows += bench_probe(a.models[:1], a.batch_sizes[-1:], a.image, device, a.repeats, a.warmup)
     out = Path(a.out)

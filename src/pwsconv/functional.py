@@ -173,11 +173,11 @@ class _PWSMany(torch.autograd.Function):
                 s = al[0] if len(al) == 1 else torch.cat(al)
                 if gain != 1.0:
                     s = s * gain
-                versions = tuple(t._version for t in ws) + tuple(t._version for t in al)
+                versions = [t._version for t in ws + al]
             else:
                 al = []
                 s = None if gain == 1.0 else torch.full((r_all,), gain, dtype=w.dtype, device=w.device)
-                versions = tuple(t._version for t in ws)
+                versions = [t._version for t in ws]
             # the ops of pws_weight (so the same values): x̂ by layer norm over the rows, then α·gain per row
             out, mean, rstd = torch.native_layer_norm(w.view(r_all, n), (n,), None, None, gamma)
             if s is not None:
@@ -187,7 +187,7 @@ class _PWSMany(torch.autograd.Function):
             if len(rows) == 1:
                 outs[layers[0]] = out
             else:
-                for k, o in zip(layers, out.split(rows)):
+                for k, o in zip(layers, out.split_with_sizes(rows)):
                     outs[k] = o
             saved.append((ws, al, versions, s, mean, rstd))
         ctx.spec = spec
@@ -208,7 +208,7 @@ class _PWSMany(torch.autograd.Function):
             need_a = a_pos is not None and any(needs[i + 2] for i in a_pos)
             if not (need_w or need_a):
                 continue
-            if versions != tuple(t._version for t in ws) + tuple(t._version for t in al):
+            if versions != [t._version for t in ws + al]:
                 raise RuntimeError("pws_weights_fused: a weight or alpha needed for gradient computation has been "
                                    "modified by an inplace operation after the forward pass")
             if len(gl) == 1:
@@ -221,14 +221,14 @@ class _PWSMany(torch.autograd.Function):
                                      True, gamma, [need_w, need_a, False])
             if need_w:
                 gw = gw.view(shape)
-                parts = (gw,) if len(rows) == 1 else gw.split(rows)
+                parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
                 for i, gi, p in zip(w_pos, gl, parts):
                     if gi is not None:
                         res[i + 2] = p
             if need_a:
                 if gain != 1.0:
                     gs = gs.mul_(gain)
-                parts = (gs,) if len(rows) == 1 else gs.split(rows)
+                parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
                 for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
                     if gi is not None:
                         res[i + 2] = p
