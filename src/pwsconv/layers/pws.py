@@ -35,11 +35,12 @@ __all__ = [
 FAN_MODES = ("fan_in", "fan_out")
 
 
-def _is_compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # pragma: no cover - torch < 2.3
-        return False
+def _is_compiling_fallback() -> bool:  # pragma: no cover - torch < 2.3
+    return False
+
+
+# bound directly (not wrapped): this runs on every eval forward, and dynamo recognizes the function itself
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling_fallback)
 
 
 class PWSMixin:
@@ -200,14 +201,6 @@ class PWSMixin:
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
 
-    def _cache_key(self, w: Tensor, a: Tensor | None) -> tuple:
-        # Version counter and storage of weight and alpha, the inference-mode flag and every setting
-        # _compute_weight reads (the stored fields, so that even a write that bypasses the setters is seen); the
-        # cache entry also holds the tensors themselves, compared by identity (``is``). Plain tuple equality: about
-        # a microsecond.
-        return (w._version, w.data_ptr(), -1 if a is None else a._version, -1 if a is None else a.data_ptr(),
-                torch.is_inference_mode_enabled(), self._gamma, self._use_gain, self._fan_mode, self._equiv)
-
     def _needs_fresh_weight(self, w: Tensor, a: Tensor | None) -> bool:
         """Training, or gradients wanted: α·Ŵ is computed anew (in the graph) instead of taken from the eval cache."""
         return self.training or (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad)))
@@ -215,28 +208,37 @@ class PWSMixin:
     def standardized_weight(self) -> Tensor:
         """α·Ŵ of eq. 12 as the layer uses it.
 
-        In eval mode, when no gradient is needed, the result is cached and reused until ``weight``, ``alpha`` or γ
-        change (in place, by ``load_state_dict``, by an optimizer, by replacing the Parameter, or by ``.to()``) or the
-        layer goes back to ``.train()``; the cache is keyed on the tensors' identity, version counters and storage.
+        In eval mode, when no gradient is needed, the result is cached and reused until ``weight`` or ``alpha``
+        change (in place, by ``load_state_dict``, by an optimizer, by replacing the Parameter, or by ``.to()``), a
+        setting (``gamma``, ``use_gain``, ``fan_mode``, ``equiv``) is assigned, or the layer goes back to
+        ``.train()``; the cache is keyed on the tensors' identity, version counters and storage.
         Writes through ``.data`` (``layer.weight.data.mul_(2)``) bypass the version counter: call ``layer.eval()``
         again after them. Under ``torch.compile`` the cache is not used.
         """
         params = self._parameters
         w, a = params["weight"], params["alpha"]
-        cache = self._cache
-        if cache is not None and cache[2] is w and cache[3] is a and not self._needs_fresh_weight(w, a) \
-                and cache[0] == self._cache_key(w, a) and not _is_compiling():
-            return cache[1]        # the eval fast path: no new tensor, no op
+        c = self._cache
+        # the eval fast path, as few Python operations as possible (it runs once per layer and forward, between
+        # conv kernels that have just evicted the interpreter's data from the CPU caches): the same tensors, at the
+        # same version and storage, no gradient wanted, not tracing
+        if c is not None and c[0] is w and c[1] is a and c[2] == w._version and c[3] == w.data_ptr() \
+                and (a is None or (c[4] == a._version and c[5] == a.data_ptr())) and not self.training \
+                and not (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad))) \
+                and not _is_compiling():
+            return c[6]
         if self._needs_fresh_weight(w, a) or _is_compiling():
-            if cache is not None:
+            if c is not None:
                 self._cache = None
             fused = self._fused
             if fused is not None and fused[0][0] and fused[1] == _fused_key(w, a):
                 return fused[2]   # computed for this forward by fuse_standardization's pre-hook
             return self._compute_weight()
-        with torch.no_grad():
+        # outside inference mode even when called inside it: the cached tensor must stay usable in a later graph
+        # (eval with frozen weights but an input that wants gradients)
+        with torch.inference_mode(False), torch.no_grad():
             out = self._compute_weight()
-        self._cache = (self._cache_key(w, a), out, w, a)
+        self._cache = (w, a, w._version, w.data_ptr(), None if a is None else a._version,
+                       None if a is None else a.data_ptr(), out)
         return out
 
     def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
@@ -362,7 +364,7 @@ class _PWSConvNd(PWSMixin):
     def forward(self, x: Tensor) -> Tensor:  # the hot path: one Python call less than PWSMixin.forward
         if self.data_init_alpha:
             self._maybe_data_init_alpha(x)
-        return self._conv_forward(x, self.standardized_weight(), self.bias)  # type: ignore[attr-defined]
+        return self._conv_forward(x, self.standardized_weight(), self._parameters["bias"])  # type: ignore[attr-defined]
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(

@@ -1,0 +1,48 @@
+"""The benchmark harness runs end to end on a tiny model (timings themselves are never asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_bench_methods_suites(tmp_path, capsys):
+    bench = _script("bench_methods")
+    out = tmp_path / "r"
+    assert bench.main(["--suite", "train", "memory", "floor", "fold", "--models", "tiny_cnn", "--methods", "none",
+                       "bn", "pws", "--batch-sizes", "2", "--image", "8", "--repeats", "1", "--warmup", "0",
+                       "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    by = {(r["suite"], r["method"]): r for r in rows}
+    assert {s for s, _ in by} == {"train", "memory", "floor", "fold"}
+    assert {"pws", "pws (unfused)", "pws (recompute)"} <= {m for s, m in by if s == "train"}
+    assert {m for s, m in by if s == "floor"} == {"none", "pws", "eq. 12 kernels only"}
+    # memory is deterministic: rebuilding α·Ŵ in backward keeps exactly the plain-conv network's tensors
+    mem = {m: r["mib"] for (s, m), r in by.items() if s == "memory"}
+    assert mem["pws (recompute)"] == pytest.approx(mem["none"], rel=0.05) and mem["pws (recompute)"] < mem["pws"]
+    assert "### memory" in (out / "results.md").read_text()
+
+
+def test_ab_before_after_runs_and_rejects_a_non_package(tmp_path):
+    ab = _script("ab_before_after")
+    out = tmp_path / "ab"
+    assert ab.main(["--before", str(ROOT / "src" / "pwsconv"), "--models", "tiny_cnn", "--batch-sizes", "2",
+                    "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert {"bn", "pws before", "pws after", "pws after (recompute)"} <= set(row)
+    with pytest.raises(SystemExit, match="not a package"):
+        ab.main(["--before", str(tmp_path), "--out", str(out)])
