@@ -468,3 +468,71 @@ def test_layer_list_follows_the_module_tree(monkeypatch):
     twin(x)
     assert calls == []
     assert all(m._fused is None for m in net.modules() if isinstance(m, PWSMixin))
+
+
+# ---------------------------------------------------------------------------------------------- review, round 2
+def test_in_place_change_in_one_layer_of_a_group_spares_the_others():
+    """Two layers with the same filter shape share one batch-norm backward: one of them changed in place after the
+    pre-hook (it computes its own weight) must not make the other's gradient fail."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = pwsconv.PWSConv2d(3, 4, 3), pwsconv.PWSConv2d(3, 4, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.c1.weight.clamp_(-0.5, 0.5)
+            return self.c1(x) + self.c2(x)
+
+    torch.manual_seed(0)
+    a = M()
+    b = copy.deepcopy(a)
+    pwsconv.fuse_standardization(b)
+    x = torch.randn(2, 3, 8, 8)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * p.grad.abs().max().item(), msg=k)
+
+
+def test_forwards_in_two_threads_keep_their_own_state():
+    import threading
+
+    a_in, b_done = threading.Event(), threading.Event()
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            if threading.current_thread().name == "A":
+                a_in.set()
+                b_done.wait(10)       # thread A is mid-forward while thread B runs a whole step
+            return x
+
+    torch.manual_seed(0)
+    net = nn.Sequential(pwsconv.PWSConv2d(3, 4, 3), Gate(), pwsconv.PWSConv2d(4, 4, 3))
+    ref = copy.deepcopy(net)
+    pwsconv.fuse_standardization(net, recompute=True)
+    x = torch.randn(2, 3, 8, 8)
+    res = {}
+
+    def run(name):
+        try:
+            if name == "B":
+                a_in.wait(10)
+            res[name] = net(x).sum()
+            res[name + " hooks"] = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            res[name] = e
+        finally:
+            if name == "B":
+                b_done.set()
+
+    ts = [threading.Thread(target=run, args=(n,), name=n) for n in "AB"]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert res["A hooks"] is None and res["B hooks"] is None       # each thread popped only its own hooks
+    (res["A"] + res["B"]).backward()
+    (2 * ref(x).sum()).backward()
+    for (k, p), q in zip(ref.named_parameters(), net.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * p.grad.abs().max().item(), msg=k)

@@ -607,6 +607,53 @@ def test_unpickle_layer_from_before_settings_were_properties():
     assert old.equiv is True and old.use_gain is False
 
 
+@pytest.mark.parametrize("opt_kw", [{"fused": True}, {"foreach": True}, {"foreach": False}])
+def test_cache_sees_every_optimizer_step(opt_kw):
+    """Fused optimizer kernels update parameters without bumping their version counters: the cache also counts
+    optimizer steps."""
+    torch.manual_seed(0)
+    layer = PWSConv2d(4, 4, 3).eval()
+    x = torch.randn(1, 4, 6, 6)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1, **opt_kw)
+    with torch.no_grad():
+        layer(x)
+    for p in layer.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected(layer, x))
+
+
+def test_cache_sees_data_reassignment_even_at_a_reused_address():
+    torch.manual_seed(0)
+    layer = PWSConv2d(4, 4, 3).eval()
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        for _ in range(3):        # the allocator would hand the freed block back; the cache keeps it alive
+            layer.weight.data = torch.randn_like(layer.weight)
+            torch.testing.assert_close(layer(x), expected(layer, x))
+
+
+def test_parameters_made_in_inference_mode_and_parametrized_bias():
+    from torch.nn.utils import parametrize
+
+    with torch.inference_mode():
+        layer = PWSConv2d(3, 4, 3).eval()
+        x = torch.randn(1, 3, 6, 6)
+        torch.testing.assert_close(layer(x), layer(x))       # no version counter: computed, never cached
+        assert layer._cache is None
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    layer = PWSConv2d(3, 4, 3)
+    parametrize.register_parametrization(layer, "bias", Twice())
+    x = torch.randn(1, 3, 6, 6)
+    torch.testing.assert_close(layer(x), F.conv2d(x, layer.standardized_weight(), 2 * layer.parametrizations.bias.original))
+
+
 def test_cache_load_state_dict_in_eval(counted):
     layer, calls, x = counted
     layer.eval()

@@ -208,9 +208,13 @@ class _PWSMany(torch.autograd.Function):
             need_a = a_pos is not None and any(needs[i + 2] for i in a_pos)
             if not (need_w or need_a):
                 continue
-            if versions != [t._version for t in ws + al]:
-                raise RuntimeError("pws_weights_fused: a weight or alpha needed for gradient computation has been "
-                                   "modified by an inplace operation after the forward pass")
+            # only the layers that send a gradient need their tensors unchanged: a layer changed in place after
+            # this node ran computes its own weight, and its rows here get a zero gradient that is thrown away
+            k = len(ws)
+            for j, gj in enumerate(gl):
+                if gj is not None and (ws[j]._version != versions[j] or (al and al[j]._version != versions[k + j])):
+                    raise RuntimeError("pws_weights_fused: a weight or alpha needed for gradient computation has "
+                                       "been modified by an inplace operation after the forward pass")
             if len(gl) == 1:
                 g, w = gl[0], ws[0]
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import weakref
 from typing import Any, Sequence
 
@@ -41,6 +42,23 @@ def _is_compiling_fallback() -> bool:  # pragma: no cover - torch < 2.3
 
 # bound directly (not wrapped): this runs on every eval forward, and dynamo recognizes the function itself
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _is_compiling_fallback)
+
+
+#: optimizer steps taken in this process (any optimizer). Fused/foreach optimizer kernels may update parameters
+#: without bumping their version counters, so the eval cache also keys on this count.
+_OPTIMIZER_STEPS = [0]
+_OPTIMIZER_HOOK: list[Any] = []
+
+
+def _bump_optimizer_steps(optimizer: Any, args: Any, kwargs: Any) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _count_optimizer_steps() -> None:
+    if not _OPTIMIZER_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_bump_optimizer_steps))
 
 
 class PWSMixin:
@@ -210,8 +228,10 @@ class PWSMixin:
 
         In eval mode, when no gradient is needed, the result is cached and reused until ``weight`` or ``alpha``
         change (in place, by ``load_state_dict``, by an optimizer, by replacing the Parameter, or by ``.to()``), a
-        setting (``gamma``, ``use_gain``, ``fan_mode``, ``equiv``) is assigned, or the layer goes back to
-        ``.train()``; the cache is keyed on the tensors' identity, version counters and storage.
+        setting (``gamma``, ``use_gain``, ``fan_mode``, ``equiv``) is assigned, any optimizer takes a step (fused
+        optimizer kernels do not bump version counters), or the layer goes back to ``.train()``; the cache is keyed
+        on the tensors' identity, version counters and storage. Parameters created under ``torch.inference_mode``
+        have no version counter and are never cached.
         Writes through ``.data`` (``layer.weight.data.mul_(2)``) bypass the version counter: call ``layer.eval()``
         again after them. Under ``torch.compile`` the cache is not used.
         """
@@ -222,7 +242,8 @@ class PWSMixin:
         # conv kernels that have just evicted the interpreter's data from the CPU caches): the same tensors, at the
         # same version and storage, no gradient wanted, not tracing
         if c is not None and c[0] is w and c[1] is a and c[2] == w._version and c[3] == w.data_ptr() \
-                and (a is None or (c[4] == a._version and c[5] == a.data_ptr())) and not self.training \
+                and (a is None or (c[4] == a._version and c[5] == a.data_ptr())) and c[7] == _OPTIMIZER_STEPS[0] \
+                and not self.training \
                 and not (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad))) \
                 and not _is_compiling():
             return c[6]
@@ -237,8 +258,14 @@ class PWSMixin:
         # (eval with frozen weights but an input that wants gradients)
         with torch.inference_mode(False), torch.no_grad():
             out = self._compute_weight()
+        if w.is_inference() or (a is not None and a.is_inference()):
+            return out   # parameters made under inference_mode have no version counter to key a cache on
+        _count_optimizer_steps()
+        # the detached views keep the storage alive: after ``weight.data = other`` the old block cannot be handed
+        # to a new tensor at the same address, so the storage check cannot be fooled
         self._cache = (w, a, w._version, w.data_ptr(), None if a is None else a._version,
-                       None if a is None else a.data_ptr(), out)
+                       None if a is None else a.data_ptr(), out, _OPTIMIZER_STEPS[0], w.detach(),
+                       None if a is None else a.detach())
         return out
 
     def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
@@ -364,7 +391,7 @@ class _PWSConvNd(PWSMixin):
     def forward(self, x: Tensor) -> Tensor:  # the hot path: one Python call less than PWSMixin.forward
         if self.data_init_alpha:
             self._maybe_data_init_alpha(x)
-        return self._conv_forward(x, self.standardized_weight(), self._parameters["bias"])  # type: ignore[attr-defined]
+        return self._conv_forward(x, self.standardized_weight(), self.bias)  # type: ignore[attr-defined]
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -494,16 +521,18 @@ class PWSLinear(PWSMixin, nn.Linear):
 
 # ---------------------------------------------------------------------------------------------- fused standardization
 def _fused_key(w: Tensor, a: Tensor | None) -> tuple:
-    # the tensors, their versions and the grad mode: a weight made under no_grad is never handed to a layer that
-    # runs with gradients enabled (and vice versa)
-    return (id(w), w._version, -1 if a is None else id(a), -1 if a is None else a._version, torch.is_grad_enabled())
+    # the tensors, their versions, the grad mode and the thread: a weight made under no_grad is never handed to a
+    # layer that runs with gradients enabled (and vice versa), nor one made by another thread's forward
+    return (id(w), w._version, -1 if a is None else id(a), -1 if a is None else a._version, torch.is_grad_enabled(),
+            threading.get_ident())
 
 
 def _fusable(m: PWSMixin, w: Tensor | None = None, a: Tensor | None = None) -> bool:
     """Whether the fused node can standardize ``m`` (``w``/``a``: its weight and α when the caller has them)."""
     if w is None:
         w, a = m.weight, m.alpha
-    if m._transposed_layout or m.equiv or w.dtype not in _FUSE_DTYPES or w.dim() < 2 or not w.is_contiguous():
+    if m._transposed_layout or m.equiv or w.dtype not in _FUSE_DTYPES or w.dim() < 2 or not w.is_contiguous() \
+            or w.is_inference():
         return False
     if a is not None and (a.dtype != w.dtype or not a.is_contiguous()):
         return False
@@ -514,32 +543,40 @@ _FUSE_DTYPES = (torch.float32, torch.float64)
 
 
 class _FuseState:
-    """Shared by the two hooks of one fused model: the live token, the layers holding a slot and, with
-    ``recompute``, the saved-tensor hooks of the running forward."""
+    """Shared by the two hooks of one fused model: ``recompute``, the cached list of PWS layers and, per thread (a
+    model may run forwards in several threads, e.g. ``nn.DataParallel`` replicas that share its hooks), the live
+    token, the layers holding a slot and the saved-tensor hooks of the running forward."""
 
     def __init__(self, recompute: bool = False) -> None:
-        self.token: list[bool] | None = None
-        self.layers: list[PWSMixin] | None = None
         self.recompute = recompute
-        self.saved_hooks: _RecomputeHooks | None = None
-        self.pws_layers: tuple[int, list[weakref.ref]] | None = None   # (module-tree generation, the PWS layers)
+        self.pws_layers: tuple | None = None   # (module-tree generation, weakref to the model, weakrefs to its layers)
+        self._local = threading.local()
 
-    def __getstate__(self) -> dict:   # pickling / deepcopy: the layer list refers to this model's layers
-        return {**self.__dict__, "pws_layers": None, "saved_hooks": None, "token": None, "layers": None}
+    token = property(lambda self: getattr(self._local, "token", None),
+                     lambda self, v: setattr(self._local, "token", v))
+    layers = property(lambda self: getattr(self._local, "layers", None),
+                      lambda self, v: setattr(self._local, "layers", v))
+    saved_hooks = property(lambda self: getattr(self._local, "saved_hooks", None),
+                           lambda self, v: setattr(self._local, "saved_hooks", v))
+
+    def __getstate__(self) -> dict:   # pickling / deepcopy: no per-forward state, no references to these layers
+        return {"recompute": self.recompute}
 
     def __setstate__(self, state: dict) -> None:   # also states pickled before ``recompute`` existed
-        self.__dict__.update({"recompute": False, "saved_hooks": None, "pws_layers": None, **state})
+        self.recompute = state.get("recompute", False)
+        self.pws_layers = None
+        self._local = threading.local()
 
     def pws_layer_refs(self, module: nn.Module) -> list[weakref.ref]:
         """The model's PWS layers, walked once and again only after a submodule was registered anywhere (torch's
-        global module-registration hook). A layer added behind torch's back (``_modules`` edited directly) is
-        missed until then and computes its own weight, which is correct, only not fused; a removed layer is
-        skipped once it is garbage (weak references)."""
+        global module-registration hook) or when the hook runs for another module (replicas sharing it). A layer
+        added behind torch's back (``_modules`` edited directly) is missed until then and computes its own weight,
+        which is correct, only not fused; a removed layer is skipped once it is garbage (weak references)."""
         cached = self.pws_layers
-        if cached is None or cached[0] != _TREE_GENERATION[0]:
-            cached = self.pws_layers = (_TREE_GENERATION[0],
+        if cached is None or cached[0] != _TREE_GENERATION[0] or cached[1]() is not module:
+            cached = self.pws_layers = (_TREE_GENERATION[0], weakref.ref(module),
                                         [weakref.ref(m) for m in module.modules() if isinstance(m, PWSMixin)])
-        return cached[1]
+        return cached[2]
 
 
 #: bumped whenever any nn.Module registers a submodule, so that fused models re-walk their tree
@@ -731,7 +768,9 @@ def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> _FuseH
     one more standardization per layer in backward — the memory of a plain-conv network, for small batches where
     weights outweigh activations. It works through saved-tensor hooks during the model's forward; hooks that are
     active outside the model (``torch.autograd.graph.save_on_cpu``, memory probes) still receive every other
-    tensor.
+    tensor. It saves memory for convolutions; ``PWSLinear`` keeps its α·Ŵ (``addmm`` saves a transposed view of
+    it). A ``KeyboardInterrupt`` inside the forward skips torch's forward hooks, so the saved-tensor hooks stay
+    pushed until the model's next forward removes them.
 
     Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it,
     only in the same grad mode and only while its ``weight``/``alpha`` are the same tensors at the same version (an
