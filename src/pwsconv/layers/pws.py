@@ -240,13 +240,12 @@ class PWSMixin:
         c = self._cache
         # the eval fast path, as few Python operations as possible (it runs once per layer and forward, between
         # conv kernels that have just evicted the interpreter's data from the CPU caches): the same tensors, at the
-        # same version and storage, no gradient wanted, not tracing
+        # same version and storage, no optimizer step since, no gradient wanted, not tracing
         if c is not None and c[0] is w and c[1] is a and c[2] == w._version and c[3] == w.data_ptr() \
                 and (a is None or (c[4] == a._version and c[5] == a.data_ptr())) and c[7] == _OPTIMIZER_STEPS[0] \
-                and not self.training \
                 and not (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad))) \
                 and not _is_compiling():
-            return c[6]
+            return c[6]     # (a cache exists only in eval mode: .train() drops it and training never makes one)
         if self._needs_fresh_weight(w, a) or _is_compiling():
             if c is not None:
                 self._cache = None
@@ -391,7 +390,9 @@ class _PWSConvNd(PWSMixin):
     def forward(self, x: Tensor) -> Tensor:  # the hot path: one Python call less than PWSMixin.forward
         if self.data_init_alpha:
             self._maybe_data_init_alpha(x)
-        return self._conv_forward(x, self.standardized_weight(), self.bias)  # type: ignore[attr-defined]
+        p = self._parameters   # the bias straight from the dict unless parametrized (nn.Module.__getattr__ is slow)
+        return self._conv_forward(x, self.standardized_weight(),  # type: ignore[attr-defined]
+                                  p["bias"] if "bias" in p else self.bias)
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(
