@@ -118,18 +118,18 @@ class PWSMixin:
     @property
     def filter_size(self) -> int:
         """n_l: the number of weights in one filter (in_channels/groups × kernel elements)."""
-        w = self.weight
+        w = self._parameters["weight"]   # not self.weight (nn.Module.__getattr__): read on every fused step
+        if not self._transposed_layout:
+            return w.numel() // w.shape[0]
         k = math.prod(w.shape[2:]) if w.dim() > 2 else 1
-        if self._transposed_layout:
-            return (w.shape[0] // self.groups) * k
-        return w.shape[1] * k
+        return (w.shape[0] // self.groups) * k
 
     @property
     def fan(self) -> int:
         """The n of sqrt(2/n) and of the He init: ``filter_size`` for fan_in, out_channels/groups × kernel for fan_out."""
-        if self.fan_mode == "fan_in":
+        if self._fan_mode == "fan_in":
             return self.filter_size
-        w = self.weight
+        w = self._parameters["weight"]
         k = math.prod(w.shape[2:]) if w.dim() > 2 else 1
         out_per_group = w.shape[1] if self._transposed_layout else w.shape[0] // getattr(self, "groups", 1)
         return out_per_group * k
@@ -185,7 +185,7 @@ class PWSMixin:
 
     @property
     def gain(self) -> float:
-        return he_std(self.fan) if self.use_gain else 1.0
+        return he_std(self.fan) if self._use_gain else 1.0
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
