@@ -61,6 +61,21 @@ def _count_optimizer_steps() -> None:
         _OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(_bump_optimizer_steps))
 
 
+def _check_fan_mode(value: str) -> str:
+    if value not in FAN_MODES:
+        raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {value!r}")
+    return value
+
+
+def _setting(field: str, convert: Any, doc: str) -> property:
+    """A layer setting stored in ``field``: assignment converts/validates the value and drops the eval cache."""
+    def set_(self: Any, value: Any) -> None:
+        setattr(self, field, convert(value))
+        self._cache = None
+
+    return property(lambda self: getattr(self, field), set_, doc=doc)
+
+
 class PWSMixin:
     """Shared machinery of the PWS layers: α, γ, the ablation switches, the eval cache and folding.
 
@@ -88,13 +103,11 @@ class PWSMixin:
         equiv: bool,
         data_init_alpha: bool,
     ) -> None:
-        if fan_mode not in FAN_MODES:
-            raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {fan_mode!r}")
         self._cache: tuple | None = None
-        self._gamma = check_gamma(gamma)
-        self.use_gain = bool(use_gain)
-        self.fan_mode = fan_mode
-        self.equiv = bool(equiv)
+        self.fan_mode = fan_mode      # the setters validate
+        self.gamma = gamma
+        self.use_gain = use_gain
+        self.equiv = equiv
         self.data_init_alpha = bool(data_init_alpha)
         n_filter = self.filter_size
         if n_filter < 2:
@@ -134,49 +147,13 @@ class PWSMixin:
         out_per_group = w.shape[1] if self._transposed_layout else w.shape[0] // getattr(self, "groups", 1)
         return out_per_group * k
 
-    @property
-    def gamma(self) -> float:
-        """γ of eq. 12 (validated on assignment)."""
-        return self._gamma
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        self._gamma = check_gamma(value)
-        self._cache = None
-
-    # the other settings that _compute_weight reads: assigning one drops the eval cache, so the cache key needs only
-    # the tensors
-    @property
-    def use_gain(self) -> bool:
-        """Whether eq. 12's sqrt(2/n_l) factor is applied."""
-        return self._use_gain
-
-    @use_gain.setter
-    def use_gain(self, value: bool) -> None:
-        self._use_gain = bool(value)
-        self._cache = None
-
-    @property
-    def fan_mode(self) -> str:
-        """"fan_in" (the paper's n_l) or "fan_out": the n of sqrt(2/n) and of the He init."""
-        return self._fan_mode
-
-    @fan_mode.setter
-    def fan_mode(self, value: str) -> None:
-        if value not in FAN_MODES:
-            raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {value!r}")
-        self._fan_mode = value
-        self._cache = None
-
-    @property
-    def equiv(self) -> bool:
-        """The authors' "equiv" option: γ → 2γ/n."""
-        return self._equiv
-
-    @equiv.setter
-    def equiv(self, value: bool) -> None:
-        self._equiv = bool(value)
-        self._cache = None
+    # the settings _compute_weight reads: assigning one validates it and drops the eval cache, so the cache needs to
+    # watch only the tensors
+    gamma = _setting("_gamma", check_gamma, "γ of eq. 12 (validated on assignment).")
+    use_gain = _setting("_use_gain", bool, "Whether eq. 12's sqrt(2/n_l) factor is applied.")
+    fan_mode = _setting("_fan_mode", _check_fan_mode,
+                        '"fan_in" (the paper\'s n_l) or "fan_out": the n of sqrt(2/n) and of the He init.')
+    equiv = _setting("_equiv", bool, 'The authors\' "equiv" option: γ → 2γ/n.')
 
     @property
     def effective_gamma(self) -> float:
@@ -624,10 +601,10 @@ class _Recompute:
 class _Outer:
     """A tensor packed by saved-tensor hooks that were active outside the model (chained, not overridden)."""
 
-    __slots__ = ("packed",)
+    __slots__ = ("packed", "unpack")
 
-    def __init__(self, packed: Any) -> None:
-        self.packed = packed
+    def __init__(self, packed: Any, unpack: Any) -> None:
+        self.packed, self.unpack = packed, unpack
 
 
 class _RecomputeHooks:
@@ -644,7 +621,7 @@ class _RecomputeHooks:
         hit = self.outs.get(id(t))
         if hit is not None and hit[0] is t:
             return hit[1]
-        return t if self.outer is None else (_Outer(self.outer[0](t)), self.outer[1])
+        return t if self.outer is None else _Outer(self.outer[0](t), self.outer[1])
 
     def close(self) -> None:
         self.ctx.__exit__(None, None, None)
@@ -656,8 +633,8 @@ def _unpack_saved(x: Any) -> Tensor:
     # the forward's α·Ŵ alive
     if type(x) is _Recompute:
         return x.materialize()
-    if type(x) is tuple and len(x) == 2 and type(x[0]) is _Outer:
-        return x[1](x[0].packed)
+    if type(x) is _Outer:
+        return x.unpack(x.packed)
     return x
 
 
