@@ -102,8 +102,13 @@ class PWSMixin:
         fan_mode: str,
         equiv: bool,
         data_init_alpha: bool,
+        affine_norm: bool = False,
+        clip: float | None = None,
     ) -> None:
         self._cache: tuple | None = None
+        self.affine_norm = bool(affine_norm)
+        self.clip = None if clip is None else float(clip)
+        self.clip_weight = False
         self.fan_mode = fan_mode      # the setters validate
         self.gamma = gamma
         self.use_gain = use_gain
@@ -189,10 +194,15 @@ class PWSMixin:
         reduce = (1,) + tuple(range(3, len(view)))
         return view, reduce, (g, 1, w.shape[1]) + (1,) * (w.dim() - 2)
 
-    def _compute_weight(self) -> Tensor:
+    def _compute_weight(self, alpha: Tensor | None | bool = False) -> Tensor:
         view, reduce, alpha_shape = self._layout()
-        w = self.weight if view is None else self.weight.reshape(view)
-        alpha = None if self.alpha is None else self.alpha.view(alpha_shape)
+        w = self.weight
+        if getattr(self, "clip_weight", False) and self.clip is not None:
+            w = _unit_clip(w, self.clip)
+        w = w if view is None else w.reshape(view)
+        if alpha is False:
+            alpha = self.alpha
+        alpha = None if alpha is None else alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
 
@@ -278,7 +288,24 @@ class PWSMixin:
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.data_init_alpha:
             self._maybe_data_init_alpha(x)
+        if self.affine_norm or self.clip is not None:
+            a, b = self._stab_affine()
+            return self._forward_with(x, self._compute_weight(a), b, *args, **kwargs)
         return self._forward_with(x, self.standardized_weight(), self.bias, *args, **kwargs)
+
+    def _stab_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        a, b = self.alpha, self.bias
+        if self.clip is not None:
+            a = None if a is None else _unit_clip(a, self.clip)
+            b = None if b is None else _unit_clip(b, self.clip)
+        if self.affine_norm and a is not None:
+            s2 = a.float().square().mean()
+            if b is not None:
+                s2 = s2 + b.float().square().mean()
+            r = torch.rsqrt(s2 + 1e-12).to(a.dtype)
+            a = a * r
+            b = None if b is None else b * r
+        return a, b
 
     # ------------------------------------------------------------------ folding
     def to_plain(self) -> nn.Module:
@@ -287,9 +314,10 @@ class PWSMixin:
             self._plain_cls, **self._plain_kwargs(), device=self.weight.device, dtype=self.weight.dtype
         )
         with torch.no_grad():
-            plain.weight.copy_(self._compute_weight())
-            if self.bias is not None:
-                plain.bias.copy_(self.bias)
+            a, b = self._stab_affine()
+            plain.weight.copy_(self._compute_weight(a))
+            if b is not None:
+                plain.bias.copy_(b)
         plain.train(self.training)
         return plain
 
@@ -353,13 +381,17 @@ class _PWSConvNd(PWSMixin):
         fan_mode: str = "fan_in",
         equiv: bool = False,
         data_init_alpha: bool = False,
+        affine_norm: bool = False,
+        clip: float | None = None,
+        clip_weight: bool = False,
     ) -> None:
         _check_conv_args(type(self).__name__, in_channels, out_channels, kernel_size, groups)
         super().__init__(  # type: ignore[call-arg]
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
             groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, affine_norm, clip)
+        self.clip_weight = bool(clip_weight)
 
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
@@ -367,6 +399,9 @@ class _PWSConvNd(PWSMixin):
     def forward(self, x: Tensor) -> Tensor:  # the hot path: one Python call less than PWSMixin.forward
         if self.data_init_alpha:
             self._maybe_data_init_alpha(x)
+        if self.affine_norm or self.clip is not None:
+            a, b = self._stab_affine()
+            return self._conv_forward(x, self._compute_weight(a), b)  # type: ignore[attr-defined]
         p = self._parameters   # the bias straight from the dict unless parametrized (nn.Module.__getattr__ is slow)
         return self._conv_forward(x, self.standardized_weight(),  # type: ignore[attr-defined]
                                   p["bias"] if "bias" in p else self.bias)
@@ -419,13 +454,17 @@ class _PWSConvTransposeNd(PWSMixin):
         fan_mode: str = "fan_in",
         equiv: bool = False,
         data_init_alpha: bool = False,
+        affine_norm: bool = False,
+        clip: float | None = None,
+        clip_weight: bool = False,
     ) -> None:
         _check_conv_args(type(self).__name__, in_channels, out_channels, kernel_size, groups)
         super().__init__(  # type: ignore[call-arg]
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, output_padding=output_padding,
             groups=groups, bias=bias, dilation=dilation, padding_mode=padding_mode, device=device, dtype=dtype,
         )
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, affine_norm, clip)
+        self.clip_weight = bool(clip_weight)
 
     _conv_fn = staticmethod(F.conv_transpose2d)
 
@@ -483,18 +522,47 @@ class PWSLinear(PWSMixin, nn.Linear):
         fan_mode: str = "fan_in",
         equiv: bool = False,
         data_init_alpha: bool = False,
+        affine_norm: bool = False,
+        clip: float | None = None,
+        clip_weight: bool = False,
     ) -> None:
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
             if not _is_pos_int(v):
                 raise ValueError(f"PWSLinear: {arg} must be a positive int, got {v!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, affine_norm, clip)
+        self.clip_weight = bool(clip_weight)
 
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
+
+
+class _UnitClip(torch.autograd.Function):
+    """Identity forward; backward clips each gradient entry to |g| ≤ λ·max(|p|, 1e-3) (unit-wise AGC)."""
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, lam: float) -> Tensor:
+        ctx.save_for_backward(p)
+        ctx.lam = lam
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        if p.dim() <= 1:
+            bound = ctx.lam * p.abs().clamp_min(1e-3)
+            return g.clamp(-bound, bound), None
+        pn = p.flatten(1).norm(dim=1).clamp_min(1e-3)
+        gn = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+        f = (ctx.lam * pn / gn).clamp(max=1.0)
+        return g * f.view(-1, *([1] * (g.dim() - 1))), None
+
+
+def _unit_clip(p: Tensor, lam: float) -> Tensor:
+    return _UnitClip.apply(p, lam) if p.requires_grad and torch.is_grad_enabled() else p
 
 
 # ---------------------------------------------------------------------------------------------- fused standardization
@@ -513,6 +581,8 @@ def _fusable(m: PWSMixin, w: Tensor | None = None, a: Tensor | None = None) -> b
             or w.is_inference():
         return False
     if a is not None and (a.dtype != w.dtype or not a.is_contiguous()):
+        return False
+    if m.affine_norm or m.clip is not None:
         return False
     return not (m.data_init_alpha and a is not None and not bool(m.alpha_initialized))
 
