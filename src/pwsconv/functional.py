@@ -21,7 +21,15 @@ from torch import Tensor
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["pws_weight", "pws_weights_fused", "check_gamma", "he_std"]
+__all__ = ["pws_weight", "pws_weights_fused", "check_gamma", "check_clip", "he_std", "unit_clip", "AUTO_GAMMA",
+           "AUTO_CLIP"]
+
+#: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
+#: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
+#: the layer's width (Fig. 2), and γ never dominates the variance of a wide layer at init.
+AUTO_GAMMA = 1e-3
+#: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of W, α and β (RESULTS.md).
+AUTO_CLIP = 0.02
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -37,6 +45,59 @@ def check_gamma(gamma: float) -> float:
     if not math.isfinite(g) or g < 0:
         raise ValueError(f"gamma must be a non-negative finite number, got {gamma!r}")
     return g
+
+
+def check_clip(clip: float | None) -> float | None:
+    """Validate a clipping λ: None (the default rule) or a finite number ≥ 0 (0 = off). Returns a float or None."""
+    if clip is None:
+        return None
+    if isinstance(clip, (str, bytes, bool)):
+        raise ValueError(f"clip must be None or a non-negative finite number, got {clip!r}")
+    try:
+        c = float(clip)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip must be None or a non-negative finite number, got {clip!r}") from None
+    if not math.isfinite(c) or c < 0:
+        raise ValueError(f"clip must be None or a non-negative finite number, got {clip!r}")
+    return c
+
+
+class _UnitClip(torch.autograd.Function):
+    """Identity in forward; in backward the gradient is clipped unit-wise (see :func:`unit_clip`)."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, lam: float, dims: tuple[int, ...] | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(p)
+        ctx.lam, ctx.dims = lam, dims
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        lam, dims = ctx.lam, ctx.dims
+        if dims is None:   # per entry: |g| ≤ λ·max(|p|, 1e-3)
+            bound = p.abs().clamp_min(1e-3).mul_(lam)
+            return torch.minimum(torch.maximum(g, -bound), bound), None, None
+        pf, gf = p.float(), g.float()
+        pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min_(1e-3)
+        gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min_(1e-30)
+        scale = (pn.mul_(lam) / gn).clamp_(max=1.0)
+        return (gf * scale).to(g.dtype), None, None
+
+
+def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None) -> Tensor | None:
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, "High-performance large-scale image recognition
+    without normalization"), as an identity op: the value is ``p``; the gradient flowing back through it is scaled
+    so that ‖g_u‖ ≤ λ·max(‖p_u‖, 1e-3) for every unit u — a filter (the norm over ``dims``) for a weight, each entry
+    for a vector (α, β; ``dims=None``). A per-filter scale keeps eq. 13: the clipped ∂L/∂W_o still has zero mean.
+    ``None`` stays ``None``; without autograd (no grad mode, or ``p`` needs no gradient) ``p`` itself is returned."""
+    if p is None or not lam or not (p.requires_grad and torch.is_grad_enabled()):
+        return p
+    if p.dim() <= 1:
+        return _UnitClip.apply(p, float(lam), None)
+    nd = p.dim()
+    d = tuple(range(1, nd)) if dims is None else tuple(sorted({int(x) % nd for x in dims}))
+    return _UnitClip.apply(p, float(lam), d)
 
 
 def he_std(fan: int) -> float:

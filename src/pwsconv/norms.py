@@ -198,7 +198,7 @@ def gn_groups(num_channels: int, groups: int = 32) -> int:
     return g
 
 
-_PWS_OPTS = frozenset({"gamma", "use_alpha", "use_gain", "fan_mode", "equiv", "data_init_alpha", "affine_norm", "clip", "clip_weight"})
+_PWS_OPTS = frozenset({"gamma", "use_alpha", "use_gain", "fan_mode", "equiv", "data_init_alpha", "clip"})
 _PWS_CONV = {1: PWSConv1d, 2: PWSConv2d, 3: PWSConv3d}
 _PWS_CONVT = {1: PWSConvTranspose1d, 2: PWSConvTranspose2d, 3: PWSConvTranspose3d}
 

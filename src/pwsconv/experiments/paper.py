@@ -164,6 +164,7 @@ _SIZES: dict[str, dict[str, _Size]] = {
     "collapse": {"full": _Size("cifar10", None, None, 200, 1), "cpu": _Size("cifar10", 2000, 1000, 4, 3),
                  "smoke": _Size(**_SMOKE)},
 }
+_SIZES["robust"] = _SIZES["collapse"]   # seeds/preset keys; the runs take the collapse (LR) and table1 (batch) sizes
 
 # models: (label, model, model_opts) per preset
 _T4_ARCHS = {
@@ -278,9 +279,77 @@ def _collapse(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
     return runs
 
 
+#: ``pwsconv reproduce robust`` (not a paper table: the paper's open problem, choosing γ): method label →
+#: (method, method_opts). "pws auto" is ``gamma="auto"``; the ablation rows vary one ingredient of it.
+ROBUST_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bn": ("bn", {}),
+    "gn": ("gn", {}),
+    "pws": ("pws", {"gamma": 1e-3}),
+    "pws auto": ("pws", {"gamma": "auto"}),
+}
+ROBUST_ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+    "auto, clip 0.01": ("pws", {"gamma": "auto", "clip": 0.01}),
+    "auto, clip 0.04": ("pws", {"gamma": "auto", "clip": 0.04}),
+    "auto without clipping (γ rule only)": ("pws", {"gamma": "auto", "clip": None}),
+    "paper γ=1e-3 + clip (no γ rule)": ("pws", {"gamma": 1e-3, "clip": "auto"}),
+}
+ROBUST_ABLATION_LRS = (0.1, 0.4, 1.6)
+ROBUST_BATCHES = (2, 4, 8, 128)
+_SMOKE_ROBUST = {"methods": ("bn", "pws auto"), "lrs": (0.05, 3.2), "batches": (2,)}
+
+
+def _robust_opts(method: str, opts: dict[str, Any], batch: int, mopts: dict[str, Any]) -> dict[str, Any]:
+    return dict(opts) if method == "pws" else _method_opts(method, batch, mopts)
+
+
+def _robust(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
+    """LR scan (plain and residual net) × BN, GN, paper PWS, ``gamma="auto"``; ablation rows of auto at three LRs;
+    batch 2/4/8/128 at the Table 1 setting. The plain-net scan uses the collapse scan's setting and the batch rows
+    Table 1's, run for run (same configs), so those sweeps' finished runs can be reused."""
+    smoke = preset == "smoke"
+    lsize, bsize = _SIZES["collapse"][preset], _SIZES["table1"][preset]
+    archs = _T4_ARCHS[preset]
+    if preset == "full":
+        archs = [("plain", "convpool_cnn_c", {}), ("residual", "resnet20", {})]
+    methods = {k: ROBUST_METHODS[k] for k in (_SMOKE_ROBUST["methods"] if smoke else ROBUST_METHODS)}
+    lrs = _SMOKE_ROBUST["lrs"] if smoke else COLLAPSE_LRS
+    runs = []
+    for arch, model, mopts in archs:
+        for label, (method, opts) in methods.items():
+            for lr in lrs:
+                for s in seeds:
+                    cfg = lsize.base(model=model, model_opts=mopts, method=method,
+                                     method_opts=_robust_opts(method, opts, 128, mopts), lr=lr, seed=s)
+                    runs.append(RunSpec(f"lr_{arch}_{label.replace(' ', '_')}_lr{_lr_tag(lr)}_s{s}",
+                                        TrainConfig.from_dict(cfg),
+                                        {"part": "lr", "arch": arch, "method": label, "LR": lr, "batch": 128,
+                                         "seed": s}))
+    if not smoke:
+        arch, model, mopts = archs[0]
+        for i, (label, (method, opts)) in enumerate(ROBUST_ABLATION.items()):
+            for lr in ROBUST_ABLATION_LRS:
+                for s in seeds:
+                    cfg = lsize.base(model=model, model_opts=mopts, method=method, method_opts=dict(opts), lr=lr,
+                                     seed=s)
+                    runs.append(RunSpec(f"abl{i}_{arch}_lr{_lr_tag(lr)}_s{s}", TrainConfig.from_dict(cfg),
+                                        {"part": "ablation", "arch": arch, "method": label, "LR": lr, "batch": 128,
+                                         "seed": s}))
+    model, mopts = _ONE_ARCH[preset]
+    for label, (method, opts) in methods.items():
+        for b in _SMOKE_ROBUST["batches"] if smoke else ROBUST_BATCHES:
+            for s in seeds:
+                cfg = bsize.base(model=model, model_opts=mopts, method=method,
+                                 method_opts=_robust_opts(method, opts, b, mopts), lr=T1_LR[preset], batch_size=b,
+                                 seed=s)
+                runs.append(RunSpec(f"batch_{label.replace(' ', '_')}_b{b}_s{s}", TrainConfig.from_dict(cfg),
+                                    {"part": "batch", "arch": "plain", "method": label, "LR": T1_LR[preset],
+                                     "batch": b, "seed": s}))
+    return runs
+
+
 #: experiment name → builder(preset, seeds) → list of RunSpec
 EXPERIMENTS: dict[str, Callable[..., list[RunSpec]]] = {
-    "table4": _table4, "table1": _table1, "table2": _table2, "collapse": _collapse,
+    "table4": _table4, "table1": _table1, "table2": _table2, "collapse": _collapse, "robust": _robust,
 }
 
 _TITLES = {
@@ -288,6 +357,7 @@ _TITLES = {
     "table1": "Table 1 — sensitivity to batch size, and training speed",
     "table2": "Table 2 — PWS ablation: √(2/n_l), trainable α, γ, at a small and a large LR",
     "collapse": "LR collapse scan — the LR at which each method first collapses",
+    "robust": 'PWS that trains wherever BN trains — gamma="auto" across LRs and batch sizes',
 }
 
 #: training images/s of forward+backward+SGD step measured on this 2-core machine (torch 2.13, random 32×32 inputs,
@@ -542,6 +612,76 @@ def _summary_collapse(agg: list[dict[str, Any]]) -> tuple[str, list[dict[str, An
     return text, firsts
 
 
+def _all_train(a: dict[str, Any] | None) -> bool:
+    return a is not None and a["n_collapsed"] == 0
+
+
+def _summary_robust(agg: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The LR scans (one table per arch), the ablation, the batch table and the issue's targets checked."""
+    parts = []
+    targets: dict[str, Any] = {}
+    lr_agg = [a for a in agg if a["part"] == "lr"]
+    for arch in dict.fromkeys(a["arch"] for a in lr_agg):
+        sub = [a for a in lr_agg if a["arch"] == arch]
+        text, _ = _summary_collapse(sub)
+        parts.append(f"### LR scan, {arch} net (batch 128)\n\n" + text.split("\n\n", 1)[1])
+        cell = {(a["method"], a["LR"]): a for a in sub}
+        lrs = sorted({a["LR"] for a in sub})
+        bn_ok = [lr for lr in lrs if _all_train(cell.get(("bn", lr)))]
+        bn_max = max(bn_ok) if bn_ok else None
+        t: dict[str, Any] = {"bn_max_trainable_lr": bn_max}
+        for m in [m for m in ("pws auto", "pws") if any(k[0] == m for k in cell)]:
+            trains = [lr for lr in bn_ok if _all_train(cell.get((m, lr)))]
+            within = [lr for lr in lrs if bn_max is not None and 0.05 <= lr <= bn_max
+                      and cell.get((m, lr)) is not None and cell.get(("bn", lr)) is not None
+                      and cell[(m, lr)]["err_mean"] <= cell[("bn", lr)]["err_mean"] + 1.0]
+            span = [lr for lr in lrs if bn_max is not None and 0.05 <= lr <= bn_max]
+            best = min((cell[(m, lr)]["err_mean"] for lr in lrs if (m, lr) in cell and _all_train(cell[(m, lr)])),
+                       default=math.nan)
+            bn_best = min((cell[("bn", lr)]["err_mean"] for lr in bn_ok), default=math.nan)
+            t[m] = {"trains_where_bn_trains": f"{len(trains)}/{len(bn_ok)}", "within_bn_plus_1": f"{len(within)}/{len(span)}",
+                    "best_lr_err": best, "bn_best_lr_err": bn_best}
+        targets[arch] = t
+    abl = [a for a in agg if a["part"] == "ablation"]
+    if abl:
+        cell = {(a["method"], a["LR"]): a["err"] + (f" ✗{a['n_collapsed']}/{a['n']}" if a["n_collapsed"] else "")
+                for a in abl + [a for a in lr_agg if a["arch"] == abl[0]["arch"]]}
+        labels = ["bn", "pws", "pws auto"] + list(dict.fromkeys(a["method"] for a in abl))
+        rows = [[m] + [cell.get((m, lr), "—") for lr in ROBUST_ABLATION_LRS] for m in labels]
+        parts.append(f"### Ablation of gamma=\"auto\", {abl[0]['arch']} net\n\n" +
+                     _md_table(["variant"] + [f"LR {lr:g}" for lr in ROBUST_ABLATION_LRS], rows))
+    bat = [a for a in agg if a["part"] == "batch"]
+    if bat:
+        cell = {(a["method"], a["batch"]): a for a in bat}
+        batches = sorted({a["batch"] for a in bat})
+        methods = list(dict.fromkeys(a["method"] for a in bat))
+        rows = [[m] + [cell[(m, b)]["err"] if (m, b) in cell else "—" for b in batches] +
+                [_paper(PAPER_NUMBERS["table1"].get(m.split()[0], (None, {}))[1].get(2)) if m != "pws auto" else "—"]
+                for m in methods]
+        parts.append("### Batch size (LR 1e-2, the Table 1 setting)\n\n" +
+                     _md_table(["method"] + [f"err B={b}" for b in batches] + ["paper mAP B=2 (VOC07)"], rows))
+        if ("bn", 2) in cell and ("pws auto", 2) in cell:
+            targets["batch2"] = {"pws auto": cell[("pws auto", 2)]["err_mean"], "bn": cell[("bn", 2)]["err_mean"]}
+    lines = []
+    for arch, t in targets.items():
+        if arch == "batch2":
+            lines.append(f"- batch 2: auto {t['pws auto']:.2f} % vs BN {t['bn']:.2f} % error "
+                         f"({'met' if t['pws auto'] <= t['bn'] else 'missed'}: auto ≤ BN)")
+            continue
+        for m in ("pws auto", "pws"):
+            if m in t:
+                v = t[m]
+                lines.append(f"- {arch}, {m}: trains in every seed at {v['trains_where_bn_trains']} of the LRs where "
+                             f"BN does (BN up to LR {t['bn_max_trainable_lr']}); error ≤ BN + 1 at "
+                             f"{v['within_bn_plus_1']} LRs in [0.05, BN's max]; best-LR error {v['best_lr_err']:.2f} "
+                             f"vs BN's {v['bn_best_lr_err']:.2f}")
+    text = ("Test error (%), mean ± std over seeds; ✗k/n = k of n seeds collapsed (NaN or within 2 points of "
+            "chance). The paper has no such table (choosing γ is its open problem); its Table 1 claim C2 is "
+            "\"PWS holds at batch 2\" (paper column: VOC07 mAP, a pattern reference only).\n\n"
+            "### Targets\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(parts))
+    return text, targets
+
+
 # ---------------------------------------------------------------------------------------------- plots
 def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, line_key: str = "method",
              panel_key: str | None = None, logx: bool = True) -> str:
@@ -691,6 +831,19 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
                                       line_by="variant", title=f"Table 2 training curves (seed {first_seed})")
         files["err_vs_lr"] = plot_vs_(agg, "LR", os.path.join(out_dir, "err_vs_lr.png"), line_key="variant",
                                       title="Table 2: test error vs LR")
+    elif name == "robust":
+        summary, extra["targets"] = _summary_robust(agg)
+        lr_agg = [a for a in agg if a["part"] == "lr"]
+        files["err_vs_lr"] = plot_vs_(lr_agg, "LR", os.path.join(out_dir, "err_vs_lr.png"), panel_key="arch",
+                                      title="Test error vs LR (batch 128)")
+        files["err_vs_batch"] = plot_vs_([a for a in agg if a["part"] == "batch"], "batch",
+                                         os.path.join(out_dir, "err_vs_batch.png"),
+                                         title="Test error vs batch size (LR 1e-2, Table 1 setting)")
+        files["curves"] = plot_curves_([r for r in curve_recs if r.spec.labels["part"] == "lr"
+                                        and r.spec.labels["LR"] in ROBUST_ABLATION_LRS],
+                                       os.path.join(out_dir, "curves.png"),
+                                       group_by=lambda r: f"{r.spec.labels['arch']} LR {r.spec.labels['LR']:g}",
+                                       title=f"LR-scan training curves (seed {first_seed})")
     else:
         summary, firsts = _summary_collapse(agg)
         extra["first_collapse"] = firsts

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import check_gamma, he_std, pws_weight, pws_weights_fused
+from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, pws_weights_fused, unit_clip
 
 __all__ = [
     "PWSMixin",
@@ -80,7 +80,13 @@ class PWSMixin:
     """Shared machinery of the PWS layers: α, γ, the ablation switches, the eval cache and folding.
 
     Constructor switches (paper defaults first):
-        gamma (1e-3): γ of eq. 12, ≥ 0.
+        gamma (1e-3): γ of eq. 12, ≥ 0; or ``"auto"``: the stabilized PWS that trains at BN's learning rates —
+            γ relative to the He-init filter variance (γ·2/n_l with γ = ``AUTO_GAMMA``, the authors' ``equiv`` rule)
+            plus unit-wise adaptive gradient clipping of W, α and β inside the layer (``clip``, default
+            ``AUTO_CLIP``). The forward is eq. 12 unchanged (batch-independent, foldable); only gradients differ.
+        clip (None): unit-wise adaptive gradient clipping λ (Brock et al. 2021) applied in the layer's backward:
+            each filter's ∂L/∂W_o is scaled so that ‖∂L/∂W_o‖ ≤ λ·‖W_o‖, and each α_o / β_o gradient is clamped to
+            λ·max(|α_o|, 1e-3). ``None``: ``AUTO_CLIP`` under ``gamma="auto"``, off otherwise; ``0``: off.
         use_alpha (True): trainable per-filter α (Table 2 "Trainable α").
         use_gain (True): the sqrt(2/n_l) factor of eq. 12 (Table 2 "sqrt(2/n_l) in (12)").
         fan_mode ("fan_in"): n used by sqrt(2/n) and by the He init of the raw weights; "fan_in" is the paper's n_l.
@@ -102,15 +108,12 @@ class PWSMixin:
         fan_mode: str,
         equiv: bool,
         data_init_alpha: bool,
-        affine_norm: bool = False,
         clip: float | None = None,
     ) -> None:
         self._cache: tuple | None = None
-        self.affine_norm = bool(affine_norm)
-        self.clip = None if clip is None else float(clip)
-        self.clip_weight = False
         self.fan_mode = fan_mode      # the setters validate
         self.gamma = gamma
+        self.clip = clip
         self.use_gain = use_gain
         self.equiv = equiv
         self.data_init_alpha = bool(data_init_alpha)
@@ -154,7 +157,16 @@ class PWSMixin:
 
     # the settings _compute_weight reads: assigning one validates it and drops the eval cache, so the cache needs to
     # watch only the tensors
-    gamma = _setting("_gamma", check_gamma, "γ of eq. 12 (validated on assignment).")
+    gamma = _setting("_gamma", lambda v: v if isinstance(v, str) and v == "auto" else check_gamma(v),
+                     'γ of eq. 12 (validated on assignment), or "auto".')
+    clip = _setting("_clip", check_clip, "Unit-wise adaptive gradient clipping λ (None: AUTO_CLIP under gamma=\"auto\").")
+
+    @property
+    def clip_lambda(self) -> float:
+        """The clipping λ in force (0: no clipping)."""
+        if self._clip is not None:
+            return self._clip
+        return AUTO_CLIP if self._gamma == "auto" else 0.0
     use_gain = _setting("_use_gain", bool, "Whether eq. 12's sqrt(2/n_l) factor is applied.")
     fan_mode = _setting("_fan_mode", _check_fan_mode,
                         '"fan_in" (the paper\'s n_l) or "fan_out": the n of sqrt(2/n) and of the He init.')
@@ -162,7 +174,9 @@ class PWSMixin:
 
     @property
     def effective_gamma(self) -> float:
-        """γ as used inside the square root (2γ/n under ``equiv``)."""
+        """γ as used inside the square root (2γ/n under ``equiv`` and for ``gamma="auto"``)."""
+        if self._gamma == "auto":
+            return 2.0 * AUTO_GAMMA / self.fan
         return 2.0 * self._gamma / self.fan if self.equiv else self._gamma
 
     @property
@@ -194,17 +208,22 @@ class PWSMixin:
         reduce = (1,) + tuple(range(3, len(view)))
         return view, reduce, (g, 1, w.shape[1]) + (1,) * (w.dim() - 2)
 
-    def _compute_weight(self, alpha: Tensor | None | bool = False) -> Tensor:
+    def _compute_weight(self) -> Tensor:
         view, reduce, alpha_shape = self._layout()
-        w = self.weight
-        if getattr(self, "clip_weight", False) and self.clip is not None:
-            w = _unit_clip(w, self.clip)
-        w = w if view is None else w.reshape(view)
-        if alpha is False:
-            alpha = self.alpha
-        alpha = None if alpha is None else alpha.view(alpha_shape)
+        w = self.weight if view is None else self.weight.reshape(view)
+        alpha = None if self.alpha is None else self.alpha.view(alpha_shape)
+        lam = self.clip_lambda
+        if lam:   # gamma="auto" / clip: identity forward, clipped gradients (per filter for W, per entry for α)
+            w, alpha = unit_clip(w, lam, reduce), unit_clip(alpha, lam)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
+
+    def _bias(self) -> Tensor | None:
+        """β as the layer applies it: clipped in backward when ``clip_lambda`` > 0."""
+        p = self._parameters   # straight from the dict unless parametrized (nn.Module.__getattr__ is slow)
+        b = p["bias"] if "bias" in p else self.bias
+        lam = self.clip_lambda
+        return unit_clip(b, lam) if lam and b is not None else b
 
     def _needs_fresh_weight(self, w: Tensor, a: Tensor | None) -> bool:
         """Training, or gradients wanted: α·Ŵ is computed anew (in the graph) instead of taken from the eval cache."""
@@ -288,24 +307,7 @@ class PWSMixin:
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.data_init_alpha:
             self._maybe_data_init_alpha(x)
-        if self.affine_norm or self.clip is not None:
-            a, b = self._stab_affine()
-            return self._forward_with(x, self._compute_weight(a), b, *args, **kwargs)
-        return self._forward_with(x, self.standardized_weight(), self.bias, *args, **kwargs)
-
-    def _stab_affine(self) -> tuple[Tensor | None, Tensor | None]:
-        a, b = self.alpha, self.bias
-        if self.clip is not None:
-            a = None if a is None else _unit_clip(a, self.clip)
-            b = None if b is None else _unit_clip(b, self.clip)
-        if self.affine_norm and a is not None:
-            s2 = a.float().square().mean()
-            if b is not None:
-                s2 = s2 + b.float().square().mean()
-            r = torch.rsqrt(s2 + 1e-12).to(a.dtype)
-            a = a * r
-            b = None if b is None else b * r
-        return a, b
+        return self._forward_with(x, self.standardized_weight(), self._bias(), *args, **kwargs)
 
     # ------------------------------------------------------------------ folding
     def to_plain(self) -> nn.Module:
@@ -314,16 +316,17 @@ class PWSMixin:
             self._plain_cls, **self._plain_kwargs(), device=self.weight.device, dtype=self.weight.dtype
         )
         with torch.no_grad():
-            a, b = self._stab_affine()
-            plain.weight.copy_(self._compute_weight(a))
-            if b is not None:
-                plain.bias.copy_(b)
+            plain.weight.copy_(self._compute_weight())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
         plain.train(self.training)
         return plain
 
     def extra_repr(self) -> str:  # type: ignore[override]
         s = super().extra_repr()  # type: ignore[misc]
-        s += f", gamma={self._gamma:g}"
+        s += ", gamma='auto'" if self._gamma == "auto" else f", gamma={self._gamma:g}"
+        if self._clip is not None:
+            s += f", clip={self._clip:g}"
         if self.alpha is None:
             s += ", use_alpha=False"
         if not self.use_gain:
@@ -381,17 +384,14 @@ class _PWSConvNd(PWSMixin):
         fan_mode: str = "fan_in",
         equiv: bool = False,
         data_init_alpha: bool = False,
-        affine_norm: bool = False,
         clip: float | None = None,
-        clip_weight: bool = False,
     ) -> None:
         _check_conv_args(type(self).__name__, in_channels, out_channels, kernel_size, groups)
         super().__init__(  # type: ignore[call-arg]
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
             groups=groups, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, affine_norm, clip)
-        self.clip_weight = bool(clip_weight)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip)
 
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
@@ -399,12 +399,7 @@ class _PWSConvNd(PWSMixin):
     def forward(self, x: Tensor) -> Tensor:  # the hot path: one Python call less than PWSMixin.forward
         if self.data_init_alpha:
             self._maybe_data_init_alpha(x)
-        if self.affine_norm or self.clip is not None:
-            a, b = self._stab_affine()
-            return self._conv_forward(x, self._compute_weight(a), b)  # type: ignore[attr-defined]
-        p = self._parameters   # the bias straight from the dict unless parametrized (nn.Module.__getattr__ is slow)
-        return self._conv_forward(x, self.standardized_weight(),  # type: ignore[attr-defined]
-                                  p["bias"] if "bias" in p else self.bias)
+        return self._conv_forward(x, self.standardized_weight(), self._bias())  # type: ignore[attr-defined]
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -454,17 +449,14 @@ class _PWSConvTransposeNd(PWSMixin):
         fan_mode: str = "fan_in",
         equiv: bool = False,
         data_init_alpha: bool = False,
-        affine_norm: bool = False,
         clip: float | None = None,
-        clip_weight: bool = False,
     ) -> None:
         _check_conv_args(type(self).__name__, in_channels, out_channels, kernel_size, groups)
         super().__init__(  # type: ignore[call-arg]
             in_channels, out_channels, kernel_size, stride=stride, padding=padding, output_padding=output_padding,
             groups=groups, bias=bias, dilation=dilation, padding_mode=padding_mode, device=device, dtype=dtype,
         )
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, affine_norm, clip)
-        self.clip_weight = bool(clip_weight)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip)
 
     _conv_fn = staticmethod(F.conv_transpose2d)
 
@@ -522,47 +514,19 @@ class PWSLinear(PWSMixin, nn.Linear):
         fan_mode: str = "fan_in",
         equiv: bool = False,
         data_init_alpha: bool = False,
-        affine_norm: bool = False,
         clip: float | None = None,
-        clip_weight: bool = False,
     ) -> None:
         for arg, v in (("in_features", in_features), ("out_features", out_features)):
             if not _is_pos_int(v):
                 raise ValueError(f"PWSLinear: {arg} must be a positive int, got {v!r}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, affine_norm, clip)
-        self.clip_weight = bool(clip_weight)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip)
 
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None)
-
-
-class _UnitClip(torch.autograd.Function):
-    """Identity forward; backward clips each gradient entry to |g| ≤ λ·max(|p|, 1e-3) (unit-wise AGC)."""
-
-    @staticmethod
-    def forward(ctx: Any, p: Tensor, lam: float) -> Tensor:
-        ctx.save_for_backward(p)
-        ctx.lam = lam
-        return p.view_as(p)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
-        (p,) = ctx.saved_tensors
-        if p.dim() <= 1:
-            bound = ctx.lam * p.abs().clamp_min(1e-3)
-            return g.clamp(-bound, bound), None
-        pn = p.flatten(1).norm(dim=1).clamp_min(1e-3)
-        gn = g.flatten(1).norm(dim=1).clamp_min(1e-12)
-        f = (ctx.lam * pn / gn).clamp(max=1.0)
-        return g * f.view(-1, *([1] * (g.dim() - 1))), None
-
-
-def _unit_clip(p: Tensor, lam: float) -> Tensor:
-    return _UnitClip.apply(p, lam) if p.requires_grad and torch.is_grad_enabled() else p
 
 
 # ---------------------------------------------------------------------------------------------- fused standardization
@@ -577,12 +541,10 @@ def _fusable(m: PWSMixin, w: Tensor | None = None, a: Tensor | None = None) -> b
     """Whether the fused node can standardize ``m`` (``w``/``a``: its weight and α when the caller has them)."""
     if w is None:
         w, a = m.weight, m.alpha
-    if m._transposed_layout or m.equiv or w.dtype not in _FUSE_DTYPES or w.dim() < 2 or not w.is_contiguous() \
+    if m._transposed_layout or w.dtype not in _FUSE_DTYPES or w.dim() < 2 or not w.is_contiguous() \
             or w.is_inference():
         return False
     if a is not None and (a.dtype != w.dtype or not a.is_contiguous()):
-        return False
-    if m.affine_norm or m.clip is not None:
         return False
     return not (m.data_init_alpha and a is not None and not bool(m.alpha_initialized))
 
@@ -721,7 +683,7 @@ class _FusePre:
         if st.token is not None:      # re-entered (the model calls itself): the outer forward's slots stay
             return
         grad = torch.is_grad_enabled()
-        layers, keys, ws, als, gammas, gains = [], [], [], [], [], []
+        layers, keys, ws, als, gammas, gains, lams = [], [], [], [], [], [], []
         for ref in st.pws_layer_refs(module):
             m = ref()
             if m is None:
@@ -737,11 +699,14 @@ class _FusePre:
             keys.append(_fused_key(w, a))
             ws.append(w)
             als.append(a)
-            gammas.append(m._gamma)
+            gammas.append(m.effective_gamma)
             gains.append(m.gain)
+            lams.append(m.clip_lambda)
         if not layers:
             return
-        outs = pws_weights_fused(ws, als, gammas, gains)
+        # gamma="auto" / clip: the gradients reaching W and α pass the layer's clipping first (identity forward)
+        outs = pws_weights_fused([unit_clip(w, lam) if lam else w for w, lam in zip(ws, lams)],
+                                 [unit_clip(a, lam) if lam else a for a, lam in zip(als, lams)], gammas, gains)
         token = [True]
         st.token, st.layers = token, layers
         for m, k, o in zip(layers, keys, outs):
