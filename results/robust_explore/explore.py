@@ -6,6 +6,11 @@ from pwsconv.config import TrainConfig
 from pwsconv.experiments.sweep import RunSpec, run_sweep, results_table
 
 V = {
+    "auto": ("pws", {"gamma": "auto"}),
+    "auto_ln": ("pws", {"gamma": "auto"}),
+    "pws_ln": ("pws", {"gamma": 1e-3}),
+    "bn_ln": ("bn", {}),
+    "auto_c04_ln": ("pws", {"gamma": "auto", "clip": 0.04}),
     "bn": ("bn", {}),
     "pws": ("pws", {"gamma": 1e-3}),
     "pws_equiv": ("pws", {"gamma": 1e-3, "equiv": True}),
@@ -36,6 +41,8 @@ for item in sys.argv[2:]:
     cfg = dict(model=mname, model_opts=mopts, method=method, method_opts=opts, dataset="cifar10", limit=2000,
                test_limit=1000, epochs=4, milestones=[2, 3], lr=float(lr), batch_size=128, seed=0, num_threads=1,
                progress=False, ckpt_every=0)
+    if v.endswith("_ln"):
+        mopts = {**mopts, "ln_io": True}
     runs.append(RunSpec(f"{arch}_{v}_lr{lr}", TrainConfig.from_dict(cfg), {"arch": arch, "variant": v, "LR": float(lr)}))
 recs = run_sweep(runs, out)
 for r in recs:

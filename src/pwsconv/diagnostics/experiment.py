@@ -162,8 +162,11 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
                     break
             x, y = _to(batch[0], device), _to(batch[1], device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            out = model(x)
+            loss = loss_fn(out, y)
             probe.log("loss", float(loss.detach()))
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                probe.log("logit_std", float(out.detach().float().std()))   # the logit scale (issue 12)
             if not _is_finite(loss):
                 collapsed_at = step
                 probe.step()  # keep this step's forward statistics (NaN/inf recorded as NaN)

@@ -17,6 +17,7 @@ eq. 8                   ``gy_mean_rel``: max_o |E[∇_{Y_o}L]| / RMS(∇_Y L), �
 Figure 2                ``w_var_min/mean/max``: min / mean / max_o Var[W_o]; for PWS layers ``inv_std_min/max``:
                         1 / sqrt(Var[W_o] + γ) (γ as used inside the square root, ``effective_gamma``).
 gradient norms          ``grad_norm`` (‖∇W‖), ``bias_grad_norm``, ``alpha_grad_norm`` (PWS α), ``update_norm``.
+parameter values        ``alpha_absmax`` / ``alpha_mean`` (PWS α), ``bias_absmax`` / ``bias_mean`` (β), before the step.
 ======================  ==========================================================================================
 
 Which weight. W is the layer's raw ``weight`` parameter (what the optimizer updates); the statistics above without a
@@ -383,10 +384,14 @@ class VarianceProbe:
         st: dict[str, Tensor] = {}
         if raw is not None and raw.grad is not None:
             st.update(S.grad_stats(S.filter_matrix(m, raw.grad), self.dtype))
-        for pname, key in (("bias", "bias_grad_norm"), ("alpha", "alpha_grad_norm")):
+        for pname, key in (("bias", "bias"), ("alpha", "alpha")):
             p = getattr(m, pname, None)
             if isinstance(p, Tensor) and p.grad is not None:
-                st[key] = torch.linalg.vector_norm(p.grad.detach().to(S.stat_dtype(p.device, self.dtype)))
+                dt = S.stat_dtype(p.device, self.dtype)
+                st[key + "_grad_norm"] = torch.linalg.vector_norm(p.grad.detach().to(dt))
+                v = p.detach().to(dt)     # the values the step starts from (what blows up first, issue 12)
+                st[key + "_absmax"] = v.abs().max()
+                st[key + "_mean"] = v.mean()
         return st
 
     def _collect_lr_updates(self) -> None:

@@ -46,7 +46,7 @@ def probe(
     if mode not in ("train", "measure"):
         raise ValueError(f"--mode must be 'train' or 'measure', got {mode!r}")
     for m in methods:
-        get_method(m)
+        get_method(_split_method(m)[0])
     data = load_dataset(dataset, data_root, seed=seed)
     g = torch.Generator().manual_seed(seed)
     loader = data.loader("train", batch_size, generator=g, drop_last=True)
@@ -54,27 +54,52 @@ def probe(
     def batches():
         return iter(loader)
 
-    def model_fn(method: str) -> torch.nn.Module:
+    def model_fn(label: str) -> torch.nn.Module:
+        method, opts = _split_method(label)
+        if method == "pws":
+            opts = {**method_opts, **opts}
         return build_model(model, method=method, num_classes=data.num_classes, in_channels=data.in_channels,
-                           **(method_opts if method == "pws" else {}))
+                           method_opts=opts or None)
 
     os.makedirs(out_dir, exist_ok=True)
     return run_probe_experiment(model_fn, batches, methods=methods, lr=lr, steps=steps, mode=mode, out_dir=out_dir,
                                 every=every, seed=seed, progress=progress)
 
 
+def _split_method(label: str) -> tuple[str, dict[str, Any]]:
+    """"pws:gamma=auto,clip=0.01" → ("pws", {"gamma": "auto", "clip": 0.01}); a bare name has no options."""
+    name, _, rest = label.partition(":")
+    opts: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise ValueError(f"--methods: {label!r}: options are NAME:key=value,key=value")
+        try:
+            opts[k] = float(v) if v not in ("auto", "True", "False", "None") else \
+                {"auto": "auto", "True": True, "False": False, "None": None}[v]
+        except ValueError:
+            opts[k] = v
+    return name, opts
+
+
+def _gamma_arg(v: str) -> float | str:
+    return "auto" if v == "auto" else float(v)
+
+
 def configure_probe_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--model", default="tiny_cnn", help="a name of pwsconv.models.available_models()")
     p.add_argument("--dataset", default="digits", help="a name of pwsconv.data.available_datasets()")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--methods", nargs="+", default=["none", "bn", "pws"])
+    p.add_argument("--methods", nargs="+", default=["none", "bn", "pws"],
+                   help="method names, each optionally with options: e.g. bn pws pws:gamma=auto")
     p.add_argument("--lr", type=float, default=0.5, help="a large LR, where the plain network collapses")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mode", choices=["train", "measure"], default="train",
                    help="train: apply the updates; measure: the paper's measure-without-update mode")
     p.add_argument("--every", type=int, default=1, help="record every N-th step")
-    p.add_argument("--gamma", type=float, default=1e-3, help="γ of the PWS layers")
+    p.add_argument("--gamma", type=_gamma_arg, default=1e-3,
+                   help='γ of the PWS layers, or "auto" (a method may also carry options: pws:gamma=auto)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/probe")
     p.add_argument("--no-progress", action="store_true")

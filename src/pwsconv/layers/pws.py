@@ -211,10 +211,10 @@ class PWSMixin:
     def _compute_weight(self) -> Tensor:
         view, reduce, alpha_shape = self._layout()
         w = self.weight if view is None else self.weight.reshape(view)
-        alpha = None if self.alpha is None else self.alpha.view(alpha_shape)
-        lam = self.clip_lambda
+        alpha, lam = self.alpha, self.clip_lambda
         if lam:   # gamma="auto" / clip: identity forward, clipped gradients (per filter for W, per entry for α)
             w, alpha = unit_clip(w, lam, reduce), unit_clip(alpha, lam)
+        alpha = None if alpha is None else alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
 

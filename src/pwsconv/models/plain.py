@@ -6,7 +6,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .common import ConvUnit, MethodSpec, PadToMin, SafeMaxPool2d, global_pool, init_classifier, scaled
+from .common import ConvUnit, LayerNorm2d, MethodSpec, PadToMin, SafeMaxPool2d, global_pool, init_classifier, scaled
 
 __all__ = ["ConvPoolCNNC", "VGG", "TinyCNN", "VGG16_CFG"]
 
@@ -25,22 +25,29 @@ class ConvPoolCNNC(nn.Module):
     the logits. Max-pooling is 3×3 stride 2 padding 1 (32 → 16 → 8, then the valid conv gives the paper's 6×6 map).
 
     ``width`` scales every channel count (``width=0.25`` → 24/48 channels). On inputs smaller than 32×32 the pools
-    never shrink a map below one pixel and the valid conv pads its input up to 3×3 if needed.
+    never shrink a map below one pixel and the valid conv pads its input up to 3×3 if needed. ``ln_io=True`` adds
+    LayerNorm (GroupNorm with one group) after the first conv and before the global pooling, as the authors'
+    classification networks do.
     """
 
     def __init__(self, method: str | MethodSpec = "pws", num_classes: int = 10, in_channels: int = 3,
-                 width: float = 1.0, method_opts: dict | None = None) -> None:
+                 width: float = 1.0, method_opts: dict | None = None, ln_io: bool = False) -> None:
         super().__init__()
         spec = MethodSpec(method, method_opts)
         c1, c2 = scaled(96, width), scaled(192, width)
+        first = ConvUnit(spec, in_channels, c1, 3)
+        if ln_io:
+            first.norm = nn.Sequential(first.norm, LayerNorm2d(c1))
         self.features = nn.Sequential(
-            ConvUnit(spec, in_channels, c1, 3), ConvUnit(spec, c1, c1, 3), ConvUnit(spec, c1, c1, 3),
+            first, ConvUnit(spec, c1, c1, 3), ConvUnit(spec, c1, c1, 3),
             SafeMaxPool2d(3, 2, padding=1),
             ConvUnit(spec, c1, c2, 3), ConvUnit(spec, c2, c2, 3), ConvUnit(spec, c2, c2, 3),
             SafeMaxPool2d(3, 2, padding=1),
             PadToMin(3), ConvUnit(spec, c2, c2, 3, padding=0),
             ConvUnit(spec, c2, c2, 1),
         )
+        if ln_io:
+            self.features.append(LayerNorm2d(c2))
         self.fc = init_classifier(nn.Linear(c2, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,219 @@
+"""gamma="auto" (issue 12): the stabilized PWS layer — γ relative to the He-init filter variance plus unit-wise
+adaptive gradient clipping of W, α and β inside the layer. Its forward is eq. 12 (so it folds, is batch-independent
+and round-trips through state_dict); only the gradients reaching the parameters are clipped."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+from torch.func import functional_call
+
+import pwsconv
+from pwsconv import PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose2d, PWSLinear
+from pwsconv.models import build_model
+from pwsconv.functional import AUTO_CLIP, AUTO_GAMMA, check_clip, unit_clip
+
+F64 = torch.float64
+
+LAYERS = {
+    "conv1d": (lambda **kw: PWSConv1d(4, 3, 3, padding=1, **kw), (2, 4, 7)),
+    "conv2d_grouped": (lambda **kw: PWSConv2d(4, 6, 3, groups=2, **kw), (2, 4, 6, 5)),
+    "conv3d": (lambda **kw: PWSConv3d(2, 3, 2, **kw), (1, 2, 3, 4, 3)),
+    "convT2d_grouped": (lambda **kw: PWSConvTranspose2d(4, 6, 3, stride=2, groups=2, **kw), (2, 4, 3, 4)),
+    "linear": (lambda **kw: PWSLinear(5, 3, **kw), (4, 5)),
+}
+
+
+def make(name, dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    ctor, shape = LAYERS[name]
+    layer = ctor(**kw).to(dtype)
+    with torch.no_grad():   # non-trivial α and β
+        layer.alpha.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.2, 0.2)
+    return layer, torch.randn(shape, dtype=dtype)
+
+
+def filters(layer, t):
+    """[filters, n_l] view of a weight-shaped tensor (transposed layers: one filter per (group, out) slice)."""
+    if isinstance(layer, PWSConvTranspose2d):
+        g = layer.groups
+        v = t.reshape(g, t.shape[0] // g, *t.shape[1:]).transpose(1, 2)
+        return v.reshape(g * t.shape[1], -1)
+    return t.reshape(t.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------------------------ forward = eq. 12
+@pytest.mark.parametrize("name", LAYERS)
+def test_auto_forward_is_eq12_with_relative_gamma(name):
+    auto, x = make(name, gamma="auto")
+    paper, _ = make(name, gamma=AUTO_GAMMA, equiv=True)    # the same γ rule written with the authors' switch
+    assert auto.effective_gamma == pytest.approx(2 * AUTO_GAMMA / auto.fan)
+    assert torch.equal(auto(x), paper(x))
+    assert auto.clip_lambda == AUTO_CLIP and paper.clip_lambda == 0.0
+
+
+def test_paper_default_unchanged():
+    layer = PWSConv2d(3, 4, 3)
+    assert layer.gamma == 1e-3 and layer.clip is None and layer.clip_lambda == 0.0
+    assert layer.effective_gamma == 1e-3
+    assert "auto" not in repr(layer) and "clip" not in repr(layer)
+    assert "gamma='auto'" in repr(PWSConv2d(3, 4, 3, gamma="auto"))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_auto_folds_exactly(name):
+    layer, x = make(name, gamma="auto")
+    layer.eval()
+    plain = layer.to_plain()
+    assert not isinstance(plain, pwsconv.PWSMixin)
+    torch.testing.assert_close(plain(x), layer(x), rtol=0, atol=0)
+    net = torch.nn.Sequential(copy.deepcopy(layer))
+    folded = pwsconv.fold(net.eval())
+    torch.testing.assert_close(folded(x), layer(x), rtol=0, atol=0)
+
+
+def test_auto_is_batch_independent():
+    layer, _ = make("conv2d_grouped", gamma="auto")
+    x = torch.randn(5, 4, 6, 5)
+    full = layer(x)
+    for i in range(5):
+        torch.testing.assert_close(layer(x[i:i + 1]), full[i:i + 1], rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradcheck_auto_without_active_clipping(name):
+    # gradcheck needs the true gradient: with a λ no gradient reaches, the clip op is the identity in backward too
+    layer, x = make(name, F64, gamma="auto", clip=1e12)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in layer.named_parameters()}
+    keys = sorted(params)
+    x = x[:1].requires_grad_(True)
+
+    def fn(x, *ps):
+        return functional_call(layer, dict(zip(keys, ps)), (x,))
+
+    assert gradcheck(fn, (x, *[params[k] for k in keys]), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_unit_clip_identity_region():
+    p = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    assert gradcheck(lambda t: unit_clip(t, 1e12) * 2.0, (p,), eps=1e-6, atol=1e-6)
+    v = torch.randn(5, dtype=F64, requires_grad=True)
+    assert gradcheck(lambda t: unit_clip(t, 1e12).sin(), (v,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_auto_clips_every_parameter_unitwise(name):
+    layer, x = make(name, gamma="auto", clip=0.01)
+    ref, _ = make(name, gamma="auto", clip=0)          # same forward, unclipped gradients
+    (layer(x).square().sum() * 1e3).backward()
+    (ref(x).square().sum() * 1e3).backward()
+    lam = 0.01
+    # W: per filter, ‖g_o‖ ≤ λ·‖W_o‖, and the clipped gradient is the unclipped one scaled by a factor in (0, 1]
+    gw, gr, w = filters(layer, layer.weight.grad), filters(ref, ref.weight.grad), filters(layer, layer.weight)
+    ratio = gw.norm(dim=1) / w.detach().norm(dim=1)
+    assert (ratio <= lam * (1 + 1e-4)).all()
+    assert (ratio > lam * 0.999).any()      # the big gradients were actually clipped
+    cos = torch.nn.functional.cosine_similarity(gw, gr, dim=1)
+    torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-5)
+    # eq. 13 survives clipping: zero mean per filter
+    torch.testing.assert_close(gw.mean(1), torch.zeros(gw.shape[0]), rtol=0, atol=1e-7)
+    # α and β: per entry, |g| ≤ λ·max(|p|, 1e-3), and sign kept
+    for p, pr in ((layer.alpha, ref.alpha), (layer.bias, ref.bias)):
+        bound = lam * p.detach().abs().clamp_min(1e-3)
+        assert (p.grad.abs() <= bound * (1 + 1e-6)).all()
+        assert torch.equal(torch.sign(p.grad), torch.sign(pr.grad))
+        torch.testing.assert_close(p.grad, pr.grad.clamp(-bound, bound))
+
+
+def test_clip_is_off_for_paper_pws_and_can_be_set():
+    a, x = make("conv2d_grouped")                       # paper PWS
+    b, _ = make("conv2d_grouped", clip=0)
+    for m in (a, b):
+        m(x).square().sum().backward()
+    assert torch.equal(a.weight.grad, b.weight.grad)
+    c, _ = make("conv2d_grouped", gamma=1e-3, clip=0.05)
+    assert c.clip_lambda == 0.05 and c.effective_gamma == 1e-3
+    with pytest.raises(ValueError, match="clip"):
+        PWSConv2d(3, 4, 3, clip=-1)
+    with pytest.raises(ValueError, match="clip"):
+        PWSConv2d(3, 4, 3, clip="big")
+    with pytest.raises(ValueError, match="gamma"):
+        PWSConv2d(3, 4, 3, gamma="automatic")
+    assert check_clip(None) is None and check_clip(0) == 0.0
+
+
+def test_auto_fused_matches_per_layer():
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+    fused = copy.deepcopy(net)
+    handle = pwsconv.fuse_standardization(fused)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for m in (net, fused):
+        m.train()
+        (torch.nn.functional.cross_entropy(m(x), y) * 1e3).backward()
+    for (k, p), (_, q) in zip(net.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=k)
+    handle.remove()
+
+
+def test_auto_under_autocast():
+    layer, x = make("conv2d_grouped", gamma="auto")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.dtype == torch.float32
+    ref = layer(x)
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ state and API
+def test_auto_state_dict_round_trip_and_pickle():
+    layer, x = make("conv2d_grouped", gamma="auto")
+    sd = layer.state_dict()
+    assert set(sd) == {"weight", "bias", "alpha"}          # nothing adaptive to save: the rule is stateless
+    other = PWSConv2d(4, 6, 3, groups=2, gamma="auto")
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), layer(x))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    assert back.gamma == "auto" and back.clip_lambda == AUTO_CLIP and torch.equal(back(x), layer(x))
+
+
+def test_plain_sgd_loop_trains_at_a_large_lr():
+    """A user's own loop, nothing but the layer: BN-free net at LR 1.6 stays finite with auto, not without."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    out = {}
+    for gamma in (1e-3, "auto"):
+        torch.manual_seed(0)
+        net = build_model("tiny_cnn", method="pws", method_opts={"gamma": gamma}, in_channels=1)
+        opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1.6, momentum=0.9)
+        losses = []
+        for _ in range(30):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        out[gamma] = losses
+    assert all(torch.isfinite(torch.tensor(out["auto"])))
+    assert max(out["auto"]) < 50
+
+
+def test_convert_and_method_registry_accept_auto():
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 4, 3))
+    net = pwsconv.convert(base, method="pws", gamma="auto")
+    layers = [m for m in net.modules() if isinstance(m, pwsconv.PWSMixin)]
+    assert len(layers) == 2 and all(m.gamma == "auto" and m.clip_lambda == AUTO_CLIP for m in layers)
+    conv = pwsconv.build_conv("pws", 2, 3, 4, 3, gamma="auto", clip=0.01)
+    assert conv.clip_lambda == 0.01
