@@ -281,24 +281,32 @@ def check_method_opts(method: str, opts: Mapping[str, Any]) -> None:
         return
     import torch
 
-    from .norms import build_conv, build_norm, get_method
+    from .models.common import MethodSpec
 
-    m = get_method(method)
+    try:
+        spec = MethodSpec(method, opts)   # unknown options: ValueError (reported by the caller)
+    except ValueError:
+        return
+    base = MethodSpec(method, {})
     with torch.random.fork_rng(devices=[]):
         try:   # the method's layers as built without options: their signatures say what the options take
-            layers = [build_conv(m, 2, 4, 4, 3, padding=1), build_norm(m, 4, 2)]
+            layers = {"conv": base.conv(64, 64, 3, padding=1), "norm": base.norm(64)}
         except Exception:   # pragma: no cover - a method that cannot build this probe layer: checked at build time
             return
-        params: dict[str, Any] = {}
-        for fn in (m.conv, m.norm, *(type(x).__init__ for x in layers)):
-            if fn is not None:
-                params.update({k: v for k, v in _signature_params(fn).items() if k not in params})
-        _check_types("method_opts", opts, params)
-        try:
-            build_conv(m, 2, 4, 4, 3, padding=1, **opts)
-            build_norm(m, 4, 2, **opts)
+        for part, factory, part_opts in (("conv", spec.method.conv, spec.conv_opts),
+                                         ("norm", spec.method.norm, spec.norm_opts)):
+            params: dict[str, Any] = {}
+            for fn in (factory, type(layers[part]).__init__):
+                if fn is not None:
+                    params.update({k: v for k, v in _signature_params(fn).items() if k not in params})
+            _check_types("method_opts", part_opts, params)
+        try:   # the layers' own checks (e.g. gamma ≥ 0, fan_mode)
+            spec.conv(64, 64, 3, padding=1)
+            spec.norm(64)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"method_opts {dict(opts)}: {' '.join(str(e).split())}") from None
+            msg = " ".join(str(e).split())
+            if any(k in msg for k in opts):   # about an option (not about this probe layer's shape)
+                raise ConfigError(f"method_opts {dict(opts)}: {msg}") from None
 
 
 #: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how
