@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import tempfile
 import threading
 import warnings
@@ -110,8 +111,8 @@ def _reason(e: BaseException, directory: str) -> tuple[str, int | None]:
         pass
     if full:
         return "no space left on device", errno.ENOSPC
-    first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
-    return f"write failed ({first[:160]})", None
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(e).split())) or type(e).__name__
+    return f"write failed, is the disk full? ({text[:160]})", None
 
 
 def _atomic_write(path: str | os.PathLike, write) -> None:
