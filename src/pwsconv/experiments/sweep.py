@@ -28,6 +28,7 @@ from ..config import TrainConfig
 from ..train.checkpoint import atomic_write_text, dumps
 from ..train.engine import ConfigMismatchError, RunResult, _config_diff, train
 from ..train.metrics import read_metrics
+from ..train.rundir import check_output_dir
 
 __all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "results_table", "results_rows", "write_results",
            "plot_curves", "format_value"]
@@ -74,6 +75,10 @@ def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: 
     bad = [n for n in names if not n or os.sep in n or n.startswith(".")]
     if bad:
         raise SweepError(f"run names must be plain directory names, got {bad}")
+    try:
+        check_output_dir(out_dir, "sweep directory")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     records: list[SweepRecord] = []
     for i, spec in enumerate(runs, 1):
         run_dir = os.path.join(out_dir, spec.name)
