@@ -6,7 +6,8 @@
 The lock is ``fcntl.flock`` on ``<dir>/.lock``: the kernel releases it when its holder exits, however it exits
 (SIGKILL included), so a crashed run never leaves a stuck lock. It is re-entrant within one thread (a sweep holds the
 lock of a run while :func:`pwsconv.train.train` takes it again), and released — the file removed, and the directory
-too if the lock created it and nothing else was written — when the outermost holder leaves.
+too if the lock created it and nothing else was written — when the outermost holder leaves. On platforms without
+``fcntl`` (Windows) directories are not locked.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ LOCK_NAME = ".lock"
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - not POSIX: O_EXCL lock file with the holder's pid
+except ImportError:  # pragma: no cover - not POSIX (Windows): no lock, as before (documented)
     fcntl = None  # type: ignore[assignment]
 
 
@@ -142,14 +143,13 @@ def _makedirs(path: str) -> list[str]:
 def _acquire(run_dir: str) -> _Held:
     created = _makedirs(run_dir)
     lock_path = os.path.join(run_dir, LOCK_NAME)
+    if fcntl is None:  # pragma: no cover - no flock on this platform: the directory is used unlocked
+        return _Held(-1, lock_path, created)
     try:
         while True:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                else:  # pragma: no cover
-                    raise OSError(errno.ENOSYS, "no fcntl")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -184,6 +184,9 @@ def _remove_created(created: list[str]) -> None:
 
 
 def _release(h: _Held) -> None:
+    if h.fd < 0:  # pragma: no cover - unlocked (no fcntl)
+        _remove_created(h.created)
+        return
     try:
         os.unlink(h.lock_path)   # while still holding it: a waiter re-checks the path after its flock
     except OSError:
