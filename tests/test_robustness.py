@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import pickle
 import shutil
@@ -27,7 +26,7 @@ from pwsconv.cli import main
 from pwsconv.config import ConfigError, TrainConfig
 from pwsconv.train import CheckpointError, load_checkpoint, read_metrics, train
 from pwsconv.train.checkpoint import WriteError, atomic_save, atomic_write_text, current_umask, verify_checkpoint
-from pwsconv.train.engine import ConfigMismatchError, RunDirError
+from pwsconv.train.engine import ConfigMismatchError
 from pwsconv.train.metrics import MetricsLog
 from pwsconv.train.rundir import LOCK_NAME, RunDirLocked, lock_run_dir
 
