@@ -185,6 +185,9 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
 
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+        if args.limit is not None and args.limit < 1:
+            raise UsageError(f"--limit must be ≥ 1, got {args.limit}")
+        device = resolve_device(args.device)   # before anything is loaded: a bad device is bad input
         model, spec, ck = _load_model(args.checkpoint)
         cfg = dict(ck.get("config") or {})
         name = args.dataset or spec.get("dataset") or cfg.get("dataset")
@@ -201,7 +204,6 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
         images = getattr(bundle, args.split)
         if images is None:
             raise UsageError(f"data set {name!r} has no {args.split} split here (a val split needs val_fraction > 0)")
-        device = resolve_device(args.device)
         model.to(device)
         loader = Loader(images, args.batch_size, shuffle=False, augment=None, mean=spec["mean"], std=spec["std"],
                         device=device)
@@ -231,11 +233,23 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
         from . import fold
         from .train.checkpoint import MODEL_FORMAT, atomic_save
 
-        if os.path.exists(args.out) and not args.force:
-            raise UsageError(f"{args.out} already exists; pass --force to overwrite it or choose another OUT")
+        from .train.checkpoint import verify_checkpoint
+        from .train.rundir import check_output_file
+
         if os.path.isdir(args.out):
             raise UsageError(f"{args.out} is a directory; OUT must be a file path")
-        model, spec, ck = _load_model(args.checkpoint)
+        src = verify_checkpoint(args.checkpoint)   # the file actually read (CKPT/checkpoint.pt for a run directory)
+        if os.path.lexists(args.out) and os.path.exists(src) and os.path.samefile(src, args.out):
+            raise UsageError(f"OUT {args.out} is the checkpoint being folded; write the model file elsewhere")
+        if os.path.exists(args.out) and not args.force:
+            raise UsageError(f"{args.out} already exists; pass --force to overwrite it or choose another OUT")
+        check_output_file(args.out, "OUT")
+        if os.path.basename(args.out) == "checkpoint.pt" and any(
+                os.path.exists(os.path.join(os.path.dirname(os.path.abspath(args.out)), f))
+                for f in ("config.yaml", "metrics.jsonl", "result.json")):
+            raise UsageError(f"OUT {args.out} is the training checkpoint of a run directory; replacing it would "
+                             "make the run impossible to resume — choose another OUT")
+        model, spec, ck = _load_model(src)
         n_reparam = sum(1 for m in model.modules() if callable(getattr(m, "to_plain", None)))
         folded = fold(model.eval())
         n_left = sum(1 for m in folded.modules() if callable(getattr(m, "to_plain", None)))

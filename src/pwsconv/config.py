@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "apply_overrides", "parse_value",
-           "RESUME_MUTABLE_FIELDS"]
+           "check_method_opts", "RESUME_MUTABLE_FIELDS", "SEED_LIMIT"]
 
 
 class ConfigError(ValueError):
@@ -128,13 +128,17 @@ class TrainConfig:
         need(self.log_every >= 1, f"log_every must be ≥ 1, got {self.log_every}")
         need(bool(self.out_dir), "out_dir must not be empty")
         need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < SEED_LIMIT,
+             f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.device != "auto":
             import torch
 
             try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
+                dev = torch.device(self.device)
+            except (RuntimeError, ValueError, TypeError):
                 raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+            need(dev.type in ("cpu", "cuda", "mps", "xpu"),
+                 f"device {self.device!r} cannot run pwsconv; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if check_names:
             self._check_names()
         return self
@@ -162,11 +166,14 @@ class TrainConfig:
                 MethodSpec(self.method, self.method_opts)
             except ValueError as e:
                 raise ConfigError(f"method_opts: {e}") from None
-            allowed = model_info(self.model).model_options()
+            check_method_opts(self.method, self.method_opts)
+            entry = model_info(self.model)
+            allowed = entry.model_options()
             unknown = sorted(set(self.model_opts) - allowed)
             if unknown:
                 raise ConfigError(f"model {self.model!r} takes no option(s) {unknown}; it accepts "
                                   f"{sorted(allowed) or 'none'}")
+            _check_types("model_opts", self.model_opts, _signature_params(entry.builder))
         try:
             from .data import available_datasets
         except ImportError:  # pragma: no cover
@@ -180,6 +187,126 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         return self.name or os.path.basename(os.path.normpath(self.out_dir))
+
+
+#: Seeds are integers in [0, SEED_LIMIT) (numpy's seed range; torch's generators take them all).
+SEED_LIMIT = 2**32
+
+
+# ---------------------------------------------------------------------------------------- option type checks
+def _signature_params(fn: Any) -> dict[str, Any]:
+    """{name: inspect.Parameter} of a callable's keyword-capable parameters ({} when it has no signature)."""
+    import inspect
+
+    try:
+        return {n: p for n, p in inspect.signature(fn).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _kinds(param: Any) -> set[str]:
+    """The value kinds a parameter takes, from its annotation (a string under ``from __future__ import
+    annotations``) or else its default: a subset of {bool, int, float, str, none, seq}; empty = unknown (any)."""
+    import inspect
+
+    ann = param.annotation
+    text = ann if isinstance(ann, str) else ("" if ann is inspect.Parameter.empty else
+                                              getattr(ann, "__name__", None) or str(ann))
+    kinds: set[str] = set()
+    if text:
+        if "Any" in text or "object" in text or "Callable" in text:
+            return set()
+        for word, kind in (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "str"), ("None", "none"),
+                           ("Optional", "none"), ("Sequence", "seq"), ("tuple", "seq"), ("list", "seq"),
+                           ("Tuple", "seq"), ("List", "seq")):
+            if word in text:
+                kinds.add(kind)
+        if not kinds:
+            return set()   # a class or another type: not checked here
+    d = param.default
+    if not kinds and d is not inspect.Parameter.empty:
+        if isinstance(d, bool):
+            kinds = {"bool"}
+        elif isinstance(d, int):
+            kinds = {"int"}
+        elif isinstance(d, float):
+            kinds = {"float"}
+        elif isinstance(d, str):
+            kinds = {"str"}
+        elif isinstance(d, (list, tuple)):
+            kinds = {"seq"}
+    if d is None:
+        kinds.add("none")
+    return kinds
+
+
+_KIND_WORDS = {"bool": "true/false", "int": "an integer", "float": "a finite number", "str": "a string", "none": "null",
+               "seq": "a list"}
+
+
+def _value_ok(v: Any, kinds: set[str]) -> bool:
+    if not kinds:
+        return True
+    if v is None:
+        return "none" in kinds
+    if isinstance(v, bool):
+        return "bool" in kinds
+    if isinstance(v, int):
+        return bool(kinds & {"int", "float"})
+    if isinstance(v, float):
+        return "float" in kinds and math.isfinite(v) or ("int" in kinds and v.is_integer())
+    if isinstance(v, str):
+        return "str" in kinds
+    if isinstance(v, (list, tuple)):
+        return "seq" in kinds
+    return False
+
+
+def _check_types(where: str, opts: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    for k, v in opts.items():
+        if k not in params:
+            continue
+        kinds = _kinds(params[k])
+        if not _value_ok(v, kinds):
+            want = " or ".join(_KIND_WORDS[x] for x in ("bool", "int", "float", "str", "seq", "none") if x in kinds)
+            raise ConfigError(f"{where}.{k} must be {want}, got {v!r}")
+
+
+def check_method_opts(method: str, opts: Mapping[str, Any]) -> None:
+    """Type-check a method's options against its layers' signatures and let its layers validate their values (one
+    tiny conv and norm are built, without touching the global RNG). A one-line :class:`ConfigError` naming the
+    option if anything is wrong."""
+    if not opts:
+        return
+    import torch
+
+    from .models.common import MethodSpec
+
+    try:
+        spec = MethodSpec(method, opts)   # unknown options: ValueError (reported by the caller)
+    except ValueError:
+        return
+    base = MethodSpec(method, {})
+    with torch.random.fork_rng(devices=[]):
+        try:   # the method's layers as built without options: their signatures say what the options take
+            layers = {"conv": base.conv(64, 64, 3, padding=1), "norm": base.norm(64)}
+        except Exception:   # pragma: no cover - a method that cannot build this probe layer: checked at build time
+            return
+        for part, factory, part_opts in (("conv", spec.method.conv, spec.conv_opts),
+                                         ("norm", spec.method.norm, spec.norm_opts)):
+            params: dict[str, Any] = {}
+            for fn in (factory, type(layers[part]).__init__):
+                if fn is not None:
+                    params.update({k: v for k, v in _signature_params(fn).items() if k not in params})
+            _check_types("method_opts", part_opts, params)
+        try:   # the layers' own checks (e.g. gamma ≥ 0, fan_mode)
+            spec.conv(64, 64, 3, padding=1)
+            spec.norm(64)
+        except (TypeError, ValueError) as e:
+            msg = " ".join(str(e).split())
+            if any(k in msg for k in opts):   # about an option (not about this probe layer's shape)
+                raise ConfigError(f"method_opts {dict(opts)}: {msg}") from None
 
 
 #: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .norms import _opts_for, _split_opts, build_norm, get_method
+from .norms import NormMethod, _opts_for, _split_opts, build_norm, get_method
 
 __all__ = ["convert", "fold", "param_groups", "is_norm_layer", "NORM_TYPES"]
 
@@ -97,6 +97,10 @@ def convert(
         The converted model (``model`` itself when ``inplace=True``). Layers a method cannot take (e.g. a PWS filter
         of a single weight, as in a 1×1 depthwise conv) stay as they are, with a warning.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(method, (str, NormMethod)):
+        raise TypeError(f"convert: method must be a method name (str), got {type(method).__name__}")
     m = get_method(method)
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # "conv1" is one pattern, not five
     if not inplace:
@@ -259,6 +263,8 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
     left unchanged; with ``inplace=True`` it is modified and returned. Hooks registered on a folded layer are not
     carried over to its replacement. The folded layers keep the train/eval mode of the originals.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     if hasattr(model, "to_plain") and callable(model.to_plain):
@@ -292,8 +298,14 @@ def param_groups(
     layers (``None``: the same as ``weight_decay``, which is what the paper's code does). Parameters that do not
     require grad are left out; shared parameters appear once. Empty groups are dropped. Each group has a ``"name"``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}")
+    if weight_decay is None:
+        raise TypeError("param_groups: weight_decay must be a finite number ≥ 0, got None")
     for label, v in (("weight_decay", weight_decay), ("bias_weight_decay", bias_weight_decay),
                      ("norm_weight_decay", norm_weight_decay), ("no_decay_weight_decay", no_decay_weight_decay)):
+        if isinstance(v, bool):
+            raise TypeError(f"param_groups: {label} must be a number, got {v!r}")
         if v is not None and (not isinstance(v, (int, float)) or v < 0 or v != v or v == float("inf")):
             raise ValueError(f"{label} must be a finite number ≥ 0, got {v!r}")
     wd_bias = weight_decay if bias_weight_decay is None else bias_weight_decay

@@ -39,15 +39,41 @@ def probe(
     from ..models import build_model
     from ..norms import get_method
 
-    if not (lr > 0) or lr != lr or lr == float("inf"):
+    from ..config import SEED_LIMIT, ConfigError, check_method_opts
+    from ..models import available_models
+    from ..train.rundir import check_output_dir
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    # every argument is checked before anything is loaded, built or trained
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < float("inf")):
         raise ValueError(f"--lr must be a positive number, got {lr}")
-    if steps <= 0 or batch_size <= 0 or every <= 0:
-        raise ValueError("--steps, --batch-size and --every must be positive")
+    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--every", every)):
+        if not whole(v) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not whole(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
     if mode not in ("train", "measure"):
         raise ValueError(f"--mode must be 'train' or 'measure', got {mode!r}")
+    if not methods:
+        raise ValueError("--methods must name at least one normalization method")
+    if model not in available_models():
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(available_models())}")
     for m in methods:
-        get_method(_split_method(m)[0])
+        name, opts = _split_method(m)
+        get_method(name)
+        if name == "pws":
+            try:
+                check_method_opts("pws", {**method_opts, **opts})
+            except ConfigError as e:
+                raise ValueError(str(e).replace("method_opts.", "--").replace("method_opts ", "PWS options ")) from None
+    check_output_dir(out_dir, "--out directory")
     data = load_dataset(dataset, data_root, seed=seed)
+    n_train = len(data.train.y)
+    if batch_size > n_train:
+        raise ValueError(f"--batch-size {batch_size} is larger than the training set of {dataset!r} ({n_train} "
+                         "images): no step could run")
     g = torch.Generator().manual_seed(seed)
     loader = data.loader("train", batch_size, generator=g, drop_last=True)
 
@@ -61,6 +87,11 @@ def probe(
         return build_model(model, method=method, num_classes=data.num_classes, in_channels=data.in_channels,
                            method_opts=opts or None)
 
+    for m in methods:   # every network builds (a bad option of any method fails here, before any training)
+        try:
+            model_fn(m)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"cannot build {model!r} with method {m!r}: {' '.join(str(e).split())}") from None
     os.makedirs(out_dir, exist_ok=True)
     return run_probe_experiment(model_fn, batches, methods=methods, lr=lr, steps=steps, mode=mode, out_dir=out_dir,
                                 every=every, seed=seed, progress=progress)

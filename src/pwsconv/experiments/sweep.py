@@ -9,7 +9,9 @@ into tables and plots. The demo and the paper-table experiments are sweeps.
 
 Layout: ``<sweep dir>/<run name>/`` holds each run's config.yaml, metrics.csv/.jsonl, checkpoint.pt, result.json.
 Running the same sweep again skips runs whose result.json matches their config and resumes interrupted ones from
-their last checkpoint; a run directory holding a run with a *different* config is an error, never overwritten.
+their last checkpoint; a run directory holding a run with a *different* config (by its checkpoint, config.yaml or
+result.json) is an error, never overwritten. Each run holds its directory's lock while it trains, so a second sweep
+started on the same directory is refused at once instead of training the same runs twice.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..train.checkpoint import atomic_write_text, dumps
-from ..train.engine import RunResult, train
+from ..train.engine import ConfigMismatchError, RunResult, _config_diff, train
 from ..train.metrics import read_metrics
+from ..train.rundir import check_output_dir
 
 __all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "results_table", "results_rows", "write_results",
            "plot_curves", "format_value"]
@@ -58,8 +61,7 @@ class SweepRecord:
 
 
 def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = (set(a) | set(b)) - _COSMETIC
-    return all(a.get(k) == b.get(k) for k in keys)
+    return not _config_diff(a, b, _COSMETIC)   # fields added since a run was made count with their defaults
 
 
 def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: bool = False,
@@ -73,6 +75,10 @@ def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: 
     bad = [n for n in names if not n or os.sep in n or n.startswith(".")]
     if bad:
         raise SweepError(f"run names must be plain directory names, got {bad}")
+    try:
+        check_output_dir(out_dir, "sweep directory")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
     records: list[SweepRecord] = []
     for i, spec in enumerate(runs, 1):
         run_dir = os.path.join(out_dir, spec.name)
@@ -88,13 +94,11 @@ def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: 
             if prev is not None and prev.status in ("ok", "nan") and _same_run(prev.config, cfg.to_dict()):
                 result, skipped = prev, True
         if result is None:
-            try:
+            try:   # train() holds the run directory's lock: a second sweep on the same run is refused at once
                 result = train(cfg, resume=True)
-            except ConfigError as e:
-                if "cannot resume" in str(e):
-                    raise SweepError(f"{run_dir} holds a run with other settings ({str(e).split(' in ', 1)[-1]}); "
-                                     f"choose another output directory") from None
-                raise
+            except ConfigMismatchError as e:
+                raise SweepError(f"{run_dir} holds a run with other settings ({'; '.join(e.diff)}); nothing was "
+                                 f"changed — choose another output directory") from None
         rec = SweepRecord(spec, result, read_metrics(run_dir), skipped, time.perf_counter() - t0)
         records.append(rec)
         if log is not None:

@@ -9,10 +9,20 @@ See :mod:`pwsconv.train.engine` for the loop, :mod:`pwsconv.train.checkpoint` fo
 """
 
 from ..config import ConfigError, TrainConfig, load_config
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint
-from .engine import RunDirError, RunResult, build_from_spec, evaluate, model_spec, resolve_device, train
+from .checkpoint import CheckpointError, WriteError, atomic_save, load_checkpoint, verify_checkpoint
+from .engine import (
+    ConfigMismatchError,
+    RunDirError,
+    RunResult,
+    build_from_spec,
+    evaluate,
+    model_spec,
+    resolve_device,
+    train,
+)
 from .metrics import read_metrics
+from .rundir import RunDirLocked, lock_run_dir
 
 __all__ = ["train", "evaluate", "RunResult", "RunDirError", "TrainConfig", "ConfigError", "load_config",
            "CheckpointError", "load_checkpoint", "atomic_save", "build_from_spec", "model_spec", "resolve_device",
-           "read_metrics"]
+           "read_metrics", "verify_checkpoint", "WriteError", "ConfigMismatchError", "RunDirLocked", "lock_run_dir"]

@@ -3,24 +3,38 @@
 A checkpoint holds only tensors and plain containers of primitives (model/optimizer/scheduler state, RNG states as
 tensors, counters, the config as a dict), so loading never runs pickled code. Writing goes to a temporary file in the
 same directory, which is fsync'ed and then ``os.replace``'d over the target: a crash leaves either the old file or the
-new one, never half of one.
+new one, never half of one. Files get the permissions of the user's umask (``0o666 & ~umask``), not mkstemp's 0600.
+A failed write (a full disk, a quota, an I/O error) removes the temporary file, leaves the target as it was and raises
+:class:`WriteError` — an ``OSError`` whose one-line message names the file.
+
+Integrity: ``torch.save`` writes a zip archive with a CRC-32 per member. :func:`load_checkpoint` verifies every
+member's CRC before ``torch.load`` (which does not), so a file whose bytes changed after it was written (a bit flip, a
+partial copy, an edit) is refused with a one-line :class:`CheckpointError` instead of loading silently wrong weights.
+This needs nothing in the file beyond what ``torch.save`` always wrote, so checkpoints of earlier pwsconv versions load
+as before.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import random
+import re
 import tempfile
+import threading
+import warnings
+import zipfile
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "atomic_save", "atomic_write_text", "load_checkpoint", "rng_state", "set_rng_state",
-           "scheduler_state", "load_scheduler_state", "CHECKPOINT_FORMAT", "MODEL_FORMAT"]
+__all__ = ["CheckpointError", "WriteError", "atomic_save", "atomic_write_text", "load_checkpoint",
+           "verify_checkpoint", "rng_state", "set_rng_state", "scheduler_state", "load_scheduler_state",
+           "current_umask", "file_mode", "CHECKPOINT_FORMAT", "MODEL_FORMAT"]
 
 #: ``format`` of a training checkpoint (``pwsconv train``) and of a model-only file (``pwsconv fold``).
 CHECKPOINT_FORMAT = "pwsconv-checkpoint"
@@ -29,6 +43,43 @@ MODEL_FORMAT = "pwsconv-model"
 
 class CheckpointError(ValueError):
     """A missing, truncated, corrupt or foreign checkpoint (one-line message)."""
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, I/O error, permissions); the message is one line naming it.
+
+    The target file, if it existed, is unchanged and no temporary file is left behind.
+    """
+
+    def __init__(self, path: str, reason: str, err: int | None = None) -> None:
+        super().__init__(err if err is not None else errno.EIO, reason, path)
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status``; elsewhere a guarded set-and-restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # pragma: no cover - kernels without the Umask line
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets under the current umask (``0o666 & ~umask``)."""
+    return 0o666 & ~current_umask()
 
 
 def _fsync_dir(path: str) -> None:
@@ -44,49 +95,118 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _reason(e: BaseException, directory: str) -> tuple[str, int | None]:
+    """A short reason for a failed write, and its errno ("no space left on device" for torch's writer errors on a
+    full disk, which carry no errno)."""
+    err = getattr(e, "errno", None)
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return ("no space left on device" if err == errno.ENOSPC else "disk quota exceeded"), err
+    if isinstance(e, OSError):
+        return (e.strerror or str(e) or type(e).__name__), err
+    full = False
+    try:
+        st = os.statvfs(directory)
+        full = st.f_bavail * st.f_frsize < (1 << 20)
+    except (OSError, AttributeError):
+        pass
+    if full:
+        return "no space left on device", errno.ENOSPC
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(e).split())) or type(e).__name__
+    return f"write failed, is the disk full? ({text[:160]})", None
+
+
 def _atomic_write(path: str | os.PathLike, write) -> None:
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        reason, err = _reason(e, d)
+        raise WriteError(path, reason, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())   # mkstemp makes 0600; the file follows the umask like open() would
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # ENOSPC / EDQUOT / EIO, or torch's zip writer failing ("file write failed")
+        reason, err = _reason(e, d)
+        _unlink_quietly(tmp)
+        raise WriteError(path, reason, err) from None
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
     _fsync_dir(d)
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a half-written ``path``."""
+    """``torch.save(obj, path)`` that never leaves a half-written ``path`` (:class:`WriteError` if it fails)."""
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:class:`WriteError` if it fails)."""
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _resolve(path: str) -> str:
+    if not os.path.lexists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        cand = os.path.join(path, "checkpoint.pt")
+        if not os.path.lexists(cand):
+            raise CheckpointError(f"{path} is a directory without a checkpoint.pt")
+        path = cand
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file (a checkpoint is a file written by pwsconv)")
+    return path
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str:
+    """Check that ``path`` (or ``path/checkpoint.pt`` for a run directory) is an intact ``torch.save`` zip archive:
+    every member's CRC-32 matches its bytes. Returns the file's path; a missing, foreign, truncated or modified file
+    is a one-line :class:`CheckpointError` naming it."""
+    path = _resolve(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:2] != b"PK" or not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path} is not a pwsconv checkpoint (not a torch.save zip archive: empty, "
+                                  "truncated, a plain pickle or another format)")
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()   # reads every member and checks its CRC-32 and local header
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path} is corrupt (its zip structure is damaged: {' '.join(str(e).split())[:120]}); "
+                              "it cannot be trusted") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt: the bytes of {bad!r} no longer match their CRC-32 (the file "
+                              "changed after it was written); refusing to load it")
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike, *, formats: tuple[str, ...] = (CHECKPOINT_FORMAT, MODEL_FORMAT),
                     map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a pwsconv checkpoint with ``weights_only=True``; anything wrong is a one-line :class:`CheckpointError`."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        cand = os.path.join(path, "checkpoint.pt")
-        if not os.path.isfile(cand):
-            raise CheckpointError(f"{path} is a directory without a checkpoint.pt")
-        path = cand
+    """Load a pwsconv checkpoint with ``weights_only=True`` after :func:`verify_checkpoint`; anything wrong is a
+    one-line :class:`CheckpointError` naming the file."""
+    path = verify_checkpoint(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, garbage bytes, disallowed globals, ...
+        with warnings.catch_warnings():   # torch's warnings about foreign files would precede the error line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # garbage bytes, disallowed globals, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if len(reason) > 160:
             reason = reason[:157] + "..."

@@ -45,9 +45,10 @@ from .checkpoint import (
     set_rng_state,
 )
 from .metrics import MetricsLog, read_metrics
+from .rundir import check_output_dir, is_run_file, lock_run_dir, remove_stale_temps
 
-__all__ = ["train", "evaluate", "RunResult", "RunDirError", "build_from_spec", "model_spec", "resolve_device",
-           "FINAL_METRICS"]
+__all__ = ["train", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec", "model_spec",
+           "resolve_device", "check_device", "FINAL_METRICS", "DEVICE_TYPES"]
 
 FINAL_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s")
 NAN = float("nan")
@@ -94,16 +95,44 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" → ``cuda:LOCAL_RANK`` if CUDA is available, else cpu; a bare "cuda" also gets the local rank."""
+#: Device types pwsconv trains and evaluates on ("meta" has no data, "quantum" does not exist).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(name: Any, what: str = "device") -> torch.device | None:
+    """A one-line :class:`~pwsconv.config.ConfigError` unless ``name`` is "auto" or a device pwsconv can compute on
+    and that exists here (CUDA available, index < device count). Returns the device (``None`` for "auto")."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{what} must be a string such as 'auto', 'cpu' or 'cuda:0', got {name!r}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{what} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"{what} {name!r} cannot run pwsconv; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {name!r} requested but MPS is not available")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"device {name!r} requested but XPU is not available")
+    return dev
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" → ``cuda:LOCAL_RANK`` if CUDA is available, else cpu; a bare "cuda" also gets the local rank.
+    An unknown, unusable ("meta") or absent device is a one-line :class:`~pwsconv.config.ConfigError`."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = check_device(name)
+    assert dev is not None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
     return dev
 
 
@@ -200,16 +229,67 @@ def _as_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike) -> T
 
 
 def _nonempty_dir(path: str) -> bool:
-    return os.path.isdir(path) and any(True for _ in os.scandir(path))
+    return os.path.isdir(path) and any(is_run_file(e.name) for e in os.scandir(path))
 
 
-def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def _normalized(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config as the current code reads it: missing keys (fields added since) get their defaults."""
+    try:
+        return TrainConfig.from_dict(cfg, validate=False).to_dict()
+    except (ConfigError, TypeError, ValueError):   # a key of another version: compare what is there
+        return {**TrainConfig().to_dict(), **dict(cfg)}
+
+
+def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                 ignore: frozenset[str] | set[str] = RESUME_MUTABLE_FIELDS) -> list[str]:
+    old, new = _normalized(old), _normalized(new)
     out = []
     for k in sorted(set(old) | set(new)):
-        if k in RESUME_MUTABLE_FIELDS:
+        if k in ignore:
             continue
         if old.get(k) != new.get(k):
             out.append(f"{k} {old.get(k)!r} → {new.get(k)!r}")
+    return out
+
+
+#: Fields that make a finished run a different one even though a checkpoint could continue it (its length).
+_LENGTH_FIELDS = frozenset({"epochs", "max_steps"})
+
+
+class ConfigMismatchError(ConfigError):
+    """``resume`` into a directory holding a run made with other settings (``diff``: "key old → new" items)."""
+
+    def __init__(self, message: str, diff: list[str]) -> None:
+        super().__init__(message)
+        self.diff = diff
+
+
+def _saved_configs(paths: Mapping[str, str]) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """(file name, config, result or None) for config.yaml and result.json where they exist and can be read.
+    A file that exists but cannot be read is a one-line error (it is not silently replaced)."""
+    import json
+
+    import yaml
+
+    out: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    if os.path.isfile(paths["config"]):
+        try:
+            with open(paths["config"], encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RunDirError(f"cannot resume: {paths['config']} cannot be read ({type(e).__name__}); it holds the "
+                              "settings of the run there, so nothing was changed") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"cannot resume: {paths['config']} is not a config mapping; nothing was changed")
+        out.append(("config.yaml", data, None))
+    if os.path.isfile(paths["result"]):
+        try:
+            with open(paths["result"], encoding="utf-8") as f:
+                res = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError):
+            res = None    # a result is rebuilt from the metrics; config.yaml still tells the settings
+        if isinstance(res, dict) and isinstance(res.get("config"), dict):
+            out.append(("result.json", res["config"], res))
     return out
 
 
@@ -228,20 +308,53 @@ class _Run:
             ("config", "config.yaml"), ("metrics_csv", "metrics.csv"), ("metrics_jsonl", "metrics.jsonl"),
             ("checkpoint", "checkpoint.pt"), ("result", "result.json"))}
 
-        # -- the output directory: a new run never touches another run's files
+        # -- the output directory: a new run never touches another run's files (train() holds its lock)
+        try:
+            check_output_dir(self.out_dir)
+        except ValueError as e:
+            raise RunDirError(str(e)) from None
+        for key, p in self.paths.items():
+            if os.path.lexists(p) and not os.path.isfile(p):
+                raise RunDirError(f"{p} exists and is not a regular file; the run directory {cfg.out_dir} is not "
+                                  "usable (remove or rename it)")
+        if dist.is_main:
+            remove_stale_temps(self.out_dir)   # left by a writer killed mid-write; we hold the lock
         ckpt = None
-        if resume and os.path.isfile(self.paths["checkpoint"]):
-            ckpt = load_checkpoint(self.paths["checkpoint"], formats=(CHECKPOINT_FORMAT,))
-            diff = _config_diff(ckpt["config"], cfg.to_dict())
-            if diff:
-                raise ConfigError(f"cannot resume {cfg.out_dir}: the config differs from the checkpoint's in "
-                                  + "; ".join(diff))
-        elif not resume and _nonempty_dir(self.out_dir):
+        self.saved_result: RunResult | None = None
+        if resume:
+            if os.path.isfile(self.paths["checkpoint"]):
+                ckpt = load_checkpoint(self.paths["checkpoint"], formats=(CHECKPOINT_FORMAT,))
+                diff = _config_diff(ckpt["config"], cfg.to_dict())
+                if diff:
+                    raise ConfigMismatchError(f"cannot resume {cfg.out_dir}: the config differs from the "
+                                              f"checkpoint's in " + "; ".join(diff), diff)
+            saved = _saved_configs(self.paths)
+            for fname, old, _ in saved:
+                diff = _config_diff(old, cfg.to_dict())
+                if diff:
+                    raise ConfigMismatchError(f"cannot resume {cfg.out_dir}: it holds a run with other settings "
+                                              f"(its {fname} differs in " + "; ".join(diff) + "); nothing was "
+                                              "changed — choose another out_dir", diff)
+            if ckpt is None:
+                finished = [(f, old, r) for f, old, r in saved if r is not None and r.get("status") in ("ok", "nan")]
+                if finished:
+                    fname, old, res = finished[0]
+                    diff = _config_diff(old, cfg.to_dict(), RESUME_MUTABLE_FIELDS - _LENGTH_FIELDS)
+                    if diff:
+                        raise ConfigMismatchError(
+                            f"cannot resume {cfg.out_dir}: its run finished and has no checkpoint.pt to continue "
+                            f"from (" + "; ".join(diff) + "); nothing was changed — choose another out_dir", diff)
+                    self.saved_result = RunResult.from_dict(res)
+                elif not saved and any(os.path.isfile(self.paths[k]) for k in ("metrics_csv", "metrics_jsonl")):
+                    raise RunDirError(f"cannot resume {cfg.out_dir}: it holds metrics of a run whose settings are "
+                                      "unknown (no checkpoint.pt, config.yaml or result.json); nothing was changed "
+                                      "— choose another out_dir")
+        elif _nonempty_dir(self.out_dir):
             raise RunDirError(f"output directory {cfg.out_dir} already holds files; resume that run (--resume) or "
                               f"choose another out_dir")
-        elif os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise RunDirError(f"output path {cfg.out_dir} exists and is not a directory")
         self.ckpt = ckpt
+        if self.saved_result is not None:
+            return   # a finished run without a checkpoint, same settings: nothing to do (run() returns its result)
 
         # -- data (before anything is written: a missing data set leaves no trace)
         bundle = load_dataset(cfg.dataset, cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
@@ -264,8 +377,12 @@ class _Run:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, cfg.method, num_classes=bundle.num_classes, in_channels=bundle.in_channels,
-                            **cfg.model_opts, method_opts=dict(cfg.method_opts))
+        try:
+            model = build_model(cfg.model, cfg.method, num_classes=bundle.num_classes,
+                                in_channels=bundle.in_channels, **cfg.model_opts, method_opts=dict(cfg.method_opts))
+        except (TypeError, ValueError) as e:   # e.g. a depth the builder does not take: before anything is written
+            raise ConfigError(f"cannot build model {cfg.model!r} with model_opts {dict(cfg.model_opts)} and "
+                              f"method_opts {dict(cfg.method_opts)}: {' '.join(str(e).split())}") from None
         if cfg.sync_bn and dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
@@ -373,6 +490,8 @@ class _Run:
         cfg, dist = self.cfg, self.dist
         self.t_start = time.perf_counter()
         D.barrier(dist)   # every process has checked out_dir / read the checkpoint before rank 0 writes anything
+        if self.saved_result is not None:
+            return self.saved_result
         if self.ckpt is not None and self.finished():
             return self.result_from_files()   # nothing left to do (a finished or collapsed run)
         if dist.is_main:
@@ -511,6 +630,10 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
     """
     cfg = _as_config(config)
     device_type = resolve_device(cfg.device).type
+    try:
+        check_output_dir(cfg.out_dir)
+    except ValueError as e:
+        raise RunDirError(str(e)) from None
     dist = D.setup_distributed(device_type)
     det_before = torch.are_deterministic_algorithms_enabled()
     threads_before = torch.get_num_threads()
@@ -532,7 +655,8 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        return _Run(cfg, dist, device, resume, on_step).run()
+        with lock_run_dir(cfg.out_dir) if dist.is_main else contextlib.nullcontext():
+            return _Run(cfg, dist, device, resume, on_step).run()
     finally:
         torch.use_deterministic_algorithms(det_before)
         if torch.get_num_threads() != threads_before:

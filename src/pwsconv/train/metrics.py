@@ -15,7 +15,7 @@ import os
 import warnings
 from typing import Any
 
-from .checkpoint import atomic_write_text, dumps
+from .checkpoint import WriteError, _reason, atomic_write_text, dumps
 
 __all__ = ["COLUMNS", "MetricsLog", "read_metrics"]
 
@@ -63,6 +63,26 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def _append(path: str, data: bytes, size: int) -> None:
+    """Append ``data`` durably; if that fails, cut the file back to ``size`` bytes (no torn line) and re-raise."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
 class MetricsLog:
     """Append-only metrics files; on resume, rows written after the checkpoint's step are dropped (they are redone)."""
 
@@ -91,15 +111,23 @@ class MetricsLog:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # both files get the row or neither does: a failed append (a full disk) is cut back to the previous rows
+        lines = ((self.csv_path, _csv_text([row], header=False)), (self.jsonl_path, dumps(row) + "\n"))
+        sizes = [os.path.getsize(p) if os.path.exists(p) else 0 for p, _ in lines]
+        done: list[int] = []
+        for i, (path, text) in enumerate(lines):
+            try:
+                _append(path, text.encode("utf-8"), sizes[i])
+            except OSError as e:
+                for j in done:
+                    try:
+                        os.truncate(lines[j][0], sizes[j])
+                    except OSError:
+                        pass
+                reason, err = _reason(e, self.out_dir)
+                raise WriteError(path, reason, err) from None
+            done.append(i)
         self.rows.append(dict(row))
-        with open(self.csv_path, "a", encoding="utf-8", newline="") as f:
-            f.write(_csv_text([row], header=False))
-            f.flush()
-            os.fsync(f.fileno())
-        with open(self.jsonl_path, "a", encoding="utf-8") as f:
-            f.write(dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         if self.tb is not None:
             for k in COLUMNS:
                 v = row.get(k)
