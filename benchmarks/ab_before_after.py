@@ -3,7 +3,7 @@
 Two benchmark runs in two processes differ by several percent on a shared machine (load, frequency, cache state),
 which is as large as the effects being measured. This script imports the older package under another name
 (``pwsconv_before``), builds the same network with both, and times plain conv, BN, PWS before, PWS after and PWS
-after with ``recompute=True`` round-robin (order rotated every round), as ratios to plain conv.
+after with ``recompute=True`` and PWS after with ``gamma="auto"`` round-robin (order rotated every round), as ratios to plain conv.
 
     git worktree add /tmp/before 49014f9          # any commit that has pwsconv.experiments.speed
     python benchmarks/ab_before_after.py --before /tmp/before/src/pwsconv --out benchmarks/results_ab
@@ -61,14 +61,17 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(b, 3, 32, 32, generator=g)
             y = torch.randint(0, 10, (b,), generator=g)
 
-            def make(build, method, step, **kw):
+            def make(build, method, step, opts=None, **kw):
                 torch.manual_seed(0)
-                return step(build(model, method, num_classes=10, in_channels=3), x, y, **kw)
+                extra = {} if opts is None else {"method_opts": opts}
+                return step(build(model, method, num_classes=10, in_channels=3, **extra), x, y, **kw)
 
             fns = {"none": make(build_model, "none", train_step_fn), "bn": make(build_model, "bn", train_step_fn),
                    "pws before": make(before_build, "pws", before_step),
                    "pws after": make(build_model, "pws", train_step_fn),
-                   "pws after (recompute)": make(build_model, "pws", train_step_fn, recompute=True)}
+                   "pws after (recompute)": make(build_model, "pws", train_step_fn, recompute=True),
+                   # issue 12: the stabilized layer (same forward, clipped gradients) against paper PWS
+                   "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"})}
             t = timed_interleaved(fns, "cpu", a.repeats, a.warmup)
             row = dict(model=model, batch=b, none_ms=t["none"] * 1e3,
                        **{k: v / t["none"] for k, v in t.items() if k != "none"})

@@ -9,6 +9,8 @@ and PWS are trained once more with batch size 2. The settings were chosen by mea
   2×2 maps at this width; the paper also finds GN weak when layers have few channels).
 * LR 0.2: plain conv collapses — the loss becomes NaN (2 of 5 seeds) or the network dies and stays at chance level
   (10 %) — while PWS (96–98 %), BN and GN train.
+* LR 0.5: paper PWS (γ = 1e-3) collapses where BN still trains; ``gamma="auto"`` (issue 12: γ relative to the
+  He-init filter variance plus unit-wise gradient clipping inside the layer) trains there too.
 * batch 2 (LR 0.005, 5 epochs): both train; BN's *training* loss stays higher, because it normalizes with the
   statistics of two images (its eval mode then uses the running averages), whereas PWS does not depend on the batch.
 
@@ -25,21 +27,24 @@ from typing import Callable
 from ..config import TrainConfig
 from .sweep import RunSpec, SweepRecord, plot_curves, results_table, run_sweep, write_results
 
-__all__ = ["DEFAULT_OUT", "demo_runs", "run_demo", "verdict", "MODERATE_LR", "LARGE_LR", "SMALL_BATCH_LR"]
+__all__ = ["DEFAULT_OUT", "demo_runs", "run_demo", "verdict", "MODERATE_LR", "LARGE_LR", "VERY_LARGE_LR",
+           "SMALL_BATCH_LR"]
 
 DEFAULT_OUT = os.path.join("runs", "demo")
 MODERATE_LR = 0.05
 LARGE_LR = 0.2
+VERY_LARGE_LR = 0.5
 BATCH = 64
 SMALL_BATCH = 2
 SMALL_BATCH_LR = 0.005
 EPOCHS = 15
 METHODS = ("none", "bn", "gn", "pws")
-METHOD_NAMES = {"none": "plain conv", "bn": "BN", "gn": "GN", "pws": "PWS"}
+METHOD_NAMES = {"none": "plain conv", "bn": "BN", "gn": "GN", "pws": "PWS", "pws_auto": 'PWS gamma="auto"'}
 
 
 def demo_runs(epochs: int | None = None, *, quick: bool = False) -> list[RunSpec]:
-    """The demo's run list: 4 methods × {moderate, large} LR at batch 64, then BN and PWS at batch 2.
+    """The demo's run list: 4 methods × {moderate, large} LR at batch 64; BN, PWS and PWS ``gamma="auto"`` at a very
+    large LR; then BN and PWS at batch 2.
 
     ``epochs`` is for the batch-64 runs (default 15); the batch-2 runs get a third of it (they take 32× more steps
     per epoch). ``quick`` trains on 256 images and tests on 200, for a few seconds in all (for tests).
@@ -54,6 +59,10 @@ def demo_runs(epochs: int | None = None, *, quick: bool = False) -> list[RunSpec
         for m in METHODS:
             runs.append(RunSpec(f"{m}_lr{lr:g}_b{BATCH}", base.replace(method=m, lr=lr),
                                 {"method": METHOD_NAMES[m], "LR": lr, "batch": BATCH}))
+    for m in ("bn", "pws", "pws_auto"):
+        cfg = base.replace(method="pws", method_opts={"gamma": "auto"}) if m == "pws_auto" else base.replace(method=m)
+        runs.append(RunSpec(f"{m}_lr{VERY_LARGE_LR:g}_b{BATCH}", cfg.replace(lr=VERY_LARGE_LR),
+                            {"method": METHOD_NAMES[m], "LR": VERY_LARGE_LR, "batch": BATCH}))
     for m in ("bn", "pws"):
         runs.append(RunSpec(f"{m}_lr{SMALL_BATCH_LR:g}_b{SMALL_BATCH}",
                             base.replace(method=m, lr=SMALL_BATCH_LR, batch_size=SMALL_BATCH, epochs=ep_small,
@@ -78,7 +87,10 @@ constant LR; test accuracy on the held-out 20 % of scikit-learn's digits after t
 collapsed (non-finite loss or weights; the paper's tables report this as NaN); "chance level" = the network stopped
 learning (≈10 %). Plain conv trains at the moderate LR but not at the large one (depending on the seed its loss
 becomes NaN or the network dies at chance level), where BN, GN and PWS still train: PWS standardizes every filter
-(zero mean, eq. 12), which removes the "shift of the average gradient" that inflates the plain network's variance. At batch size 2 PWS does not depend on the batch at all; BN normalizes with the statistics
+(zero mean, eq. 12), which removes the "shift of the average gradient" that inflates the plain network's variance.
+At the very large LR paper PWS collapses too; `gamma="auto"` keeps the same forward (eq. 12, foldable) and clips
+each filter's, α's and β's gradient relative to its own size inside the layer, which stops the runaway growth of the
+first layers' α, β and gradients that precedes the collapse (RESULTS.md). At batch size 2 PWS does not depend on the batch at all; BN normalizes with the statistics
 of two images. Per-run curves: curves.png; per-epoch metrics: <run>/metrics.csv."""
 
 
