@@ -38,11 +38,11 @@ for item in sys.argv[2:]:
         arch, v = "residual", v[4:]
     method, opts = V[v]
     mname, mopts = ("convpool_cnn_c_small", {"width": 0.125}) if arch == "plain" else ("resnet_cifar_small", {"width": 0.5})
+    if v.endswith("_ln"):   # LayerNorm after the first conv and before the global pooling
+        mopts = {**mopts, "ln_io": True}
     cfg = dict(model=mname, model_opts=mopts, method=method, method_opts=opts, dataset="cifar10", limit=2000,
                test_limit=1000, epochs=4, milestones=[2, 3], lr=float(lr), batch_size=128, seed=0, num_threads=1,
                progress=False, ckpt_every=0)
-    if v.endswith("_ln"):
-        mopts = {**mopts, "ln_io": True}
     runs.append(RunSpec(f"{arch}_{v}_lr{lr}", TrainConfig.from_dict(cfg), {"arch": arch, "variant": v, "LR": float(lr)}))
 recs = run_sweep(runs, out)
 for r in recs:

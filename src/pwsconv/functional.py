@@ -29,7 +29,7 @@ __all__ = ["pws_weight", "pws_weights_fused", "check_gamma", "check_clip", "he_s
 #: the layer's width (Fig. 2), and γ never dominates the variance of a wide layer at init.
 AUTO_GAMMA = 1e-3
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of W, α and β (RESULTS.md).
-AUTO_CLIP = 0.02
+AUTO_CLIP = 0.01
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

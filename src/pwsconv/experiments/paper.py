@@ -288,10 +288,10 @@ ROBUST_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "pws auto": ("pws", {"gamma": "auto"}),
 }
 ROBUST_ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
-    "auto, clip 0.01": ("pws", {"gamma": "auto", "clip": 0.01}),
+    "auto, clip 0.02": ("pws", {"gamma": "auto", "clip": 0.02}),
     "auto, clip 0.04": ("pws", {"gamma": "auto", "clip": 0.04}),
-    "auto without clipping (γ rule only)": ("pws", {"gamma": "auto", "clip": None}),
-    "paper γ=1e-3 + clip (no γ rule)": ("pws", {"gamma": 1e-3, "clip": "auto"}),
+    "auto without clipping (γ rule only)": ("pws", {"gamma": "auto", "clip": 0}),
+    "paper γ=1e-3 + clip 0.01 (no γ rule)": ("pws", {"gamma": 1e-3, "clip": 0.01}),
 }
 ROBUST_ABLATION_LRS = (0.1, 0.4, 1.6)
 ROBUST_BATCHES = (2, 4, 8, 128)
