@@ -217,3 +217,16 @@ def test_convert_and_method_registry_accept_auto():
     assert len(layers) == 2 and all(m.gamma == "auto" and m.clip_lambda == AUTO_CLIP for m in layers)
     conv = pwsconv.build_conv("pws", 2, 3, 4, 3, gamma="auto", clip=0.01)
     assert conv.clip_lambda == 0.01
+
+
+def test_gradcheck_fused_node_with_inactive_clipping():
+    from pwsconv.functional import pws_weights_fused
+
+    torch.manual_seed(0)
+    ws = [torch.randn(3, 2, 2, 2, dtype=F64, requires_grad=True), torch.randn(2, 2, 2, 2, dtype=F64, requires_grad=True)]
+    als = [torch.rand(3, dtype=F64).add_(0.5).requires_grad_(True), torch.rand(2, dtype=F64).add_(0.5).requires_grad_(True)]
+
+    def fn(w0, a0, w1, a1):
+        return tuple(pws_weights_fused([w0, w1], [a0, a1], [1e-3, 1e-3], [0.5, 0.5], [1e12, 1e12]))
+
+    assert gradcheck(fn, (ws[0], als[0], ws[1], als[1]), eps=1e-6, atol=1e-6, rtol=1e-4)

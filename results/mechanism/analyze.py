@@ -33,7 +33,8 @@ def first_blowup(series, factor=10.0):
     steps = sorted(series)
     if not steps:
         return None
-    v0 = abs(series[steps[0]])
+    nonzero = [abs(series[s]) for s in steps if math.isfinite(series[s]) and series[s] != 0]
+    v0 = nonzero[0] if nonzero else 0.0      # β starts at 0: its first non-zero value is the baseline
     for s in steps:
         v = series[s]
         if not math.isfinite(v) or (v0 > 0 and abs(v) > factor * v0):
@@ -71,7 +72,7 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(HERE, "mechanism.png"), dpi=90)
     lines = ["# What blows up first (probe records, ConvPool-C width 0.25, CIFAR-10, batch 128, SGD 0.9, wd 5e-4)", "",
-             "First step at which a quantity exceeds 10× its step-0 value (or becomes non-finite); '—' = never in "
+             "First step at which a quantity exceeds 10× its step-0 value (its first non-zero value for β, which starts at 0) or becomes non-finite; '—' = never in "
              "45 steps. Layer quantities: the earliest over all conv layers, with the layer.", ""]
     head = ["quantity"] + [f"{m} @ LR {lr}" for lr in LRS for m in methods]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -88,6 +89,16 @@ def main():
                     if f is not None and (best is None or f < best[0]):
                         best = (f, l)
                 row.append("—" if best is None else (f"{best[0]}" if best[1] == "(model)" else f"{best[0]} ({best[1]})"))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Largest finite value over the run (model quantities) or over steps and conv layers (layer quantities):",
+              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for st, label in stats:
+        row = [label]
+        for lr in LRS:
+            for m in methods:
+                vals = [abs(v) for (l, s_), ser in all_data[lr].get(m, {}).items() if s_ == st and l != "fc"
+                        for v in ser.values() if math.isfinite(v)]
+                row.append(f"{max(vals):.3g}" if vals else "—")
         lines.append("| " + " | ".join(row) + " |")
     nan = []
     for lr in LRS:

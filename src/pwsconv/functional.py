@@ -225,7 +225,7 @@ class _PWSMany(torch.autograd.Function):
         ctx.set_materialize_grads(False)      # layers that were not used get None, not zeros
         outs: list[Tensor | None] = [None] * n_out
         saved = []
-        for layers, w_pos, a_pos, rows, n, gamma, gain, shape in spec:
+        for layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip in spec:
             ws = [tensors[i] for i in w_pos]
             w = ws[0] if len(ws) == 1 else torch.cat(ws)
             r_all = shape[0]
@@ -260,7 +260,7 @@ class _PWSMany(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         needs = ctx.needs_input_grad
         res: list[Tensor | None] = [None] * len(needs)
-        for (layers, w_pos, a_pos, rows, n, gamma, gain, shape), (ws, al, versions, s, mean, rstd) in zip(
+        for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd) in zip(
                 ctx.spec, ctx.groups):
             gl = [grads[k] for k in layers]
             if all(g is None for g in gl):
@@ -285,6 +285,10 @@ class _PWSMany(torch.autograd.Function):
             gw, gs, _ = _BN_BACKWARD(g.reshape(1, r_all, n), w.view(1, r_all, n), s, None, None, mean, rstd,
                                      True, gamma, [need_w, need_a, False])
             if need_w:
+                if clip:   # unit-wise gradient clipping per filter (the rows), as unit_clip does per layer
+                    pn = torch.linalg.vector_norm(w.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-3)
+                    gn = torch.linalg.vector_norm(gw.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-30)
+                    gw = gw.view(r_all, n) * (pn.mul_(clip) / gn).clamp_(max=1.0)
                 gw = gw.view(shape)
                 parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
                 for i, gi, p in zip(w_pos, gl, parts):
@@ -293,6 +297,10 @@ class _PWSMany(torch.autograd.Function):
             if need_a:
                 if gain != 1.0:
                     gs = gs.mul_(gain)
+                if clip:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
+                    a_all = al[0] if len(al) == 1 else torch.cat(al)
+                    bound = a_all.abs().clamp_min(1e-3).mul_(clip)
+                    gs = torch.minimum(torch.maximum(gs, -bound), bound)
                 parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
                 for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
                     if gi is not None:
@@ -301,28 +309,31 @@ class _PWSMany(torch.autograd.Function):
 
 
 def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
-                      gains: Sequence[float]) -> list[Tensor]:
+                      gains: Sequence[float], clips: Sequence[float] | None = None) -> list[Tensor]:
     """:func:`pws_weight` for many layers at once, as one autograd node (eq. 12 per filter ``weight[o]``).
 
     Same values as ``[pws_weight(w, γ, α, gain=g) for ...]`` and the same gradients up to float rounding (tested),
     at a fraction of the per-layer overhead: a step of a network with many small PWS layers is dominated by per-op
     dispatch and autograd bookkeeping, not by arithmetic, so layers with the same filter shape, γ and gain are
     standardized together by one native op. Each weight uses the default layout (filters along dim 0, contiguous,
-    float32 or float64); each α has one value per filter (or is ``None``). Used by
-    :func:`pwsconv.fuse_standardization`.
+    float32 or float64); each α has one value per filter (or is ``None``). ``clips``: per layer, the unit-wise
+    gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry) in the node's
+    backward (0 = none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
     """
-    if not (len(weights) == len(alphas) == len(gammas) == len(gains)):
-        raise ValueError("pws_weights_fused: weights, alphas, gammas and gains must have the same length")
+    if clips is None:
+        clips = [0.0] * len(weights)
+    if not (len(weights) == len(alphas) == len(gammas) == len(gains) == len(clips)):
+        raise ValueError("pws_weights_fused: weights, alphas, gammas, gains and clips must have the same length")
     groups: dict[tuple, tuple[list[int], list[int], list[int] | None, list[int]]] = {}
     tensors: list[Tensor] = []
-    for k, (w, a, gamma, gain) in enumerate(zip(weights, alphas, gammas, gains)):
+    for k, (w, a, gamma, gain, clip) in enumerate(zip(weights, alphas, gammas, gains, clips)):
         if w.dim() < 2 or not w.is_contiguous() or w.dtype in _LOW_PRECISION:
             raise ValueError(f"pws_weights_fused: needs contiguous float32/float64 weights with ≥ 2 dims, got "
                              f"{tuple(w.shape)} {w.dtype}")
         rows = w.shape[0]
         if a is not None and a.numel() != rows:
             raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
-        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None)
+        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None, float(clip or 0.0))
         grp = groups.get(key)
         if grp is None:
             grp = groups[key] = ([], [], [] if a is not None else None, [])
@@ -338,6 +349,6 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
             grp[2].append(len(tensors))  # type: ignore[union-attr]
             tensors.append(a)
     spec = tuple((tuple(layers), tuple(w_pos), None if a_pos is None else tuple(a_pos), tuple(rows),
-                  math.prod(key[0]), key[3], key[4], (sum(rows), *key[0]))
+                  math.prod(key[0]), key[3], key[4], (sum(rows), *key[0]), key[6])
                  for key, (layers, w_pos, a_pos, rows) in groups.items())
     return list(_PWSMany.apply(spec, len(weights), *tensors))

@@ -704,9 +704,8 @@ class _FusePre:
             lams.append(m.clip_lambda)
         if not layers:
             return
-        # gamma="auto" / clip: the gradients reaching W and α pass the layer's clipping first (identity forward)
-        outs = pws_weights_fused([unit_clip(w, lam) if lam else w for w, lam in zip(ws, lams)],
-                                 [unit_clip(a, lam) if lam else a for a, lam in zip(als, lams)], gammas, gains)
+        # gamma="auto" / clip: the node clips ∂L/∂W per filter and ∂L/∂α per entry in its backward, per group
+        outs = pws_weights_fused(ws, als, gammas, gains, lams)
         token = [True]
         st.token, st.layers = token, layers
         for m, k, o in zip(layers, keys, outs):
