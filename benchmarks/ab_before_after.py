@@ -41,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results_ab"))
+    p.add_argument("--cpu-time", action="store_true",
+                   help="one torch thread, timed by this thread's CPU time (for a machine busy with other work)")
     a = p.parse_args(argv)
+    clock = time.perf_counter
+    if a.cpu_time:
+        torch.set_num_threads(1)
+        clock = time.thread_time
     try:
         load_package("pwsconv_before", a.before.resolve())
         from pwsconv_before.experiments.speed import train_step_fn as before_step   # type: ignore[import-not-found]
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                    "pws after (recompute)": make(build_model, "pws", train_step_fn, recompute=True),
                    # issue 12: the stabilized layer (same forward, clipped gradients) against paper PWS
                    "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"})}
-            t = timed_interleaved(fns, "cpu", a.repeats, a.warmup)
+            t = timed_interleaved(fns, "cpu", a.repeats, a.warmup, clock=clock)
             row = dict(model=model, batch=b, none_ms=t["none"] * 1e3,
                        **{k: v / t["none"] for k, v in t.items() if k != "none"})
             rows.append(row)
@@ -80,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k}=×{v:.3f}" for k, v in row.items() if k not in ("model", "batch", "none_ms")), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     meta = dict(before=str(a.before), torch=torch.__version__, pwsconv=pwsconv.__version__,
+                clock="thread CPU time" if a.cpu_time else "wall time",
                 threads=torch.get_num_threads(), repeats=a.repeats, wall_s=round(time.time() - t0),
                 command="python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     (a.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     cols = [k for k in rows[0] if k not in ("model", "batch", "none_ms")]
-    md = [f"Command: `{meta['command']}` ({meta['wall_s']} s, torch {meta['torch']}, {meta['threads']} threads)", "",
+    md = [f"Command: `{meta['command']}` ({meta['wall_s']} s, torch {meta['torch']}, {meta['threads']} threads, "
+          f"{meta['clock']})", "",
           "| model | batch | none | " + " | ".join(cols) + " |", "|---|---:|---:|" + "---:|" * len(cols)]
     md += [f"| {r['model']} | {r['batch']} | {r['none_ms']:.2f} ms | " + " | ".join(f"×{r[c]:.3f}" for c in cols)
            + " |" for r in rows]

@@ -66,6 +66,7 @@ def test_smoke_end_to_end_and_resume(name, smoke_dir):
     ("table1", "full", 7 * 4 * 1), ("table1", "cpu", 7 * 4 * 3),
     ("table2", "full", 7 * 2 * 1), ("table2", "cpu", 7 * 2 * 3),
     ("collapse", "full", 6 * 9 * 1), ("collapse", "cpu", 6 * 9 * 3),
+    ("robust", "full", 2 * 4 * 9 + 4 * 3 + 4 * 4), ("robust", "cpu", 3 * (2 * 4 * 9 + 4 * 3 + 4 * 4)),
 ])
 def test_dry_run_grid_sizes(name, preset, n, tmp_path):
     info = reproduce(name, preset, out_dir=tmp_path / "x", dry_run=True, log=None)
@@ -169,3 +170,26 @@ def test_cpu_preset_scales_gn_groups_with_width():
                       method_opts=r.config.method_opts)
     sizes = {m.num_channels // m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)}
     assert sizes == {3, 6}        # 96/32 and 192/32 channels per group, as at full width
+
+
+def test_robust_grid_reuses_the_collapse_and_table1_runs():
+    """The plain-net BN/GN/PWS LR scan of ``robust`` is the collapse scan and its batch rows are Table 1's, config for
+    config, so finished runs of those sweeps can be reused; auto is gamma="auto" with nothing else changed."""
+    from pwsconv.experiments.sweep import _same_run
+
+    rob = build_runs("robust", "cpu")
+    col = {(r.labels["method"], r.labels["LR"], r.labels["seed"]): r.config for r in build_runs("collapse", "cpu")}
+    t1 = {(r.labels["method"], r.labels["batch"], r.labels["seed"]): r.config for r in build_runs("table1", "cpu")}
+    n_lr = n_b = 0
+    for r in rob:
+        lab = r.labels
+        if lab["part"] == "lr" and lab["arch"] == "plain" and lab["method"] in ("bn", "gn", "pws"):
+            assert _same_run(r.config.to_dict(), col[(lab["method"], lab["LR"], lab["seed"])].to_dict())
+            n_lr += 1
+        if lab["part"] == "batch" and lab["method"] in ("bn", "gn", "pws"):
+            assert _same_run(r.config.to_dict(), t1[(lab["method"], lab["batch"], lab["seed"])].to_dict())
+            n_b += 1
+        if lab["method"] == "pws auto":
+            assert r.config.method == "pws" and r.config.method_opts == {"gamma": "auto"}
+    assert n_lr == 3 * 9 * 3 and n_b == 3 * 4 * 3
+    assert {r.labels["arch"] for r in rob} == {"plain", "residual"}

@@ -26,9 +26,11 @@ def _sync(device: torch.device) -> None:
 
 
 def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.device | str = "cpu", repeats: int = 10,
-                      warmup: int = 2, inner: int = 1) -> dict[str, float]:
+                      warmup: int = 2, inner: int = 1,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each fn, measured round-robin (one call of each per round, the order rotated by one
-    every round)."""
+    every round). ``clock=time.thread_time`` with one torch thread measures CPU time of this thread only, which other
+    processes on a busy machine barely disturb (wall time is the default)."""
     if repeats < 1 or warmup < 0 or inner < 1:
         raise ValueError(f"repeats and inner must be ≥ 1 and warmup ≥ 0, got {repeats}, {inner}, {warmup}")
     device = torch.device(device)
@@ -41,11 +43,11 @@ def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.devic
         # rotate the order every round, so that no method always runs right after the same (e.g. cache-thrashing) one
         for k, f in items[r % len(items):] + items[:r % len(items)]:
             _sync(device)
-            t = time.perf_counter()
+            t = clock()
             for _ in range(inner):
                 f()
             _sync(device)
-            samples[k].append((time.perf_counter() - t) / inner)
+            samples[k].append((clock() - t) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
