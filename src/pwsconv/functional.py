@@ -21,7 +21,8 @@ from torch import Tensor
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["pws_weight", "pws_weights_fused", "check_gamma", "check_clip", "he_std", "unit_clip", "AUTO_GAMMA",
+__all__ = ["pws_weight", "pws_weights_fused", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
+           "AUTO_GAMMA",
            "AUTO_CLIP"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
@@ -98,6 +99,34 @@ def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None) -
     nd = p.dim()
     d = tuple(range(1, nd)) if dims is None else tuple(sorted({int(x) % nd for x in dims}))
     return _UnitClip.apply(p, float(lam), d)
+
+
+class _UnitClipMany(torch.autograd.Function):
+    """Identity on several vectors at once; backward clips each entry as :func:`unit_clip` does (one node for all)."""
+
+    @staticmethod
+    def forward(ctx, lams: tuple[float, ...], *ps: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*ps)
+        ctx.lams = lams
+        return tuple(p.view_as(p) for p in ps)
+
+    @staticmethod
+    def backward(ctx, *gs: Tensor | None):  # type: ignore[override]
+        ps = ctx.saved_tensors
+        out: list[Tensor | None] = [None]
+        for p, g, lam in zip(ps, gs, ctx.lams):
+            if g is None:
+                out.append(None)
+                continue
+            bound = p.abs().clamp_min(1e-3).mul_(lam)
+            out.append(torch.minimum(torch.maximum(g, -bound), bound))
+        return tuple(out)
+
+
+def unit_clip_many(ps: Sequence[Tensor], lams: Sequence[float]) -> list[Tensor]:
+    """:func:`unit_clip` of several 1-d tensors (biases, per entry) in one autograd node."""
+    return list(_UnitClipMany.apply(tuple(float(x) for x in lams), *ps))
 
 
 def he_std(fan: int) -> float:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, pws_weights_fused, unit_clip
+from ..functional import (AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, pws_weights_fused,
+                          unit_clip, unit_clip_many)
 
 __all__ = [
     "PWSMixin",
@@ -131,7 +132,7 @@ class PWSMixin:
             self.register_parameter("alpha", None)
         if data_init_alpha:
             self.register_buffer("alpha_initialized", torch.zeros((), dtype=torch.bool, device=self.weight.device))
-        self._fused: tuple[list, tuple, Tensor] | None = None   # set by fuse_standardization during one forward
+        self._fused: tuple | None = None   # (token, key, α·Ŵ, (β, clipped β) or None): set by fuse_standardization
         self._pws_ready = True
         self.reset_parameters()
 
@@ -223,7 +224,12 @@ class PWSMixin:
         p = self._parameters   # straight from the dict unless parametrized (nn.Module.__getattr__ is slow)
         b = p["bias"] if "bias" in p else self.bias
         lam = self.clip_lambda
-        return unit_clip(b, lam) if lam and b is not None else b
+        if not lam or b is None:
+            return b
+        f = self._fused   # fuse_standardization clipped every layer's β in one node for this forward
+        if f is not None and f[0][0] and len(f) > 3 and f[3] is not None and f[3][0] is b:
+            return f[3][1]
+        return unit_clip(b, lam)
 
     def _needs_fresh_weight(self, w: Tensor, a: Tensor | None) -> bool:
         """Training, or gradients wanted: α·Ŵ is computed anew (in the graph) instead of taken from the eval cache."""
@@ -706,10 +712,18 @@ class _FusePre:
             return
         # gamma="auto" / clip: the node clips ∂L/∂W per filter and ∂L/∂α per entry in its backward, per group
         outs = pws_weights_fused(ws, als, gammas, gains, lams)
+        # β of the clipped layers: one clipping node for all of them, not one per layer
+        clipped = [(i, m._parameters.get("bias")) for i, m in enumerate(layers) if lams[i]]
+        clipped = [(i, b) for i, b in clipped if b is not None and b.requires_grad and grad]
+        bias_out: list = [None] * len(layers)
+        if clipped:
+            views = unit_clip_many([b for _, b in clipped], [lams[i] for i, _ in clipped])
+            for (i, b), v in zip(clipped, views):
+                bias_out[i] = (b, v)
         token = [True]
         st.token, st.layers = token, layers
-        for m, k, o in zip(layers, keys, outs):
-            m._fused = (token, k, o)
+        for m, k, o, bo in zip(layers, keys, outs, bias_out):
+            m._fused = (token, k, o, bo)
         if st.recompute and grad:
             hooks = _RecomputeHooks({id(o): (o, _Recompute(w, a, g, gn))
                                      for o, w, a, g, gn in zip(outs, ws, als, gammas, gains)})
