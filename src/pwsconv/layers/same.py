@@ -1,0 +1,47 @@
+"""TensorFlow-style dynamic "SAME" padding for 2-d convolutions (timm's ``Conv2dSame`` / ``*StdConv2dSame`` with
+``same_pad=True``): the input is padded, depending on its size, so that the output has ceil(input / stride) pixels,
+the extra pixel going to the bottom/right. :func:`pwsconv.convert` turns such convs into :class:`PWSConv2dSame`, and
+:func:`pwsconv.fold` turns that into :class:`Conv2dSame` (an ``nn.Conv2d`` whose forward pads first).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .pws import PWSConv2d
+
+__all__ = ["pad_same", "Conv2dSame", "PWSConv2dSame"]
+
+
+def _same(size: int, k: int, s: int, d: int) -> int:
+    return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+
+
+def pad_same(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """Pad ``x`` (N, C, H, W) for a TF "SAME" convolution: half of the padding before, the rest after."""
+    ih, iw = x.shape[-2:]
+    ph = _same(int(ih), kernel_size[0], stride[0], dilation[0])
+    pw = _same(int(iw), kernel_size[1], stride[1], dilation[1])
+    if ph or pw:
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    return x
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` with TF "SAME" padding computed from the input size (``padding`` must be 0)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(pad_same(input, self.kernel_size, self.stride, self.dilation))
+
+
+class PWSConv2dSame(PWSConv2d):
+    """:class:`pwsconv.PWSConv2d` with TF "SAME" padding computed from the input size; folds to :class:`Conv2dSame`."""
+
+    _plain_cls = Conv2dSame
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(pad_same(input, self.kernel_size, self.stride, self.dilation))
