@@ -47,6 +47,10 @@ def probe(
         raise ValueError(f"--mode must be 'train' or 'measure', got {mode!r}")
     for m in methods:
         get_method(m)
+    from ..models import model_info
+    from ..models.external import check, is_external
+
+    check(model) if is_external(model) else model_info(model)   # a bad model name fails before any work
     data = load_dataset(dataset, data_root, seed=seed)
     g = torch.Generator().manual_seed(seed)
     loader = data.loader("train", batch_size, generator=g, drop_last=True)
@@ -64,7 +68,8 @@ def probe(
 
 
 def configure_probe_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--model", default="tiny_cnn", help="a name of pwsconv.models.available_models()")
+    p.add_argument("--model", default="tiny_cnn", help="a name of pwsconv.models.available_models(), or "
+                   "torchvision:NAME, timm:NAME, module.path:callable")
     p.add_argument("--dataset", default="digits", help="a name of pwsconv.data.available_datasets()")
     p.add_argument("--data-root", default=None)
     p.add_argument("--methods", nargs="+", default=["none", "bn", "pws"])
