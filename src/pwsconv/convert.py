@@ -17,7 +17,7 @@ from torch.nn.parameter import UninitializedTensorMixin
 
 from ._bnlike import bn_info, bn_stats, conv_info, effective_weight, fold_bn, init_from, with_drop_act
 from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
-from .layers.same import Conv2dSame, PWSConv2dSame
+from .layers.same import Conv2dSame, same_padded
 from .norms import _opts_for, _split_opts, build_norm, get_method, plain_conv
 
 __all__ = ["convert", "fold", "param_groups", "is_norm_layer", "NORM_TYPES"]
@@ -81,8 +81,8 @@ def convert(
     "bn" keeps BatchNorm). ``gamma=1e-3`` and the other PWS switches go in ``method_opts``.
 
     Layers are recognized by what they are, not by their exact type: every ``nn.Conv*d`` subclass (timm's
-    ``Conv2dSame`` and other dynamically "SAME"-padded convs become :class:`pwsconv.layers.same.PWSConv2dSame`, which
-    keeps that padding; weight-standardized convs such as timm's ``StdConv2d``/``ScaledStdConv2d`` become plain PWS
+    ``Conv2dSame`` and other dynamically "SAME"-padded convs become the method's conv with that padding, e.g.
+    :class:`pwsconv.layers.same.PWSConv2dSame`; weight-standardized convs such as timm's ``StdConv2d``/``ScaledStdConv2d`` become plain PWS
     convs; uninitialized ``nn.LazyConv*d`` become lazy PWS convs that take their input channels from the first
     batch) and every BatchNorm (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy BN, ``FrozenBatchNorm2d`` of
     torchvision and timm, timm's ``BatchNormAct2d``, whose drop path and activation are kept after the new norm).
@@ -411,7 +411,7 @@ def _convert_conv(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
             return conv    # the method keeps plain convs: a weight-standardized or lazy conv stays as the model has it
         if want_bias == (conv.bias is not None) and not fold_needed:
             return conv    # the method keeps plain convs and the bias is as wanted: nothing to change
-        cls = Conv2dSame if ci.same_pad else ci.base
+        cls = same_padded(ci.base) if ci.same_pad else ci.base
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=want_bias, padding_mode=conv.padding_mode)
         if not ctx.copy_weights:
@@ -428,14 +428,10 @@ def _convert_conv(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
             return ctx.leave(name, conv, f"uninitialized lazy conv: method {m.name!r} has no lazy conv; run one "
                                          "forward first")
         return _LAZY_PWS[ci.dim](conv.out_channels, conv.kernel_size, **kw, **ctx.conv_opts)
-    if ci.same_pad:
-        if not is_pws:
-            return ctx.leave(name, conv, f"dynamic SAME padding: method {m.name!r} has no same-padded conv")
-        new = _try(ctx, name, conv, lambda: PWSConv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size,
-                                                          **kw, **ctx.conv_opts))
-    else:
-        new = _try(ctx, name, conv, lambda: m.conv(ci.dim, conv.in_channels, conv.out_channels, conv.kernel_size,
-                                                   **kw, **ctx.conv_opts))
+    new = _try(ctx, name, conv, lambda: m.conv(ci.dim, conv.in_channels, conv.out_channels, conv.kernel_size,
+                                               **kw, **ctx.conv_opts))
+    if ci.same_pad and new is not conv:
+        new.__class__ = same_padded(type(new))   # the method's conv, padding the input as the original did
     if new is not conv:
         _carry(ctx, conv, new, ci)
     return new
