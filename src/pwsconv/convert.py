@@ -111,10 +111,11 @@ def convert(
         inplace: modify ``model`` itself; by default a deep copy is converted and ``model`` is left unchanged.
         strict: raise ``ValueError`` (before anything is changed) instead of warning about layers left unconverted.
         example_inputs: with ``copy_weights``, a batch (a tensor, or a tuple of positional inputs) of typical data
-            for bias correction: the original and then the converted model run on it once in eval mode, and each
-            PWS layer's β_o is shifted, in forward order, so that its mean output per channel on the batch equals
-            that of the conv(+BN) it replaces. This restores the mean part of what the removed filter mean
-            E[W_o]·Σx contributed; what varies with the input around its mean is not restored.
+            to calibrate on: the converted model runs on it once in eval mode and, layer after layer in forward
+            order, each copied PWS layer's α_o and β_o become the least-squares fit of the original conv(+BN)
+            output on the inputs the layer receives (y_o ≈ α_o·z_o + β_o, z = the standardized conv). This
+            recovers what a per-channel scale and shift can of the removed filter mean E[W_o]·Σx; the rest, which
+            varies with the input, cannot be represented by a PWS layer.
 
     Returns:
         The converted model (``model`` itself when ``inplace=True``).
@@ -159,8 +160,8 @@ def convert(
     if example_inputs is not None:
         if not copy_weights:
             raise ValueError("convert: example_inputs is used with copy_weights=True only")
+        ctx.calibrate = True
         example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        ctx.out_means = _output_means(model, example_inputs)
     converted: dict[int, nn.Module] = {}
     plan: list[tuple[str, nn.Module, nn.Module]] = []
     for name, mod in targets:
@@ -194,7 +195,7 @@ def convert(
     for _, _, new in plan:
         new.__dict__.pop("_pws_placed", None)
     if example_inputs is not None:
-        _bias_correct(ctx, model, example_inputs)
+        _calibrate(ctx, model, example_inputs)
 
     if in_name:
         mod = model.get_submodule(in_name)
@@ -230,8 +231,8 @@ class _Ctx:
         self.left: list[str] = []      # "name (Type): why" of every conv/norm left as it is
         self.lost: list[str] = []      # BN layers whose statistics copy_weights could not carry
         self.folded: set[int] = set()  # BN layers folded into the conv before them
-        self.out_means: dict[int, Tensor] = {}   # conv/linear/BN → mean output per channel (example_inputs)
-        self.sources: dict[int, nn.Module] = {}   # new layer → the layer it replaces
+        self.calibrate = False                       # example_inputs given: keep a reference of each copied layer
+        self.refs: dict[int, nn.Module] = {}         # new PWS layer → plain layer computing the original conv(+BN)
 
     def leave(self, name: str, mod: nn.Module, why: str) -> nn.Module:
         self.left.append(f"{name} ({type(mod).__name__}: {why})")
@@ -299,55 +300,58 @@ def _eval_forward(model: nn.Module, args: tuple, hooks: list) -> None:
             mod.training = mode
 
 
-def _channel_mean(y: Any) -> Tensor | None:
-    if not isinstance(y, Tensor) or y.dim() < 2 or not y.is_floating_point():
-        return None
-    y = y.detach().double()
-    ch = 1 if y.dim() > 2 else y.dim() - 1
-    return y.mean(dim=[d for d in range(y.dim()) if d != ch])
-
-
-def _output_means(model: nn.Module, args: tuple) -> dict[int, Tensor]:
-    """Mean output per channel of every conv, linear and BN-like layer, over one eval forward on ``args``."""
+def _calibrate(ctx: _Ctx, model: nn.Module, args: tuple) -> None:
+    """Fit α and β of every copied PWS layer on ``args``, in forward order: per output channel, the least-squares
+    line from the layer's standardized output z_o (α = 1, β = 0) to the output of the layer it replaces (conv with
+    the BN after it folded in), y_o ≈ α_o·z_o + β_o, on the inputs the layer actually receives (which already come
+    from calibrated layers)."""
     if not args or not all(isinstance(a, Tensor) for a in args):
         raise TypeError("convert: example_inputs must be a tensor or a tuple of tensors")
-    means: dict[int, Tensor] = {}
-
-    def hook(mod: nn.Module, inp: tuple, out: Any) -> None:
-        mean = _channel_mean(out)
-        if mean is not None and id(mod) not in means:
-            means[id(mod)] = mean
-
-    hooks = [mod.register_forward_hook(hook) for mod in model.modules()
-             if conv_info(mod) is not None or isinstance(mod, nn.Linear) or bn_info(mod) is not None]
-    _eval_forward(model, args, hooks)
-    return means
-
-
-def _bias_correct(ctx: _Ctx, model: nn.Module, args: tuple) -> None:
-    """Shift β of every copied PWS layer, in forward order, so that its mean output per channel on ``args`` is the
-    original conv(+BN)'s (the inputs it sees already come from corrected layers)."""
-    targets: dict[int, Tensor] = {}
-    for mod in model.modules():
-        src = ctx.sources.get(id(mod))
-        if src is None or not hasattr(mod, "alpha") or getattr(mod, "bias", None) is None:
-            continue
-        pair = ctx.pairs.get(id(src))
-        key = id(pair[1]) if pair is not None and id(pair[1]) in ctx.folded else id(src)
-        if key in ctx.out_means:
-            targets[id(mod)] = ctx.out_means[key]
+    refs = {i: r for i, r in ctx.refs.items()}
+    layers = {id(mod): mod for mod in model.modules() if id(mod) in refs}
 
     def pre(mod: nn.Module, inp: tuple) -> None:
-        target = targets.pop(id(mod), None)
-        if target is None:
+        ref = refs.pop(id(mod), None)
+        if ref is None:
             return
-        mean = _channel_mean(mod.forward(*inp))
-        if mean is not None and mean.shape == target.shape:
-            mod.bias.add_((target - mean).to(mod.bias.dtype))
-            mod._cache = None
+        y = ref(*inp)
+        alpha, bias = mod.alpha, getattr(mod, "bias", None)
+        saved = (None if alpha is None else alpha.detach().clone(), None if bias is None else bias.detach().clone())
+        if alpha is not None:
+            alpha.fill_(1.0)
+        if bias is not None:
+            bias.zero_()
+        mod._cache = None
+        z = mod.forward(*inp)
+        if not (isinstance(z, Tensor) and isinstance(y, Tensor)) or z.shape != y.shape or z.dim() < 2:
+            _restore(mod, saved)
+            return
+        ch = 1 if z.dim() > 2 else z.dim() - 1
+        zc = z.detach().double().movedim(ch, 0).reshape(z.shape[ch], -1)
+        yc = y.detach().double().movedim(ch, 0).reshape(y.shape[ch], -1)
+        zm, ym = zc.mean(1), yc.mean(1)
+        if alpha is not None:
+            var = (zc - zm[:, None]).square().mean(1)
+            cov = ((zc - zm[:, None]) * (yc - ym[:, None])).mean(1)
+            a = torch.where(var > 1e-12 * var.max().clamp_min(1e-300), cov / var.clamp_min(1e-300),
+                            saved[0].double())
+            alpha.copy_(a.to(alpha.dtype))
+        else:
+            a = torch.ones_like(zm)
+        if bias is not None:
+            bias.copy_((ym - a * zm).to(bias.dtype))
+        mod._cache = None
 
-    hooks = [mod.register_forward_pre_hook(pre) for mod in model.modules() if id(mod) in targets]
+    hooks = [mod.register_forward_pre_hook(pre) for mod in layers.values()]
     _eval_forward(model, args, hooks)
+
+
+def _restore(mod: nn.Module, saved: tuple) -> None:
+    if saved[0] is not None:
+        mod.alpha.copy_(saved[0])
+    if saved[1] is not None:
+        mod.bias.copy_(saved[1])
+    mod._cache = None
 
 
 def _feeds(model: nn.Module, conv_name: str, bn_name: str) -> bool:
@@ -372,7 +376,6 @@ def _carry(ctx: _Ctx, mod: nn.Module, new: nn.Module, ci: Any, *, linear: bool =
     """copy_weights: the original layer's function (with the BN after it folded in where the method drops BN)."""
     if not ctx.copy_weights or _is_lazy(mod):
         return
-    ctx.sources[id(new)] = mod
     raw = mod.weight.detach()
     eff = effective_weight(mod, ci) if ci is not None else raw.clone()
     b = None if mod.bias is None else mod.bias.detach().clone()
@@ -386,6 +389,22 @@ def _carry(ctx: _Ctx, mod: nn.Module, new: nn.Module, ci: Any, *, linear: bool =
     with torch.no_grad():
         init_from(new, raw.to(new.weight.dtype), eff.to(new.weight.dtype),
                   None if b is None else b.to(new.weight.dtype))
+        if ctx.calibrate and hasattr(new, "alpha") and hasattr(new, "to_plain"):
+            ref = new.to_plain()     # the same geometry and padding, holding the original (BN-folded) weights
+            ref.weight.copy_(eff.to(ref.weight.dtype))
+            if ref.bias is not None:
+                ref.bias.copy_(0.0 if b is None else b.to(ref.bias.dtype))
+            elif b is not None:
+                ref.register_forward_hook(_add_bias(b))
+            ctx.refs[id(new)] = ref
+
+
+class _add_bias:
+    def __init__(self, b: Tensor) -> None:
+        self.b = b
+
+    def __call__(self, mod: nn.Module, inp: Any, out: Tensor) -> Tensor:
+        return out + self.b.view(-1, *([1] * (out.dim() - 2))) if out.dim() > 2 else out + self.b
 
 
 def _try(ctx: _Ctx, name: str, mod: nn.Module, build) -> nn.Module:
