@@ -70,6 +70,37 @@ def measure(name: str, model: torch.nn.Module, images: torch.Tensor) -> list[tup
     return rows
 
 
+def per_layer(model: torch.nn.Module, images: torch.Tensor) -> list[float]:
+    """Relative error of each copied PWS layer against its conv+BN on the *original* model's inputs to that conv
+    (so no error is passed on): what PWS cannot represent, layer by layer."""
+    from pwsconv.convert import _conv_bn_pairs
+
+    model = pretrained_like(model, images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pws = pwsconv.convert(model, copy_weights=True)
+    pairs = _conv_bn_pairs(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: inputs.__setitem__(id(mod), inp[0].detach()))
+             for m in model.modules() if id(m) in pairs]
+    with torch.no_grad():
+        model(images[768:1024])
+    for h in hooks:
+        h.remove()
+    errs = []
+    with torch.no_grad():
+        for m in model.modules():
+            if id(m) not in pairs:
+                continue
+            x = inputs[id(m)]
+            ref = pairs[id(m)][1](m(x))
+            got = pws.get_submodule(names[id(m)]).eval()(x)
+            if float(ref.norm()) > 0:   # a unit whose BN output is all zero has no relative error
+                errs.append(float((got - ref).norm() / ref.norm()))
+    return errs
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
@@ -87,8 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             import torchvision
             model = torchvision.models.get_model(arch, weights=None, num_classes=10)
+        base = {k: v.clone() for k, v in model.state_dict().items()}
         for name, label, rel, agree in measure(spec, model, images):
             print(f"| {name} | {label} | {rel:.4f} | {100 * agree:.1f} % |", flush=True)
+        model.load_state_dict(base)
+        errs = sorted(per_layer(model, images))
+        print(f"| {spec} | per conv+BN unit, on the original inputs ({len(errs)} units) | median "
+              f"{errs[len(errs) // 2]:.3f}, min {errs[0]:.3f}, max {errs[-1]:.3f} | |", flush=True)
 
 
 if __name__ == "__main__":
