@@ -258,3 +258,21 @@ def test_copy_weights_std_convs_and_linear():
                                                         lin[1].running_var, lin[1].eps, lin[1].weight, lin[1].bias)
     torch.testing.assert_close(pws[0].standardized_weight(), (w - w.mean(1, keepdim=True)).detach())
     torch.testing.assert_close(pws[0].bias, b.detach())
+
+
+def test_same_padded_convs_for_every_method_pickle_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = nn.Sequential(TfConv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8))
+    for method in ("sws", "wn", "gn"):
+        out = pwsconv.convert(model, method)
+        assert type(out[0]).__name__.endswith("Same")
+        x = torch.randn(1, 3, 9, 9)
+        assert out(x).shape == (1, 8, 5, 5)
+    path = tmp_path / "m.pt"
+    torch.save(pwsconv.convert(model, "sws"), path)
+    code = ("import torch, sys; m = torch.load(sys.argv[1], weights_only=False); "
+            "print(type(m[0]).__name__, tuple(m(torch.randn(1, 3, 9, 9)).shape))")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["SWSConv2dSame", "(1,", "8,", "5,", "5)"]

@@ -75,3 +75,17 @@ def same_padded(cls: type[nn.Module]) -> type[nn.Module]:
     setattr(sys.modules[__name__], name, new)
     _SAME[cls] = new
     return new
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """``pwsconv.layers.same.<Class>Same`` for any conv class of pwsconv or torch, made on first use: a pickled model
+    holding one unpickles in a fresh process."""
+    if name.endswith("Same") and not name.startswith("_"):
+        from . import mabn, pws, wn, ws
+
+        base = name[: -len("Same")]
+        for mod in (pws, ws, wn, mabn, nn):
+            cls = getattr(mod, base, None)
+            if isinstance(cls, type) and issubclass(cls, nn.Conv2d):
+                return same_padded(cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
