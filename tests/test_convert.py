@@ -182,7 +182,8 @@ def test_convert_copy_weights():
     with torch.no_grad():
         model[0].bias.normal_()
     pws = pwsconv.convert(model, copy_weights=True, convert_linear=True)
-    assert torch.equal(pws[0].weight, model[0].weight) and torch.equal(pws[0].bias, model[0].bias)
+    assert torch.equal(pws[0].weight, model[0].weight)   # raw weights copied; the (default) BN is folded into β
+    torch.testing.assert_close(pws[0].bias, model[0].bias / (1 + 1e-5) ** 0.5)
     assert torch.equal(pws[2].weight, model[2].weight)
     assert type(pws[3]) is PWSLinear and torch.equal(pws[3].weight, model[3].weight)
     fresh = pwsconv.convert(model)

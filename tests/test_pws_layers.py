@@ -324,10 +324,12 @@ def test_state_dict_compatible_with_nn_conv2d():
     ref = nn.Conv2d(3, 8, 3, padding=1)
     pws = PWSConv2d(3, 8, 3, padding=1)
     assert set(pws.state_dict()) == set(ref.state_dict()) | {"alpha"}
-    result = pws.load_state_dict(ref.state_dict(), strict=False)
-    assert result.missing_keys == ["alpha"] and result.unexpected_keys == []
+    with torch.no_grad():
+        pws.alpha.fill_(3.0)
+    result = pws.load_state_dict(ref.state_dict(), strict=True)   # a plain conv's state_dict loads strictly
+    assert result.missing_keys == [] and result.unexpected_keys == []
     assert torch.equal(pws.weight, ref.weight) and torch.equal(pws.bias, ref.bias)
-    assert torch.equal(pws.alpha, torch.ones(8))
+    assert torch.equal(pws.alpha, torch.ones(8))   # α defaults to 1 when the state_dict has none
     # and back: a PWS state_dict round-trips
     other = PWSConv2d(3, 8, 3, padding=1)
     other.load_state_dict(pws.state_dict())

@@ -22,6 +22,8 @@ from .layers.pws import (
     PWSMixin,
     fuse_standardization,
 )
+from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
+from .layers.same import Conv2dSame, PWSConv2dSame
 from .norms import NormMethod, available_methods, build_conv, build_linear, build_norm, get_method, register_method
 
 __version__ = "0.1.0"
@@ -37,6 +39,11 @@ __all__ = [
     "PWSConvTranspose3d",
     "PWSLinear",
     "PWSMixin",
+    "PWSConv2dSame",
+    "Conv2dSame",
+    "LazyPWSConv1d",
+    "LazyPWSConv2d",
+    "LazyPWSConv3d",
     "fuse_standardization",
     "convert",
     "fold",

@@ -34,7 +34,7 @@ class TrainConfig:
     """
 
     # what to train
-    model: str = "tiny_cnn"
+    model: str = "tiny_cnn"                  # a zoo name, or torchvision:NAME, timm:NAME, module.path:callable
     method: str = "pws"                      # normalization method: pwsconv.available_methods()
     method_opts: dict[str, Any] = field(default_factory=dict)   # e.g. {"gamma": 1e-3} for pws, {"groups": 8} for gn
     model_opts: dict[str, Any] = field(default_factory=dict)    # the model builder's options, e.g. {"width": 0.5}
@@ -153,7 +153,17 @@ class TrainConfig:
             from .models import available_models
         except ImportError:  # pragma: no cover - the models package is part of the project
             available_models = None
+        external = False
         if available_models is not None:
+            from .models.external import check, is_external
+
+            external = is_external(self.model)
+            if external:
+                try:
+                    check(self.model)   # imports the module / looks the architecture up: before any work starts
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+        if available_models is not None and not external:
             models = list(available_models())
             if self.model not in models:
                 raise ConfigError(f"unknown model {self.model!r}{_suggest(self.model, models)}; "
@@ -167,13 +177,13 @@ class TrainConfig:
             except ValueError as e:
                 raise ConfigError(f"method_opts: {e}") from None
             check_method_opts(self.method, self.method_opts)
-            entry = model_info(self.model)
-            allowed = entry.model_options()
-            unknown = sorted(set(self.model_opts) - allowed)
+            allowed = set(self.model_opts) if external else model_info(self.model).model_options()
+            unknown = sorted(set(self.model_opts) - allowed)   # an external builder's options: its own business
             if unknown:
                 raise ConfigError(f"model {self.model!r} takes no option(s) {unknown}; it accepts "
                                   f"{sorted(allowed) or 'none'}")
-            _check_types("model_opts", self.model_opts, _signature_params(entry.builder))
+            if not external:
+                _check_types("model_opts", self.model_opts, _signature_params(model_info(self.model).builder))
         try:
             from .data import available_datasets
         except ImportError:  # pragma: no cover

@@ -9,15 +9,20 @@ import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from .norms import NormMethod, _opts_for, _split_opts, build_norm, get_method
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedTensorMixin
+
+from ._bnlike import bn_info, bn_stats, conv_info, effective_weight, fold_bn, init_from, with_drop_act
+from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
+from .layers.same import Conv2dSame, same_padded
+from .norms import NormMethod, _opts_for, _split_opts, build_norm, get_method, plain_conv
 
 __all__ = ["convert", "fold", "param_groups", "is_norm_layer", "NORM_TYPES"]
 
-_CONV_DIM = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_CONVT_DIM = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
-_BN_DIM = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: 2}
+_LAZY_PWS = {1: LazyPWSConv1d, 2: LazyPWSConv2d, 3: LazyPWSConv3d}
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
@@ -29,11 +34,6 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.Gr
 def is_norm_layer(m: nn.Module) -> bool:
     """True for torch's norm layers and for zoo layers that declare ``is_norm_layer = True``."""
     return isinstance(m, NORM_TYPES) or bool(getattr(m, "is_norm_layer", False))
-
-
-def _exact_type(m: nn.Module, table: dict) -> int | None:
-    # exact types only: a PWSConv2d (a Conv2d subclass) or another zoo conv is never converted twice
-    return table.get(type(m))
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -70,18 +70,35 @@ def convert(
     input_norm: bool | str = False,
     output_norm: bool | str = False,
     inplace: bool = False,
+    strict: bool = False,
+    example_inputs: Any = None,
     **method_opts: Any,
 ) -> nn.Module:
     """Turn a conv+BN network into one that uses ``method`` (default: a BN-free PWS network, as the paper does).
 
-    Every ``nn.Conv1d/2d/3d`` becomes the method's conv with the same hyper-parameters (for "pws": its PWS twin,
-    eq. 12) and every BatchNorm becomes the method's output norm (for "pws", "none", "wn": ``nn.Identity``; for "gn":
-    GroupNorm; "bn" keeps BatchNorm). ``gamma=1e-3`` and the other PWS switches go in ``method_opts``.
+    Every convolution becomes the method's conv with the same hyper-parameters (for "pws": its PWS twin, eq. 12) and
+    every BatchNorm becomes the method's output norm (for "pws", "none", "wn": ``nn.Identity``; for "gn": GroupNorm;
+    "bn" keeps BatchNorm). ``gamma=1e-3`` and the other PWS switches go in ``method_opts``.
+
+    Layers are recognized by what they are, not by their exact type: every ``nn.Conv*d`` subclass (timm's
+    ``Conv2dSame`` and other dynamically "SAME"-padded convs become the method's conv with that padding, e.g.
+    :class:`pwsconv.layers.same.PWSConv2dSame`; weight-standardized convs such as timm's ``StdConv2d``/``ScaledStdConv2d`` become plain PWS
+    convs; uninitialized ``nn.LazyConv*d`` become lazy PWS convs that take their input channels from the first
+    batch) and every BatchNorm (``nn.BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy BN, ``FrozenBatchNorm2d`` of
+    torchvision and timm, timm's ``BatchNormAct2d``, whose drop path and activation are kept after the new norm).
+    A conv or BN that cannot be converted (a forward of its own, a 1×1 depthwise filter of one weight, ...) stays
+    as it is and all of them are listed in one warning; ``strict=True`` raises ``ValueError`` instead. Other norms
+    (GroupNorm, LayerNorm, ...) are kept by design.
 
     Args:
-        model: any module tree (Sequential, residual blocks, torchvision-style ResNets, your own modules).
+        model: any module tree (Sequential, residual blocks, torchvision / timm models, your own modules).
         method: a registered method name (see :func:`pwsconv.available_methods`).
-        copy_weights: copy each conv's current weight (and bias, where both have one) into its replacement.
+        copy_weights: start from the model's current (e.g. pretrained) function. Each conv's weight and bias are
+            copied; a BatchNorm registered right after its conv in the same parent (torchvision's and timm's conv→BN
+            units) is folded in with its running statistics when the method drops BN ("pws", "none"). For PWS the
+            raw weight is copied and α_o = s_o·sqrt(Var[W_o] + γ)/gain (s_o = γ_bn/sqrt(var + ε)), β = the folded
+            shift, so α·Ŵ equals the BN-scaled weight up to its per-filter mean, which standardization removes (the
+            one part that cannot be exact). BN statistics that cannot be carried over are listed in a warning.
         exclude: module names or fnmatch patterns (e.g. ``"conv1"``, ``"fc"``, ``"layer4.*"``) left untouched.
         bias: give converted convs a bias (``None``: the method's default; "pws" adds β_o since BN's shift is gone).
         convert_linear: also convert ``nn.Linear`` (PWSLinear for "pws"); the paper keeps the classifier plain.
@@ -92,19 +109,27 @@ def convert(
             name of the module before whose input to insert it. Together these are the paper's ImageNet setting.
             A module that gets a norm is wrapped in ``nn.Sequential`` (its state_dict keys gain ``.0``/``.1``).
         inplace: modify ``model`` itself; by default a deep copy is converted and ``model`` is left unchanged.
+        strict: raise ``ValueError`` (before anything is changed) instead of warning about layers left unconverted.
+        example_inputs: with ``copy_weights``, a batch (a tensor, or a tuple of positional inputs) of typical data
+            to calibrate on: the converted model runs on it once in eval mode and, layer after layer in forward
+            order, each copied PWS layer's α_o and β_o become the least-squares fit of the original conv(+BN)
+            output on the inputs the layer receives (y_o ≈ α_o·z_o + β_o, z = the standardized conv). This
+            recovers what a per-channel scale and shift can of the removed filter mean E[W_o]·Σx; the rest, which
+            varies with the input, cannot be represented by a PWS layer.
 
     Returns:
-        The converted model (``model`` itself when ``inplace=True``). Layers a method cannot take (e.g. a PWS filter
-        of a single weight, as in a 1×1 depthwise conv) stay as they are, with a warning.
+        The converted model (``model`` itself when ``inplace=True``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(method, (str, NormMethod)):
         raise TypeError(f"convert: method must be a method name (str), got {type(method).__name__}")
     m = get_method(method)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # "conv1" is one pattern, not five
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     # every path to every module: a layer shared by several parents is converted once and stays shared
     targets: list[tuple[str, nn.Module]] = [(n, mod) for n, mod in model.named_modules(remove_duplicate=False) if n]
 
@@ -135,31 +160,46 @@ def convert(
 
     # method options go to the factories that take them (e.g. "gn": groups/eps to the GroupNorm, not the conv)
     opts = _split_opts(m, dict(method_opts))
-    conv_opts = _opts_for(m.conv, opts)
-    norm_opts = _opts_for(m.norm, opts)
+    ctx = _Ctx(m, bias, copy_weights, opts, _conv_bn_pairs(model) if copy_weights else {})
+    if example_inputs is not None:
+        if not copy_weights:
+            raise ValueError("convert: example_inputs is used with copy_weights=True only")
+        ctx.calibrate = True
+        example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     converted: dict[int, nn.Module] = {}
+    plan: list[tuple[str, nn.Module, nn.Module]] = []
     for name, mod in targets:
         if _matches(name, exclude):
             continue
         if id(mod) in converted:
-            _set_submodule(model, name, converted[id(mod)])
+            plan.append((name, mod, converted[id(mod)]))
             continue
-        dim = _exact_type(mod, _CONV_DIM)
-        if dim is not None:
-            new = _convert_conv(m, mod, dim, bias, copy_weights, conv_opts, name)
-        elif convert_transposed and (dim := _exact_type(mod, _CONVT_DIM)) is not None and m.transposed is not None:
-            new = _convert_convt(m, mod, dim, bias, copy_weights, _opts_for(m.transposed, opts), name)
-        elif convert_linear and type(mod) is nn.Linear and m.linear is not None:
-            new = _convert_linear(m, mod, bias, copy_weights, _opts_for(m.linear, opts), name)
-        elif (dim := _exact_type(mod, _BN_DIM)) is not None:
-            new = mod if m.name == "bn" else build_norm(m, mod.num_features, dim, **norm_opts)
-        else:
-            continue
-        if new is not mod:
-            new.to(device=_device_of(mod), dtype=_dtype_of(mod))
-            new.train(mod.training)
-            _set_submodule(model, name, new)
+        new = _convert_one(ctx, name, mod, convert_linear, convert_transposed)
         converted[id(mod)] = new
+        if new is not mod:
+            plan.append((name, mod, new))
+
+    if ctx.left:
+        msg = (f"convert(method={m.name!r}): {len(ctx.left)} conv/norm layer(s) left unconverted: "
+               + "; ".join(ctx.left))
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
+    if ctx.lost:
+        warnings.warn(f"convert(copy_weights=True): the running statistics and affine of {len(ctx.lost)} BatchNorm "
+                      f"layer(s) are not carried over by method {m.name!r} (no conv registered right before them "
+                      "to fold them into, or a method with its own norm): " + ", ".join(ctx.lost), stacklevel=2)
+    for name, mod, new in plan:
+        if new is not mod and not getattr(new, "_pws_placed", False):
+            if not _is_lazy(mod):
+                new.to(device=_device_of(mod), dtype=_dtype_of(mod))
+            new.train(mod.training)
+            new._pws_placed = True
+        _set_submodule(model, name, new)
+    for _, _, new in plan:
+        new.__dict__.pop("_pws_placed", None)
+    if example_inputs is not None:
+        _calibrate(ctx, model, example_inputs)
 
     if in_name:
         mod = model.get_submodule(in_name)
@@ -173,6 +213,296 @@ def convert(
         gn = nn.GroupNorm(1, out_channels).to(device=_device_of(model), dtype=_dtype_of(model))
         _set_submodule(model, out_name, _wrap(mod, gn, mod))
     return model
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies lazy modules before their first forward (torch refuses to deepcopy an
+    uninitialized parameter: each gets a fresh uninitialized one)."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if isinstance(t, UninitializedTensorMixin):
+            memo[id(t)] = type(t)(requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
+    return copy.deepcopy(model, memo)
+
+
+class _Ctx:
+    """What one :func:`convert` call knows and collects."""
+
+    def __init__(self, m, bias, copy_weights: bool, opts: dict, pairs: dict[int, tuple[str, nn.Module]]) -> None:
+        self.m, self.bias, self.copy_weights, self.opts, self.pairs = m, bias, copy_weights, opts, pairs
+        self.conv_opts = _opts_for(m.conv, opts)
+        self.norm_opts = _opts_for(m.norm, opts)
+        self.left: list[str] = []      # "name (Type): why" of every conv/norm left as it is
+        self.lost: list[str] = []      # BN layers whose statistics copy_weights could not carry
+        self.folded: set[int] = set()  # BN layers folded into the conv before them
+        self.calibrate = False                       # example_inputs given: keep a reference of each copied layer
+        self.refs: dict[int, nn.Module] = {}         # new PWS layer → plain layer computing the original conv(+BN)
+
+    def leave(self, name: str, mod: nn.Module, why: str) -> nn.Module:
+        self.left.append(f"{name} ({type(mod).__name__}: {why})")
+        return mod
+
+
+def _is_lazy(mod: nn.Module) -> bool:
+    return isinstance(mod, LazyModuleMixin) and mod.has_uninitialized_params()
+
+
+def _own_layer(mod: nn.Module) -> bool:
+    """A pwsconv layer (PWS, WN, WS, SWS, CenConv, ...): already converted, never converted twice. pwsconv's plain
+    ``Conv2dSame`` (what fold makes of a same-padded PWS conv) is a plain conv like any other."""
+    return type(mod).__module__.startswith("pwsconv.") and type(mod) is not Conv2dSame
+
+
+def _convert_one(ctx: _Ctx, name: str, mod: nn.Module, convert_linear: bool, convert_transposed: bool) -> nn.Module:
+    m = ctx.m
+    ci = conv_info(mod)
+    if ci is not None:
+        if _own_layer(mod):
+            return mod
+        if ci.transposed:
+            if not convert_transposed or m.transposed is None:
+                return mod
+            return _convert_convt(ctx, name, mod, ci)
+        return _convert_conv(ctx, name, mod, ci)
+    if type(mod) is nn.Linear and convert_linear and m.linear is not None:
+        return _convert_linear(ctx, name, mod)
+    bi = bn_info(mod)
+    if bi is not None and not _own_layer(mod):
+        return _convert_bn(ctx, name, mod, bi)
+    return mod
+
+
+def _conv_bn_pairs(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
+    """conv/linear → the BN registered right after it in the same parent, with as many features as it has outputs
+    (the conv→BN unit of torchvision and timm), for ``copy_weights``."""
+    mods = list(model.named_modules())
+    pairs: dict[int, tuple[str, nn.Module]] = {}
+    for (n1, a), (n2, b) in zip(mods, mods[1:]):
+        ci = conv_info(a)
+        if ci is None and not isinstance(a, nn.Linear):
+            continue
+        if ci is not None and ci.lazy or bn_info(b) is None or bn_stats(b) is None:
+            continue
+        if not _feeds(model, n1, n2):
+            continue
+        outs = a.out_channels if ci is not None else a.out_features
+        if bn_stats(b)[0].numel() == outs:
+            pairs[id(a)] = (n2, b)
+    return pairs
+
+
+def _eval_forward(model: nn.Module, args: tuple, hooks: list) -> None:
+    modes = {mod: mod.training for mod in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod, mode in modes.items():
+            mod.training = mode
+
+
+def _calibrate(ctx: _Ctx, model: nn.Module, args: tuple) -> None:
+    """Fit α and β of every copied PWS layer on ``args``, in forward order: per output channel, the least-squares
+    line from the layer's standardized output z_o (α = 1, β = 0) to the output of the layer it replaces (conv with
+    the BN after it folded in), y_o ≈ α_o·z_o + β_o, on the inputs the layer actually receives (which already come
+    from calibrated layers)."""
+    if not args or not all(isinstance(a, Tensor) for a in args):
+        raise TypeError("convert: example_inputs must be a tensor or a tuple of tensors")
+    refs = {i: r for i, r in ctx.refs.items()}
+    layers = {id(mod): mod for mod in model.modules() if id(mod) in refs}
+
+    def pre(mod: nn.Module, inp: tuple) -> None:
+        ref = refs.pop(id(mod), None)
+        if ref is None:
+            return
+        y = ref(*inp)
+        alpha, bias = mod.alpha, getattr(mod, "bias", None)
+        saved = (None if alpha is None else alpha.detach().clone(), None if bias is None else bias.detach().clone())
+        if alpha is not None:
+            alpha.fill_(1.0)
+        if bias is not None:
+            bias.zero_()
+        mod._cache = None
+        z = mod.forward(*inp)
+        if not (isinstance(z, Tensor) and isinstance(y, Tensor)) or z.shape != y.shape or z.dim() < 2:
+            _restore(mod, saved)
+            return
+        ch = 1 if z.dim() > 2 else z.dim() - 1
+        zc = z.detach().double().movedim(ch, 0).reshape(z.shape[ch], -1)
+        yc = y.detach().double().movedim(ch, 0).reshape(y.shape[ch], -1)
+        zm, ym = zc.mean(1), yc.mean(1)
+        if alpha is not None:
+            var = (zc - zm[:, None]).square().mean(1)
+            cov = ((zc - zm[:, None]) * (yc - ym[:, None])).mean(1)
+            a = torch.where(var > 1e-12 * var.max().clamp_min(1e-300), cov / var.clamp_min(1e-300),
+                            saved[0].double())
+            alpha.copy_(a.to(alpha.dtype))
+        else:
+            a = torch.ones_like(zm)
+        if bias is not None:
+            bias.copy_((ym - a * zm).to(bias.dtype))
+        mod._cache = None
+
+    hooks = [mod.register_forward_pre_hook(pre) for mod in layers.values()]
+    _eval_forward(model, args, hooks)
+
+
+def _restore(mod: nn.Module, saved: tuple) -> None:
+    if saved[0] is not None:
+        mod.alpha.copy_(saved[0])
+    if saved[1] is not None:
+        mod.bias.copy_(saved[1])
+    mod._cache = None
+
+
+def _feeds(model: nn.Module, conv_name: str, bn_name: str) -> bool:
+    """Whether the output of ``conv_name`` is what ``bn_name`` (the next module in registration order) normalizes:
+    both in the same parent, or the conv ends a chain of ``nn.Sequential``s that sits in the BN's parent (timm's
+    ``stem`` Sequential ending with a conv, followed by ``bn1``)."""
+    bn_parent = bn_name.rpartition(".")[0]
+    path = conv_name
+    while True:
+        parent = path.rpartition(".")[0]
+        if parent == bn_parent:
+            return True
+        if not parent or not (bn_parent == "" or parent.startswith(bn_parent + ".")):
+            return False
+        seq = model.get_submodule(parent)
+        if not isinstance(seq, nn.Sequential) or not len(seq) or seq[-1] is not model.get_submodule(path):
+            return False
+        path = parent
+
+
+def _carry(ctx: _Ctx, mod: nn.Module, new: nn.Module, ci: Any, *, linear: bool = False) -> None:
+    """copy_weights: the original layer's function (with the BN after it folded in where the method drops BN)."""
+    if not ctx.copy_weights or _is_lazy(mod):
+        return
+    raw = mod.weight.detach()
+    eff = effective_weight(mod, ci) if ci is not None else raw.clone()
+    b = None if mod.bias is None else mod.bias.detach().clone()
+    pair = ctx.pairs.get(id(mod))
+    takes_fold = hasattr(new, "alpha") or type(new).__module__.startswith("torch.") or type(new) is Conv2dSame
+    if pair is not None and ctx.m.norm is None and takes_fold:
+        fused = fold_bn(eff, b, pair[1], transposed=bool(ci is not None and ci.transposed), linear=linear)
+        if fused is not None:
+            eff, b = fused
+            ctx.folded.add(id(pair[1]))
+    with torch.no_grad():
+        init_from(new, raw.to(new.weight.dtype), eff.to(new.weight.dtype),
+                  None if b is None else b.to(new.weight.dtype))
+        if ctx.calibrate and hasattr(new, "alpha") and hasattr(new, "to_plain"):
+            ref = new.to_plain()     # the same geometry and padding, holding the original (BN-folded) weights
+            ref.weight.copy_(eff.to(ref.weight.dtype))
+            if ref.bias is not None:
+                ref.bias.copy_(0.0 if b is None else b.to(ref.bias.dtype))
+            elif b is not None:
+                ref.register_forward_hook(_add_bias(b))
+            ctx.refs[id(new)] = ref
+
+
+class _add_bias:
+    def __init__(self, b: Tensor) -> None:
+        self.b = b
+
+    def __call__(self, mod: nn.Module, inp: Any, out: Tensor) -> Tensor:
+        return out + self.b.view(-1, *([1] * (out.dim() - 2))) if out.dim() > 2 else out + self.b
+
+
+def _try(ctx: _Ctx, name: str, mod: nn.Module, build) -> nn.Module:
+    try:
+        return build()
+    except ValueError as e:
+        if "element" in str(e):  # a filter too small for weight standardization
+            return ctx.leave(name, mod, f"left as {type(mod).__name__}: {e}")
+        raise
+
+
+def _convert_conv(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
+    m = ctx.m
+    want_bias = (m.conv_bias or conv.bias is not None) if ctx.bias is None else ctx.bias
+    plain_method = m.conv is plain_conv
+    fold_needed = ctx.copy_weights and id(conv) in ctx.pairs and m.norm is None
+    if ci.custom:
+        if plain_method and want_bias == (conv.bias is not None):
+            return conv
+        return ctx.leave(name, conv, "a forward of its own")
+    if plain_method:
+        if ci.std is not None or ci.lazy:
+            return conv    # the method keeps plain convs: a weight-standardized or lazy conv stays as the model has it
+        if want_bias == (conv.bias is not None) and not fold_needed:
+            return conv    # the method keeps plain convs and the bias is as wanted: nothing to change
+        cls = same_padded(ci.base) if ci.same_pad else ci.base
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=want_bias, padding_mode=conv.padding_mode)
+        if not ctx.copy_weights:
+            nn.init.kaiming_normal_(new.weight, mode="fan_in", nonlinearity="relu")
+            if new.bias is not None:
+                nn.init.zeros_(new.bias)
+        _carry(ctx, conv, new, ci)
+        return new
+    is_pws = m.name == "pws" or m.conv.__name__ == "_pws_conv"
+    kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=want_bias,
+              padding_mode=conv.padding_mode)
+    if ci.lazy:
+        if not is_pws:
+            return ctx.leave(name, conv, f"uninitialized lazy conv: method {m.name!r} has no lazy conv; run one "
+                                         "forward first")
+        return _LAZY_PWS[ci.dim](conv.out_channels, conv.kernel_size, **kw, **ctx.conv_opts)
+    new = _try(ctx, name, conv, lambda: m.conv(ci.dim, conv.in_channels, conv.out_channels, conv.kernel_size,
+                                               **kw, **ctx.conv_opts))
+    if ci.same_pad and new is not conv:
+        new.__class__ = same_padded(type(new))   # the method's conv, padding the input as the original did
+    if new is not conv:
+        _carry(ctx, conv, new, ci)
+    return new
+
+
+def _convert_linear(ctx: _Ctx, name: str, lin: nn.Linear) -> nn.Module:
+    m = ctx.m
+    b = lin.bias is not None if ctx.bias is None else ctx.bias
+    new = _try(ctx, name, lin, lambda: m.linear(lin.in_features, lin.out_features, b, **_opts_for(m.linear, ctx.opts)))
+    if new is not lin:
+        _carry(ctx, lin, new, None, linear=True)
+    return new
+
+
+def _convert_convt(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
+    m = ctx.m
+    if ci.custom or ci.lazy:
+        return ctx.leave(name, conv, "a forward of its own" if ci.custom else "uninitialized lazy transposed conv")
+    new = _try(ctx, name, conv, lambda: m.transposed(
+        ci.dim, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        output_padding=conv.output_padding, groups=conv.groups,
+        bias=(m.conv_bias or conv.bias is not None) if ctx.bias is None else ctx.bias,
+        dilation=conv.dilation, padding_mode=conv.padding_mode, **_opts_for(m.transposed, ctx.opts),
+    ))
+    if new is not conv:
+        _carry(ctx, conv, new, ci)
+    return new
+
+
+def _convert_bn(ctx: _Ctx, name: str, bn: nn.Module, info: Any) -> nn.Module:
+    m = ctx.m
+    if m.name == "bn":
+        return bn
+    if not info.ok:
+        return ctx.leave(name, bn, "children other than a drop path and an activation")
+    if m.norm is None:
+        norm: nn.Module = nn.Identity()
+        if ctx.copy_weights and id(bn) not in ctx.folded and not info.lazy and bn_stats(bn) is not None:
+            ctx.lost.append(name)
+    else:
+        if info.lazy:
+            return ctx.leave(name, bn, f"uninitialized lazy BatchNorm: method {m.name!r} needs its channels; run one "
+                                       "forward first")
+        c = bn_stats(bn)[0].numel() if bn_stats(bn) is not None else int(bn.num_features)
+        norm = build_norm(m, c, info.dim, **ctx.norm_opts)
+        if ctx.copy_weights and bn_stats(bn) is not None:
+            ctx.lost.append(name)
+    return with_drop_act(bn, info, norm)
 
 
 def _wrap(mod: nn.Module, *parts: nn.Module) -> nn.Sequential:
@@ -196,62 +526,6 @@ def _dtype_of(mod: nn.Module) -> torch.dtype | None:
         if p.is_floating_point():
             return p.dtype
     return None
-
-
-def _copy_params(old: nn.Module, new: nn.Module, copy_weights: bool) -> None:
-    if not copy_weights:
-        return
-    with torch.no_grad():
-        new.weight.copy_(old.weight)  # type: ignore[operator]
-        if getattr(old, "bias", None) is not None and getattr(new, "bias", None) is not None:
-            new.bias.copy_(old.bias)  # type: ignore[union-attr]
-
-
-def _convert_conv(m, conv: nn.Module, dim: int, bias, copy_weights: bool, opts: dict, name: str) -> nn.Module:
-    want_bias = (m.conv_bias or conv.bias is not None) if bias is None else bias
-    if m.conv.__name__ == "plain_conv" and want_bias == (conv.bias is not None):
-        return conv  # the method keeps plain convs and the bias is as wanted: nothing to change
-    try:
-        new = m.conv(
-            dim, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=want_bias, padding_mode=conv.padding_mode, **opts,
-        )
-    except ValueError as e:
-        if "element" in str(e):  # a filter too small for weight standardization
-            warnings.warn(f"convert: {name} left as {type(conv).__name__}: {e}", stacklevel=3)
-            return conv
-        raise
-    _copy_params(conv, new, copy_weights)
-    return new
-
-
-def _convert_linear(m, lin: nn.Linear, bias, copy_weights: bool, opts: dict, name: str) -> nn.Module:
-    try:
-        new = m.linear(lin.in_features, lin.out_features, lin.bias is not None if bias is None else bias, **opts)
-    except ValueError as e:
-        if "element" in str(e):  # e.g. PWSLinear(1, n): a filter of a single weight
-            warnings.warn(f"convert: {name} left as {type(lin).__name__}: {e}", stacklevel=3)
-            return lin
-        raise
-    _copy_params(lin, new, copy_weights)
-    return new
-
-
-def _convert_convt(m, conv: nn.Module, dim: int, bias, copy_weights: bool, opts: dict, name: str) -> nn.Module:
-    try:
-        new = m.transposed(
-            dim, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            output_padding=conv.output_padding, groups=conv.groups,
-            bias=(m.conv_bias or conv.bias is not None) if bias is None else bias,
-            dilation=conv.dilation, padding_mode=conv.padding_mode, **opts,
-        )
-    except ValueError as e:
-        if "element" in str(e):
-            warnings.warn(f"convert: {name} left as {type(conv).__name__}: {e}", stacklevel=3)
-            return conv
-        raise
-    _copy_params(conv, new, copy_weights)
-    return new
 
 
 def fold(model: nn.Module, inplace: bool = False) -> nn.Module:

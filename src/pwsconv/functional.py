@@ -189,8 +189,14 @@ def pws_weight(
     if gain is None:
         gain = he_std(n)
     w = weight.float() if weight.dtype in _LOW_PRECISION else weight
-    w2 = w.reshape(rows, n) if perm is None else w.permute(perm).reshape(rows, n)
-    out = F.layer_norm(w2, (n,), None, None, float(gamma))
+    if perm is None:
+        out = F.layer_norm(w.reshape(rows, n), (n,), None, None, float(gamma))
+    else:
+        # filters that are not the trailing dims (transposed-conv layouts): standardize in place, so that the
+        # gradient of ``weight`` has its layout (a permuted copy would hand back a non-contiguous gradient)
+        var, mean = torch.var_mean(w, dims, correction=0, keepdim=True)
+        out = (w - mean) * torch.rsqrt(var + float(gamma))
+    keep_shape = [1 if d in dims else s for d, s in enumerate(w.shape)]
     if alpha is not None:
         if alpha.numel() == 1:
             a2 = alpha.reshape(1, 1)
@@ -209,16 +215,13 @@ def pws_weight(
             raise ValueError(f"pws_weight: alpha has {alpha.numel()} values (shape {tuple(alpha.shape)}) "
                              f"for {rows} filters")
         a2 = a2.to(w.dtype)
+        if perm is not None:
+            a2 = a2.reshape(keep_shape)   # the kept dims in their order = the filter order of the rows
         out = out * (a2 * gain if gain != 1.0 else a2)
     elif gain != 1.0:
         out = out * gain
     if perm is None:
         out = out.view(weight.shape)
-    else:
-        inv = [0] * nd
-        for i, p in enumerate(perm):
-            inv[p] = i
-        out = out.view([weight.shape[p] for p in perm]).permute(inv).contiguous()
     return out.to(weight.dtype)
 
 

@@ -40,7 +40,6 @@ def probe(
     from ..norms import get_method
 
     from ..config import SEED_LIMIT, ConfigError, check_method_opts
-    from ..models import available_models
     from ..train.rundir import check_output_dir
 
     def whole(v: Any) -> bool:
@@ -58,8 +57,6 @@ def probe(
         raise ValueError(f"--mode must be 'train' or 'measure', got {mode!r}")
     if not methods:
         raise ValueError("--methods must name at least one normalization method")
-    if model not in available_models():
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(available_models())}")
     for m in methods:
         name, opts = _split_method(m)
         get_method(name)
@@ -69,6 +66,10 @@ def probe(
             except ConfigError as e:
                 raise ValueError(str(e).replace("method_opts.", "--").replace("method_opts ", "PWS options ")) from None
     check_output_dir(out_dir, "--out directory")
+    from ..models import model_info
+    from ..models.external import check, is_external
+
+    check(model) if is_external(model) else model_info(model)   # a bad model name fails before any work
     data = load_dataset(dataset, data_root, seed=seed)
     n_train = len(data.train.y)
     if batch_size > n_train:
@@ -118,7 +119,8 @@ def _gamma_arg(v: str) -> float | str:
 
 
 def configure_probe_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    p.add_argument("--model", default="tiny_cnn", help="a name of pwsconv.models.available_models()")
+    p.add_argument("--model", default="tiny_cnn", help="a name of pwsconv.models.available_models(), or "
+                   "torchvision:NAME, timm:NAME, module.path:callable")
     p.add_argument("--dataset", default="digits", help="a name of pwsconv.data.available_datasets()")
     p.add_argument("--data-root", default=None)
     p.add_argument("--methods", nargs="+", default=["none", "bn", "pws"],

@@ -100,6 +100,7 @@ class PWSMixin:
     alpha: nn.Parameter | None
     _plain_cls: type[nn.Module]
     _transposed_layout: bool = False
+    _memory_format: Any = None      # torch.channels_last(_3d) when the raw weight has that layout
 
     def _pws_setup(
         self,
@@ -112,6 +113,8 @@ class PWSMixin:
         clip: float | None = None,
     ) -> None:
         self._cache: tuple | None = None
+        _refuse_complex(self, self.weight.dtype)
+        self._update_layout()
         self.fan_mode = fan_mode      # the setters validate
         self.gamma = gamma
         self.clip = clip
@@ -298,7 +301,43 @@ class PWSMixin:
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): drop the cache with the old tensors
         self._cache = None
-        return super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        if "weight" in self._parameters:
+            _refuse_complex(self, self._parameters["weight"].dtype)
+            self._update_layout()
+        return out
+
+    def _update_layout(self) -> None:
+        """Remember whether the raw weight is channels_last: α·Ŵ (and the folded weight) then follow it, as the
+        output of ``nn.Conv2d`` follows a channels_last weight."""
+        w = self._parameters.get("weight")
+        fmt = None
+        if isinstance(w, Tensor) and not isinstance(w, nn.parameter.UninitializedParameter) and w.dim() in (4, 5):
+            cl = torch.channels_last if w.dim() == 4 else torch.channels_last_3d
+            if w.is_contiguous(memory_format=cl) and not w.is_contiguous():
+                fmt = cl
+        self._memory_format = fmt
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A plain torch layer's state_dict (no ``alpha``) loads strictly into its PWS twin: α defaults to 1."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,  # type: ignore[misc]
+                                      missing_keys, unexpected_keys, error_msgs)
+        if prefix + "weight" not in state_dict:
+            return
+        for key in ("alpha", "alpha_initialized"):
+            if prefix + key in missing_keys:
+                missing_keys.remove(prefix + key)
+                if key == "alpha" and self.alpha is not None:
+                    with torch.no_grad():
+                        self.alpha.fill_(1.0)
+        self._cache = None
+
+    def __prepare_scriptable__(self):  # called by torch.jit.script before it compiles a module
+        raise TypeError(
+            f"torch.jit.script: {type(self).__name__} (unfolded PWS) is not scriptable; script pwsconv.fold(model) "
+            "(plain torch layers), or use torch.export / torch.compile on the unfolded model"
+        )
 
     def _maybe_data_init_alpha(self, x: Tensor) -> None:
         if not (self.data_init_alpha and self.training and self.alpha is not None) or bool(self.alpha_initialized):
@@ -310,10 +349,11 @@ class PWSMixin:
                 self.alpha.mul_(torch.sqrt(2.0 / var).to(self.alpha.dtype))
             self.alpha_initialized.fill_(True)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # the parent's call forms (input=)
         if self.data_init_alpha:
-            self._maybe_data_init_alpha(x)
-        return self._forward_with(x, self.standardized_weight(), self._bias(), *args, **kwargs)
+            self._maybe_data_init_alpha(input)
+        return self._forward_with(input, _with_format(self.standardized_weight(), self._memory_format), self._bias(),
+                                  *args, **kwargs)
 
     # ------------------------------------------------------------------ folding
     def to_plain(self) -> nn.Module:
@@ -321,6 +361,8 @@ class PWSMixin:
         plain = torch.nn.utils.skip_init(
             self._plain_cls, **self._plain_kwargs(), device=self.weight.device, dtype=self.weight.dtype
         )
+        if self._memory_format is not None:
+            plain.to(memory_format=self._memory_format)   # fold keeps the channels_last weight layout
         with torch.no_grad():
             plain.weight.copy_(self._compute_weight())
             if self.bias is not None:
@@ -344,6 +386,16 @@ class PWSMixin:
         if self.data_init_alpha:
             s += ", data_init_alpha=True"
         return s
+
+
+def _refuse_complex(layer: Any, dtype: torch.dtype) -> None:
+    if dtype.is_complex:
+        raise TypeError(f"{type(layer).__name__}: complex dtypes are not supported (dtype={dtype}); "
+                        "PWS standardizes real filters: use a real floating dtype")
+
+
+def _with_format(w: Tensor, fmt: Any) -> Tensor:
+    return w if fmt is None else w.contiguous(memory_format=fmt)
 
 
 def _is_pos_int(v: Any) -> bool:
@@ -402,10 +454,13 @@ class _PWSConvNd(PWSMixin):
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
-    def forward(self, x: Tensor) -> Tensor:  # the hot path: one Python call less than PWSMixin.forward
+    def forward(self, input: Tensor) -> Tensor:  # the hot path: one Python call less than PWSMixin.forward
         if self.data_init_alpha:
-            self._maybe_data_init_alpha(x)
-        return self._conv_forward(x, self.standardized_weight(), self._bias())  # type: ignore[attr-defined]
+            self._maybe_data_init_alpha(input)
+        w = self.standardized_weight()
+        if self._memory_format is not None:
+            w = w.contiguous(memory_format=self._memory_format)
+        return self._conv_forward(input, w, self._bias())  # type: ignore[attr-defined]
 
     def _plain_kwargs(self) -> dict[str, Any]:
         return dict(

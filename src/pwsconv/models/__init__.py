@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .external import build_external, is_external
 from .common import ConvUnit, LayerNorm2d, MethodSpec, PadToMin, SafeMaxPool2d, init_classifier
 from .plain import VGG, ConvPoolCNNC, TinyCNN
 from .resnet import BasicBlock, Bottleneck, ResNet, ShortcutA, cifar_resnet, imagenet_resnet
@@ -94,7 +95,9 @@ def build_model(name: str, method: str = "pws", num_classes: int = 10, in_channe
     """Build model ``name`` with normalization ``method``.
 
     Args:
-        name: one of :func:`available_models`.
+        name: one of :func:`available_models`, or a model from outside the zoo: ``"torchvision:resnet18"``,
+            ``"timm:resnet26d"``, ``"my_package.my_module:build"`` (see :mod:`pwsconv.models.external`),
+            built with random weights and converted to ``method`` with :func:`pwsconv.convert`.
         method: one of :func:`pwsconv.available_methods` ("pws", "bn", "gn", "none", ...).
         num_classes: classifier outputs.
         in_channels: input channels (1 for MNIST / digits).
@@ -102,6 +105,8 @@ def build_model(name: str, method: str = "pws", num_classes: int = 10, in_channe
             ``ln_io=False``) and of the method (e.g. ``gamma=1e-4``); a ``method_opts={...}`` dict is merged too.
             Options neither takes raise ``ValueError``.
     """
+    if is_external(name):
+        return _build_external_model(name, method, num_classes, in_channels, method_opts)
     entry = model_info(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -116,6 +121,23 @@ def build_model(name: str, method: str = "pws", num_classes: int = 10, in_channe
         (model_kw if k in model_keys else meth_kw)[k] = v
     spec = MethodSpec(method, meth_kw)  # validates the method options (ValueError names the accepted ones)
     return entry.builder(method=spec, num_classes=num_classes, in_channels=in_channels, **model_kw)
+
+
+def _build_external_model(name: str, method: str, num_classes: int, in_channels: int,
+                          kwargs: dict[str, Any]) -> nn.Module:
+    from ..norms import get_method
+
+    for label, v in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{label} must be a positive int, got {v!r}")
+    opts = dict(kwargs)
+    meth_kw = dict(opts.pop("method_opts", None) or {})
+    accepted = get_method(method).options
+    model_kw = {}
+    for k, v in opts.items():   # the method's options go to convert, everything else to the model's builder
+        (meth_kw if k in accepted else model_kw)[k] = v
+    return build_external(name, method, num_classes=num_classes, in_channels=in_channels, model_opts=model_kw,
+                          method_opts=meth_kw)
 
 
 def _register_builtin_models() -> None:
