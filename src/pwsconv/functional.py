@@ -35,32 +35,28 @@ AUTO_CLIP = 0.01
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _non_negative(value: object, name: str, what: str = "a non-negative finite number") -> float:
+    """``value`` as a finite float ≥ 0 (not a string or a bool), else a ValueError naming ``name``."""
+    msg = f"{name} must be {what}, got {value!r}"
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(msg)
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(msg)
+    return v
+
+
 def check_gamma(gamma: float) -> float:
     """Validate γ of eq. 12: a finite number ≥ 0 (not a string or a bool). Returns it as a float."""
-    if isinstance(gamma, (str, bytes, bool)):
-        raise ValueError(f"gamma must be a non-negative finite number, got {gamma!r}")
-    try:
-        g = float(gamma)
-    except (TypeError, ValueError):
-        raise ValueError(f"gamma must be a non-negative finite number, got {gamma!r}") from None
-    if not math.isfinite(g) or g < 0:
-        raise ValueError(f"gamma must be a non-negative finite number, got {gamma!r}")
-    return g
+    return _non_negative(gamma, "gamma")
 
 
 def check_clip(clip: float | None) -> float | None:
     """Validate a clipping λ: None (the default rule) or a finite number ≥ 0 (0 = off). Returns a float or None."""
-    if clip is None:
-        return None
-    if isinstance(clip, (str, bytes, bool)):
-        raise ValueError(f"clip must be None or a non-negative finite number, got {clip!r}")
-    try:
-        c = float(clip)
-    except (TypeError, ValueError):
-        raise ValueError(f"clip must be None or a non-negative finite number, got {clip!r}") from None
-    if not math.isfinite(c) or c < 0:
-        raise ValueError(f"clip must be None or a non-negative finite number, got {clip!r}")
-    return c
+    return None if clip is None else _non_negative(clip, "clip", "None or a non-negative finite number")
 
 
 class _UnitClip(torch.autograd.Function):
