@@ -114,3 +114,14 @@ def test_torchvision_and_timm_by_name(name):
     assert net(torch.randn(2, 1, 32, 32)).shape == (2, 5)
     with pytest.raises(ValueError, match="did you mean"):
         check(name[:-1] + "x")
+
+
+def test_probe_takes_a_model_by_name(tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert main(["probe", "--model", f"{HERE}:with_classes", "--steps", "2", "--batch-size", "16", "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    rc = main(["probe", "--model", f"{HERE}:nope", "--out", str(tmp_path / "bad"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "has no attribute" in err
+    assert not (tmp_path / "bad").exists()
