@@ -293,6 +293,7 @@ class PWSMixin:
         for k in ("use_gain", "fan_mode", "equiv"):
             if k in state:
                 state["_" + k] = state.pop(k)
+        state.setdefault("_clip", None)   # layers pickled before ``clip`` existed: paper PWS, no clipping
         super().__setstate__(state)  # type: ignore[misc]
 
     def train(self, mode: bool = True):  # type: ignore[override]
