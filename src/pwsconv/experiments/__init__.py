@@ -1,5 +1,5 @@
-"""Experiments built on one sweep runner (:mod:`pwsconv.experiments.sweep`): the demo (:mod:`.demo`) now, the paper's
-tables later. A sweep is a list of :class:`RunSpec` (name, TrainConfig, table labels) trained with
+"""Experiments built on one sweep runner (:mod:`pwsconv.experiments.sweep`): the demo (:mod:`.demo`), the probe
+(:mod:`.probe`) and the paper's tables plus ``robust`` (:mod:`.paper`). A sweep is a list of :class:`RunSpec` (name, TrainConfig, table labels) trained with
 :func:`pwsconv.train.train`, resumably, and collected into Markdown/CSV/JSONL tables and PNG curves."""
 
 from .sweep import (

@@ -19,7 +19,7 @@ from ..functional import he_std
 
 __all__ = ["WeightReparamMixin", "ReparamConvNd", "ReparamLinear", "filter_dims", "LOW_PRECISION"]
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+from ..functional import _LOW_PRECISION as LOW_PRECISION   # one definition (functional.py)
 
 
 def filter_dims(weight: Tensor) -> tuple[int, ...]:
