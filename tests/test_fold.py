@@ -7,6 +7,7 @@ padding and padding modes, PWS switches, and random α/bias values set after ini
 from __future__ import annotations
 
 import math
+import warnings
 import time
 
 import pytest
@@ -303,3 +304,86 @@ def test_folded_state_dict_loads_into_plain_architecture():
     with torch.no_grad():
         assert_same_output(plain[0](x), pws[0](x))
         assert_same_output(plain[2](h), pws[2](h))
+
+
+# ------------------------------------------------------------------------------------------ BatchNorm folding
+def _warm_bn(model, in_ch=3, size=16, steps=3):
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(8, in_ch, size, size))
+    return model.eval()
+
+
+@pytest.mark.parametrize("model_name,method,opts", [
+    ("resnet_cifar_small", "bn", {}), ("convpool_cnn_c_small", "bn", {}), ("resnet50_small", "bn", {}),
+    ("resnet_cifar_small", "mabn", {"batch_size": 8, "real_batch_size": 16}),
+])
+def test_fold_merges_eval_batchnorm_into_the_conv(model_name, method, opts):
+    from pwsconv.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model(model_name, method=method, method_opts=opts)
+    if method == "mabn":   # MABN's statistics move only with optimizer steps
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(8, 3, 32, 32)).square().mean().backward()
+            opt.step()
+        net.eval()
+    else:
+        _warm_bn(net, size=32)
+    x = torch.randn(4, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # nothing left to warn about
+        folded = pwsconv.fold(net)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__module__.startswith("pwsconv.layers")
+                   for m in folded.modules())
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()) or method == "mabn"
+
+
+def test_fold_keeps_batchnorms_it_cannot_merge_and_says_so():
+    class Twice(nn.Module):          # the conv's output feeds the BN and the residual: merging would change it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.lin = nn.Linear(4, 4)
+            self.bn1 = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = self.bn(y) + y
+            return z.mean((2, 3)) @ torch.ones(3, 4) + self.bn1(self.lin(torch.ones(x.shape[0], 4)))
+
+    net = _warm_bn(Twice(), size=8)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"2 eval-mode BatchNorm layer\(s\) left unfolded.*bn, bn1"):
+        folded = pwsconv.fold(net)
+    assert isinstance(folded.bn, nn.BatchNorm2d) and isinstance(folded.bn1, nn.BatchNorm1d)
+    torch.testing.assert_close(folded(x), net(x))
+    # training-mode BN is never touched (its statistics are the batch's), and batchnorm=False keeps them all
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    assert isinstance(pwsconv.fold(seq)[1], nn.BatchNorm2d)
+    assert isinstance(pwsconv.fold(seq.eval(), batchnorm=False)[1], nn.BatchNorm2d)
+    assert isinstance(pwsconv.fold(seq.eval())[1], nn.Identity)
+
+
+def test_fold_untraceable_model_keeps_its_batchnorms_with_a_warning():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            if x.sum() > 0:               # data-dependent control flow: torch.fx cannot trace it
+                x = -x
+            return self.bn(self.conv(x))
+
+    net = _warm_bn(Dynamic(), size=8)
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        folded = pwsconv.fold(net)
+    assert isinstance(folded.bn, nn.BatchNorm2d)

@@ -528,14 +528,22 @@ def _dtype_of(mod: nn.Module) -> torch.dtype | None:
     return None
 
 
-def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
+def fold(model: nn.Module, inplace: bool = False, *, batchnorm: bool = True) -> nn.Module:
     """Replace every reparameterized layer (anything with a ``to_plain()`` method: the PWS family and the zoo's
-    weight-normalized convs) by the plain torch layer that computes the same function.
+    weight-normalized convs) by the plain torch layer that computes the same function, and fold every eval-mode
+    BatchNorm that directly follows a conv into that conv.
 
     PWS layers become ``nn.Conv*d`` / ``nn.ConvTranspose*d`` / ``nn.Linear`` holding α·Ŵ (eq. 12) and the bias; outputs
     match the unfolded model to float rounding, and no pwsconv class is left. By default ``model`` is deep-copied and
     left unchanged; with ``inplace=True`` it is modified and returned. Hooks registered on a folded layer are not
     carried over to its replacement. The folded layers keep the train/eval mode of the originals.
+
+    ``batchnorm`` (default True): a BatchNorm in eval mode (running statistics) whose only input is the output of a
+    plain conv used nowhere else is merged into that conv with torch's ``fuse_conv_bn_eval`` and replaced by
+    ``nn.Identity`` — the conv+BN pairs are found by tracing the model with ``torch.fx`` (module calls as leaves), so
+    only real data flow counts. A BatchNorm in training mode, after something other than a conv, or in a model fx
+    cannot trace stays as it is; every one left is named in one warning. MABN's eval form (a per-channel scale and
+    shift after its CenConv) is folded the same way. SwitchNorm mixes per-sample statistics and cannot be folded.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -554,7 +562,79 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
             if id(mod) not in folded:
                 folded[id(mod)] = mod.to_plain()
             _set_submodule(model, name, folded[id(mod)])
+    if batchnorm:
+        _fold_batchnorms(model)
     return model
+
+
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _foldable_bn(m: nn.Module) -> bool:
+    """An eval-mode per-channel affine after a conv: torch's BatchNorm with running statistics, or MABN (its eval
+    form is x·γ/sqrt(running_var + ε) + β, the CenConv before it already folded to a plain conv)."""
+    from .layers.mabn import _MABNNd
+
+    if isinstance(m, _MABNNd):
+        return not m.training
+    return (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and not m.training
+            and m.running_mean is not None and m.running_var is not None)
+
+
+def _fold_batchnorms(model: nn.Module) -> list[str]:
+    """Merge eval-mode conv → BatchNorm pairs of ``model`` in place (see :func:`fold`); returns the names of the
+    BatchNorm layers left unfolded (also warned about)."""
+    import torch.fx as fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    bns = [n for n, m in model.named_modules() if _foldable_bn(m)]
+    if not bns:
+        return []
+
+    class _Leaves(fx.Tracer):   # every module without children is a call, so the graph shows module-level data flow
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return not any(True for _ in m.children()) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Leaves().trace(model)
+    except Exception as e:  # dynamic control flow, unsupported ops: leave the BatchNorms alone
+        left = bns
+        reason = f"the model cannot be traced by torch.fx ({type(e).__name__})"
+    else:
+        calls: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+        done = set()
+        for node in graph.nodes:
+            if node.op != "call_module" or node.target not in bns or calls[node.target] != 1:
+                continue
+            prev = node.args[0] if node.args else None
+            if not (isinstance(prev, fx.Node) and prev.op == "call_module" and calls.get(prev.target) == 1
+                    and len(prev.users) == 1 and len(node.args) == 1 and not node.kwargs):
+                continue
+            conv, bn = model.get_submodule(prev.target), model.get_submodule(node.target)
+            if not isinstance(conv, _PLAIN_CONVS) or conv.training or conv.out_channels != bn.num_features:
+                continue
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                fused = fuse_conv_bn_eval(conv, bn)   # torch's own conv-BN fusion
+                with torch.no_grad():
+                    conv.weight, conv.bias = fused.weight, fused.bias
+            else:   # MABN in eval: per-channel scale γ/sqrt(running_var + ε) and shift β
+                with torch.no_grad():
+                    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                    shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+                    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
+                    conv.weight = nn.Parameter(conv.weight * scale.view(shape).to(conv.weight.dtype))
+                    conv.bias = nn.Parameter((b * scale + bn.bias).to(conv.weight.dtype))
+            _set_submodule(model, node.target, nn.Identity())
+            done.add(node.target)
+        left = [n for n in bns if n not in done]
+        reason = "each does not directly follow a plain conv used only there"
+    if left:
+        warnings.warn(f"fold: {len(left)} eval-mode BatchNorm layer(s) left unfolded ({reason}): "
+                      + ", ".join(left[:8]) + (" ..." if len(left) > 8 else ""), stacklevel=3)
+    return left
 
 
 def param_groups(
