@@ -8,9 +8,10 @@
 ``ssd_vgg16``               SSD (torchvision ``SSD`` + ``SSDFeatureExtractorVGG``, the ``ssd300_vgg16`` recipe) at any
                             ``size`` ≥ 268 (the paper: 320), VGG-16 **with a norm after every conv** (``vgg16_bn``
                             features; the fc6/fc7 and extra convs get one too: "the network will collapse … if we do not
-                            use BN after every conv layer"), from scratch. Tables 1, 2 and 3 (SSD rows).
+                            use BN after every conv layer"), from scratch. Tables 1, 2 and 3 (SSD rows). With IN the
+                            norm after conv11_2 (a 1×1 map, where IN is undefined) is left out.
 ``ssd_resnet50``            SSD on a ResNet-50 (layer2/3/4 + three extra blocks, six feature maps like VGG's), Table 2's
-                            ResNet-50 rows.
+                            ResNet-50 rows; with PWS a LayerNorm on each feature map (the paper's LN-at-output).
 ``ssd_tiny``                the same SSD head, anchors, loss and post-processing on a four-stage VGG-style backbone of
                             16–64 channels — for CPU tests and the smoke presets (64–128 px inputs).
 ``maskrcnn_resnet50_fpn``   torchvision Mask R-CNN R-50-FPN (Table 3); ``weights``: a local ImageNet ResNet-50
@@ -98,7 +99,12 @@ def _ssd_vgg16(num_classes: int, size: int, method: str, method_opts: Mapping[st
     vgg = tv.models.vgg16_bn(weights=None)
     extractor = SSDFeatureExtractorVGG(vgg.features, highres=False)
     _norm_after_every_conv(extractor.extra)          # fc6/fc7 and conv8_2…conv11_2 normalized too
-    extractor = _convert_backbone(extractor, method, method_opts, copy_weights=False)
+    last = "extra.4.4"                                # the norm after conv11_2, whose map is 1×1
+    one_by_one = method.lower() in ("in",)            # per-instance spatial statistics of one pixel are undefined
+    extractor = _convert_backbone(extractor, method, method_opts, copy_weights=False,
+                                  exclude=(last,) if one_by_one else ())
+    if one_by_one:
+        extractor.extra[4][4] = nn.Identity()
     return SSD(extractor, _anchors(6, size), (size, size), num_classes, **{**_SSD_DEFAULTS, **kw})
 
 
@@ -119,6 +125,12 @@ class SSDFeatureExtractorResNet(nn.Module):
                                                                                        padding=1),
                                     block(256, 128, 256)])
         self.out_channels = [512, 1024, 2048, 512, 256, 256]
+        self.out_norms: nn.ModuleList | None = None
+
+    def add_output_norms(self) -> None:
+        """LayerNorm (GroupNorm with one group) on every feature map before the head — for PWS, whose residual
+        sums are not normalized (the paper's ResNet-50 setting: LN at the output, cf. ``imagenet_resnet(ln_io=True)``)."""
+        self.out_norms = nn.ModuleList(nn.GroupNorm(1, c) for c in self.out_channels)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         c2 = self.body(x)
@@ -128,6 +140,8 @@ class SSDFeatureExtractorResNet(nn.Module):
         for b in self.extra:
             x = b(x)
             outs.append(x)
+        if self.out_norms is not None:
+            outs = [n(v) for n, v in zip(self.out_norms, outs)]
         return OrderedDict((str(i), v) for i, v in enumerate(outs))
 
 
@@ -138,6 +152,8 @@ def _ssd_resnet50(num_classes: int, size: int, method: str, method_opts: Mapping
     if size < 160:
         raise DetectorError(f"ssd_resnet50 needs size ≥ 160, got {size}")
     ext = _convert_backbone(SSDFeatureExtractorResNet(tv.models.resnet50(weights=None)), method, method_opts, False)
+    if method.lower() == "pws":
+        ext.add_output_norms()
     return SSD(ext, _anchors(6, size), (size, size), num_classes, **{**_SSD_DEFAULTS, **kw})
 
 
