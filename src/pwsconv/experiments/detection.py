@@ -268,6 +268,12 @@ def build_det_runs(name: str, preset: str, out_dir: str, data_root: str | None =
                                  "train2017/, val2017/, annotations/; ImageNet: train/ and val/)")
         if data_root and not os.path.isdir(data_root):
             raise ReproduceError(f"--data-root {data_root}: not a directory")
+        if name == "coco_table3" and make_data:
+            if not weights:
+                raise ReproduceError("coco_table3 --full needs --weights: an ImageNet ResNet-50 state_dict for Mask "
+                                     "R-CNN's backbone (torchvision's resnet50-*.pth; the paper starts from one)")
+            if not os.path.isfile(weights):
+                raise ReproduceError(f"--weights {weights}: file not found")
         if data_root and make_data:
             need = {"voc_table1": "VOCdevkit/VOC2007/ImageSets/Main/test.txt",
                     "voc_table2": "VOCdevkit/VOC2007/ImageSets/Main/test.txt",
@@ -275,12 +281,6 @@ def build_det_runs(name: str, preset: str, out_dir: str, data_root: str | None =
             if not os.path.exists(os.path.join(data_root, need)):
                 raise ReproduceError(f"--data-root {data_root}: no {need} (see the README's detection/ImageNet "
                                      "section for the expected layout)")
-        if name == "coco_table3" and make_data:
-            if not weights:
-                raise ReproduceError("coco_table3 --full needs --weights: an ImageNet ResNet-50 state_dict for Mask "
-                                     "R-CNN's backbone (torchvision's resnet50-*.pth; the paper starts from one)")
-            if not os.path.isfile(weights):
-                raise ReproduceError(f"--weights {weights}: file not found")
         if not make_data:
             data_root = data_root or "DATA_ROOT"
             weights = weights or ("RESNET50.pth" if name == "coco_table3" else None)
