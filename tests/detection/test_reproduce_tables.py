@@ -78,6 +78,18 @@ def test_smoke_presets_end_to_end_and_resumable(tmp_path, capsys):
     capsys.readouterr()
     assert main(["reproduce", "voc_table1", "--preset", "smoke", "--out", str(out)]) == 0   # resumed: all skipped
     assert "2 already done" in (out / "results.md").read_text()
+    out2 = tmp_path / "t2"
+    assert main(["reproduce", "voc_table2", "--preset", "smoke", "--out", str(out2)]) == 0
+    rows2 = {json.loads(x)["run"]: json.loads(x) for x in (out2 / "results.jsonl").read_text().splitlines()}
+    assert rows2["r09_pws_lr0.01_vgg"]["status"] == "nan"   # no √(2/n_l), no α at LR 1e-2: collapses, as the paper's NaN
+    assert rows2["r02_bn_lr0.001_vgg"]["status"] == "ok" and "77.19" in (out2 / "results.md").read_text()
+    out3 = tmp_path / "t3"
+    assert main(["reproduce", "coco_table3", "--preset", "smoke", "--out", str(out3)]) == 0
+    rows3 = {json.loads(x)["run"]: json.loads(x) for x in (out3 / "results.jsonl").read_text().splitlines()}
+    assert set(rows3) == {"maskrcnn_gn_1x", "maskrcnn_pws_1x", "ssd_pws_1x"}
+    assert all(r["status"] == "ok" and 0 <= r["AP"] <= 100 for r in rows3.values())
+    assert all(0 <= rows3[k]["segm_AP"] <= 100 for k in ("maskrcnn_gn_1x", "maskrcnn_pws_1x"))
+    assert "38.90" in (out3 / "results.md").read_text()
     out5 = tmp_path / "t5"
     assert main(["reproduce", "imagenet_table5", "--preset", "smoke", "--out", str(out5)]) == 0
     md5 = (out5 / "results.md").read_text()

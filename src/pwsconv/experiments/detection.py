@@ -253,6 +253,23 @@ def _imagenet_tree(out_dir: str, preset: str, data_root: str | None) -> dict[str
     return {"root": root}
 
 
+def _rank0_first(make: Callable[[], dict[str, Any]], out_dir: str) -> dict[str, Any]:
+    """Under torchrun the synthetic data is written by rank 0; the other processes wait for it, then read it."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    done = os.path.join(out_dir, ".synthetic_ready")
+    if rank == 0:
+        if os.path.exists(done):
+            os.remove(done)
+        info = make()
+        atomic_write_text(json.dumps(info), done)
+        return info
+    for _ in range(6000):
+        if os.path.exists(done):
+            return make()   # complete: its stamp makes this a read, not a second write
+        time.sleep(0.1)
+    raise ReproduceError(f"rank {rank}: rank 0 did not build the synthetic data under {out_dir} in 10 minutes")
+
+
 def build_det_runs(name: str, preset: str, out_dir: str, data_root: str | None = None,
                    weights: str | None = None, make_data: bool = True) -> list[DetRunSpec]:
     """The run list of experiment ``name`` at ``preset`` (the synthetic data of smoke/cpu is built under
@@ -285,8 +302,8 @@ def build_det_runs(name: str, preset: str, out_dir: str, data_root: str | None =
             data_root = data_root or "DATA_ROOT"
             weights = weights or ("RESNET50.pth" if name == "coco_table3" else None)
     elif make_data:
-        data = _imagenet_tree(out_dir, preset, data_root) if name == "imagenet_table5" else \
-            _synthetic(out_dir, _DET_PRESETS[preset], data_root)
+        data = _rank0_first(lambda: _imagenet_tree(out_dir, preset, data_root) if name == "imagenet_table5" else
+                            _synthetic(out_dir, _DET_PRESETS[preset], data_root), out_dir)
     else:
         data = {"root": "SYNTHETIC", "voc_root": "SYNTHETIC", "coco_root": "SYNTHETIC",
                 "classes": [f"digit{i}" for i in range(10)]}
