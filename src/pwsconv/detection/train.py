@@ -51,7 +51,7 @@ DATASETS = ("voc", "coco")
 NAN = float("nan")
 #: fields that do not change what a run computes (a finished run with other values here is the same run)
 COSMETIC = frozenset({"progress", "out_dir", "name", "device", "data_root", "num_workers", "num_threads",
-                      "ckpt_every", "log_every", "eval_batch_size", "weights"})
+                      "ckpt_every", "log_every", "eval_batch_size"})
 
 
 @dataclass
