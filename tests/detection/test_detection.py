@@ -237,3 +237,21 @@ def test_two_process_detection_run(synth, tmp_path):
     # rank 0 scored the detections of both shards: all 16 test images, as many boxes as the single process
     assert r2["metrics"]["detections"] >= 0.9 * r1["metrics"]["detections"] > 0
     assert r2["metrics"]["mAP"] == r2["metrics"]["mAP"]
+
+
+@pytest.mark.parametrize("name,method", [("ssd_resnet50", "pws"), ("ssd_resnet50", "bn"),
+                                         ("fasterrcnn_resnet50_fpn", "gn")])
+def test_other_paper_detectors_step(name, method):
+    torch.manual_seed(0)
+    m = build_detector(name, method, num_classes=21, size=260 if name.startswith("ssd") else 64,
+                       method_opts={"gamma": 1e-3} if method == "pws" else {})
+    images = [torch.rand(3, 120, 150), torch.rand(3, 140, 110)]
+    targets = [{"boxes": torch.tensor([[20.0, 30.0, 90.0, 100.0]]), "labels": torch.tensor([3])},
+               {"boxes": torch.tensor([[5.0, 5.0, 60.0, 90.0]]), "labels": torch.tensor([7])}]
+    losses = m(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss) and loss.item() < 100   # PWS's LayerNorm on the ResNet maps keeps the head sane
+    loss.backward()
+    if method == "pws":
+        assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in m.backbone.modules())
+        assert m.backbone.out_norms is not None

@@ -149,8 +149,8 @@ def _ssd_resnet50(num_classes: int, size: int, method: str, method_opts: Mapping
     tv = _tv()
     from torchvision.models.detection.ssd import SSD
 
-    if size < 160:
-        raise DetectorError(f"ssd_resnet50 needs size ≥ 160, got {size}")
+    if size < 257:
+        raise DetectorError(f"ssd_resnet50 needs size ≥ 257 (its 3×3 valid last extra conv), got {size}")
     ext = _convert_backbone(SSDFeatureExtractorResNet(tv.models.resnet50(weights=None)), method, method_opts, False)
     if method.lower() == "pws":
         ext.add_output_norms()
