@@ -65,6 +65,7 @@ class TrainConfig:
     pws_recompute: bool = False              # with fuse_pws: rebuild α·Ŵ in backward instead of keeping it (less memory)
     device: str = "auto"                     # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
     num_threads: int | None = None           # torch.set_num_threads for this run (CPU; restored afterwards)
+    num_workers: int | None = None           # streamed data sets (imagenet): decoding processes per training process
     sync_bn: bool = False                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need nothing of the kind)
     # outputs
     out_dir: str = "runs/train"
@@ -125,6 +126,8 @@ class TrainConfig:
         need(self.ckpt_every >= 0, f"ckpt_every must be ≥ 0 (0: epoch ends only), got {self.ckpt_every}")
         need(self.num_threads is None or self.num_threads >= 1,
              f"num_threads must be ≥ 1 or null, got {self.num_threads}")
+        need(self.num_workers is None or self.num_workers >= 0,
+             f"num_workers must be ≥ 0 or null, got {self.num_workers}")
         need(self.log_every >= 1, f"log_every must be ≥ 1, got {self.log_every}")
         need(bool(self.out_dir), "out_dir must not be empty")
         need(not (self.nesterov and self.momentum == 0), "nesterov needs momentum > 0")
@@ -322,7 +325,7 @@ def check_method_opts(method: str, opts: Mapping[str, Any]) -> None:
 #: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how
 #: verbosely a run goes on, not what it computes).
 RESUME_MUTABLE_FIELDS = frozenset({"epochs", "max_steps", "ckpt_every", "log_every", "progress", "tensorboard",
-                                   "out_dir", "name", "device", "data_root", "num_threads", "fuse_pws",
+                                   "out_dir", "name", "device", "data_root", "num_threads", "num_workers", "fuse_pws",
                                    "pws_recompute"})
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -310,8 +310,10 @@ _NAME_ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnis
 
 
 def available_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset`."""
-    return list(DATASETS)
+    """Names accepted by :func:`load_dataset`, plus the streamed ones the engine reads (pwsconv.data.streaming)."""
+    from .streaming import STREAMING_DATASETS
+
+    return list(DATASETS) + [n for n in STREAMING_DATASETS if n not in DATASETS]
 
 
 def _as_set(pair: tuple[Any, Any], what: str, num_classes: int | None) -> ImageSet:

@@ -913,7 +913,8 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Any:
     p.description = ("Re-run one of the paper's experiments as a resumable sweep and write results.md (paper numbers "
                      "beside measured mean ± std), results.csv/jsonl and PNG plots. Presets: cpu (about an hour on 2 "
                      "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds, digits).")
-    p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}")
+    p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}, or (GPU tables, the detection "
+                                                "extra) voc_table1, voc_table2, coco_table3, imagenet_table5")
     p.add_argument("--preset", default=None, help="cpu (default), full or smoke")
     p.add_argument("--full", action="store_true", help="same as --preset full")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -922,6 +923,9 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Any:
     p.add_argument("--data-root", default=None, metavar="DIR", help="dataset directory")
     p.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; train nothing")
     p.add_argument("--progress", action="store_true", help="per-run progress bars")
+    # detection / ImageNet tables (pwsconv.experiments.detection): voc_table1, voc_table2, coco_table3, imagenet_table5
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="coco_table3: an ImageNet ResNet-50 state_dict for Mask R-CNN's backbone")
     return _cmd_reproduce
 
 
@@ -931,6 +935,16 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         if preset not in (None, "full"):
             raise ReproduceError(f"--full contradicts --preset {preset}")
         preset = "full"
+    from .detection import EXTRA_EXPERIMENTS, reproduce_extra   # the GPU tables: their own module
+
+    if args.name in EXTRA_EXPERIMENTS:
+        if args.seeds not in (None, 1):
+            raise ReproduceError(f"{args.name} runs one seed per cell (as the paper); drop --seeds")
+        reproduce_extra(args.name, preset or "smoke", out_dir=args.out, data_root=args.data_root,
+                        weights=args.weights, dry_run=args.dry_run, progress=True)
+        return 0
+    if args.weights is not None:
+        raise ReproduceError("--weights is for coco_table3 only")
     reproduce(args.name, preset or "cpu", out_dir=args.out, seeds=args.seeds, data_root=args.data_root,
               progress=args.progress, dry_run=args.dry_run)
     return 0

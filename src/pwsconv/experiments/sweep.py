@@ -35,7 +35,7 @@ __all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "results_table",
 
 # config fields that do not change what a run computes (a finished run with other values here is still "the same")
 _COSMETIC = frozenset({"progress", "out_dir", "name", "device", "data_root", "tensorboard", "log_every",
-                       "ckpt_every", "num_threads", "fuse_pws", "pws_recompute"})
+                       "ckpt_every", "num_threads", "num_workers", "fuse_pws", "pws_recompute"})
 
 
 class SweepError(ValueError):

@@ -190,14 +190,16 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
     """Mean cross-entropy loss and accuracy of ``model`` over ``loader`` (in eval mode; the mode is restored).
 
     Under torch.distributed with a sharded loader (``world_size > 1``) the sums are all-reduced, so every process
-    gets the metrics of the whole set. Returns ``{"loss", "acc", "n"}``.
+    gets the metrics of the whole set. Returns ``{"loss", "acc", "acc5", "n"}`` (``acc5``: top-5 accuracy, NaN with
+    fewer than 5 classes).
     """
     model = _unwrap(model)
     was_training = model.training
     model.eval()
     dev = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
-    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)
+    k5 = True
     try:
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -207,6 +209,9 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
             sums[0] += F.cross_entropy(out, y, reduction="sum").double()
             sums[1] += (out.argmax(1) == y).sum()
             sums[2] += y.numel()
+            k5 = k5 and out.shape[1] >= 5
+            if k5 and len(y):
+                sums[3] += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum()
     finally:
         model.train(was_training)
     if distributed is None:
@@ -214,8 +219,9 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
             getattr(loader, "world_size", 1) > 1
     if distributed:
         torch.distributed.all_reduce(sums)
-    loss, correct, n = sums.tolist()
-    return {"loss": loss / n if n else NAN, "acc": correct / n if n else NAN, "n": int(n)}
+    loss, correct, n, correct5 = sums.tolist()
+    return {"loss": loss / n if n else NAN, "acc": correct / n if n else NAN,
+            "acc5": correct5 / n if n and k5 else NAN, "n": int(n)}
 
 
 def _as_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike) -> TrainConfig:
@@ -357,21 +363,17 @@ class _Run:
             return   # a finished run without a checkpoint, same settings: nothing to do (run() returns its result)
 
         # -- data (before anything is written: a missing data set leaves no trace)
-        bundle = load_dataset(cfg.dataset, cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                              limit=cfg.limit, test_limit=cfg.test_limit)
-        self.bundle = bundle
-        common = dict(mean=bundle.mean, std=bundle.std, device=device, channels_last=cfg.channels_last,
-                      rank=dist.rank, world_size=dist.world_size)
-        self.train_loader = Loader(bundle.train, cfg.batch_size, shuffle=True,
-                                   augment=bundle.augment if cfg.augment else None, drop_last=cfg.drop_last,
-                                   generator=torch.Generator().manual_seed(cfg.seed), **common)
-        self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
-                              f"({len(bundle.train.y)} images) with drop_last: true")
-        self.eval_loaders = {split: Loader(getattr(bundle, split), cfg.eval_batch_size, shuffle=False, augment=None,
-                                           drop_last=False, **common)
-                             for split in ("val", "test") if getattr(bundle, split, None) is not None}
+        from ..data.streaming import STREAMING_DATASETS, build_streaming
+
+        if cfg.dataset in STREAMING_DATASETS:   # too big for memory: decoded by worker processes as it trains
+            self.bundle, self.train_loader, self.eval_loaders = build_streaming(cfg, dist, device)
+            self.steps_per_epoch = len(self.train_loader)
+            if self.steps_per_epoch == 0:
+                raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
+                                  f"({self.train_loader.num_samples} images) with drop_last: true")
+        else:
+            self._in_memory_data(cfg, dist, device, Loader, load_dataset)
+        bundle = self.bundle
 
         # -- model, optimizer, schedule (the model's init depends on the seed only)
         random.seed(cfg.seed)
@@ -424,6 +426,26 @@ class _Run:
         if dist.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+    def _in_memory_data(self, cfg: TrainConfig, dist: D.DistInfo, device: torch.device, Loader: Any,
+                        load_dataset: Any) -> None:
+        """The small data sets: loaded into memory and batched by :class:`pwsconv.data.Loader`."""
+        bundle = load_dataset(cfg.dataset, cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                              limit=cfg.limit, test_limit=cfg.test_limit)
+        self.bundle = bundle
+        common = dict(mean=bundle.mean, std=bundle.std, device=device, channels_last=cfg.channels_last,
+                      rank=dist.rank, world_size=dist.world_size)
+        self.train_loader = Loader(bundle.train, cfg.batch_size, shuffle=True,
+                                   augment=bundle.augment if cfg.augment else None, drop_last=cfg.drop_last,
+                                   generator=torch.Generator().manual_seed(cfg.seed), **common)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
+                              f"({len(bundle.train.y)} images) with drop_last: true")
+        self.eval_loaders = {split: Loader(getattr(bundle, split), cfg.eval_batch_size, shuffle=False, augment=None,
+                                           drop_last=False, **common)
+                             for split in ("val", "test") if getattr(bundle, split, None) is not None}
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -586,6 +608,8 @@ class _Run:
                 ev = evaluate(self.raw_model, loader, device=self.device, amp=cfg.amp,
                               distributed=self.dist.enabled)
                 final[f"{split}_loss"], final[f"{split}_acc"] = ev["loss"], ev["acc"]
+                if ev["acc5"] == ev["acc5"]:   # top-5 (ImageNet, Table 5): in result.json, not in metrics.csv
+                    final[f"{split}_acc5"] = ev["acc5"]
             lr = opt.param_groups[0]["lr"]
             if self.batch == self.steps_per_epoch:   # a complete epoch: next epoch, next LR
                 self.sched.step()
