@@ -65,8 +65,9 @@ def test_bad_input_is_one_line_exit_2(argv, msg, capsys):
 
 
 @pytest.mark.skipif(not HAVE_TV, reason="the smoke presets train torchvision detectors")
-def test_smoke_presets_end_to_end_and_resumable(tmp_path, capsys):
+def test_smoke_presets_end_to_end_and_resumable(tmp_path, capsys, monkeypatch):
     pytest.importorskip("pycocotools")
+    monkeypatch.setenv("PWSCONV_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "t1"
     assert main(["reproduce", "voc_table1", "--preset", "smoke", "--out", str(out)]) == 0
     md = (out / "results.md").read_text()
@@ -74,7 +75,7 @@ def test_smoke_presets_end_to_end_and_resumable(tmp_path, capsys):
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert {r["run"] for r in rows} == {"bn_b2", "pws_b2"} and all(r["status"] == "ok" for r in rows)
     assert all(0 <= r["mAP"] <= 100 for r in rows)
-    assert (out / "synthetic_data" / "VOCdevkit" / "VOC2007" / "Annotations").is_dir()
+    assert not any(p.suffix == ".jpg" for p in out.rglob("*"))   # the synthetic images live in the cache, not here
     capsys.readouterr()
     assert main(["reproduce", "voc_table1", "--preset", "smoke", "--out", str(out)]) == 0   # resumed: all skipped
     assert "2 already done" in (out / "results.md").read_text()
@@ -90,6 +91,7 @@ def test_smoke_presets_end_to_end_and_resumable(tmp_path, capsys):
     assert all(r["status"] == "ok" and 0 <= r["AP"] <= 100 for r in rows3.values())
     assert all(0 <= rows3[k]["segm_AP"] <= 100 for k in ("maskrcnn_gn_1x", "maskrcnn_pws_1x"))
     assert "38.90" in (out3 / "results.md").read_text()
+    assert (tmp_path / "cache" / "synthetic" / "detection_48_16_96" / "VOCdevkit" / "VOC2007" / "Annotations").is_dir()
     out5 = tmp_path / "t5"
     assert main(["reproduce", "imagenet_table5", "--preset", "smoke", "--out", str(out5)]) == 0
     md5 = (out5 / "results.md").read_text()

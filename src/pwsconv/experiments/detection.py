@@ -9,7 +9,7 @@
     pwsconv reproduce voc_table1 --preset smoke                          # CPU, minutes: the whole pipeline
 
 Presets: ``full`` = the paper's settings on the real data (``--data-root``); ``smoke`` = every code path on a small
-real-pixel set built on the fly (MNIST digits pasted on CIFAR-10 photographs, written as VOCdevkit and COCO; an
+real-pixel set built on the fly (once, under ``$PWSCONV_CACHE/synthetic``, default ``~/.cache/pwsconv``) (MNIST digits pasted on CIFAR-10 photographs, written as VOCdevkit and COCO; an
 image-folder tree of CIFAR-10 JPEGs for ImageNet) with small models and a few steps; ``cpu`` = the same synthetic
 set with longer runs (a measurable mAP, tens of minutes on 2 cores). Every run lives in ``OUT/<run>/`` (config.yaml,
 metrics.csv/jsonl, checkpoint.pt, result.json): a finished run is skipped, an interrupted one resumed from its
@@ -108,8 +108,8 @@ _DET_PRESETS = {
 def _synthetic(out_dir: str, p: _DetPreset, data_root: str | None) -> dict[str, Any]:
     from ..detection.synthetic import make_detection_set
 
-    return make_detection_set(os.path.join(out_dir, "synthetic_data"), p.n_train, p.n_test, canvas=p.canvas,
-                              data_dir=data_root)
+    return make_detection_set(os.path.join(out_dir, f"detection_{p.n_train}_{p.n_test}_{p.canvas}"), p.n_train,
+                              p.n_test, canvas=p.canvas, data_dir=data_root)
 
 
 def _det_cfg(preset: str, data: dict[str, Any], **kw: Any) -> Any:
@@ -234,7 +234,7 @@ def _imagenet_tree(out_dir: str, preset: str, data_root: str | None) -> dict[str
     src = find_data_root("cifar10", data_root) / "cifar10_train_jpeg_bytes.npz"
     if not src.is_file():
         raise ReproduceError(f"{src} not found: the {preset} preset builds its image folder from it")
-    root = os.path.join(out_dir, "synthetic_imagenet")
+    root = os.path.join(out_dir, f"imagefolder_{preset}")
     per_train, per_val = (8, 2) if preset == "smoke" else (100, 20)
     stamp = os.path.join(root, "tree.json")
     if os.path.isfile(stamp) and json.load(open(stamp)).get("per") == [per_train, per_val]:
@@ -256,7 +256,10 @@ def _imagenet_tree(out_dir: str, preset: str, data_root: str | None) -> dict[str
 def _rank0_first(make: Callable[[], dict[str, Any]], out_dir: str) -> dict[str, Any]:
     """Under torchrun the synthetic data is written by rank 0; the other processes wait for it, then read it."""
     rank = int(os.environ.get("RANK", "0") or 0)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return make()
     done = os.path.join(out_dir, ".synthetic_ready")
+    os.makedirs(out_dir, exist_ok=True)
     if rank == 0:
         if os.path.exists(done):
             os.remove(done)
@@ -302,8 +305,11 @@ def build_det_runs(name: str, preset: str, out_dir: str, data_root: str | None =
             data_root = data_root or "DATA_ROOT"
             weights = weights or ("RESNET50.pth" if name == "coco_table3" else None)
     elif make_data:
-        data = _rank0_first(lambda: _imagenet_tree(out_dir, preset, data_root) if name == "imagenet_table5" else
-                            _synthetic(out_dir, _DET_PRESETS[preset], data_root), out_dir)
+        from ..data.readers import default_cache_dir
+
+        cache = os.path.join(os.fspath(default_cache_dir()), "synthetic")   # data never lands in the results tree
+        data = _rank0_first(lambda: _imagenet_tree(cache, preset, data_root) if name == "imagenet_table5" else
+                            _synthetic(cache, _DET_PRESETS[preset], data_root), out_dir)
     else:
         data = {"root": "SYNTHETIC", "voc_root": "SYNTHETIC", "coco_root": "SYNTHETIC",
                 "classes": [f"digit{i}" for i in range(10)]}
