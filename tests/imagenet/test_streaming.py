@@ -21,7 +21,10 @@ from pwsconv.data.streaming import StreamingLoader, loader_throughput, scan_imag
 from pwsconv.train import train  # noqa: E402
 from pwsconv.train.checkpoint import load_checkpoint  # noqa: E402
 
-CIFAR = Path(os.environ.get("PWSCONV_SHARED_DATA", "/work/shared/data")) / "cifar10" / "cifar10_train_jpeg_bytes.npz"
+_REPO = Path(__file__).resolve().parents[2]
+_SHARED = os.environ.get("PWSCONV_SHARED_DATA") or next(
+    (str(p) for p in (_REPO.parent / "shared" / "data", Path("/work/shared/data")) if p.is_dir()), "/work/shared/data")
+CIFAR = Path(_SHARED) / "cifar10" / "cifar10_train_jpeg_bytes.npz"
 CLASSES = 6
 
 

@@ -63,7 +63,53 @@ AUGMENTATIONS: dict[str, tuple[Callable[[int, torch.Generator], Tensor], Callabl
 }
 
 
-class Loader:
+class EpochBatches:
+    """Batch bookkeeping shared by :class:`Loader` and the streaming loader: the number of batches, this process's
+    share of a batch, the epoch, and the (seed, epoch, batch) state that makes a resumed run continue mid-epoch.
+    Subclasses set ``seed``, ``epoch``, ``batch_size``, ``drop_last``, ``rank``, ``world_size``, ``_pos`` and
+    ``_resume_at`` and define ``num_samples``."""
+
+    seed: int
+    epoch: int
+    batch_size: int
+    drop_last: bool
+    rank: int
+    world_size: int
+    _pos: int
+    _resume_at: int
+
+    @property
+    def num_samples(self) -> int:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def local_batch_size(self) -> int:
+        """This process's share of a full global batch."""
+        b, w = self.batch_size, self.world_size
+        return b // w + (1 if self.rank < b % w else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` at its first batch on the next iteration."""
+        self.epoch = int(epoch)
+        self._pos = self._resume_at = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "epoch": self.epoch, "batch": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        batch = int(state.get("batch", 0))
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"loader state batch {batch} is outside 0..{len(self)}")
+        self.seed = int(state.get("seed", self.seed)) & _MASK63
+        self.epoch = int(state["epoch"])
+        self._pos = self._resume_at = batch
+
+
+class Loader(EpochBatches):
     """Batches ``(x, y)`` of an in-memory :class:`ImageSet`: ``x`` float32 ``[B, C, H, W]`` normalized as
     ``(x/255 − mean)/std``, ``y`` int64 ``[B]``, both on ``device``.
 
@@ -127,37 +173,9 @@ class Loader:
         self._pos = 0          # batches of the current epoch delivered so far
         self._resume_at = 0    # where the next iteration starts (set by load_state_dict only)
 
-    # ------------------------------------------------------------------ sizes
     @property
     def num_samples(self) -> int:
         return len(self.images)
-
-    def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def local_batch_size(self) -> int:
-        """This process's share of a full global batch."""
-        b, w = self.batch_size, self.world_size
-        return b // w + (1 if self.rank < b % w else 0)
-
-    # ------------------------------------------------------------------ state
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` at its first batch on the next iteration."""
-        self.epoch = int(epoch)
-        self._pos = self._resume_at = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "batch": self._pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        batch = int(state.get("batch", 0))
-        if not 0 <= batch <= len(self):
-            raise ValueError(f"loader state batch {batch} is outside 0..{len(self)}")
-        self.seed = int(state.get("seed", self.seed)) & _MASK63
-        self.epoch = int(state["epoch"])
-        self._pos = self._resume_at = batch
 
     # ------------------------------------------------------------------ the epoch's randomness
     def epoch_plan(self, epoch: int | None = None) -> tuple[Tensor, Tensor | None]:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .core import DataError
-from .loader import _MASK63, epoch_seed
+from .loader import _MASK63, EpochBatches, epoch_seed
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STREAMING_DATASETS", "FolderIndex", "scan_image_folder",
            "StreamingLoader", "SeededBatchLoader", "imagenet_transform", "loader_throughput", "build_streaming", "StreamingBundle"]
@@ -147,7 +147,7 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)   # decoding processes each use one core; the training process keeps its threads
 
 
-class SeededBatchLoader:
+class SeededBatchLoader(EpochBatches):
     """Global batches of a map-style ``dataset`` whose items are keyed ``(index, seed)``, loaded by ``num_workers``
     processes: the order and every item's seed depend only on ``(seed, epoch)``; each of ``world_size`` processes
     takes its ``tensor_split`` share of every global batch; ``state_dict``/``load_state_dict`` resume mid-epoch.
@@ -175,34 +175,10 @@ class SeededBatchLoader:
         self.epoch, self._pos, self._resume_at = 0, 0, 0
         self.images_per_s = float("nan")   # of the last (partial) pass, this process's items
 
-    # ------------------------------------------------------------------ sizes and state (as Loader)
+    # sizes and the resumable (seed, epoch, batch) state: EpochBatches, as for the in-memory Loader
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def local_batch_size(self) -> int:
-        b, w = self.batch_size, self.world_size
-        return b // w + (1 if self.rank < b % w else 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._pos = self._resume_at = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "epoch": self.epoch, "batch": self._pos}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        batch = int(state.get("batch", 0))
-        if not 0 <= batch <= len(self):
-            raise ValueError(f"loader state batch {batch} is outside 0..{len(self)}")
-        self.seed = int(state.get("seed", self.seed)) & _MASK63
-        self.epoch = int(state["epoch"])
-        self._pos = self._resume_at = batch
 
     # ------------------------------------------------------------------ the epoch's plan
     def epoch_plan(self, epoch: int | None = None) -> tuple[Tensor, Tensor]:
