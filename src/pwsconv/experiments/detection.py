@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from ..train.checkpoint import atomic_write_text
 from .paper import PAPER_NUMBERS, ReproduceError
+from .sweep import write_rows
 
 __all__ = ["EXTRA_EXPERIMENTS", "PAPER_TABLE3", "PAPER_TABLE5", "DetRunSpec", "build_det_runs", "reproduce_extra",
            "run_det_sweep"]
@@ -473,9 +474,6 @@ def _estimate(name: str, runs: Sequence[DetRunSpec], preset: str) -> float | Non
 
 def _write_outputs(name: str, preset: str, out_dir: str, records: list[dict[str, Any]], command: str,
                    wall: float) -> dict[str, str]:
-    import csv
-    import io
-
     import torch
 
     files = {"md": os.path.join(out_dir, "results.md"), "csv": os.path.join(out_dir, "results.csv"),
@@ -486,16 +484,8 @@ def _write_outputs(name: str, preset: str, out_dir: str, records: list[dict[str,
                "train_time_s": round(r["wall_time"], 1)}
         row.update({k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))})
         flat.append(row)
-    cols: list[str] = []
-    for row in flat:
-        cols += [k for k in row if k not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for row in flat:
-        w.writerow({k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    atomic_write_text(buf.getvalue(), files["csv"])
-    atomic_write_text("".join(json.dumps(row, default=str, allow_nan=True) + "\n" for row in flat), files["jsonl"])
+    write_rows(flat, files["csv"], files["jsonl"])
+    cols = list(dict.fromkeys(k for row in flat for k in row))
     import torchvision
 
     skipped = sum(r["skipped"] for r in records)

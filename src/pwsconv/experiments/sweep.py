@@ -17,6 +17,7 @@ started on the same directory is refused at once instead of training the same ru
 from __future__ import annotations
 
 import csv
+import json
 import io
 import math
 import os
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ..config import TrainConfig
-from ..train.checkpoint import atomic_write_text, dumps
+from ..train.checkpoint import atomic_write_text, json_safe
 from ..train.engine import ConfigMismatchError, RunResult, _config_diff, train
 from ..train.metrics import read_metrics
 from ..train.rundir import check_output_dir
@@ -166,6 +167,12 @@ def write_results(records: Sequence[SweepRecord], out_dir: str | os.PathLike, *,
     if notes:
         md += f"\n{notes.rstrip()}\n"
     atomic_write_text(md, paths["md"])
+    write_rows(rows, paths["csv"], paths["jsonl"])
+    return paths
+
+
+def write_rows(rows: Sequence[dict[str, Any]], csv_path: str | os.PathLike, jsonl_path: str | os.PathLike) -> None:
+    """``rows`` as CSV (the union of their keys, NaN written as "nan") and JSON lines (NaN as null), atomically."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
@@ -174,9 +181,8 @@ def write_results(records: Sequence[SweepRecord], out_dir: str | os.PathLike, *,
     w.writeheader()
     for r in rows:
         w.writerow({k: ("nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    atomic_write_text(buf.getvalue(), paths["csv"])
-    atomic_write_text("".join(dumps(r) + "\n" for r in rows), paths["jsonl"])
-    return paths
+    atomic_write_text(buf.getvalue(), csv_path)
+    atomic_write_text("".join(json.dumps(json_safe(r), allow_nan=False, default=str) + "\n" for r in rows), jsonl_path)
 
 
 # ----------------------------------------------------------------------------------------------------- plots
