@@ -3,10 +3,11 @@
     pwsconv probe --model convpool_cnn_c_small --dataset cifar10 --methods bn pws pws:gamma=auto \
         --lr LR --steps 45 --batch-size 128 --out results/mechanism/lrLR          (LR = 0.4 and 1.6)
 
-and writes results/mechanism/mechanism.png (per step: loss, logit scale, and per conv layer α, |β|, Var[Y_l],
+and writes results/mechanism/mechanism.png (the committed records are trimmed to the statistics used here and
+gzipped: records.csv.gz) (per step: loss, logit scale, and per conv layer α, |β|, Var[Y_l],
 max 1/sqrt(Var[W_o]+γ), ‖∇W‖, ‖∇α‖, ‖∇β‖) and mechanism.md (for each quantity, the first step at which it exceeds
 10× its step-0 value, per method and LR)."""
-import csv, math, os, sys
+import csv, gzip, math, os, sys
 from collections import defaultdict
 
 import matplotlib
@@ -23,7 +24,10 @@ MODEL_STATS = [("loss", "loss"), ("logit_std", "logit std")]
 
 def load(lr):
     data = defaultdict(lambda: defaultdict(dict))   # method -> (layer, stat) -> step -> value
-    for r in csv.DictReader(open(os.path.join(HERE, f"lr{lr}", "records.csv"))):
+    path = os.path.join(HERE, f"lr{lr}", "records.csv")
+    # committed: the statistics used here, gzipped (records.csv.gz); a fresh probe run writes records.csv
+    f = open(path) if os.path.exists(path) else gzip.open(path + ".gz", "rt")
+    for r in csv.DictReader(f):
         v = float(r["value"]) if r["value"] not in ("", "nan") else math.nan
         data[r["method"]][(r["layer"], r["stat"])][int(r["step"])] = v
     return data
