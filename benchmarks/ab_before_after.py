@@ -3,7 +3,7 @@
 Two benchmark runs in two processes differ by several percent on a shared machine (load, frequency, cache state),
 which is as large as the effects being measured. This script imports the older package under another name
 (``pwsconv_before``), builds the same network with both, and times plain conv, BN, PWS before, PWS after and PWS
-after with ``recompute=True`` and PWS after with ``gamma="auto"`` round-robin (order rotated every round), as ratios to plain conv.
+after unfused (per-layer), PWS after with ``recompute=True`` and PWS after with ``gamma="auto"`` round-robin (order rotated every round), as ratios to plain conv.
 
     git worktree add /tmp/before 49014f9          # any commit that has pwsconv.experiments.speed
     python benchmarks/ab_before_after.py --before /tmp/before/src/pwsconv --out benchmarks/results_ab
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             fns = {"none": make(build_model, "none", train_step_fn), "bn": make(build_model, "bn", train_step_fn),
                    "pws before": make(before_build, "pws", before_step),
                    "pws after": make(build_model, "pws", train_step_fn),
+                   # issue 13: the per-layer path (one layer_norm per layer, no fused node) decides whether fusion pays
+                   "pws after (unfused)": make(build_model, "pws", train_step_fn, fuse=False),
                    "pws after (recompute)": make(build_model, "pws", train_step_fn, recompute=True),
                    # issue 12: the stabilized layer (same forward, clipped gradients) against paper PWS
                    "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"})}

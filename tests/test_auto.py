@@ -230,13 +230,3 @@ def test_gradcheck_fused_node_with_inactive_clipping():
         return tuple(pws_weights_fused([w0, w1], [a0, a1], [1e-3, 1e-3], [0.5, 0.5], [1e12, 1e12]))
 
     assert gradcheck(fn, (ws[0], als[0], ws[1], als[1]), eps=1e-6, atol=1e-6, rtol=1e-4)
-
-
-def test_layers_pickled_before_clip_existed_load_as_paper_pws():
-    layer = PWSConv2d(3, 4, 3)
-    state = layer.__getstate__()
-    del state["_clip"]                        # what a layer pickled by the previous version holds
-    old = PWSConv2d.__new__(PWSConv2d)
-    old.__setstate__(state)
-    x = torch.randn(1, 3, 5, 5)
-    assert old.clip_lambda == 0.0 and torch.equal(old(x), layer(x))

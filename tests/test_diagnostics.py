@@ -278,7 +278,9 @@ def test_attach_detach_bit_identical_and_leaves_nothing():
     ref = _train(copy.deepcopy(base), None)
     for kw in ({"opt": True}, {"lr": 0.2}, {"opt": True, "every": 2}):
         model = copy.deepcopy(base)
-        before_keys = {n: set(m.__dict__) for n, m in model.named_modules()}
+        # (the eval pass of _train caches PWS weights: derived data of the layer, not something the probe left)
+        keys = lambda: {n: set(m.__dict__) - {"_accel_cache"} for n, m in model.named_modules()}  # noqa: E731
+        before_keys = keys()
         outs, grads, params, opt, probe = _train(model, dict(kw))
         assert probe.records, kw
         for a, b in zip(outs, ref[0]):
@@ -289,7 +291,7 @@ def test_attach_detach_bit_identical_and_leaves_nothing():
         probe.detach()
         assert hooks_empty(model)
         assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
-        assert {n: set(m.__dict__) for n, m in model.named_modules()} == before_keys
+        assert keys() == before_keys
         n_rec = len(probe.records)
         model.train()
         model(data(1)[0][0]).sum().backward()  # detached: nothing more is recorded

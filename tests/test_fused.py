@@ -11,9 +11,12 @@ from torch import nn
 from torch.autograd import gradcheck
 
 import pwsconv
-from pwsconv.functional import pws_weight, pws_weights_fused
+from pwsconv.accel import pws_weights_fused
+from pwsconv.functional import pws_weight
 from pwsconv.layers.pws import PWSMixin
 from pwsconv.models import build_model
+from pwsconv.accel import is_cached
+from pwsconv.accel.fused import _ACTIVE
 
 torch.set_num_threads(1)
 
@@ -65,21 +68,21 @@ def test_fused_is_used_and_cleared():
     _, b, _ = _pair()
     layers = [m for m in b.modules() if isinstance(m, PWSMixin)]
     calls = []
-    orig = PWSMixin._compute_weight
+    orig = PWSMixin.compute_weight
 
     def spy(self):
         calls.append(self)
         return orig(self)
 
-    PWSMixin._compute_weight = spy
+    PWSMixin.compute_weight = spy
     try:
         b(torch.randn(2, 3, 32, 32)).sum().backward()
         assert calls == []                       # every layer took the pre-computed weight
-        assert all(m._fused is None for m in layers)   # and the slots are gone after the forward
+        assert _ACTIVE.get() is None   # and the slots are gone after the forward
         layers[1](torch.randn(2, 16, 8, 8))      # called on its own: computes its weight itself
         assert calls == [layers[1]]
     finally:
-        PWSMixin._compute_weight = orig
+        PWSMixin.compute_weight = orig
 
 
 def test_in_place_change_inside_forward_recomputes():
@@ -120,7 +123,7 @@ def test_exception_in_forward_leaves_no_slot():
     pwsconv.fuse_standardization(conv)
     with pytest.raises(RuntimeError):
         conv(torch.randn(1, 5, 8, 8))            # wrong channel count: the conv raises after the pre-hook ran
-    assert conv._fused is None
+    assert _ACTIVE.get() is None
     conv(torch.randn(1, 3, 8, 8)).sum().backward()
     assert conv.weight.grad is not None
 
@@ -147,7 +150,7 @@ def test_eval_mode_keeps_cache_and_remove():
     with torch.no_grad():
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
     layer = next(m for m in b.modules() if isinstance(m, PWSMixin))
-    assert layer._cache is not None and layer._fused is None
+    assert is_cached(layer) and _ACTIVE.get() is None
     assert pwsconv.fuse_standardization(b) is handle     # idempotent
     handle.remove()
     handle.remove()
@@ -318,7 +321,7 @@ def test_save_load_and_teacher_copy(tmp_path):
     d = Distill()
     d(x).sum().backward()
     layers = [m for m in net.modules() if isinstance(m, PWSMixin)]
-    assert all(m._fused is None for m in layers)
+    assert _ACTIVE.get() is None
     layers[0](x).sum().backward()                            # no stale slot: a fresh graph
 
 
@@ -418,7 +421,7 @@ def test_recompute_exception_in_forward_pops_hooks_and_engine_option(tmp_path):
     with pytest.raises(KeyError):
         net(torch.randn(1, 2, 5, 5))
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
-    assert net.c._fused is None
+    assert _ACTIVE.get() is None
     with pytest.raises(TypeError, match="recompute must be a bool"):
         pwsconv.fuse_standardization(net, recompute="yes")
 
@@ -434,9 +437,9 @@ def test_recompute_exception_in_forward_pops_hooks_and_engine_option(tmp_path):
 
 
 def test_layer_list_follows_the_module_tree(monkeypatch):
-    """The fused hook walks the model once and again after a submodule is registered: a replaced layer is fused,
-    the old one is neither standardized nor kept alive; a layer added behind torch's back computes its own weight;
-    a deep copy standardizes its own layers."""
+    """The fused hook walks the model on every training forward (no process-wide module-registration hook): a
+    replaced layer is fused, the old one is neither standardized nor kept alive; a layer added behind torch's back
+    (``_modules`` edited directly) is fused too; a deep copy standardizes its own layers."""
     import gc
     import weakref
 
@@ -446,10 +449,10 @@ def test_layer_list_follows_the_module_tree(monkeypatch):
     x = torch.randn(2, 3, 9, 9)
     net(x)
     calls = []
-    orig = PWSMixin._compute_weight
-    monkeypatch.setattr(PWSMixin, "_compute_weight", lambda self: (calls.append(self), orig(self))[1])
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: (calls.append(self), orig(self))[1])
     old = weakref.ref(net[2])
-    net[2] = pwsconv.PWSConv2d(4, 4, 3)           # registered through torch: the list is rebuilt
+    net[2] = pwsconv.PWSConv2d(4, 4, 3)           # registered through torch
     ref = copy.deepcopy(net)
     handle = ref._pws_fuse_handle
     handle.remove()
@@ -459,15 +462,15 @@ def test_layer_list_follows_the_module_tree(monkeypatch):
     assert calls == [ref[0], ref[2]]             # only the unfused copy computed its own weights
     calls.clear()
     extra = pwsconv.PWSConv2d(4, 4, 1)
-    net._modules["3"] = extra                     # behind torch's back: not in the list, computes its own weight
+    net._modules["3"] = extra                     # behind torch's back: still found by the walk, fused
     ref._modules["3"] = copy.deepcopy(extra)
     torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
-    assert calls.count(extra) == 1 and net[0] not in calls and net[2] not in calls
+    assert extra not in calls and net[0] not in calls and net[2] not in calls and ref[3] in calls
     calls.clear()
     twin = copy.deepcopy(net)                     # its hooks walk and fuse its own layers, never the original's
     twin(x)
     assert calls == []
-    assert all(m._fused is None for m in net.modules() if isinstance(m, PWSMixin))
+    assert _ACTIVE.get() is None
 
 
 # ---------------------------------------------------------------------------------------------- review, round 2

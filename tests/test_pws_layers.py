@@ -17,6 +17,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 import pwsconv
+from pwsconv.accel import is_cached
 from pwsconv import (
     PWSConv1d,
     PWSConv2d,
@@ -452,17 +453,17 @@ def test_registry_errors():
 # ============================================================================================ 5. eval cache
 @pytest.fixture
 def counted(monkeypatch):
-    """A PWSConv2d whose _compute_weight calls are counted."""
+    """A PWSConv2d whose compute_weight calls are counted."""
     torch.manual_seed(7)
     layer = PWSConv2d(3, 4, 3, padding=1)
     calls = {"n": 0}
-    orig = layer._compute_weight
+    orig = layer.compute_weight
 
     def wrapped():
         calls["n"] += 1
         return orig()
 
-    monkeypatch.setattr(layer, "_compute_weight", wrapped)
+    monkeypatch.setattr(layer, "compute_weight", wrapped)
     return layer, calls, torch.randn(2, 3, 5, 5)
 
 
@@ -591,22 +592,8 @@ def test_settings_are_validated_and_drop_the_cache(counted):
             layer.fan_mode = "fan_avg"
         layer.equiv = True
         torch.testing.assert_close(layer(x), expected(layer, x))
-    assert calls["n"] == 2 and layer._cache is not None
+    assert calls["n"] == 2 and is_cached(layer)
     assert layer.equiv is True and layer.fan_mode == "fan_in" and layer.use_gain is True
-
-
-def test_unpickle_layer_from_before_settings_were_properties():
-    torch.manual_seed(0)
-    layer = PWSConv2d(3, 4, 3, equiv=True, use_gain=False).eval()
-    state = layer.__getstate__()
-    for k in ("use_gain", "fan_mode", "equiv"):   # the old layout stored the settings as plain attributes
-        state[k] = state.pop("_" + k)
-    old = PWSConv2d.__new__(PWSConv2d)
-    old.__setstate__(state)
-    x = torch.randn(1, 3, 6, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(old(x), layer(x))
-    assert old.equiv is True and old.use_gain is False
 
 
 @pytest.mark.parametrize("opt_kw", [{"fused": True}, {"foreach": True}, {"foreach": False}])
@@ -644,7 +631,7 @@ def test_parameters_made_in_inference_mode_and_parametrized_bias():
         layer = PWSConv2d(3, 4, 3).eval()
         x = torch.randn(1, 3, 6, 6)
         torch.testing.assert_close(layer(x), layer(x))       # no version counter: computed, never cached
-        assert layer._cache is None
+        assert not is_cached(layer)
 
     class Twice(nn.Module):
         def forward(self, t):
@@ -676,7 +663,7 @@ def test_cache_train_eval_toggle_and_to_dtype(counted):
     with torch.no_grad():
         layer(x)
         layer.train()
-        assert layer._cache is None
+        assert not is_cached(layer)
         layer.eval()
         layer(x)
         assert calls["n"] == 2
@@ -693,9 +680,9 @@ def test_cache_dropped_on_copy_and_pickle():
     x = torch.randn(1, 3, 5, 5)
     with torch.no_grad():
         y = layer(x)
-    assert layer._cache is not None
+    assert is_cached(layer)
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert clone._cache is None
+        assert not is_cached(clone)
         with torch.no_grad():
             torch.testing.assert_close(clone(x), y)
     buf = io.BytesIO()
@@ -726,7 +713,7 @@ def test_eval_with_grad_flows_and_no_cache():
         layer, x = make(name)
         layer.eval()
         layer(x).square().sum().backward()
-        assert layer._cache is None
+        assert not is_cached(layer)
         for pname, p in layer.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, (name, pname)
 

@@ -19,6 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from .accel import clear_cache
+
 __all__ = ["BNInfo", "ConvInfo", "bn_info", "bn_stats", "conv_info", "with_drop_act", "effective_weight",
            "fold_bn", "init_from"]
 
@@ -172,11 +174,11 @@ def init_from(new: nn.Module, raw: Tensor, eff: Tensor, bias: Tensor | None) -> 
     standardized raw weight: for eff = s·W (a folded BN scale s) that is α_o = s_o·sqrt(Var[W_o] + γ)/gain, and
     α_o·Ŵ_o = eff_o − E[eff_o] — exact but for the filter mean that PWS removes. Any other layer gets ``eff``
     itself as its weight (plain convs: exact)."""
-    if hasattr(new, "alpha") and hasattr(new, "_compute_weight") and hasattr(new, "_layout"):
+    if hasattr(new, "alpha") and hasattr(new, "compute_weight") and hasattr(new, "_layout"):
         new.weight.copy_(raw)
         if new.alpha is not None:
             new.alpha.fill_(1.0)
-            s = new._compute_weight().double()
+            s = new.compute_weight().double()
             view, reduce, _ = new._layout()
             e = eff.double()
             if view is not None:
@@ -184,7 +186,7 @@ def init_from(new: nn.Module, raw: Tensor, eff: Tensor, bias: Tensor | None) -> 
             num, den = (s * e).sum(reduce), (s * s).sum(reduce)
             a = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
             new.alpha.copy_(a.reshape(-1).to(new.alpha.dtype))
-        new._cache = None
+        clear_cache(new)
     else:
         new.weight.copy_(eff)
     if getattr(new, "bias", None) is not None:

@@ -16,6 +16,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedTensorMixin
 
 from ._bnlike import bn_info, bn_stats, conv_info, effective_weight, fold_bn, init_from, with_drop_act
+from .accel import clear_cache
 from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
 from .layers.same import Conv2dSame, same_padded
 from .norms import NormMethod, _opts_for, _split_opts, build_norm, get_method, plain_conv
@@ -325,7 +326,7 @@ def _calibrate(ctx: _Ctx, model: nn.Module, args: tuple) -> None:
             alpha.fill_(1.0)
         if bias is not None:
             bias.zero_()
-        mod._cache = None
+        clear_cache(mod)
         z = mod.forward(*inp)
         if not (isinstance(z, Tensor) and isinstance(y, Tensor)) or z.shape != y.shape or z.dim() < 2:
             _restore(mod, saved)
@@ -344,7 +345,7 @@ def _calibrate(ctx: _Ctx, model: nn.Module, args: tuple) -> None:
             a = torch.ones_like(zm)
         if bias is not None:
             bias.copy_((ym - a * zm).to(bias.dtype))
-        mod._cache = None
+        clear_cache(mod)
 
     hooks = [mod.register_forward_pre_hook(pre) for mod in layers.values()]
     _eval_forward(model, args, hooks)
@@ -355,7 +356,7 @@ def _restore(mod: nn.Module, saved: tuple) -> None:
         mod.alpha.copy_(saved[0])
     if saved[1] is not None:
         mod.bias.copy_(saved[1])
-    mod._cache = None
+    clear_cache(mod)
 
 
 def _feeds(model: nn.Module, conv_name: str, bn_name: str) -> bool:

@@ -19,7 +19,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 __all__ = ["pws_weight", "pws_weights_fused", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
@@ -221,162 +220,10 @@ def pws_weight(
     return out.to(weight.dtype)
 
 
-_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+def __getattr__(name: str):
+    """``pws_weights_fused`` moved to :mod:`pwsconv.accel.fused` (acceleration, not math); still importable here."""
+    if name == "pws_weights_fused":
+        from .accel.fused import pws_weights_fused
 
-
-class _PWSMany(torch.autograd.Function):
-    """Eq. 12 for many weights in one autograd node. Layers whose weights have the same filter shape (``w.shape[1:]``)
-    and the same γ, gain and α-ness form a group: one ``native_layer_norm`` over the rows of the concatenated
-    [filters, n_l] matrix and one in-place multiply by α·gain per row (the ops of :func:`pws_weight`, so the same
-    values), split back into per-layer views — a handful of native ops per *group* rather than per layer.
-
-    Backward is one ``native_batch_norm_backward`` per group, with the rows as the channels of a [1, filters, n_l]
-    batch, the layer norm's per-row E[w] and 1/sqrt(Var + γ) as the saved batch statistics and α·gain as the affine
-    weight: training-mode batch norm of that batch *is* eq. 12, so its closed-form backward gives ∂L/∂W (eq. 13)
-    and ∂L/∂(α·gain) = Σ g·x̂ per filter in one kernel, two passes over the weight (the layer-norm backward plus a
-    separate Σ g·x̂ took five). Keeps only those per-filter statistics and α·gain (the weights are alive anyway and
-    are re-concatenated in backward; no weight-sized x̂).
-
-    The weights and α are kept as references with their version counters rather than through ``save_for_backward``:
-    a layer whose weight changes in place after this node ran (α data-init on the first forward) computes its own
-    weight and sends no gradient here, and must not make the other layers' backward fail. A gradient that does
-    arrive for a changed tensor raises the usual "modified by an inplace operation" error. Differentiable once
-    (no double backward, e.g. gradient penalties: use the per-layer path there).
-
-    ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape)``: the layers' output
-    indices, the positions of their weights (and α, 1-d, or ``None``) among ``tensors``, their filter counts, n_l,
-    γ, the gain and the shape of the concatenated weight.
-    """
-
-    @staticmethod
-    def forward(ctx, spec: tuple, n_out: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.set_materialize_grads(False)      # layers that were not used get None, not zeros
-        outs: list[Tensor | None] = [None] * n_out
-        saved = []
-        for layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip in spec:
-            ws = [tensors[i] for i in w_pos]
-            w = ws[0] if len(ws) == 1 else torch.cat(ws)
-            r_all = shape[0]
-            if a_pos is not None:
-                al = [tensors[i] for i in a_pos]
-                s = al[0] if len(al) == 1 else torch.cat(al)
-                if gain != 1.0:
-                    s = s * gain
-                versions = [t._version for t in ws + al]
-            else:
-                al = []
-                s = None if gain == 1.0 else torch.full((r_all,), gain, dtype=w.dtype, device=w.device)
-                versions = [t._version for t in ws]
-            # the ops of pws_weight (so the same values): x̂ by layer norm over the rows, then α·gain per row
-            out, mean, rstd = torch.native_layer_norm(w.view(r_all, n), (n,), None, None, gamma)
-            if s is not None:
-                out.mul_(s.view(r_all, 1))
-            out = out.view(shape)        # shapes as tuples of ints: a torch.Size argument costs 3× more
-            mean, rstd = mean.view(r_all), rstd.view(r_all)
-            if len(rows) == 1:
-                outs[layers[0]] = out
-            else:
-                for k, o in zip(layers, out.split_with_sizes(rows)):
-                    outs[k] = o
-            saved.append((ws, al, versions, s, mean, rstd))
-        ctx.spec = spec
-        ctx.groups = saved
-        return tuple(outs)  # type: ignore[arg-type]
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
-        needs = ctx.needs_input_grad
-        res: list[Tensor | None] = [None] * len(needs)
-        for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd) in zip(
-                ctx.spec, ctx.groups):
-            gl = [grads[k] for k in layers]
-            if all(g is None for g in gl):
-                continue
-            need_w = any(needs[i + 2] for i in w_pos)
-            need_a = a_pos is not None and any(needs[i + 2] for i in a_pos)
-            if not (need_w or need_a):
-                continue
-            # only the layers that send a gradient need their tensors unchanged: a layer changed in place after
-            # this node ran computes its own weight, and its rows here get a zero gradient that is thrown away
-            k = len(ws)
-            for j, gj in enumerate(gl):
-                if gj is not None and (ws[j]._version != versions[j] or (al and al[j]._version != versions[k + j])):
-                    raise RuntimeError("pws_weights_fused: a weight or alpha needed for gradient computation has "
-                                       "been modified by an inplace operation after the forward pass")
-            if len(gl) == 1:
-                g, w = gl[0], ws[0]
-            else:
-                g = torch.cat([x if x is not None else torch.zeros_like(t) for x, t in zip(gl, ws)])
-                w = torch.cat(ws)
-            r_all = shape[0]
-            gw, gs, _ = _BN_BACKWARD(g.reshape(1, r_all, n), w.view(1, r_all, n), s, None, None, mean, rstd,
-                                     True, gamma, [need_w, need_a, False])
-            if need_w:
-                if clip:   # unit-wise gradient clipping per filter (the rows), as unit_clip does per layer
-                    pn = torch.linalg.vector_norm(w.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-3)
-                    gn = torch.linalg.vector_norm(gw.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-30)
-                    gw = gw.view(r_all, n) * (pn.mul_(clip) / gn).clamp_(max=1.0)
-                gw = gw.view(shape)
-                parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
-                for i, gi, p in zip(w_pos, gl, parts):
-                    if gi is not None:
-                        res[i + 2] = p
-            if need_a:
-                if gain != 1.0:
-                    gs = gs.mul_(gain)
-                if clip:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
-                    a_all = al[0] if len(al) == 1 else torch.cat(al)
-                    bound = a_all.abs().clamp_min(1e-3).mul_(clip)
-                    gs = torch.minimum(torch.maximum(gs, -bound), bound)
-                parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
-                for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
-                    if gi is not None:
-                        res[i + 2] = p
-        return tuple(res)
-
-
-def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
-                      gains: Sequence[float], clips: Sequence[float] | None = None) -> list[Tensor]:
-    """:func:`pws_weight` for many layers at once, as one autograd node (eq. 12 per filter ``weight[o]``).
-
-    Same values as ``[pws_weight(w, γ, α, gain=g) for ...]`` and the same gradients up to float rounding (tested),
-    at a fraction of the per-layer overhead: a step of a network with many small PWS layers is dominated by per-op
-    dispatch and autograd bookkeeping, not by arithmetic, so layers with the same filter shape, γ and gain are
-    standardized together by one native op. Each weight uses the default layout (filters along dim 0, contiguous,
-    float32 or float64); each α has one value per filter (or is ``None``). ``clips``: per layer, the unit-wise
-    gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry) in the node's
-    backward (0 = none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
-    """
-    if clips is None:
-        clips = [0.0] * len(weights)
-    if not (len(weights) == len(alphas) == len(gammas) == len(gains) == len(clips)):
-        raise ValueError("pws_weights_fused: weights, alphas, gammas, gains and clips must have the same length")
-    groups: dict[tuple, tuple[list[int], list[int], list[int] | None, list[int]]] = {}
-    tensors: list[Tensor] = []
-    for k, (w, a, gamma, gain, clip) in enumerate(zip(weights, alphas, gammas, gains, clips)):
-        if w.dim() < 2 or not w.is_contiguous() or w.dtype in _LOW_PRECISION:
-            raise ValueError(f"pws_weights_fused: needs contiguous float32/float64 weights with ≥ 2 dims, got "
-                             f"{tuple(w.shape)} {w.dtype}")
-        rows = w.shape[0]
-        if a is not None and a.numel() != rows:
-            raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
-        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None, float(clip or 0.0))
-        grp = groups.get(key)
-        if grp is None:
-            grp = groups[key] = ([], [], [] if a is not None else None, [])
-        grp[0].append(k)
-        grp[1].append(len(tensors))
-        grp[3].append(rows)
-        tensors.append(w)
-        if a is not None:
-            if a.dtype != w.dtype:
-                a = a.to(w.dtype)
-            if a.dim() != 1 or not a.is_contiguous():
-                a = a.reshape(rows)
-            grp[2].append(len(tensors))  # type: ignore[union-attr]
-            tensors.append(a)
-    spec = tuple((tuple(layers), tuple(w_pos), None if a_pos is None else tuple(a_pos), tuple(rows),
-                  math.prod(key[0]), key[3], key[4], (sum(rows), *key[0]), key[6])
-                 for key, (layers, w_pos, a_pos, rows) in groups.items())
-    return list(_PWSMany.apply(spec, len(weights), *tensors))
+        return pws_weights_fused
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -67,7 +67,7 @@ from .records import Record, summarize, write_csv, write_jsonl
 
 __all__ = ["VarianceProbe", "effective_weight", "raw_weight", "is_reparameterized", "layer_gamma"]
 
-_MISSING = object()
+
 MODEL_LAYER = "(model)"
 
 
@@ -76,8 +76,9 @@ def _is_parametrized(m: nn.Module) -> bool:
     return torch.nn.utils.parametrize.is_parametrized(m, "weight")
 
 
-#: Methods that return the weight a reparameterized layer applies: PWS layers (eq. 12) and the zoo's WN / WS layers.
-WEIGHT_METHODS = ("standardized_weight", "reparam_weight")
+#: Methods that return the weight a reparameterized layer applies: pwsconv's layers (PWS eq. 12, WN, WS, ...)
+#: compute it with ``compute_weight`` (never through a cache); other libraries' layers may name it otherwise.
+WEIGHT_METHODS = ("compute_weight", "standardized_weight", "reparam_weight")
 
 
 def _weight_method(m: nn.Module) -> Callable[[], Tensor] | None:
@@ -119,17 +120,11 @@ def layer_gamma(m: nn.Module) -> float | None:
 
 def effective_weight(m: nn.Module) -> Tensor:
     """The weight the layer applies, detached: ``standardized_weight()`` (PWS α·Ŵ), ``reparam_weight()`` (zoo WN/WS
-    layers), a parametrized ``weight``, or the raw ``weight``. A PWS layer's eval-mode weight cache is left exactly as
-    it was."""
+    layers), a parametrized ``weight``, or the raw ``weight``. A layer's eval-mode weight cache is never touched."""
     with torch.no_grad():
         fn = _weight_method(m)
         if fn is not None:
-            saved = m.__dict__.get("_cache", _MISSING)
-            try:
-                return fn().detach().clone()
-            finally:
-                if saved is not _MISSING:
-                    m.__dict__["_cache"] = saved
+            return fn().detach().clone()
         return m.weight.detach().clone()
 
 

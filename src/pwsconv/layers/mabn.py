@@ -61,7 +61,7 @@ class _CenConvNd(ReparamConvNd):
         self._require_filter_of(2, "centering a single weight gives 0")
         self._finish_setup()
 
-    def reparam_weight(self) -> Tensor:
+    def compute_weight(self) -> Tensor:
         """W − mean(W) per filter."""
         return centered_weight(self.weight)
 

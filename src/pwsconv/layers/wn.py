@@ -33,11 +33,12 @@ def wn_weight(weight: Tensor, g: Tensor) -> Tensor:
 class _WNMixin:
     g: nn.Parameter
     data_init: bool
+    weight_params = ("weight", "g")
 
     def _wn_setup(self, data_init: bool) -> None:
         w = self.weight  # type: ignore[attr-defined]
         self.g = nn.Parameter(torch.ones(w.shape[0], device=w.device, dtype=w.dtype))
-        self.data_init = bool(data_init)
+        self.data_init = self._data_init = bool(data_init)
         if self.data_init:
             self.register_buffer(  # type: ignore[attr-defined]
                 "initialized", torch.zeros((), dtype=torch.bool, device=w.device))
@@ -49,17 +50,19 @@ class _WNMixin:
             if self.data_init:
                 self.initialized.fill_(False)
 
-    def reparam_weight(self) -> Tensor:
+    def compute_weight(self) -> Tensor:
         """Ŵ = g · W / ‖W‖ per filter."""
         return wn_weight(self.weight, self.g)  # type: ignore[attr-defined]
 
     def _channel_dims(self, t: Tensor) -> tuple[int, ...]:
-        raise NotImplementedError  # pragma: no cover
+        raise NotImplementedError  # pragma: no cover - abstract: the conv and linear classes below
 
-    def _data_dependent_init(self, x: Tensor) -> None:
+    def _maybe_data_init(self, x: Tensor) -> None:
+        if not self.training or bool(self.initialized):
+            return
         with torch.no_grad():
             self.g.fill_(1.0)
-            t = self._forward_with(x, self.reparam_weight(), None)  # type: ignore[attr-defined]
+            t = self._forward_with(x, self.compute_weight(), None)  # type: ignore[attr-defined]
             tc = t.float() if t.dtype in LOW_PRECISION else t
             var, mean = torch.var_mean(tc, dim=self._channel_dims(t), correction=0)
             scale = 1.0 / torch.sqrt(var + 1e-10)
@@ -67,11 +70,6 @@ class _WNMixin:
             if self.bias is not None:  # type: ignore[attr-defined]
                 self.bias.copy_((-mean * scale).to(self.bias.dtype))  # type: ignore[attr-defined]
             self.initialized.fill_(True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.data_init and self.training and not bool(self.initialized):  # type: ignore[attr-defined]
-            self._data_dependent_init(x)
-        return super().forward(x)  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         s = super().extra_repr()  # type: ignore[misc]

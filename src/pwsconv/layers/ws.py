@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import pws_weight
-from ._reparam import LOW_PRECISION, ReparamConvNd, ReparamLinear, filter_dims
+from ._reparam import LOW_PRECISION, ReparamConvNd, ReparamLinear, filter_dims, setting
 
 __all__ = [
     "ws_weight",
@@ -77,14 +77,16 @@ def _check_eps(eps: float, name: str) -> float:
 
 # --------------------------------------------------------------------------------------------------------- WS
 class _WSConvNd(ReparamConvNd):
+    eps = setting("_eps", lambda v: _check_eps(v, "WSConv"), "ε inside the root (validated on assignment).")
+    original_std = setting("_original_std", bool, "The original code's (W − μ)/(std_unbiased + ε).")
+
     def __init__(self, *args, eps: float = 1e-5, original_std: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.eps = _check_eps(eps, type(self).__name__)
-        self.original_std = bool(original_std)
+        self.eps, self.original_std = _check_eps(eps, type(self).__name__), original_std
         self._require_filter_of(2, "standardizing a single weight gives 0")
         self._finish_setup()
 
-    def reparam_weight(self) -> Tensor:
+    def compute_weight(self) -> Tensor:
         """(W − μ)/sqrt(Var + ε) per filter (or the original's (W − μ)/(std_unbiased + ε))."""
         return ws_weight(self.weight, self.eps, original_std=self.original_std)
 
@@ -117,7 +119,11 @@ class WSConv3d(_WSConvNd, nn.Conv3d):
 class _SWSMixin:
     #: read by :func:`pwsconv.param_groups`: the per-filter gain gets no weight decay (as NF-Nets)
     no_weight_decay_params = ("gain",)
+    weight_params = ("weight", "gain")
     gain: nn.Parameter | None
+    gamma_act = setting("_gamma_act", float, "γ_act, the activation's gain (sqrt(2) for ReLU).")
+    eps = setting("_eps", float, "ε of sqrt(n·Var + ε).")
+    floor = setting("_floor", bool, "DeepMind's sqrt(max(n·Var, ε)) instead of sqrt(n·Var + ε).")
 
     def _sws_setup(self, gamma_act: float, eps: float, floor: bool, use_gain: bool) -> None:
         name = type(self).__name__
@@ -142,7 +148,7 @@ class _SWSMixin:
             with torch.no_grad():
                 self.gain.fill_(1.0)
 
-    def reparam_weight(self) -> Tensor:
+    def compute_weight(self) -> Tensor:
         """gain · γ_act · (W − μ)/sqrt(n·Var + ε) per filter (sqrt(max(n·Var, ε)) with ``floor``)."""
         return scaled_ws_weight(self.weight, self.gain, self.gamma_act, self.eps,  # type: ignore[attr-defined]
                                 floor=self.floor)

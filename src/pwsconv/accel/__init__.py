@@ -1,0 +1,44 @@
+"""Acceleration of the reparameterized layers, behind one seam: :func:`weight_and_bias`.
+
+A layer of :mod:`pwsconv.layers` says *what* it computes (``compute_weight()``, ``compute_bias()``, eq. 12 for PWS);
+this package decides *where the values come from*, without changing them:
+
+* the table of a fused forward (:func:`fuse_standardization`: all PWS layers of a model standardized in one
+  autograd node, optionally rebuilt in backward to save memory) — :mod:`.fused`;
+* the eval cache (eval mode, no gradient wanted: computed once per state of the parameters) — :mod:`.cache`;
+* otherwise the layer's own ``compute_weight()``.
+
+Import direction: ``functional`` ← ``accel`` ← ``layers``; nothing here imports a layer class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .cache import cached_weight, clear_cache, is_cached
+from .fused import FuseHandle, fuse_standardization, fused_slot, needs_fresh, pws_weights_fused
+
+_is_compiling = torch.compiler.is_compiling   # bound once: called on every forward
+
+__all__ = ["weight_and_bias", "fuse_standardization", "FuseHandle", "pws_weights_fused", "clear_cache", "is_cached",
+           "needs_fresh"]
+
+
+def weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
+    """The weight and bias ``layer`` applies in this forward: from the running fused forward, from the eval cache,
+    or computed by the layer (``compute_weight()`` / ``compute_bias()``) — the same values on every path."""
+    if _is_compiling():   # torch.compile traces the computation itself (no cache, no table lookups)
+        return layer.compute_weight(), layer.compute_bias()
+    params = layer._parameters
+    tensors = tuple(params[n] for n in layer.weight_params)
+    hit = fused_slot(layer, tensors[0], tensors[1] if len(tensors) > 1 else None)
+    if hit is not None:
+        return hit
+    if needs_fresh(layer, tensors):
+        if "_accel_cache" in layer.__dict__:
+            del layer.__dict__["_accel_cache"]   # training or gradients from here on: the cached tensor is dropped
+        return layer.compute_weight(), layer.compute_bias()
+    return cached_weight(layer, tensors), layer.compute_bias()

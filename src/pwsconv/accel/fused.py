@@ -1,0 +1,402 @@
+"""All PWS layers of a model standardized in one autograd node per forward (:func:`fuse_standardization`), and the
+node itself (:func:`pws_weights_fused`).
+
+A step of a network with many small layers is dominated by per-op dispatch and autograd bookkeeping, not by
+arithmetic; computing every layer's α·Ŵ together costs a handful of native ops per group of same-shaped layers
+instead of several per layer. Measured in BENCHMARKS.md (issue 13: the fused node against the per-layer path).
+
+How it reaches the layers: a forward pre-hook on the model computes the weights of the layers that will need a
+fresh one and puts them in a per-forward table held by a :class:`contextvars.ContextVar` (so threads and nested
+forwards never see another forward's table); :func:`pwsconv.accel.weight_and_bias` looks a layer up there. A layer
+takes part by defining ``fused_args()`` (see :class:`pwsconv.layers.PWSMixin`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..functional import _LOW_PRECISION, unit_clip_many
+
+__all__ = ["pws_weights_fused", "fuse_standardization", "FuseHandle", "fused_slot", "needs_fresh"]
+
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+
+
+class _PWSMany(torch.autograd.Function):
+    """Eq. 12 for many weights in one autograd node. Layers whose weights have the same filter shape (``w.shape[1:]``)
+    and the same γ, gain and α-ness form a group: one ``native_layer_norm`` over the rows of the concatenated
+    [filters, n_l] matrix and one in-place multiply by α·gain per row (the ops of :func:`pws_weight`, so the same
+    values), split back into per-layer views — a handful of native ops per *group* rather than per layer.
+
+    Backward is one ``native_batch_norm_backward`` per group, with the rows as the channels of a [1, filters, n_l]
+    batch, the layer norm's per-row E[w] and 1/sqrt(Var + γ) as the saved batch statistics and α·gain as the affine
+    weight: training-mode batch norm of that batch *is* eq. 12, so its closed-form backward gives ∂L/∂W (eq. 13)
+    and ∂L/∂(α·gain) = Σ g·x̂ per filter in one kernel, two passes over the weight (the layer-norm backward plus a
+    separate Σ g·x̂ took five). Keeps only those per-filter statistics and α·gain (the weights are alive anyway and
+    are re-concatenated in backward; no weight-sized x̂).
+
+    The weights and α are kept as references with their version counters rather than through ``save_for_backward``:
+    a layer whose weight changes in place after this node ran (α data-init on the first forward) computes its own
+    weight and sends no gradient here, and must not make the other layers' backward fail. A gradient that does
+    arrive for a changed tensor raises the usual "modified by an inplace operation" error. Differentiable once
+    (no double backward, e.g. gradient penalties: use the per-layer path there).
+
+    ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape)``: the layers' output
+    indices, the positions of their weights (and α, 1-d, or ``None``) among ``tensors``, their filter counts, n_l,
+    γ, the gain and the shape of the concatenated weight.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: tuple, n_out: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)      # layers that were not used get None, not zeros
+        outs: list[Tensor | None] = [None] * n_out
+        saved = []
+        for layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip in spec:
+            ws = [tensors[i] for i in w_pos]
+            w = ws[0] if len(ws) == 1 else torch.cat(ws)
+            r_all = shape[0]
+            if a_pos is not None:
+                al = [tensors[i] for i in a_pos]
+                s = al[0] if len(al) == 1 else torch.cat(al)
+                if gain != 1.0:
+                    s = s * gain
+                versions = [t._version for t in ws + al]
+            else:
+                al = []
+                s = None if gain == 1.0 else torch.full((r_all,), gain, dtype=w.dtype, device=w.device)
+                versions = [t._version for t in ws]
+            # the ops of pws_weight (so the same values): x̂ by layer norm over the rows, then α·gain per row
+            out, mean, rstd = torch.native_layer_norm(w.view(r_all, n), (n,), None, None, gamma)
+            if s is not None:
+                out.mul_(s.view(r_all, 1))
+            out = out.view(shape)        # shapes as tuples of ints: a torch.Size argument costs 3× more
+            mean, rstd = mean.view(r_all), rstd.view(r_all)
+            if len(rows) == 1:
+                outs[layers[0]] = out
+            else:
+                for k, o in zip(layers, out.split_with_sizes(rows)):
+                    outs[k] = o
+            saved.append((ws, al, versions, s, mean, rstd))
+        ctx.spec = spec
+        ctx.groups = saved
+        return tuple(outs)  # type: ignore[arg-type]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+        needs = ctx.needs_input_grad
+        res: list[Tensor | None] = [None] * len(needs)
+        for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd) in zip(
+                ctx.spec, ctx.groups):
+            gl = [grads[k] for k in layers]
+            if all(g is None for g in gl):
+                continue
+            need_w = any(needs[i + 2] for i in w_pos)
+            need_a = a_pos is not None and any(needs[i + 2] for i in a_pos)
+            if not (need_w or need_a):
+                continue
+            # only the layers that send a gradient need their tensors unchanged: a layer changed in place after
+            # this node ran computes its own weight, and its rows here get a zero gradient that is thrown away
+            k = len(ws)
+            for j, gj in enumerate(gl):
+                if gj is not None and (ws[j]._version != versions[j] or (al and al[j]._version != versions[k + j])):
+                    raise RuntimeError("pws_weights_fused: a weight or alpha needed for gradient computation has "
+                                       "been modified by an inplace operation after the forward pass")
+            if len(gl) == 1:
+                g, w = gl[0], ws[0]
+            else:
+                g = torch.cat([x if x is not None else torch.zeros_like(t) for x, t in zip(gl, ws)])
+                w = torch.cat(ws)
+            r_all = shape[0]
+            gw, gs, _ = _BN_BACKWARD(g.reshape(1, r_all, n), w.view(1, r_all, n), s, None, None, mean, rstd,
+                                     True, gamma, [need_w, need_a, False])
+            if need_w:
+                if clip:   # unit-wise gradient clipping per filter (the rows), as unit_clip does per layer
+                    pn = torch.linalg.vector_norm(w.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-3)
+                    gn = torch.linalg.vector_norm(gw.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-30)
+                    gw = gw.view(r_all, n) * (pn.mul_(clip) / gn).clamp_(max=1.0)
+                gw = gw.view(shape)
+                parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
+                for i, gi, p in zip(w_pos, gl, parts):
+                    if gi is not None:
+                        res[i + 2] = p
+            if need_a:
+                if gain != 1.0:
+                    gs = gs.mul_(gain)
+                if clip:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
+                    a_all = al[0] if len(al) == 1 else torch.cat(al)
+                    bound = a_all.abs().clamp_min(1e-3).mul_(clip)
+                    gs = torch.minimum(torch.maximum(gs, -bound), bound)
+                parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
+                for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
+                    if gi is not None:
+                        res[i + 2] = p
+        return tuple(res)
+
+
+def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
+                      gains: Sequence[float], clips: Sequence[float] | None = None) -> list[Tensor]:
+    """:func:`pws_weight` for many layers at once, as one autograd node (eq. 12 per filter ``weight[o]``).
+
+    Same values as ``[pws_weight(w, γ, α, gain=g) for ...]`` and the same gradients up to float rounding (tested),
+    at a fraction of the per-layer overhead: a step of a network with many small PWS layers is dominated by per-op
+    dispatch and autograd bookkeeping, not by arithmetic, so layers with the same filter shape, γ and gain are
+    standardized together by one native op. Each weight uses the default layout (filters along dim 0, contiguous,
+    float32 or float64); each α has one value per filter (or is ``None``). ``clips``: per layer, the unit-wise
+    gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry) in the node's
+    backward (0 = none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
+    """
+    if clips is None:
+        clips = [0.0] * len(weights)
+    if not (len(weights) == len(alphas) == len(gammas) == len(gains) == len(clips)):
+        raise ValueError("pws_weights_fused: weights, alphas, gammas, gains and clips must have the same length")
+    groups: dict[tuple, tuple[list[int], list[int], list[int] | None, list[int]]] = {}
+    tensors: list[Tensor] = []
+    for k, (w, a, gamma, gain, clip) in enumerate(zip(weights, alphas, gammas, gains, clips)):
+        if w.dim() < 2 or not w.is_contiguous() or w.dtype in _LOW_PRECISION:
+            raise ValueError(f"pws_weights_fused: needs contiguous float32/float64 weights with ≥ 2 dims, got "
+                             f"{tuple(w.shape)} {w.dtype}")
+        rows = w.shape[0]
+        if a is not None and a.numel() != rows:
+            raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
+        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None, float(clip or 0.0))
+        grp = groups.get(key)
+        if grp is None:
+            grp = groups[key] = ([], [], [] if a is not None else None, [])
+        grp[0].append(k)
+        grp[1].append(len(tensors))
+        grp[3].append(rows)
+        tensors.append(w)
+        if a is not None:
+            if a.dtype != w.dtype:
+                a = a.to(w.dtype)
+            if a.dim() != 1 or not a.is_contiguous():
+                a = a.reshape(rows)
+            grp[2].append(len(tensors))  # type: ignore[union-attr]
+            tensors.append(a)
+    spec = tuple((tuple(layers), tuple(w_pos), None if a_pos is None else tuple(a_pos), tuple(rows),
+                  math.prod(key[0]), key[3], key[4], (sum(rows), *key[0]), key[6])
+                 for key, (layers, w_pos, a_pos, rows) in groups.items())
+    return list(_PWSMany.apply(spec, len(weights), *tensors))
+
+
+# ------------------------------------------------------------------------------------------ the model-level hooks
+def needs_fresh(layer: Any, tensors: tuple) -> bool:
+    """Whether ``layer`` computes its weight anew, in the graph: training, or gradients wanted for one of
+    ``tensors`` (the parameters its weight is computed from). Otherwise the eval cache may serve it."""
+    return layer.training or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+class _Forward:
+    """One fused forward: the weights made by its pre-hook, per layer, and what the post-hook must undo."""
+
+    __slots__ = ("owner", "grad", "slots", "depth", "token", "hooks")
+
+    def __init__(self, owner: Any, grad: bool) -> None:
+        self.owner, self.grad, self.slots, self.depth, self.token, self.hooks = owner, grad, {}, 0, None, None
+
+
+#: the fused forward running in this thread / context, if any
+_ACTIVE: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("pwsconv_fused_forward", default=None)
+
+
+def fused_slot(layer: Any, w: Tensor, a: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
+    """(α·Ŵ, β) computed for ``layer`` by the running fused forward, if it made them for these very tensors (same
+    objects, same versions) and the grad mode has not changed since; else ``None``."""
+    fwd = _ACTIVE.get()
+    if fwd is None:
+        return None
+    s = fwd.slots.get(id(layer))
+    if s is None or s[0] is not w or s[1] != w._version or s[2] is not a or fwd.grad != torch.is_grad_enabled() \
+            or (a is not None and s[3] != a._version):
+        return None
+    return s[4], s[5]
+
+
+class _Recompute:
+    """What autograd keeps instead of a layer's α·Ŵ under ``recompute=True``: the raw weight and α (alive anyway as
+    parameters), their versions and the layer's γ and gain."""
+
+    __slots__ = ("w", "a", "versions", "gamma", "gain")
+
+    def __init__(self, w: Tensor, a: Tensor | None, gamma: float, gain: float) -> None:
+        self.w, self.a, self.gamma, self.gain = w, a, gamma, gain
+        self.versions = (w._version, None if a is None else a._version)
+
+    def materialize(self) -> Tensor:
+        w, a = self.w, self.a
+        if self.versions != (w._version, None if a is None else a._version):
+            raise RuntimeError("fuse_standardization(recompute=True): a weight or alpha needed for gradient "
+                               "computation has been modified by an inplace operation after the forward pass")
+        rows = w.shape[0]
+        with torch.no_grad():   # the native ops of the fused forward, so the same values, bit for bit
+            out = torch.native_layer_norm(w.view(rows, -1), (w.numel() // rows,), None, None, self.gamma)[0]
+            if a is not None:
+                out.mul_((a * self.gain if self.gain != 1.0 else a).view(rows, 1))
+            elif self.gain != 1.0:
+                out.mul_(self.gain)
+            return out.view_as(w)
+
+
+class _Outer:
+    """A tensor packed by saved-tensor hooks that were active outside the model (chained, not overridden)."""
+
+    __slots__ = ("packed", "unpack")
+
+    def __init__(self, packed: Any, unpack: Any) -> None:
+        self.packed, self.unpack = packed, unpack
+
+
+class _RecomputeHooks:
+    """Saved-tensor hooks active during one fused forward: a layer's α·Ŵ saved by its conv for backward is replaced
+    by a :class:`_Recompute` token and rebuilt when backward needs it; every other tensor goes to the hooks that were
+    active outside the model, if any, or is kept as usual."""
+
+    def __init__(self, outs: dict[int, tuple[Tensor, _Recompute]]) -> None:
+        self.outs = outs
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack_saved)
+        self.ctx.__enter__()
+
+    def pack(self, t: Tensor) -> Any:
+        hit = self.outs.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        return t if self.outer is None else _Outer(self.outer[0](t), self.outer[1])
+
+    def close(self) -> None:
+        self.ctx.__exit__(None, None, None)
+        self.outs.clear()     # drop the α·Ŵ tensors: from here on only the tokens refer to their layers
+
+
+def _unpack_saved(x: Any) -> Tensor:
+    # module-level (not a bound method): autograd keeps the unpack hook with every saved tensor, and it must not keep
+    # the forward's α·Ŵ alive
+    if type(x) is _Recompute:
+        return x.materialize()
+    if type(x) is _Outer:
+        return x.unpack(x.packed)
+    return x
+
+
+class _FusePre:
+    """Forward pre-hook: standardize every fusable layer of the model that will need a fresh weight, in one node."""
+
+    def __init__(self, recompute: bool = False) -> None:
+        self.recompute = recompute
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        fwd = _ACTIVE.get()
+        if fwd is not None:     # inside another fused forward (or this model calling itself): its table stays
+            fwd.depth += 1
+            return
+        grad = torch.is_grad_enabled()
+        if torch.compiler.is_compiling() or not (module.training or grad):
+            return
+        layers, args_ = [], []
+        for m in module.modules():   # walked every forward (≈40 µs for 80 modules), so added layers are seen
+            fa = getattr(m, "fused_args", None)
+            if fa is None:
+                continue
+            spec = fa()
+            if spec is not None and needs_fresh(m, spec[:2]):
+                layers.append(m)
+                args_.append(spec)
+        if not layers:
+            return
+        ws, als, gammas, gains, lams, biases = zip(*args_)
+        # gamma="auto" / clip: the node clips ∂L/∂W per filter and ∂L/∂α per entry in its backward, per group
+        outs = pws_weights_fused(ws, als, gammas, gains, lams)
+        # β of the clipped layers: one clipping node for all of them, not one per layer
+        bias_out = list(biases)
+        clipped = [i for i, b in enumerate(biases) if lams[i] and b is not None and b.requires_grad and grad]
+        if clipped:
+            for i, v in zip(clipped, unit_clip_many([biases[i] for i in clipped], [lams[i] for i in clipped])):
+                bias_out[i] = v
+        fwd = _Forward(self, grad)
+        for m, w, a, o, b in zip(layers, ws, als, outs, bias_out):
+            fwd.slots[id(m)] = (w, w._version, a, None if a is None else a._version, o, b)
+        if self.recompute and grad:
+            fwd.hooks = _RecomputeHooks({id(o): (o, _Recompute(w, a, g, gn))
+                                         for o, w, a, g, gn in zip(outs, ws, als, gammas, gains)})
+        fwd.token = _ACTIVE.set(fwd)
+
+
+def _fuse_post(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (always called, also on an exception): the table made by this forward's pre-hook dies."""
+    fwd = _ACTIVE.get()
+    if fwd is None:
+        return
+    if fwd.depth:
+        fwd.depth -= 1
+        return
+    if fwd.hooks is not None:
+        fwd.hooks.close()
+    _ACTIVE.reset(fwd.token)
+
+
+class FuseHandle:
+    """What :func:`fuse_standardization` returns: ``.remove()`` takes the hooks off again."""
+
+    def __init__(self, model: nn.Module, pre: _FusePre) -> None:
+        self._model, self._pre = model, pre
+        self._handles = (model.register_forward_pre_hook(pre), model.register_forward_hook(_fuse_post,
+                                                                                          always_call=True))
+        self.active = True
+
+    @property
+    def recompute(self) -> bool:
+        """Whether α·Ŵ is rebuilt in backward instead of kept (see :func:`fuse_standardization`)."""
+        return self._pre.recompute
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        if getattr(self._model, "_pws_fuse_handle", None) is self:
+            del self._model._pws_fuse_handle
+        for h in self._handles:
+            h.remove()
+
+
+def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> FuseHandle:
+    """Standardize all PWS layers of ``model`` (eq. 12) in one autograd node per forward instead of one per layer.
+
+    A forward pre-hook on ``model`` computes every PWS layer's α·Ŵ with :func:`pws_weights_fused` when the layer
+    would compute it anyway (training, or gradients needed); each layer then uses its result. Values are identical
+    to the unfused model and gradients equal up to float rounding (tested); the step is faster when the network has
+    many small layers or the batch is small (BENCHMARKS.md), and it keeps no weight-sized x̂ for backward.
+
+    ``recompute=True`` also drops the α·Ŵ each conv keeps for its backward and rebuilds it there from the raw weight
+    (the same native op, so the same values): one weight-sized tensor less per layer during a step, at the cost of
+    one more standardization per layer in backward. It works through saved-tensor hooks during the model's forward;
+    hooks active outside the model (``torch.autograd.graph.save_on_cpu``, memory probes) still receive every other
+    tensor. It saves memory for convolutions; ``PWSLinear`` keeps its α·Ŵ (``addmm`` saves a transposed view).
+
+    Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it, in
+    the same thread, the same grad mode and only while its ``weight``/``alpha`` are the same tensors at the same
+    version (an in-place change makes it compute its own); layers called outside that forward, transposed /
+    low-precision layers, α data-init before its first batch, and ``torch.compile`` tracing compute their weight as
+    usual; eval mode keeps the cache; unused layers get no gradient. The hooks are picklable (``torch.save(model)``,
+    ``copy.deepcopy``). Not supported: double backward (gradient penalties), non-reentrant activation checkpointing
+    inside the model and ``torch.func`` transforms — call ``handle.remove()`` (or ``fuse_pws: false``) there.
+    The training engine turns this on for PWS models (``TrainConfig.fuse_pws``, ``TrainConfig.pws_recompute``).
+    Calling it again on the same model returns the same handle, with ``recompute`` set as asked.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_standardization expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"fuse_standardization: recompute must be a bool, got {recompute!r}")
+    old = getattr(model, "_pws_fuse_handle", None)
+    if old is not None and old.active:
+        old._pre.recompute = recompute
+        return old
+    handle = FuseHandle(model, _FusePre(recompute))
+    model._pws_fuse_handle = handle
+    return handle
