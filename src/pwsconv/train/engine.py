@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import param_groups
-from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig
+from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig, fields_with
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -258,8 +258,8 @@ def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
     return out
 
 
-#: Fields that make a finished run a different one even though a checkpoint could continue it (its length).
-_LENGTH_FIELDS = frozenset({"epochs", "max_steps"})
+#: Fields that leave a run the same run (a finished run with other values here is still the one asked for).
+_COSMETIC_FIELDS = fields_with("cosmetic")
 
 
 class ConfigMismatchError(ConfigError):
@@ -345,7 +345,7 @@ class _Run:
                 finished = [(f, old, r) for f, old, r in saved if r is not None and r.get("status") in ("ok", "nan")]
                 if finished:
                     fname, old, res = finished[0]
-                    diff = _config_diff(old, cfg.to_dict(), RESUME_MUTABLE_FIELDS - _LENGTH_FIELDS)
+                    diff = _config_diff(old, cfg.to_dict(), _COSMETIC_FIELDS)
                     if diff:
                         raise ConfigMismatchError(
                             f"cannot resume {cfg.out_dir}: its run finished and has no checkpoint.pt to continue "
