@@ -46,6 +46,7 @@ from .checkpoint import (
 )
 from .metrics import MetricsLog, read_metrics
 from .rundir import check_output_dir, is_run_file, lock_run_dir, remove_stale_temps
+from .step import train_step
 
 __all__ = ["train", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec", "model_spec",
            "resolve_device", "check_device", "FINAL_METRICS", "DEVICE_TYPES"]
@@ -166,10 +167,14 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     return model.eval()
 
 
+#: ``TrainConfig.amp`` → the autocast dtype.
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _autocast(device: torch.device, amp: str | None):
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
 def _grad_scaler(device: torch.device, amp: str | None):
@@ -299,6 +304,15 @@ def _saved_configs(paths: Mapping[str, str]) -> list[tuple[str, dict[str, Any], 
     return out
 
 
+def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """The method's acceleration of a built network before it trains (same values and gradients; BENCHMARKS.md)."""
+    # TODO(registry): pwsconv.methods.prepare_for_training
+    if cfg.fuse_pws:
+        from ..layers.pws import fuse_standardization
+
+        fuse_standardization(model, recompute=cfg.pws_recompute)
+
+
 # ---------------------------------------------------------------------------------------------------------- the run
 class _Run:
     """State of one training run: built by ``__init__``, advanced by :meth:`loop`."""
@@ -390,11 +404,7 @@ class _Run:
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        if cfg.fuse_pws:
-            from ..layers.pws import fuse_standardization
-
-            # same values and gradients, less per-layer overhead (BENCHMARKS.md)
-            fuse_standardization(model, recompute=cfg.pws_recompute)
+        _prepare_model(model, cfg)
         self.spec = model_spec(cfg, bundle)
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)
@@ -530,7 +540,9 @@ class _Run:
             log.close()
 
     def loop(self, log: MetricsLog) -> "RunResult":
-        cfg, model, opt = self.cfg, self.model, self.opt
+        cfg, model, opt, scaler = self.cfg, self.model, self.opt, self.scaler
+        device_type = self.device.type
+        amp = None if cfg.amp is None else _AMP_DTYPES[cfg.amp]   # the autocast dtype (None: float32)
         show = cfg.progress and self.dist.is_main
         if show:
             try:
@@ -549,17 +561,7 @@ class _Run:
             collapsed = False
             for i, (x, y) in enumerate(self.train_loader, start=self.batch):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with _autocast(self.device, cfg.amp):
-                    out = model(x)
-                    loss = F.cross_entropy(out.float(), y)
-                opt.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
+                loss, out = train_step(model, opt, x, y, amp=amp, device_type=device_type, scaler=scaler)
                 self.step += 1
                 self.batch = i + 1
                 n = y.numel()
