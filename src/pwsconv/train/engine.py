@@ -5,12 +5,13 @@
     result = train(TrainConfig(model="tiny_cnn", method="pws", lr=0.5, epochs=5, out_dir="runs/x"))
     result.status, result.metrics["test_acc"]          # "ok" | "nan", final test accuracy (NaN if collapsed)
 
-Reading order: :func:`train` sets up a :class:`_Run` (data, model, optimizer, resume state) and calls its ``loop``.
-Each epoch: the loader's order is fixed by (seed, epoch); after every ``ckpt_every`` optimizer steps and at the end of
-every epoch a checkpoint is written atomically, holding everything needed to continue bit-exactly (model, optimizer,
-scheduler, scaler, RNG states, position in the epoch, the epoch's running sums). A resumed run restarts the loader in
-the same epoch at the first batch not yet consumed (the loader's order and augmentation depend only on (seed, epoch)),
-so on CPU its final weights equal an uninterrupted run's.
+Reading order: :func:`train` sets up a :class:`_Run` (data, model, optimizer, resume state) and calls its ``loop``,
+whose every step is :func:`pwsconv.train.step.train_step`. Each epoch: the loader's order is fixed by (seed, epoch);
+after every ``ckpt_every`` optimizer steps and at the end of every epoch a checkpoint is written atomically, holding
+everything needed to continue bit-exactly (model, optimizer, scheduler, scaler, RNG states, position in the epoch, the
+epoch's running sums). A resumed run restarts the loader in the same epoch at the first batch not yet consumed (the
+loader's order and augmentation depend only on (seed, epoch)), so on CPU its final weights equal an uninterrupted
+run's.
 
 A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends) ends the run with status
 ``"nan"`` and NaN metrics, as the paper's tables report a collapse — it is a result, not an exception.
