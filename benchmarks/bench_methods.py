@@ -29,7 +29,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path

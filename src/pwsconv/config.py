@@ -18,62 +18,83 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "apply_overrides", "parse_value",
-           "check_method_opts", "RESUME_MUTABLE_FIELDS", "SEED_LIMIT"]
+           "check_method_opts", "fields_with", "FIELD_ROLES", "RESUME_MUTABLE_FIELDS", "SEED_LIMIT"]
 
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line and names the offending key."""
 
 
+#: What a config field is to a run, declared once per field (``TrainConfig``'s field metadata "role"):
+#:  - "identity": what the run computes — another value makes another run;
+#:  - "length": how long it goes on — a checkpoint continues with another value, a finished run is another run;
+#:  - "cosmetic": how, where and how verbosely it computes, not what (device, threads, fused standardization, data and
+#:    output paths, logging) — a run with another value is the same run.
+FIELD_ROLES = ("identity", "length", "cosmetic")
+
+
+def _identity(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, default_factory=factory, metadata={"role": "identity"})
+
+
+def _length(default: Any) -> Any:
+    return field(default=default, metadata={"role": "length"})
+
+
+def _cosmetic(default: Any) -> Any:
+    return field(default=default, metadata={"role": "cosmetic"})
+
+
 @dataclass
 class TrainConfig:
-    """One training run. Field names are the YAML keys and the ``--set`` keys.
+    """One training run. Field names are the YAML keys and the ``--set`` keys; each field's role (identity, length,
+    cosmetic: :data:`FIELD_ROLES`) says whether another value makes another run (:func:`fields_with`).
 
     The defaults follow the paper's CIFAR setting where one applies (SGD momentum 0.9, weight decay 5e-4, multi-step
     LR ×0.1); the data/model defaults are the offline digits set and the small ``tiny_cnn``.
     """
 
     # what to train
-    model: str = "tiny_cnn"                  # a zoo name, or torchvision:NAME, timm:NAME, module.path:callable
-    method: str = "pws"                      # normalization method: pwsconv.available_methods()
-    method_opts: dict[str, Any] = field(default_factory=dict)   # e.g. {"gamma": 1e-3} for pws, {"groups": 8} for gn
-    model_opts: dict[str, Any] = field(default_factory=dict)    # the model builder's options, e.g. {"width": 0.5}
-    dataset: str = "digits"
-    data_root: str | None = None
-    val_fraction: float = 0.0
-    limit: int | None = None                 # use at most this many training images (quick runs)
-    test_limit: int | None = None            # evaluate on at most this many test images
-    augment: bool = True                     # the dataset's standard augmentation (if it has one)
+    model: str = _identity("tiny_cnn")                  # zoo name, torchvision:NAME, timm:NAME, module.path:callable
+    method: str = _identity("pws")                      # normalization method: pwsconv.available_methods()
+    method_opts: dict[str, Any] = _identity(factory=dict)  # e.g. {"gamma": 1e-3} for pws, {"groups": 8} for gn
+    model_opts: dict[str, Any] = _identity(factory=dict)  # the model builder's options, e.g. {"width": 0.5}
+    dataset: str = _identity("digits")
+    data_root: str | None = _cosmetic(None)
+    val_fraction: float = _identity(0.0)
+    limit: int | None = _identity(None)                 # use at most this many training images (quick runs)
+    test_limit: int | None = _identity(None)            # evaluate on at most this many test images
+    augment: bool = _identity(True)                     # the dataset's standard augmentation (if it has one)
     # optimization (SGD + MultiStepLR)
-    epochs: int = 10
-    max_steps: int | None = None             # stop after this many optimizer steps (whatever the epoch)
-    batch_size: int = 128                    # global batch (split evenly across DDP processes)
-    eval_batch_size: int = 500
-    drop_last: bool = True                   # drop the last incomplete training batch of an epoch
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4               # α of PWS layers always gets 0 (pwsconv.param_groups)
-    milestones: list[int] = field(default_factory=list)   # epochs at which the LR is multiplied by lr_decay
-    lr_decay: float = 0.1
+    epochs: int = _length(10)
+    max_steps: int | None = _length(None)               # stop after this many optimizer steps (whatever the epoch)
+    batch_size: int = _identity(128)                    # global batch (split evenly across DDP processes)
+    eval_batch_size: int = _identity(500)
+    drop_last: bool = _identity(True)                   # drop the last incomplete training batch of an epoch
+    lr: float = _identity(0.1)
+    momentum: float = _identity(0.9)
+    nesterov: bool = _identity(False)
+    weight_decay: float = _identity(5e-4)               # α of PWS layers always gets 0 (pwsconv.param_groups)
+    milestones: list[int] = _identity(factory=list)     # epochs at which the LR is multiplied by lr_decay
+    lr_decay: float = _identity(0.1)
     # reproducibility and speed
-    seed: int = 0
-    deterministic: bool = False              # torch.use_deterministic_algorithms(True) + cudnn deterministic
-    amp: str | None = None                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
-    channels_last: bool = False
-    fuse_pws: bool = True                    # standardize all PWS layers in one autograd node per step (same values)
-    pws_recompute: bool = False              # with fuse_pws: rebuild α·Ŵ in backward instead of keeping it (less memory)
-    device: str = "auto"                     # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
-    num_threads: int | None = None           # torch.set_num_threads for this run (CPU; restored afterwards)
-    num_workers: int | None = None           # streamed data sets (imagenet): decoding processes per training process
-    sync_bn: bool = False                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need nothing of the kind)
+    seed: int = _identity(0)
+    deterministic: bool = _identity(False)              # torch.use_deterministic_algorithms(True) + cudnn deterministic
+    amp: str | None = _identity(None)                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
+    channels_last: bool = _identity(False)
+    fuse_pws: bool = _cosmetic(True)                    # all PWS layers standardized in one autograd node (same values)
+    pws_recompute: bool = _cosmetic(False)              # with fuse_pws: α·Ŵ rebuilt in backward, not kept (less memory)
+    device: str = _cosmetic("auto")                     # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"
+    num_threads: int | None = _cosmetic(None)           # torch.set_num_threads for this run (CPU; restored afterwards)
+    num_workers: int | None = _cosmetic(None)           # streamed data (imagenet): decoders per training process
+    sync_bn: bool = _identity(False)                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need none)
     # outputs
-    out_dir: str = "runs/train"
-    name: str | None = None                  # a label for tables (default: the out_dir's name)
-    ckpt_every: int = 200                    # also checkpoint every this many steps (0: only at epoch ends)
-    log_every: int = 10                      # progress-bar refresh and collapse check, in steps
-    progress: bool = True                    # tqdm bars and per-epoch lines
-    tensorboard: bool = False                # write TensorBoard events to out_dir/tb (if tensorboard is installed)
+    out_dir: str = _cosmetic("runs/train")
+    name: str | None = _cosmetic(None)                  # a label for tables (default: the out_dir's name)
+    ckpt_every: int = _cosmetic(200)                    # also checkpoint every this many steps (0: only at epoch ends)
+    log_every: int = _cosmetic(10)                      # progress-bar refresh and collapse check, in steps
+    progress: bool = _cosmetic(True)                    # tqdm bars and per-epoch lines
+    tensorboard: bool = _cosmetic(False)                # TensorBoard events in out_dir/tb (if it is installed)
 
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:
@@ -322,11 +343,17 @@ def check_method_opts(method: str, opts: Mapping[str, Any]) -> None:
                 raise ConfigError(f"method_opts {dict(opts)}: {msg}") from None
 
 
+def fields_with(*roles: str) -> frozenset[str]:
+    """The names of the :class:`TrainConfig` fields whose role is one of ``roles`` (see :data:`FIELD_ROLES`)."""
+    unknown = [r for r in roles if r not in FIELD_ROLES]
+    if unknown:
+        raise ValueError(f"unknown field role(s) {unknown}; the roles are {', '.join(FIELD_ROLES)}")
+    return frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["role"] in roles)
+
+
 #: Fields that may differ between a checkpoint's config and the config used to resume it (they change how long or how
 #: verbosely a run goes on, not what it computes).
-RESUME_MUTABLE_FIELDS = frozenset({"epochs", "max_steps", "ckpt_every", "log_every", "progress", "tensorboard",
-                                   "out_dir", "name", "device", "data_root", "num_threads", "num_workers", "fuse_pws",
-                                   "pws_recompute"})
+RESUME_MUTABLE_FIELDS = fields_with("length", "cosmetic")
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)

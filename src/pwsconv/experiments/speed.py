@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..train.step import train_step
+
 __all__ = ["timed_interleaved", "train_step_fn", "train_step_rates"]
 
 
@@ -51,27 +53,31 @@ def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.devic
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _prepare_model(net: nn.Module, fuse: bool, recompute: bool) -> None:
+    """The method's acceleration of ``net`` before it trains, as the engine applies it (``TrainConfig.fuse_pws``,
+    ``TrainConfig.pws_recompute``)."""
+    # TODO(registry): pwsconv.methods.prepare_for_training (the method is not known here: train_step_fn gets a network)
+    if fuse:
+        from ..layers.pws import fuse_standardization
+
+        fuse_standardization(net, recompute=recompute)
+
+
 def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3,
                   extra: Callable[[], None] | None = None, fuse: bool = True,
                   recompute: bool = False) -> Callable[[], None]:
-    """One training step of ``net`` as the engine takes it (SGD momentum 0.9, α without weight decay, PWS layers
-    standardized in one node when ``fuse``, α·Ŵ rebuilt in backward when also ``recompute``): forward,
-    cross-entropy, backward, optional ``extra()``, step."""
+    """A callable taking one training step of ``net`` on ``(x, y)`` with the engine's step
+    (:func:`pwsconv.train.step.train_step`, float32): SGD momentum 0.9 with weight decay 5e-4 (none on α), PWS layers
+    standardized in one node when ``fuse``, α·Ŵ rebuilt in backward when also ``recompute``, and ``extra()`` called
+    between backward and the optimizer step."""
     from ..convert import param_groups
-    from ..layers.pws import fuse_standardization
 
     net.train()
-    if fuse:
-        fuse_standardization(net, recompute=recompute)
+    _prepare_model(net, fuse, recompute)
     opt = torch.optim.SGD(param_groups(net, 5e-4), lr=lr, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
-        if extra is not None:
-            extra()
-        opt.step()
+        train_step(net, opt, x, y, before_step=extra)
 
     return step
 

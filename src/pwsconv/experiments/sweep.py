@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from ..config import TrainConfig
+from ..config import TrainConfig, fields_with
 from ..train.checkpoint import atomic_write_text, json_safe
 from ..train.engine import ConfigMismatchError, RunResult, _config_diff, train
 from ..train.metrics import read_metrics
@@ -35,8 +35,7 @@ __all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "results_table",
            "plot_curves", "format_value"]
 
 # config fields that do not change what a run computes (a finished run with other values here is still "the same")
-_COSMETIC = frozenset({"progress", "out_dir", "name", "device", "data_root", "tensorboard", "log_every",
-                       "ckpt_every", "num_threads", "num_workers", "fuse_pws", "pws_recompute"})
+_COSMETIC = fields_with("cosmetic")
 
 
 class SweepError(ValueError):

@@ -5,12 +5,13 @@
     result = train(TrainConfig(model="tiny_cnn", method="pws", lr=0.5, epochs=5, out_dir="runs/x"))
     result.status, result.metrics["test_acc"]          # "ok" | "nan", final test accuracy (NaN if collapsed)
 
-Reading order: :func:`train` sets up a :class:`_Run` (data, model, optimizer, resume state) and calls its ``loop``.
-Each epoch: the loader's order is fixed by (seed, epoch); after every ``ckpt_every`` optimizer steps and at the end of
-every epoch a checkpoint is written atomically, holding everything needed to continue bit-exactly (model, optimizer,
-scheduler, scaler, RNG states, position in the epoch, the epoch's running sums). A resumed run restarts the loader in
-the same epoch at the first batch not yet consumed (the loader's order and augmentation depend only on (seed, epoch)),
-so on CPU its final weights equal an uninterrupted run's.
+Reading order: :func:`train` sets up a :class:`_Run` (data, model, optimizer, resume state) and calls its ``loop``,
+whose every step is :func:`pwsconv.train.step.train_step`. Each epoch: the loader's order is fixed by (seed, epoch);
+after every ``ckpt_every`` optimizer steps and at the end of every epoch a checkpoint is written atomically, holding
+everything needed to continue bit-exactly (model, optimizer, scheduler, scaler, RNG states, position in the epoch, the
+epoch's running sums). A resumed run restarts the loader in the same epoch at the first batch not yet consumed (the
+loader's order and augmentation depend only on (seed, epoch)), so on CPU its final weights equal an uninterrupted
+run's.
 
 A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends) ends the run with status
 ``"nan"`` and NaN metrics, as the paper's tables report a collapse — it is a result, not an exception.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import param_groups
-from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig
+from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig, fields_with
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -46,6 +47,7 @@ from .checkpoint import (
 )
 from .metrics import MetricsLog, read_metrics
 from .rundir import check_output_dir, is_run_file, lock_run_dir, remove_stale_temps
+from .step import train_step
 
 __all__ = ["train", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec", "model_spec",
            "resolve_device", "check_device", "FINAL_METRICS", "DEVICE_TYPES"]
@@ -166,10 +168,14 @@ def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     return model.eval()
 
 
+#: ``TrainConfig.amp`` → the autocast dtype.
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _autocast(device: torch.device, amp: str | None):
     if amp is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
 def _grad_scaler(device: torch.device, amp: str | None):
@@ -258,8 +264,8 @@ def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
     return out
 
 
-#: Fields that make a finished run a different one even though a checkpoint could continue it (its length).
-_LENGTH_FIELDS = frozenset({"epochs", "max_steps"})
+#: Fields that leave a run the same run (a finished run with other values here is still the one asked for).
+_COSMETIC_FIELDS = fields_with("cosmetic")
 
 
 class ConfigMismatchError(ConfigError):
@@ -297,6 +303,15 @@ def _saved_configs(paths: Mapping[str, str]) -> list[tuple[str, dict[str, Any], 
         if isinstance(res, dict) and isinstance(res.get("config"), dict):
             out.append(("result.json", res["config"], res))
     return out
+
+
+def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """The method's acceleration of a built network before it trains (same values and gradients; BENCHMARKS.md)."""
+    # TODO(registry): pwsconv.methods.prepare_for_training
+    if cfg.fuse_pws:
+        from ..layers.pws import fuse_standardization
+
+        fuse_standardization(model, recompute=cfg.pws_recompute)
 
 
 # ---------------------------------------------------------------------------------------------------------- the run
@@ -345,7 +360,7 @@ class _Run:
                 finished = [(f, old, r) for f, old, r in saved if r is not None and r.get("status") in ("ok", "nan")]
                 if finished:
                     fname, old, res = finished[0]
-                    diff = _config_diff(old, cfg.to_dict(), RESUME_MUTABLE_FIELDS - _LENGTH_FIELDS)
+                    diff = _config_diff(old, cfg.to_dict(), _COSMETIC_FIELDS)
                     if diff:
                         raise ConfigMismatchError(
                             f"cannot resume {cfg.out_dir}: its run finished and has no checkpoint.pt to continue "
@@ -390,11 +405,7 @@ class _Run:
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        if cfg.fuse_pws:
-            from ..layers.pws import fuse_standardization
-
-            # same values and gradients, less per-layer overhead (BENCHMARKS.md)
-            fuse_standardization(model, recompute=cfg.pws_recompute)
+        _prepare_model(model, cfg)
         self.spec = model_spec(cfg, bundle)
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)
@@ -530,7 +541,9 @@ class _Run:
             log.close()
 
     def loop(self, log: MetricsLog) -> "RunResult":
-        cfg, model, opt = self.cfg, self.model, self.opt
+        cfg, model, opt, scaler = self.cfg, self.model, self.opt, self.scaler
+        device_type = self.device.type
+        amp = None if cfg.amp is None else _AMP_DTYPES[cfg.amp]   # the autocast dtype (None: float32)
         show = cfg.progress and self.dist.is_main
         if show:
             try:
@@ -549,17 +562,7 @@ class _Run:
             collapsed = False
             for i, (x, y) in enumerate(self.train_loader, start=self.batch):
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                with _autocast(self.device, cfg.amp):
-                    out = model(x)
-                    loss = F.cross_entropy(out.float(), y)
-                opt.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
+                loss, out = train_step(model, opt, x, y, amp=amp, device_type=device_type, scaler=scaler)
                 self.step += 1
                 self.batch = i + 1
                 n = y.numel()
