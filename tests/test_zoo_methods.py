@@ -29,7 +29,7 @@ from pwsconv.layers import (
     WNLinear,
     WSConv2d,
 )
-from pwsconv.zoo import methods_table
+from pwsconv.methods import methods_table
 
 METHODS = pwsconv.available_methods()
 PAPER_METHODS = ("none", "bn", "gn", "in", "ln", "pws", "sn", "wn", "ws", "sws", "mabn")
@@ -360,7 +360,7 @@ def test_ws_formulas_and_eps_placement():
     assert torch.isfinite(conv.reparam_weight()).all() and torch.isfinite(orig.reparam_weight()).all()
     norm = pwsconv.build_norm("ws", 48)
     # the GN group rule (norms.gn_groups): the largest divisor of C that is ≤ 32
-    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 24 == pwsconv.norms.gn_groups(48)
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 24 == pwsconv.methods.gn_groups(48)
     assert pwsconv.build_norm("ws", 64).num_groups == 32 and pwsconv.build_norm("ws", 8).num_groups == 8
     assert pwsconv.build_norm("ws", 48, num_groups=8, gn_eps=1e-3).eps == 1e-3
     c = pwsconv.build_conv("ws", 2, 3, 8, 3, eps=1e-4, original_std=True)
@@ -415,5 +415,5 @@ def test_docs_table_lists_every_method():
     text = DOCS.read_text(encoding="utf-8")
     table = methods_table()
     for name in METHODS:
-        assert f"| `{name}` |" in text, f"docs/methods.md misses {name}: regenerate it from pwsconv.zoo.methods_table()"
+        assert f"| `{name}` |" in text, f"docs/methods.md misses {name}: regenerate it from pwsconv.methods.methods_table()"
         assert f"| `{name}` |" in table

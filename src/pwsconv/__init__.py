@@ -24,7 +24,8 @@ from .layers.pws import (
 )
 from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
 from .layers.same import Conv2dSame, PWSConv2dSame
-from .norms import NormMethod, available_methods, build_conv, build_linear, build_norm, get_method, register_method
+from .methods import (Method, NormMethod, available_methods, build_conv, build_linear, build_norm, get_method,
+                      register_method)
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "fold",
     "param_groups",
     "is_norm_layer",
+    "Method",
     "NormMethod",
     "available_methods",
     "get_method",

@@ -168,7 +168,7 @@ class TrainConfig:
         return self
 
     def _check_names(self) -> None:
-        from .norms import available_methods
+        from .methods import available_methods
 
         methods = available_methods()
         if self.method.lower() not in methods:

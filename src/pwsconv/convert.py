@@ -19,7 +19,8 @@ from ._bnlike import bn_info, bn_stats, conv_info, effective_weight, fold_bn, in
 from .accel import clear_cache
 from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
 from .layers.same import Conv2dSame, same_padded
-from .norms import NormMethod, _opts_for, _split_opts, build_norm, get_method, plain_conv
+from .layers._reparam import FilterTooSmallError
+from .methods import Method, build_norm, get_method, plain_conv
 
 __all__ = ["convert", "fold", "param_groups", "is_norm_layer", "NORM_TYPES"]
 
@@ -123,7 +124,7 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(method, (str, NormMethod)):
+    if not isinstance(method, (str, Method)):
         raise TypeError(f"convert: method must be a method name (str), got {type(method).__name__}")
     m = get_method(method)
     if not isinstance(model, nn.Module):
@@ -160,7 +161,8 @@ def convert(
         raise ValueError(f"input_norm: no module named {in_name!r}")
 
     # method options go to the factories that take them (e.g. "gn": groups/eps to the GroupNorm, not the conv)
-    opts = _split_opts(m, dict(method_opts))
+    m.split_options(dict(method_opts))   # an undeclared option: MethodOptionError before anything changes
+    opts = dict(method_opts)
     ctx = _Ctx(m, bias, copy_weights, opts, _conv_bn_pairs(model) if copy_weights else {})
     if example_inputs is not None:
         if not copy_weights:
@@ -231,8 +233,7 @@ class _Ctx:
 
     def __init__(self, m, bias, copy_weights: bool, opts: dict, pairs: dict[int, tuple[str, nn.Module]]) -> None:
         self.m, self.bias, self.copy_weights, self.opts, self.pairs = m, bias, copy_weights, opts, pairs
-        self.conv_opts = _opts_for(m.conv, opts)
-        self.norm_opts = _opts_for(m.norm, opts)
+        self.conv_opts, self.norm_opts = m.split_options(opts)
         self.left: list[str] = []      # "name (Type): why" of every conv/norm left as it is
         self.lost: list[str] = []      # BN layers whose statistics copy_weights could not carry
         self.folded: set[int] = set()  # BN layers folded into the conv before them
@@ -415,10 +416,8 @@ class _add_bias:
 def _try(ctx: _Ctx, name: str, mod: nn.Module, build) -> nn.Module:
     try:
         return build()
-    except ValueError as e:
-        if "element" in str(e):  # a filter too small for weight standardization
-            return ctx.leave(name, mod, f"left as {type(mod).__name__}: {e}")
-        raise
+    except FilterTooSmallError as e:   # a filter too small for weight standardization
+        return ctx.leave(name, mod, f"left as {type(mod).__name__}: {e}")
 
 
 def _convert_conv(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
@@ -464,7 +463,7 @@ def _convert_conv(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
 def _convert_linear(ctx: _Ctx, name: str, lin: nn.Linear) -> nn.Module:
     m = ctx.m
     b = lin.bias is not None if ctx.bias is None else ctx.bias
-    new = _try(ctx, name, lin, lambda: m.linear(lin.in_features, lin.out_features, b, **_opts_for(m.linear, ctx.opts)))
+    new = _try(ctx, name, lin, lambda: m.linear(lin.in_features, lin.out_features, b, **ctx.conv_opts))
     if new is not lin:
         _carry(ctx, lin, new, None, linear=True)
     return new
@@ -478,7 +477,7 @@ def _convert_convt(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
         ci.dim, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
         output_padding=conv.output_padding, groups=conv.groups,
         bias=(m.conv_bias or conv.bias is not None) if ctx.bias is None else ctx.bias,
-        dilation=conv.dilation, padding_mode=conv.padding_mode, **_opts_for(m.transposed, ctx.opts),
+        dilation=conv.dilation, padding_mode=conv.padding_mode, **ctx.conv_opts,
     ))
     if new is not conv:
         _carry(ctx, conv, new, ci)

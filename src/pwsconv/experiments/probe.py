@@ -37,7 +37,7 @@ def probe(
     from ..data import load_dataset
     from ..diagnostics import run_probe_experiment
     from ..models import build_model
-    from ..norms import get_method
+    from ..methods import get_method
 
     from ..config import SEED_LIMIT, ConfigError, check_method_opts
     from ..train.rundir import check_output_dir

@@ -56,11 +56,9 @@ def timed_interleaved(fns: Mapping[str, Callable[[], None]], device: torch.devic
 def _prepare_model(net: nn.Module, fuse: bool, recompute: bool) -> None:
     """The method's acceleration of ``net`` before it trains, as the engine applies it (``TrainConfig.fuse_pws``,
     ``TrainConfig.pws_recompute``)."""
-    # TODO(registry): pwsconv.methods.prepare_for_training (the method is not known here: train_step_fn gets a network)
-    if fuse:
-        from ..layers.pws import fuse_standardization
+    from ..methods import prepare_for_training
 
-        fuse_standardization(net, recompute=recompute)
+    prepare_for_training(net, None, fuse=fuse, recompute=recompute)   # the method is not known: every method's
 
 
 def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3,

@@ -26,7 +26,7 @@ __all__ = [
     "fuse_standardization",
 ]
 
-# The rest of the normalization zoo (registered by name in :mod:`pwsconv.zoo`).
+# The rest of the normalization zoo (registered by name in :mod:`pwsconv.methods`).
 from .mabn import CenConv1d, CenConv2d, CenConv3d, MABN1d, MABN2d, MABN3d  # noqa: E402
 from .switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, sn_batch_average  # noqa: E402
 from .wn import WNConv1d, WNConv2d, WNConv3d, WNLinear  # noqa: E402

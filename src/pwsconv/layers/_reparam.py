@@ -24,7 +24,11 @@ from .. import accel
 from ..functional import _LOW_PRECISION as LOW_PRECISION   # one definition (functional.py)
 from ..functional import he_std
 
-__all__ = ["ReparamMixin", "ReparamConvNd", "ReparamLinear", "filter_dims", "setting", "LOW_PRECISION"]
+__all__ = ["FilterTooSmallError", "ReparamMixin", "ReparamConvNd", "ReparamLinear", "filter_dims", "setting", "LOW_PRECISION"]
+
+
+class FilterTooSmallError(ValueError):
+    """A filter has too few weights for the reparameterization (standardizing a single weight gives 0)."""
 
 
 def filter_dims(weight: Tensor) -> tuple[int, ...]:
@@ -112,7 +116,7 @@ class ReparamMixin:
 
     def _require_filter_of(self, n_min: int, what: str) -> None:
         if self.filter_size < n_min:
-            raise ValueError(
+            raise FilterTooSmallError(
                 f"{type(self).__name__}: a filter has {self.filter_size} element(s); {what} "
                 f"(needs in_channels/groups × kernel elements ≥ {n_min}; leave such layers as plain layers)"
             )

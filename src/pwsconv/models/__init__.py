@@ -5,7 +5,7 @@
     >>> net = build_model("convpool_cnn_c", "bn")                  # the paper's plain CIFAR net with BN
     >>> net = build_model("tiny_cnn", "none", in_channels=1)       # 8×8 digits demo net without normalization
 
-Every conv+norm unit is made by :func:`pwsconv.norms.build_conv` / :func:`~pwsconv.norms.build_norm` from the method
+Every conv+norm unit is made by :func:`pwsconv.methods.build_conv` / :func:`~pwsconv.methods.build_norm` from the method
 name, so all methods of :func:`pwsconv.available_methods` work with all models. Keyword arguments of
 :func:`build_model` that the model's builder takes (``width``, ``depth``, ``pws_variant``, ``ln_io``, ``shortcut``,
 ``layers``, ``widths``, ...) configure the model; the others are the method's options (e.g. ``gamma`` for "pws",
@@ -125,7 +125,7 @@ def build_model(name: str, method: str = "pws", num_classes: int = 10, in_channe
 
 def _build_external_model(name: str, method: str, num_classes: int, in_channels: int,
                           kwargs: dict[str, Any]) -> nn.Module:
-    from ..norms import get_method
+    from ..methods import get_method
 
     for label, v in (("num_classes", num_classes), ("in_channels", in_channels)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

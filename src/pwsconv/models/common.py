@@ -1,7 +1,7 @@
 """Building blocks shared by the model zoo: the method-agnostic conv+norm(+ReLU) unit and size-safe pooling.
 
-Every conv of a conv+norm unit is made by :func:`pwsconv.norms.build_conv` and its output normalization by
-:func:`pwsconv.norms.build_norm`, selected by the method's name, so each model works with every registered method
+Every conv of a conv+norm unit is made by :func:`pwsconv.methods.build_conv` and its output normalization by
+:func:`pwsconv.methods.build_norm`, selected by the method's name, so each model works with every registered method
 (including methods registered after this module was imported).
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..norms import NormMethod, _opts_for, _split_opts, build_conv, build_norm, get_method
+from ..methods import Method, build_conv, build_norm, get_method
 
 __all__ = [
     "MethodSpec",
@@ -33,15 +33,14 @@ class MethodSpec:
     options raise ``ValueError`` naming the options the method accepts.
     """
 
-    def __init__(self, method: str | NormMethod | "MethodSpec" = "pws", opts: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, method: str | Method | "MethodSpec" = "pws", opts: Mapping[str, Any] | None = None) -> None:
         if isinstance(method, MethodSpec):
             opts = {**method.opts, **(opts or {})}
             method = method.method
-        self.method: NormMethod = get_method(method)
-        # validated here; build_conv / build_norm give each factory only the options it takes
-        self.opts: dict[str, Any] = _split_opts(self.method, dict(opts or {}))
-        self.conv_opts = _opts_for(self.method.conv, self.opts)  # e.g. gn's "groups" must not reach the conv
-        self.norm_opts = _opts_for(self.method.norm, self.opts)
+        self.method: Method = get_method(method)
+        self.opts: dict[str, Any] = dict(opts or {})
+        # validated here, each option to the factory the method declares it for (gn's "groups" to the GroupNorm)
+        self.conv_opts, self.norm_opts = self.method.split_options(self.opts)
 
     @property
     def name(self) -> str:

@@ -307,11 +307,9 @@ def _saved_configs(paths: Mapping[str, str]) -> list[tuple[str, dict[str, Any], 
 
 def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
     """The method's acceleration of a built network before it trains (same values and gradients; BENCHMARKS.md)."""
-    # TODO(registry): pwsconv.methods.prepare_for_training
-    if cfg.fuse_pws:
-        from ..layers.pws import fuse_standardization
+    from ..methods import prepare_for_training
 
-        fuse_standardization(model, recompute=cfg.pws_recompute)
+    prepare_for_training(model, cfg.method, fuse=cfg.fuse_pws, recompute=cfg.pws_recompute)
 
 
 # ---------------------------------------------------------------------------------------------------------- the run

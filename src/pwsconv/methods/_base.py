@@ -1,0 +1,106 @@
+"""What a normalization method is (:class:`Method`), its typed errors, and the pieces the method files share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["Method", "MethodError", "UnknownMethodError", "MethodOptionError", "plain_conv", "gn_groups",
+           "CONV_CLASSES", "by_dim"]
+
+CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class MethodError(ValueError):
+    """A method name or option that the registry cannot use."""
+
+
+class UnknownMethodError(MethodError):
+    """No method of that name is registered."""
+
+
+class MethodOptionError(MethodError):
+    """An option the method does not declare."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One normalization method: how to build the conv of a conv+norm unit and the output norm after it.
+
+    Attributes:
+        name: registry key ("pws", "bn", ...).
+        summary: what it normalizes, one line (the table of ``docs/methods.md``).
+        conv: ``conv(dim, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            padding_mode, **conv_options)`` → the conv of a unit (``dim`` = 1, 2 or 3).
+        norm: ``norm(num_channels, dim, **norm_options)`` → the output norm after the conv, or ``None`` (Identity).
+        conv_bias: whether the conv of a unit carries a bias (False when the output norm has its own shift).
+        linear: optional ``linear(in_features, out_features, bias, **conv_options)`` for classifier heads.
+        transposed: optional factory for transposed convs (the ``conv`` arguments plus ``output_padding``).
+        conv_options / norm_options: the options the method declares, and the factory each one goes to.
+        prepare: optional ``prepare(model, fuse=..., recompute=...)`` the training engine calls before training
+            (PWS: :func:`pwsconv.fuse_standardization`).
+        batch_dependent / foldable / extra_params / reference: documentation (``foldable``: :func:`pwsconv.fold`
+            turns a model of this method into plain torch layers).
+    """
+
+    name: str
+    summary: str
+    conv: Callable[..., nn.Module]
+    norm: Callable[..., nn.Module] | None = None
+    conv_bias: bool = True
+    linear: Callable[..., nn.Module] | None = None
+    transposed: Callable[..., nn.Module] | None = None
+    conv_options: frozenset[str] = field(default_factory=frozenset)
+    norm_options: frozenset[str] = field(default_factory=frozenset)
+    prepare: Callable[..., Any] | None = None
+    batch_dependent: bool = False
+    foldable: bool = True
+    extra_params: str = ""
+    reference: str = ""
+
+    @property
+    def options(self) -> frozenset[str]:
+        """Every option the method takes."""
+        return self.conv_options | self.norm_options
+
+    def split_options(self, opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(conv options, norm options) of ``opts``; an undeclared option raises :class:`MethodOptionError`."""
+        unknown = set(opts) - self.options
+        if unknown:
+            raise MethodOptionError(f"method {self.name!r} takes no option(s) {sorted(unknown)}; it accepts "
+                                    f"{sorted(self.options) or 'none'}")
+        return ({k: v for k, v in opts.items() if k in self.conv_options},
+                {k: v for k, v in opts.items() if k in self.norm_options})
+
+
+def plain_conv(dim: int, in_channels: int, out_channels: int, kernel_size: Any, **kw: Any) -> nn.Module:
+    """A torch conv with He (kaiming normal, fan_in, ReLU) weights and zero bias, as the paper initializes."""
+    conv = CONV_CLASSES[dim](in_channels, out_channels, kernel_size, **kw)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def by_dim(classes: dict[int, type[nn.Module]]) -> Callable[..., nn.Module]:
+    """A conv factory ``(dim, *args, **kw) → classes[dim](*args, **kw)``."""
+    def make(dim: int, *args: Any, **kw: Any) -> nn.Module:
+        return classes[dim](*args, **kw)
+
+    return make
+
+
+def gn_groups(num_channels: int, groups: int = 32) -> int:
+    """Groups for GroupNorm: the largest divisor of ``num_channels`` that is ≤ ``groups`` (32, Wu & He 2018).
+
+    With fewer channels than ``groups`` every channel is its own group (GN = IN with a shared affine); with a count
+    not divisible by 32 (e.g. 48) the largest divisor below 32 (24) is used.
+    """
+    if num_channels <= 0 or groups <= 0:
+        raise ValueError(f"num_channels and groups must be positive, got {num_channels}, {groups}")
+    g = min(groups, num_channels)
+    while num_channels % g:
+        g -= 1
+    return g
