@@ -1,4 +1,6 @@
 """The paper's detection tables (1–3) and its ImageNet table (5) as resumable sweeps: ``pwsconv reproduce NAME``.
+Each table is one file of :mod:`pwsconv.experiments.tables` (a :class:`~pwsconv.experiments.det_table.DetTable`: its
+grid, the paper's numbers, its summary); this module is their runner.
 
     pwsconv reproduce voc_table1 --full --data-root /data/voc            # Table 1: methods × batch 2/4/8, SSD-VGG16
     pwsconv reproduce voc_table2 --full --data-root /data/voc            # Table 2: the ablation rows
