@@ -298,10 +298,50 @@ def _probe_parser(p: argparse.ArgumentParser) -> Handler:
 
 
 @subcommand("reproduce", "re-run a table of the paper (table4, table1, table2, collapse) with a CPU or full preset")
-def _reproduce_parser(p: argparse.ArgumentParser) -> Handler:
-    from .experiments.paper import configure_reproduce_parser
+def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
+    """Add ``NAME [--preset cpu|full|smoke] [--full] [--out DIR] [--seeds N] [--data-root DIR] [--dry-run]
+    [--progress] [--weights FILE]`` to ``p`` and return the handler (``pwsconv reproduce``)."""
+    from .experiments.paper import EXPERIMENTS
 
-    return configure_reproduce_parser(p)
+    p.description = ("Re-run one of the paper's experiments as a resumable sweep and write results.md (paper numbers "
+                     "beside measured mean ± std), results.csv/jsonl and PNG plots. Presets: cpu (about an hour on 2 "
+                     "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds, digits).")
+    p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}, or (GPU tables, the detection "
+                                                "extra) voc_table1, voc_table2, coco_table3, imagenet_table5")
+    p.add_argument("--preset", default=None, help="cpu (default), full or smoke")
+    p.add_argument("--full", action="store_true", help="same as --preset full")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default results/reproduce/NAME_PRESET; finished runs there are skipped)")
+    p.add_argument("--seeds", type=int, default=None, metavar="N", help="number of seeds (default: the preset's)")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="dataset directory")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; train nothing")
+    p.add_argument("--progress", action="store_true", help="per-run progress bars")
+    # detection / ImageNet tables (pwsconv.experiments.detection): voc_table1, voc_table2, coco_table3, imagenet_table5
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="coco_table3: an ImageNet ResNet-50 state_dict for Mask R-CNN's backbone")
+    return _cmd_reproduce
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .experiments.detection import EXTRA_EXPERIMENTS, reproduce_extra   # the GPU tables: their own module
+    from .experiments.paper import ReproduceError, reproduce
+
+    preset = args.preset
+    if args.full:
+        if preset not in (None, "full"):
+            raise ReproduceError(f"--full contradicts --preset {preset}")
+        preset = "full"
+    if args.name in EXTRA_EXPERIMENTS:
+        if args.seeds not in (None, 1):
+            raise ReproduceError(f"{args.name} runs one seed per cell (as the paper); drop --seeds")
+        reproduce_extra(args.name, preset or "smoke", out_dir=args.out, data_root=args.data_root,
+                        weights=args.weights, dry_run=args.dry_run, progress=True)
+        return 0
+    if args.weights is not None:
+        raise ReproduceError("--weights is for coco_table3 only")
+    reproduce(args.name, preset or "cpu", out_dir=args.out, seeds=args.seeds, data_root=args.data_root,
+              progress=args.progress, dry_run=args.dry_run)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------- main

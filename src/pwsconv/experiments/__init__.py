@@ -1,6 +1,8 @@
 """Experiments built on one sweep runner (:mod:`pwsconv.experiments.sweep`): the demo (:mod:`.demo`), the probe
-(:mod:`.probe`) and the paper's tables plus ``robust`` (:mod:`.paper`). A sweep is a list of :class:`RunSpec` (name, TrainConfig, table labels) trained with
-:func:`pwsconv.train.train`, resumably, and collected into Markdown/CSV/JSONL tables and PNG curves."""
+(:mod:`.probe`) and the paper's tables plus ``robust`` (one file each in :mod:`.tables`, run by :mod:`.paper`; the
+detection / ImageNet tables by :mod:`.detection`). A sweep is a list of :class:`RunSpec` (name, TrainConfig, table
+labels) trained with :func:`pwsconv.train.train`, resumably, and collected into Markdown/CSV/JSONL tables and PNG
+curves."""
 
 from .sweep import (
     RunSpec,
