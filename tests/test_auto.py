@@ -220,7 +220,7 @@ def test_convert_and_method_registry_accept_auto():
 
 
 def test_gradcheck_fused_node_with_inactive_clipping():
-    from pwsconv.functional import pws_weights_fused
+    from pwsconv.accel import pws_weights_fused
 
     torch.manual_seed(0)
     ws = [torch.randn(3, 2, 2, 2, dtype=F64, requires_grad=True), torch.randn(2, 2, 2, 2, dtype=F64, requires_grad=True)]

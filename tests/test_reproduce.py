@@ -13,7 +13,6 @@ from pwsconv.experiments.paper import (
     EXPERIMENTS,
     PAPER_NUMBERS,
     ReproduceError,
-    add_reproduce_parser,
     aggregate,
     build_runs,
     milestones_for,
@@ -141,8 +140,11 @@ def test_aggregate_counts_nan():
 
 
 def test_cli_parser(tmp_path, capsys):
+    from pwsconv.cli import configure_reproduce_parser
+
     ap = argparse.ArgumentParser()
-    add_reproduce_parser(ap.add_subparsers(dest="cmd"))
+    p = ap.add_subparsers(dest="cmd").add_parser("reproduce")
+    p.set_defaults(func=configure_reproduce_parser(p))
     args = ap.parse_args(["reproduce", "table4", "--full", "--dry-run", "--out", str(tmp_path / "o")])
     assert args.func(args) == 0
     assert "24 runs" in capsys.readouterr().out

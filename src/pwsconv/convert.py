@@ -9,7 +9,6 @@ import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch.nn.modules.lazy import LazyModuleMixin

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-__all__ = ["pws_weight", "pws_weights_fused", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
+__all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
            "AUTO_CLIP"]
 
@@ -218,12 +218,3 @@ def pws_weight(
     if perm is None:
         out = out.view(weight.shape)
     return out.to(weight.dtype)
-
-
-def __getattr__(name: str):
-    """``pws_weights_fused`` moved to :mod:`pwsconv.accel.fused` (acceleration, not math); still importable here."""
-    if name == "pws_weights_fused":
-        from .accel.fused import pws_weights_fused
-
-        return pws_weights_fused
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,8 +21,8 @@ import pycocotools  # noqa: E402,F401
 
 from pwsconv.detection import build_detector  # noqa: E402
 from pwsconv.detection.data import (  # noqa: E402
-    DetectionLoader, coco_dataset, eval_transform, rcnn_train_transform, ssd_train_transform, voc_dataset)
-from pwsconv.detection.evaluate import coco_gt_from_voc, evaluate_detector, voc07_map  # noqa: E402
+    DetectionLoader, coco_dataset, ssd_train_transform, voc_dataset)
+from pwsconv.detection.evaluate import coco_gt_from_voc, voc07_map  # noqa: E402
 from pwsconv.detection.models import DetectorError  # noqa: E402
 from pwsconv.detection.synthetic import make_detection_set, shared_sources  # noqa: E402
 from pwsconv.detection.train import DetConfig, train_detector  # noqa: E402

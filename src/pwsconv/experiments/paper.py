@@ -50,14 +50,12 @@ table1 38 min, table2 33 min, collapse 50 min of wall time (results in ``results
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -67,7 +65,7 @@ from .table import PRESETS, VOC_NOTE, Context, Curves, ErrVs, Table, milestones_
 from .tables import TABLES
 
 __all__ = ["EXPERIMENTS", "PRESETS", "PAPER_NUMBERS", "TABLES", "ReproduceError", "reproduce", "build_runs",
-           "add_reproduce_parser", "aggregate", "milestones_for", "VOC_NOTE"]
+           "aggregate", "milestones_for", "VOC_NOTE"]
 
 
 class ReproduceError(ValueError):
@@ -379,25 +377,3 @@ def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str],
         log(f"{info['name']} [{info['preset']}]: {len(runs)} runs" +
             (f", about {est / 60:.0f} min on 2 CPU cores" if est is not None else "") + f" → {info['out_dir']}")
     return info
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_reproduce_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``reproduce`` to an argparse sub-parser set; ``func`` returns the exit code (the options:
-    :func:`pwsconv.cli.configure_reproduce_parser`)."""
-    from ..cli import configure_reproduce_parser
-
-    p = subparsers.add_parser("reproduce", help="re-run one of the paper's tables (table4, table1, table2, collapse)")
-    p.set_defaults(func=configure_reproduce_parser(p))
-    return p
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _ap = argparse.ArgumentParser(prog="python -m pwsconv.experiments.paper")
-    add_reproduce_parser(_ap.add_subparsers(dest="cmd", required=True))
-    _a = _ap.parse_args()
-    try:
-        sys.exit(_a.func(_a))
-    except ValueError as _e:
-        print(f"error: {_e}", file=sys.stderr)
-        sys.exit(2)

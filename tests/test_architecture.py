@@ -1,0 +1,86 @@
+"""The import rules of docs/architecture.md: each layer of the package imports only the layers above it."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pwsconv
+
+ROOT = pathlib.Path(pwsconv.__file__).parent
+
+#: top-level module or package → the pwsconv top-level names it may import (docs/architecture.md)
+ALLOWED = {
+    "functional": set(),
+    "accel": {"functional"},
+    "layers": {"functional", "accel"},
+    "methods": {"layers", "accel", "functional"},
+    "_bnlike": {"layers", "accel", "functional"},
+    "convert": {"_bnlike", "methods", "layers", "accel", "functional"},
+    "data": set(),
+    "models": {"methods", "convert", "layers", "accel", "functional"},
+    "config": {"methods", "models", "data"},
+    "train": {"config", "models", "data", "methods", "convert", "layers", "accel", "functional"},
+    "diagnostics": {"convert", "layers", "accel", "functional"},
+}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """The pwsconv top-level names a file imports (module level or inside functions)."""
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    pkg = list(rel[:-1]) if rel[-1] != "__init__" else list(rel[:-1])
+    if rel[-1] == "__init__" and len(rel) > 1:
+        pkg = list(rel[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+            parts = base + (node.module.split(".") if node.module else [])
+            if parts:
+                out.add(parts[0])
+            else:   # ``from .. import x``: a submodule x, or a name of the package root
+                out.update(a.name if (ROOT / a.name).is_dir() or (ROOT / f"{a.name}.py").exists() else "__init__"
+                           for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pwsconv":
+            parts = node.module.split(".")
+            out.add(parts[1] if len(parts) > 1 else "__init__")
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("pwsconv."))
+    return out
+
+
+def _files(top: str) -> list[pathlib.Path]:
+    p = ROOT / top
+    return sorted(p.rglob("*.py")) if p.is_dir() else [ROOT / f"{top}.py"]
+
+
+def test_every_layer_imports_only_the_layers_above_it():
+    bad = []
+    for top, allowed in ALLOWED.items():
+        files = _files(top)
+        assert files and all(f.exists() for f in files), top
+        for f in files:
+            extra = _imports(f) - allowed - {top}
+            if extra:
+                bad.append(f"{f.relative_to(ROOT)} imports {sorted(extra)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_imports_the_cli_and_the_engine_names_no_method():
+    users = [f.relative_to(ROOT) for f in ROOT.rglob("*.py")
+             if f.name != "__main__.py" and f.name != "cli.py" and "cli" in _imports(f)]
+    assert users == []
+    code = ast.unparse(ast.parse((ROOT / "train" / "engine.py").read_text()))   # without comments
+    tree = ast.parse(code)
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+               and not (n.value.startswith("\n") or " " in n.value)}      # names, not docstrings or messages
+    assert not strings & {"pws", "bn", "gn", "mabn", "sn", "wn", "ws", "sws"}
+    assert "fuse_standardization" not in code and "layers" not in _imports(ROOT / "train" / "engine.py")
+
+
+def test_the_pws_layer_file_is_short_and_shows_eq_12():
+    text = (ROOT / "layers" / "pws.py").read_text()
+    assert len(text.splitlines()) <= 280
+    assert "Ŵ_o = sqrt(2/n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ)" in text
+    for acceleration in ("_accel_cache", "ContextVar", "saved_tensors_hooks", "register_forward_pre_hook"):
+        assert acceleration not in text
