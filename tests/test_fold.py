@@ -387,3 +387,32 @@ def test_fold_untraceable_model_keeps_its_batchnorms_with_a_warning():
     with pytest.warns(UserWarning, match="cannot be traced"):
         folded = pwsconv.fold(net)
     assert isinstance(folded.bn, nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("method", pwsconv.available_methods())
+def test_fold_every_method_as_the_registry_says(method):
+    """A method marked foldable folds to plain torch layers (no pwsconv layer, no BatchNorm/MABN left, same
+    outputs); one that cannot fold says so (SN: one warning naming each layer), or is made of plain torch norms."""
+    from pwsconv.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", method, num_classes=10, in_channels=1)
+    x = torch.randn(4, 1, 8, 8)
+    net.train()
+    for _ in range(3):   # running statistics that are not the init values
+        net(x)
+    net.eval()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        folded = pwsconv.fold(net)
+    layers = [m for m in folded.modules() if type(m).__module__.startswith("pwsconv.layers")]
+    norms = [m for m in folded.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+    if pwsconv.get_method(method).foldable:
+        assert layers == [] and norms == [] and not w, (method, layers, norms, [str(m.message) for m in w])
+    elif layers:
+        assert len(w) == 1 and all(type(m).__name__ in str(w[0].message) for m in layers)
+        assert "cannot be folded" in str(w[0].message)
+    else:
+        assert all(type(m).__module__.startswith("torch.") for m in folded.modules() if not list(m.children()))

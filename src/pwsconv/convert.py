@@ -542,7 +542,8 @@ def fold(model: nn.Module, inplace: bool = False, *, batchnorm: bool = True) -> 
     ``nn.Identity`` — the conv+BN pairs are found by tracing the model with ``torch.fx`` (module calls as leaves), so
     only real data flow counts. A BatchNorm in training mode, after something other than a conv, or in a model fx
     cannot trace stays as it is; every one left is named in one warning. MABN's eval form (a per-channel scale and
-    shift after its CenConv) is folded the same way. SwitchNorm mixes per-sample statistics and cannot be folded.
+    shift after its CenConv) is folded the same way. SwitchNorm mixes per-sample statistics and cannot be folded: such
+    layers (a class attribute ``cannot_fold`` says why) stay and are named in one warning.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -563,6 +564,11 @@ def fold(model: nn.Module, inplace: bool = False, *, batchnorm: bool = True) -> 
             _set_submodule(model, name, folded[id(mod)])
     if batchnorm:
         _fold_batchnorms(model)
+    left = [f"{n} ({type(m).__name__}: {m.cannot_fold})" for n, m in model.named_modules()
+            if isinstance(getattr(type(m), "cannot_fold", None), str)]
+    if left:
+        warnings.warn(f"fold: {len(left)} layer(s) cannot be folded and stay as they are: " + "; ".join(left),
+                      stacklevel=2)
     return model
 
 

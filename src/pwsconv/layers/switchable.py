@@ -49,6 +49,8 @@ class _SwitchNormNd(nn.Module):
 
     #: read by :func:`pwsconv.param_groups`: weight and bias (and the mixture logits) are norm parameters
     is_norm_layer = True
+    #: why :func:`pwsconv.fold` leaves this layer as it is (it names it in a warning)
+    cannot_fold = "its output mixes per-sample (IN/LN) statistics, not a fixed per-channel affine"
     _input_dims: tuple[int, ...] = (4,)
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9, using_moving_average: bool = True,
