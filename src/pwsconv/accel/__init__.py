@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .cache import cached_weight, clear_cache, is_cached
-from .fused import FuseHandle, fuse_standardization, fused_slot, needs_fresh, pws_weights_fused
+from .fused import _ACTIVE, FuseHandle, fuse_standardization, fused_slot, needs_fresh, pws_weights_fused
 
 _is_compiling = torch.compiler.is_compiling   # bound once: called on every forward
+_grad_enabled = torch.is_grad_enabled
 
 __all__ = ["weight_and_bias", "fuse_standardization", "FuseHandle", "pws_weights_fused", "clear_cache", "is_cached",
            "needs_fresh"]
@@ -32,13 +33,18 @@ def weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
     or computed by the layer (``compute_weight()`` / ``compute_bias()``) — the same values on every path."""
     if _is_compiling():   # torch.compile traces the computation itself (no cache, no table lookups)
         return layer.compute_weight(), layer.compute_bias()
-    params = layer._parameters
-    tensors = tuple(params[n] for n in layer.weight_params)
-    hit = fused_slot(layer, tensors[0], tensors[1] if len(tensors) > 1 else None)
-    if hit is not None:
-        return hit
-    if needs_fresh(layer, tensors):
-        if "_accel_cache" in layer.__dict__:
-            del layer.__dict__["_accel_cache"]   # training or gradients from here on: the cached tensor is dropped
+    # unrolled for the two parameters a weight is computed from (the raw weight and α / g / gain): this runs once per
+    # layer and forward, and at small batch its Python operations are a measurable part of a step
+    params, names = layer._parameters, layer.weight_params
+    w = params[names[0]]
+    a = params[names[1]] if len(names) == 2 else None
+    if _ACTIVE.get() is not None:
+        hit = fused_slot(layer, w, a)
+        if hit is not None:
+            return hit
+    if layer.training or (_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad))):
+        d = layer.__dict__
+        if "_accel_cache" in d:
+            del d["_accel_cache"]   # training or gradients from here on: the cached tensor is dropped
         return layer.compute_weight(), layer.compute_bias()
-    return cached_weight(layer, tensors), layer.compute_bias()
+    return cached_weight(layer, w, a), layer.compute_bias()

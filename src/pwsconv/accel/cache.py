@@ -35,24 +35,23 @@ def _watch_optimizer_steps() -> None:
         _HOOK.append(register_optimizer_step_post_hook(_count_step))
 
 
-def _key(tensors: tuple) -> tuple:
-    return tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors) + (_STEPS[0],)
-
-
-def cached_weight(layer: Any, tensors: tuple) -> Tensor:
-    """``layer.compute_weight()``, computed once per state of ``tensors`` (the parameters it reads)."""
+def cached_weight(layer: Any, w: Tensor, a: Tensor | None) -> Tensor:
+    """``layer.compute_weight()``, computed once per state of ``w`` and ``a`` (the parameters it reads): the same
+    tensors (the cache holds them, so their ids cannot be reused), at the same version and storage, and no optimizer
+    step since."""
     c = layer.__dict__.get("_accel_cache")
-    if c is not None and c[0] == _key(tensors):
-        return c[1]
+    if c is not None and c[0] is w and c[1] == w._version and c[2] == w.data_ptr() and c[3] is a \
+            and (a is None or (c[4] == a._version and c[5] == a.data_ptr())) and c[6] == _STEPS[0]:
+        return c[7]
     # outside inference mode even when called inside it: the cached tensor must stay usable in a later graph
     # (eval with frozen weights but an input that wants gradients)
     with torch.inference_mode(False), torch.no_grad():
         out = layer.compute_weight()
-    if any(t is not None and t.is_inference() for t in tensors):
+    if w.is_inference() or (a is not None and a.is_inference()):
         return out   # made under inference_mode: no version counter to key a cache on
     _watch_optimizer_steps()
-    # the cache holds the tensors: their ids and storage cannot be reused by others while it lives
-    layer.__dict__["_accel_cache"] = (_key(tensors), out, tensors)
+    layer.__dict__["_accel_cache"] = (w, w._version, w.data_ptr(), a, None if a is None else a._version,
+                                      None if a is None else a.data_ptr(), _STEPS[0], out)
     return out
 
 

@@ -187,10 +187,11 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
 
 
 # ------------------------------------------------------------------------------------------ the model-level hooks
-def needs_fresh(layer: Any, tensors: tuple) -> bool:
-    """Whether ``layer`` computes its weight anew, in the graph: training, or gradients wanted for one of
-    ``tensors`` (the parameters its weight is computed from). Otherwise the eval cache may serve it."""
-    return layer.training or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+def needs_fresh(layer: Any, w: Tensor, a: Tensor | None = None) -> bool:
+    """Whether ``layer`` computes its weight anew, in the graph: training, or gradients wanted for ``w`` or ``a``
+    (the parameters its weight is computed from). Otherwise the eval cache may serve it. (``weight_and_bias``
+    inlines this test.)"""
+    return layer.training or (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad)))
 
 
 class _Forward:
@@ -318,7 +319,7 @@ class _FusePre:
         layers, args_ = [], []
         for m in _layers(module):   # walked every forward (≈15–35 µs), so layers added in any way are seen
             spec = m.fused_args()
-            if spec is not None and needs_fresh(m, spec[:2]):
+            if spec is not None and needs_fresh(m, spec[0], spec[1]):
                 layers.append(m)
                 args_.append(spec)
         if not layers:

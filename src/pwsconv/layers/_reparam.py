@@ -52,7 +52,7 @@ class ReparamMixin:
     weight: Tensor
     bias: Tensor | None
     _plain_cls: type[nn.Module]
-    #: the parameters ``compute_weight`` reads, raw weight first (the eval cache is keyed on them)
+    #: the parameters ``compute_weight`` reads (one or two): the raw weight first (the eval cache is keyed on them)
     weight_params: tuple[str, ...] = ("weight",)
     _transposed_layout = False     # filters along dim 1 (ConvTranspose) instead of dim 0
     _data_init = False             # a data-dependent init runs on the first training forward
@@ -190,6 +190,16 @@ class ReparamMixin:
 
 class ReparamConvNd(ReparamMixin):
     """Mixin for ``nn.ConvNd`` subclasses: the conv forward with the computed weight."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        # ReparamMixin.forward with the conv called directly: one Python call less per layer and forward, measured
+        # at ≈1 µs (BENCHMARKS.md, issue 13), which is a few % of an eval forward at batch 2
+        if self._data_init:
+            self._maybe_data_init(input)
+        w, b = accel.weight_and_bias(self)
+        if self._memory_format is not None:
+            w = w.contiguous(memory_format=self._memory_format)
+        return self._conv_forward(input, w, b)  # type: ignore[attr-defined]
 
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]

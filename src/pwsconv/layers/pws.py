@@ -127,11 +127,12 @@ class PWSMixin(ReparamMixin):
 
     def compute_bias(self) -> Tensor | None:
         """β, its gradient clipped when ``clip_lambda`` > 0."""
-        b = super().compute_bias()
-        lam = self.clip_lambda
-        if not lam or b is None or not (torch.is_grad_enabled() and b.requires_grad):
+        p = self._parameters
+        b = p["bias"] if "bias" in p else self.bias   # (ReparamMixin.compute_bias, inlined: once per forward)
+        if b is None or not (b.requires_grad and torch.is_grad_enabled()):
             return b
-        return unit_clip(b, lam)
+        lam = self.clip_lambda
+        return unit_clip(b, lam) if lam else b
 
     def fused_args(self) -> tuple | None:
         """(W, α, γ, gain, λ, β) for :func:`pwsconv.fuse_standardization`, or ``None`` when the fused node cannot
