@@ -35,7 +35,6 @@ class DetPreset:
     model_vgg: str
     model_resnet: str
     size: int | None
-    epochs_scale: float             # the paper's epochs × this (smoke/cpu: a few epochs on the synthetic set)
     max_steps: int | None
     n_train: int = 0
     n_test: int = 0
@@ -45,9 +44,9 @@ class DetPreset:
 
 
 DET_PRESETS = {
-    "full": DetPreset("ssd_vgg16", "ssd_resnet50", 320, 1.0, None, rcnn_size=800, num_workers=8),
-    "cpu": DetPreset("ssd_tiny", "ssd_tiny", 96, 0.0, 300, n_train=400, n_test=100, rcnn_size=96, num_workers=1),
-    "smoke": DetPreset("ssd_tiny", "ssd_tiny", 96, 0.0, 3, n_train=48, n_test=16, rcnn_size=64, num_workers=0),
+    "full": DetPreset("ssd_vgg16", "ssd_resnet50", 320, None, rcnn_size=800, num_workers=8),
+    "cpu": DetPreset("ssd_tiny", "ssd_tiny", 96, 300, n_train=400, n_test=100, rcnn_size=96, num_workers=1),
+    "smoke": DetPreset("ssd_tiny", "ssd_tiny", 96, 3, n_train=48, n_test=16, rcnn_size=64, num_workers=0),
 }
 
 
