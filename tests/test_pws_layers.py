@@ -624,6 +624,21 @@ def test_cache_sees_data_reassignment_even_at_a_reused_address():
             torch.testing.assert_close(layer(x), expected(layer, x))
 
 
+
+def test_cache_sees_data_reassignment_when_the_freed_block_is_handed_back():
+    """``weight.data = t`` twice between two forwards: the first frees the cached storage, the second gets that very
+    block from the allocator (same id, version and address). The cache must keep the old storage alive so that no
+    new tensor can sit at its address (a stale weight otherwise)."""
+    torch.manual_seed(0)
+    layer = PWSConv2d(64, 64, 3).eval()      # 147 KB: the CPU allocator hands a freed block of that size back
+    x = torch.randn(1, 64, 5, 5)
+    with torch.no_grad():
+        for _ in range(8):
+            layer(x)
+            layer.weight.data = torch.zeros(1)
+            layer.weight.data = torch.randn(64, 64, 3, 3)
+            torch.testing.assert_close(layer(x), layer.to_plain()(x), rtol=0, atol=0)
+
 def test_parameters_made_in_inference_mode_and_parametrized_bias():
     from torch.nn.utils import parametrize
 

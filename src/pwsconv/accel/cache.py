@@ -51,8 +51,11 @@ def cached_weight(layer: Any, tensors: tuple) -> Tensor:
     if any(t is not None and t.is_inference() for t in tensors):
         return out   # made under inference_mode: no version counter to key a cache on
     _watch_optimizer_steps()
-    # the cache holds the tensors: their ids and storage cannot be reused by others while it lives
-    layer.__dict__["_accel_cache"] = (_key(tensors), out, tensors)
+    # the cache holds the tensors (their ids cannot be reused while it lives) and detached views of them, which keep
+    # their storage alive: after ``weight.data = other`` the old block cannot be handed to a new tensor at the same
+    # address, so the address check cannot be fooled
+    layer.__dict__["_accel_cache"] = (_key(tensors), out, tensors,
+                                      tuple(None if t is None else t.detach() for t in tensors))
     return out
 
 
