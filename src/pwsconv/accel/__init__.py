@@ -33,7 +33,10 @@ def weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
     if _is_compiling():   # torch.compile traces the computation itself (no cache, no table lookups)
         return layer.compute_weight(), layer.compute_bias()
     params = layer._parameters
-    tensors = tuple(params[n] for n in layer.weight_params)
+    try:
+        tensors = tuple(params[n] for n in layer.weight_params)
+    except KeyError:   # a parametrized weight (nn.utils.parametrize): computed every time, no cache, no fusion
+        return layer.compute_weight(), layer.compute_bias()
     hit = fused_slot(layer, tensors[0], tensors[1] if len(tensors) > 1 else None)
     if hit is not None:
         return hit

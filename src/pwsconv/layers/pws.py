@@ -82,7 +82,7 @@ class PWSMixin(ReparamMixin):
         """The n of sqrt(2/n) and of the He init: ``filter_size`` for fan_in, out_channels/groups × kernel for fan_out."""
         if self._fan_mode == "fan_in":
             return self.filter_size
-        w = self._parameters["weight"]
+        w = self._raw_weight()
         out_per_group = w.shape[1] if self._transposed_layout else w.shape[0] // getattr(self, "groups", 1)
         return out_per_group * math.prod(w.shape[2:])
 
