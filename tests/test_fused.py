@@ -539,3 +539,38 @@ def test_forwards_in_two_threads_keep_their_own_state():
     (2 * ref(x).sum()).backward()
     for (k, p), q in zip(ref.named_parameters(), net.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * p.grad.abs().max().item(), msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- review, round 3
+def test_layers_without_their_parameters_yet_compute_themselves():
+    """A fused model may hold PWS layers whose ``weight``/``alpha`` are not (yet) plain parameters: a lazy layer
+    before its first input (``convert`` makes them for ``nn.LazyConv*d``; no ``alpha`` registered yet) and a layer
+    whose weight is taken over by ``nn.utils.parametrize``. They compute their own weight; the others are fused."""
+    from torch.nn.utils import parametrize
+
+    from pwsconv.layers.lazy import LazyPWSConv2d
+
+    class Neg(nn.Module):
+        def forward(self, w):
+            return -w
+
+    torch.manual_seed(0)
+    net = nn.Sequential(LazyPWSConv2d(4, 3, padding=1), nn.ReLU(), pwsconv.PWSConv2d(4, 4, 3, padding=1),
+                        pwsconv.PWSConv2d(4, 4, 3))
+    x = torch.randn(2, 3, 6, 6)
+    net(x)                                              # materialized: now a PWSConv2d
+    ref = copy.deepcopy(net)
+    parametrize.register_parametrization(net[2], "weight", Neg())
+    with torch.no_grad():
+        ref[2].weight.neg_()
+    pwsconv.fuse_standardization(net)
+    lazy = nn.Sequential(LazyPWSConv2d(4, 3))
+    pwsconv.fuse_standardization(lazy)
+    assert lazy(x).shape == (2, 4, 4, 4) and type(lazy[0]) is pwsconv.PWSConv2d
+    y, r = net(x), ref(x)
+    torch.testing.assert_close(y, r)
+    y.sum().backward()
+    r.sum().backward()
+    torch.testing.assert_close(net[2].parametrizations.weight.original.grad, -ref[2].weight.grad)
+    torch.testing.assert_close(net[3].weight.grad, ref[3].weight.grad)
+    assert _ACTIVE.get() is None
