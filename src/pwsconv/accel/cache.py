@@ -42,8 +42,12 @@ def _key(tensors: tuple) -> tuple:
 def cached_weight(layer: Any, tensors: tuple) -> Tensor:
     """``layer.compute_weight()``, computed once per state of ``tensors`` (the parameters it reads)."""
     c = layer.__dict__.get("_accel_cache")
-    if c is not None and c[0] == _key(tensors):
-        return c[1]
+    if c is not None:
+        try:
+            if c[0] == _key(tensors):
+                return c[1]
+        except RuntimeError:   # an inference tensor (no version counter) in place of a cached one: a miss
+            pass
     # outside inference mode even when called inside it: the cached tensor must stay usable in a later graph
     # (eval with frozen weights but an input that wants gradients)
     with torch.inference_mode(False), torch.no_grad():
