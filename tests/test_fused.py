@@ -539,3 +539,274 @@ def test_forwards_in_two_threads_keep_their_own_state():
     (2 * ref(x).sum()).backward()
     for (k, p), q in zip(ref.named_parameters(), net.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * p.grad.abs().max().item(), msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- review, round 3
+def test_layers_without_their_parameters_yet_compute_themselves():
+    """A fused model may hold PWS layers whose ``weight``/``alpha`` are not (yet) plain parameters: a lazy layer
+    before its first input (``convert`` makes them for ``nn.LazyConv*d``; no ``alpha`` registered yet) and a layer
+    whose weight is taken over by ``nn.utils.parametrize``. They compute their own weight; the others are fused."""
+    from torch.nn.utils import parametrize
+
+    from pwsconv.layers.lazy import LazyPWSConv2d
+
+    class Neg(nn.Module):
+        def forward(self, w):
+            return -w
+
+    torch.manual_seed(0)
+    net = nn.Sequential(LazyPWSConv2d(4, 3, padding=1), nn.ReLU(), pwsconv.PWSConv2d(4, 4, 3, padding=1),
+                        pwsconv.PWSConv2d(4, 4, 3))
+    x = torch.randn(2, 3, 6, 6)
+    net(x)                                              # materialized: now a PWSConv2d
+    ref = copy.deepcopy(net)
+    parametrize.register_parametrization(net[2], "weight", Neg())
+    with torch.no_grad():
+        ref[2].weight.neg_()
+    pwsconv.fuse_standardization(net)
+    lazy = nn.Sequential(LazyPWSConv2d(4, 3))
+    pwsconv.fuse_standardization(lazy)
+    assert lazy(x).shape == (2, 4, 4, 4) and type(lazy[0]) is pwsconv.PWSConv2d
+    y, r = net(x), ref(x)
+    torch.testing.assert_close(y, r)
+    y.sum().backward()
+    r.sum().backward()
+    torch.testing.assert_close(net[2].parametrizations.weight.original.grad, -ref[2].weight.grad)
+    torch.testing.assert_close(net[3].weight.grad, ref[3].weight.grad)
+    assert _ACTIVE.get() is None
+
+
+def _small(c_in: int = 3, c: int = 4) -> nn.Module:
+    return nn.Sequential(pwsconv.PWSConv2d(c_in, c, 3, padding=1), nn.ReLU(), pwsconv.PWSConv2d(c, c, 3, padding=1))
+
+
+def _same_values_and_grads(a: nn.Module, b: nn.Module, run_a, run_b) -> None:
+    ya, yb = run_a(), run_b()
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad is None) == (q.grad is None), k
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * p.grad.abs().max().item(), msg=k)
+    assert _ACTIVE.get() is None
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_model_inside_fused_model(recompute, monkeypatch):
+    """A fused submodule inside a fused model, and a fused model that is not a submodule called from the forward:
+    the outer table serves the submodule's layers (nothing computed per layer), the foreign model's layers compute
+    their own; same values and gradients as unfused; the table is gone afterwards."""
+    class Outer(nn.Module):
+        def __init__(self, foreign):
+            super().__init__()
+            self.a, self.b = _small(), _small(4, 3)
+            self.__dict__["foreign"] = foreign      # not registered: not part of the outer model
+
+        def forward(self, x):
+            return self.foreign(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    ref = Outer(_small(3, 3))
+    net = copy.deepcopy(ref)
+    net.__dict__["foreign"] = copy.deepcopy(ref.foreign)
+    for m in (net.a, net, net.foreign):
+        pwsconv.fuse_standardization(m, recompute=recompute)
+    calls = []
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: (calls.append(self), orig(self))[1])
+    x = torch.randn(2, 3, 6, 6)
+    _same_values_and_grads(nn.ModuleList([ref, ref.foreign]), nn.ModuleList([net, net.foreign]),
+                           lambda: ref(x), lambda: net(x))
+    mine = [m for m in calls if any(m is n for n in net.modules())]
+    assert mine == [] and len(calls) >= 2 * 2        # ref's 6 layers, the foreign model's 2 layers per layer
+    foreign_layers = [m for m in net.foreign.modules() if isinstance(m, PWSMixin)]
+    assert all(any(m is c for c in calls) for m in foreign_layers)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def test_exception_in_inner_fused_model_keeps_the_outer_table(monkeypatch):
+    """An inner fused model raising inside the outer forward (caught there): the inner post-hook undoes only its
+    own level; the outer layers still take the fused weights; no table is left after either forward."""
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.c = _small(), pwsconv.PWSConv2d(3, 4, 3)
+
+        def forward(self, x):
+            try:
+                self.inner(x[:, :2])                # wrong channel count: raises inside the inner forward
+            except RuntimeError:
+                pass
+            return self.c(x)
+
+    torch.manual_seed(0)
+    net = Outer()
+    pwsconv.fuse_standardization(net.inner)
+    pwsconv.fuse_standardization(net)
+    calls = []
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: (calls.append(self), orig(self))[1])
+    x = torch.randn(1, 3, 6, 6)
+    net(x).sum().backward()
+    assert calls == [] and _ACTIVE.get() is None and net.c.weight.grad is not None
+    with pytest.raises(RuntimeError):
+        net.inner(x[:, :2])                          # the inner model on its own: its own table, gone after
+    assert _ACTIVE.get() is None
+
+
+def test_two_threads_concurrently_match_sequential_runs():
+    """Two threads in the same fused model at the same time (a barrier inside the forward makes them overlap):
+    each output and its gradients equal those of a sequential run on the same input."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    class Meet(nn.Module):
+        def forward(self, x):
+            if threading.current_thread() is not threading.main_thread():
+                barrier.wait()
+            return x
+
+    torch.manual_seed(0)
+    net = nn.Sequential(pwsconv.PWSConv2d(3, 4, 3), Meet(), pwsconv.PWSConv2d(4, 4, 3))
+    pwsconv.fuse_standardization(net)
+    xs = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)]
+    seq = []
+    for x in xs:
+        y = net(x)
+        seq.append((y.detach(), torch.autograd.grad(y.square().sum(), list(net.parameters()))))
+    out: dict = {}
+
+    def run(i):
+        try:
+            y = net(xs[i])
+            out[i] = (y.detach(), torch.autograd.grad(y.square().sum(), list(net.parameters())))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out[i] = e
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for i in range(2):
+        assert not isinstance(out[i], BaseException), out[i]
+        torch.testing.assert_close(out[i][0], seq[i][0], rtol=0, atol=0)
+        for g, r in zip(out[i][1], seq[i][1]):
+            torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
+    assert _ACTIVE.get() is None
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_reentrant_checkpoint_inside_and_around_a_fused_model(recompute):
+    import torch.utils.checkpoint as cp
+
+    class Ck(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m, self.head = _small(), pwsconv.PWSConv2d(4, 2, 3)
+
+        def forward(self, x):
+            return self.head(cp.checkpoint(self.m, x, use_reentrant=True) if self.ck else self.m(x))
+
+    torch.manual_seed(0)
+    ref = Ck()
+    ref.ck = False
+    net = copy.deepcopy(ref)
+    net.ck = True
+    pwsconv.fuse_standardization(net, recompute=recompute)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    _same_values_and_grads(ref, net, lambda: ref(x), lambda: net(x))
+    whole = copy.deepcopy(ref)
+    pwsconv.fuse_standardization(whole, recompute=recompute)
+    ref.zero_grad()
+    _same_values_and_grads(ref, whole, lambda: ref(x), lambda: cp.checkpoint(whole, x, use_reentrant=True))
+
+
+def test_grad_mode_changes_inside_the_forward_and_eval_with_grad():
+    """no_grad / inference_mode regions inside a fused training forward get weights computed in their own mode;
+    eval mode with gradients is fused (same values and gradients); there only the no_grad region caches."""
+    class G(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = _small()
+
+        def forward(self, x):
+            with torch.no_grad():
+                t = self.m(x)
+            with torch.inference_mode():
+                u = self.m(x)
+            return self.m(x) * t + u.clone()
+
+    torch.manual_seed(0)
+    ref = G()
+    net = copy.deepcopy(ref)
+    pwsconv.fuse_standardization(net)
+    x = torch.randn(2, 3, 6, 6)
+    _same_values_and_grads(ref, net, lambda: ref(x), lambda: net(x))
+    ref.eval()
+    net.eval()
+    ref.zero_grad()
+    net.zero_grad()
+    _same_values_and_grads(ref, net, lambda: ref(x), lambda: net(x))
+    assert all(is_cached(m) for m in net.modules() if isinstance(m, PWSMixin))   # from the no_grad region
+
+
+def test_no_pws_layer_shared_layer_and_tied_weights():
+    """A fused model with no PWS layer runs as usual; a layer shared by two fused models (one inside the other) and
+    two layers sharing one weight (different α) give the unfused values and gradients."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 3, 3))
+    pwsconv.fuse_standardization(plain)
+    plain(torch.randn(1, 3, 5, 5)).sum().backward()
+    assert plain[0].weight.grad is not None and _ACTIVE.get() is None
+
+    s = pwsconv.PWSConv2d(3, 3, 3, padding=1)
+    tied = pwsconv.PWSConv2d(3, 3, 3, padding=1, gamma=0.1)
+    tied.weight = s.weight
+    with torch.no_grad():
+        tied.alpha.uniform_(0.5, 2.0)
+    ref = nn.Sequential(nn.Sequential(s, nn.ReLU()), s, tied)
+    net = copy.deepcopy(ref)
+    assert net[2].weight is net[0][0].weight and net[1] is net[0][0]
+    pwsconv.fuse_standardization(net[0])
+    pwsconv.fuse_standardization(net)
+    x = torch.randn(2, 3, 6, 6)
+    _same_values_and_grads(ref, net, lambda: ref(x), lambda: net(x))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_keyboard_interrupt_in_forward_leaves_a_table_the_next_forward_drops(recompute):
+    """torch skips always-call forward hooks for a KeyboardInterrupt: the table (and recompute's saved-tensor hooks)
+    stay; the model's next forward drops them, is fused again, and leaves nothing behind."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = pwsconv.PWSConv2d(3, 4, 3), pwsconv.PWSConv2d(4, 4, 3)
+            self.stop = False
+
+        def forward(self, x):
+            x = self.a(x)
+            if self.stop:
+                raise KeyboardInterrupt
+            return self.b(x)
+
+    net = Net()
+    ref = copy.deepcopy(net)
+    pwsconv.fuse_standardization(net, recompute=recompute)
+    x = torch.randn(2, 3, 9, 9)
+    net.stop = True
+    with pytest.raises(KeyboardInterrupt):
+        net(x)
+    assert _ACTIVE.get() is not None            # what the interrupted forward left
+    net.stop = False
+    out = net(x)
+    assert _ACTIVE.get() is None
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    out.sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(net.a.weight.grad, ref.a.weight.grad)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None   # no saved-tensor hooks left

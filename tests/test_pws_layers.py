@@ -624,6 +624,21 @@ def test_cache_sees_data_reassignment_even_at_a_reused_address():
             torch.testing.assert_close(layer(x), expected(layer, x))
 
 
+
+def test_cache_sees_data_reassignment_when_the_freed_block_is_handed_back():
+    """``weight.data = t`` twice between two forwards: the first frees the cached storage, the second gets that very
+    block from the allocator (same id, version and address). The cache must keep the old storage alive so that no
+    new tensor can sit at its address (a stale weight otherwise)."""
+    torch.manual_seed(0)
+    layer = PWSConv2d(64, 64, 3).eval()      # 147 KB: the CPU allocator hands a freed block of that size back
+    x = torch.randn(1, 64, 5, 5)
+    with torch.no_grad():
+        for _ in range(8):
+            layer(x)
+            layer.weight.data = torch.zeros(1)
+            layer.weight.data = torch.randn(64, 64, 3, 3)
+            torch.testing.assert_close(layer(x), layer.to_plain()(x), rtol=0, atol=0)
+
 def test_parameters_made_in_inference_mode_and_parametrized_bias():
     from torch.nn.utils import parametrize
 
@@ -642,6 +657,30 @@ def test_parameters_made_in_inference_mode_and_parametrized_bias():
     x = torch.randn(1, 3, 6, 6)
     torch.testing.assert_close(layer(x), F.conv2d(x, layer.standardized_weight(), 2 * layer.parametrizations.bias.original))
 
+
+
+def test_cache_then_parameters_replaced_by_inference_tensors():
+    """A cached layer whose parameters are then replaced by inference tensors (``load_state_dict(..., assign=True)``
+    of a state made under ``torch.inference_mode``): no version counter to compare, the cache misses instead of
+    raising, and the weight is computed from the new tensors (in and outside inference mode)."""
+    torch.manual_seed(0)
+    layer = PWSConv2d(3, 4, 3).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        layer(x)
+    assert is_cached(layer)
+    with torch.inference_mode():
+        state = {k: v.clone() * 2 if k == "weight" else v.clone() for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state, assign=True)
+        assert layer.weight.is_inference()
+        torch.testing.assert_close(layer(x), expected(layer, x))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected(layer, x))
+    layer.train()
+    net = nn.Sequential(layer)
+    pwsconv.fuse_standardization(net)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), expected(layer, x))
 
 def test_cache_load_state_dict_in_eval(counted):
     layer, calls, x = counted

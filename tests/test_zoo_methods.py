@@ -417,3 +417,94 @@ def test_docs_table_lists_every_method():
     for name in METHODS:
         assert f"| `{name}` |" in text, f"docs/methods.md misses {name}: regenerate it from pwsconv.methods.methods_table()"
         assert f"| `{name}` |" in table
+
+
+# ---------------------------------------------------------------------------------------------- review: caching
+REPARAM_CLASSES = [WSConv2d, SWSConv2d, WNConv2d, CenConv2d, pwsconv.PWSConv2d]
+
+
+@pytest.mark.parametrize("cls", REPARAM_CLASSES, ids=lambda c: c.__name__)
+def test_parametrized_weight_forward_to_and_fold(cls):
+    """``nn.utils.parametrize`` on ``weight`` (no ``weight`` in ``_parameters`` any more): the layer applies its
+    reparameterization to the parametrized weight, in eval too (never a stale cached value), and ``.to()`` works."""
+    from torch.nn.utils import parametrize
+
+    class Neg(nn.Module):
+        def forward(self, w):
+            return -w
+
+    torch.manual_seed(0)
+    layer = cls(3, 4, 3)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.neg_()
+    parametrize.register_parametrization(layer, "weight", Neg())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(layer(x), twin(x))
+    layer.eval()
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), twin(x))
+        layer.parametrizations.weight.original.mul_(2)
+        twin.weight.mul_(2)
+        torch.testing.assert_close(layer(x), twin(x))
+        torch.testing.assert_close(layer.to_plain()(x), twin(x))
+    layer.double()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), twin.double()(x.double()))
+
+
+@pytest.mark.parametrize("cls,settings", [
+    (WSConv2d, {"eps": 0.5, "original_std": True}),
+    (SWSConv2d, {"eps": 2.0, "floor": True, "gamma_act": 3.0}),
+    (WNConv2d, {}),
+    (CenConv2d, {}),
+], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_zoo_eval_cache_settings_inplace_and_load(cls, settings, monkeypatch):
+    """The eval cache of WS/SWS/WN/CenConv: computed once per state; assigning a setting, an in-place change of
+    any parameter the weight is computed from, reset_parameters() and load_state_dict() all drop it."""
+    torch.manual_seed(0)
+    layer = cls(3, 4, 3).eval()
+    calls = []
+    orig = layer.compute_weight
+    monkeypatch.setattr(layer, "compute_weight", lambda: (calls.append(1), orig())[1])
+    x = torch.randn(2, 3, 6, 6)
+
+    def check():
+        torch.testing.assert_close(layer(x), F.conv2d(x, orig(), layer.bias), rtol=0, atol=0)
+
+    with torch.no_grad():
+        check()
+        check()
+        assert len(calls) == 1 and pwsconv.accel.is_cached(layer)
+        for k, v in settings.items():
+            setattr(layer, k, v)
+            assert not pwsconv.accel.is_cached(layer), k
+            check()
+        assert all(getattr(layer, k) == v for k, v in settings.items())
+        for name in layer.weight_params:
+            p = getattr(layer, name)
+            if p is not None:
+                p.mul_(0.5)
+                check()
+        n = len(calls)
+        layer.reset_parameters()
+        check()
+        other = cls(3, 4, 3)
+        for p in other.parameters():
+            p.normal_()
+        layer.load_state_dict(other.state_dict())
+        check()
+        assert len(calls) == n + 2
+        layer.requires_grad_(False)
+        check()
+        assert len(calls) == n + 2     # frozen: still the cached weight
+
+
+def test_sws_settings_are_validated_on_assignment():
+    layer = SWSConv2d(3, 4, 3)
+    for name, bad in (("gamma_act", 0.0), ("gamma_act", float("nan")), ("eps", -1.0)):
+        with pytest.raises(ValueError, match=name):
+            setattr(layer, name, bad)
+    layer.gamma_act = 1.0
+    assert layer.gamma_act == 1.0

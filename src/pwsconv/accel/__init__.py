@@ -36,8 +36,11 @@ def weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
     # unrolled for the two parameters a weight is computed from (the raw weight and α / g / gain): this runs once per
     # layer and forward, and at small batch its Python operations are a measurable part of a step
     params, names = layer._parameters, layer.weight_params
-    w = params[names[0]]
-    a = params[names[1]] if len(names) == 2 else None
+    try:
+        w = params[names[0]]
+        a = params[names[1]] if len(names) == 2 else None
+    except KeyError:   # a parametrized weight (nn.utils.parametrize): computed every time, no cache, no fusion
+        return layer.compute_weight(), layer.compute_bias()
     if _ACTIVE.get() is not None:
         hit = fused_slot(layer, w, a)
         if hit is not None:

@@ -50,8 +50,13 @@ def cached_weight(layer: Any, w: Tensor, a: Tensor | None) -> Tensor:
     if w.is_inference() or (a is not None and a.is_inference()):
         return out   # made under inference_mode: no version counter to key a cache on
     _watch_optimizer_steps()
+    # the cache holds the tensors (their ids cannot be reused while it lives) and detached views of them, which keep
+    # their storage alive: after ``weight.data = other`` the old block cannot be handed to a new tensor at the same
+    # address, so the address check cannot be fooled. (An inference tensor put in place of a cached one fails the
+    # identity test before its missing version counter is read.)
     layer.__dict__["_accel_cache"] = (w, w._version, w.data_ptr(), a, None if a is None else a._version,
-                                      None if a is None else a.data_ptr(), _STEPS[0], out)
+                                      None if a is None else a.data_ptr(), _STEPS[0], out, w.detach(),
+                                      None if a is None else a.detach())
     return out
 
 

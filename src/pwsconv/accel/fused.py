@@ -197,10 +197,16 @@ def needs_fresh(layer: Any, w: Tensor, a: Tensor | None = None) -> bool:
 class _Forward:
     """One fused forward: the weights made by its pre-hook, per layer, and what the post-hook must undo."""
 
-    __slots__ = ("owner", "grad", "slots", "depth", "token", "hooks")
+    __slots__ = ("owner", "grad", "slots", "depth", "hooks")
 
     def __init__(self, owner: Any, grad: bool) -> None:
-        self.owner, self.grad, self.slots, self.depth, self.token, self.hooks = owner, grad, {}, 0, None, None
+        self.owner, self.grad, self.slots, self.depth, self.hooks = owner, grad, {}, 0, None
+
+    def close(self) -> None:
+        if self.hooks is not None:
+            self.hooks.close()
+            self.hooks = None
+        _ACTIVE.set(None)
 
 
 #: the fused forward running in this thread / context, if any
@@ -310,9 +316,14 @@ class _FusePre:
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         fwd = _ACTIVE.get()
-        if fwd is not None:     # inside another fused forward (or this model calling itself): its table stays
-            fwd.depth += 1
-            return
+        if fwd is not None:
+            if fwd.owner is not self:   # inside another fused model's forward: its table serves these layers too
+                fwd.depth += 1
+                return
+            # this model's own table is still there: its forward was interrupted (KeyboardInterrupt skips torch's
+            # always-call hooks) or it calls itself; the old table is dropped (the outer call's layers then compute
+            # their own weights: the same values)
+            fwd.close()
         grad = torch.is_grad_enabled()
         if torch.compiler.is_compiling() or not (module.training or grad):
             return
@@ -339,20 +350,17 @@ class _FusePre:
         if self.recompute and grad:
             fwd.hooks = _RecomputeHooks({id(o): (o, _Recompute(w, a, g, gn))
                                          for o, w, a, g, gn in zip(outs, ws, als, gammas, gains)})
-        fwd.token = _ACTIVE.set(fwd)
+        _ACTIVE.set(fwd)
 
-
-def _fuse_post(module: nn.Module, args: Any, output: Any) -> None:
-    """Forward hook (always called, also on an exception): the table made by this forward's pre-hook dies."""
-    fwd = _ACTIVE.get()
-    if fwd is None:
-        return
-    if fwd.depth:
-        fwd.depth -= 1
-        return
-    if fwd.hooks is not None:
-        fwd.hooks.close()
-    _ACTIVE.reset(fwd.token)
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook (always called, also on an exception): the table made by this model's pre-hook dies."""
+        fwd = _ACTIVE.get()
+        if fwd is None:
+            return
+        if fwd.owner is self:
+            fwd.close()
+        elif fwd.depth:
+            fwd.depth -= 1
 
 
 class FuseHandle:
@@ -360,8 +368,7 @@ class FuseHandle:
 
     def __init__(self, model: nn.Module, pre: _FusePre) -> None:
         self._model, self._pre = model, pre
-        self._handles = (model.register_forward_pre_hook(pre), model.register_forward_hook(_fuse_post,
-                                                                                          always_call=True))
+        self._handles = (model.register_forward_pre_hook(pre), model.register_forward_hook(pre.post, always_call=True))
         self.active = True
 
     @property
@@ -391,7 +398,9 @@ def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> FuseHa
     (the same native op, so the same values): one weight-sized tensor less per layer during a step, at the cost of
     one more standardization per layer in backward. It works through saved-tensor hooks during the model's forward;
     hooks active outside the model (``torch.autograd.graph.save_on_cpu``, memory probes) still receive every other
-    tensor. It saves memory for convolutions; ``PWSLinear`` keeps its α·Ŵ (``addmm`` saves a transposed view).
+    tensor. It saves memory for convolutions; ``PWSLinear`` keeps its α·Ŵ (``addmm`` saves a transposed view). A
+    ``KeyboardInterrupt`` inside the forward skips torch's forward hooks: the table (and with ``recompute`` the
+    saved-tensor hooks) stay until the model's next forward drops them.
 
     Safe by construction: a layer uses the pre-computed weight only during the forward of ``model`` that made it, in
     the same thread, the same grad mode and only while its ``weight``/``alpha`` are the same tensors at the same

@@ -101,10 +101,15 @@ class ReparamMixin:
         self._ready = True
         self.reset_parameters()
 
+    def _raw_weight(self) -> Tensor:
+        """The ``weight`` parameter (through the property when ``nn.utils.parametrize`` has taken it over)."""
+        p = self._parameters   # type: ignore[attr-defined]
+        return p["weight"] if "weight" in p else self.weight
+
     @property
     def filter_size(self) -> int:
         """n_l: the number of weights in one filter (in_channels/groups × kernel elements; in_features for linear)."""
-        w = self._parameters["weight"]   # type: ignore[attr-defined]
+        w = self._raw_weight()
         if not self._transposed_layout:
             return w.numel() // w.shape[0]
         return (w.shape[0] // self.groups) * math.prod(w.shape[2:])   # type: ignore[attr-defined]
@@ -149,7 +154,7 @@ class ReparamMixin:
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): the new tensors' dtype and layout
         accel.clear_cache(self)
         out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
-        if self._ready and self._parameters["weight"].dtype.is_complex:  # type: ignore[attr-defined]
+        if self._ready and self._raw_weight().dtype.is_complex:
             raise TypeError(f"{type(self).__name__}: complex dtypes are not supported; use a real floating dtype")
         self._update_layout()
         return out

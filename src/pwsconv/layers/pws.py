@@ -82,7 +82,7 @@ class PWSMixin(ReparamMixin):
         """The n of sqrt(2/n) and of the He init: ``filter_size`` for fan_in, out_channels/groups × kernel for fan_out."""
         if self._fan_mode == "fan_in":
             return self.filter_size
-        w = self._parameters["weight"]
+        w = self._raw_weight()
         out_per_group = w.shape[1] if self._transposed_layout else w.shape[0] // getattr(self, "groups", 1)
         return out_per_group * math.prod(w.shape[2:])
 
@@ -136,8 +136,11 @@ class PWSMixin(ReparamMixin):
 
     def fused_args(self) -> tuple | None:
         """(W, α, γ, gain, λ, β) for :func:`pwsconv.fuse_standardization`, or ``None`` when the fused node cannot
-        standardize this layer (transposed layout, low precision, non-contiguous, α data-init still to run)."""
+        standardize this layer (transposed layout, low precision, non-contiguous, α data-init still to run, a lazy
+        layer before its first input, a weight taken over by ``nn.utils.parametrize``)."""
         p = self._parameters
+        if "weight" not in p or "alpha" not in p:
+            return None
         w, a = p["weight"], p["alpha"]
         if self._transposed_layout or w.dtype not in _FUSE_DTYPES or not w.is_contiguous() or w.is_inference() \
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \

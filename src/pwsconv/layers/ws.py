@@ -75,6 +75,13 @@ def _check_eps(eps: float, name: str) -> float:
     return e
 
 
+def _check_gamma_act(value: float, name: str) -> float:
+    ga = float(value)
+    if not math.isfinite(ga) or ga <= 0:
+        raise ValueError(f"{name}: gamma_act must be a finite number > 0, got {value!r}")
+    return ga
+
+
 # --------------------------------------------------------------------------------------------------------- WS
 class _WSConvNd(ReparamConvNd):
     eps = setting("_eps", lambda v: _check_eps(v, "WSConv"), "ε inside the root (validated on assignment).")
@@ -121,16 +128,14 @@ class _SWSMixin:
     no_weight_decay_params = ("gain",)
     weight_params = ("weight", "gain")
     gain: nn.Parameter | None
-    gamma_act = setting("_gamma_act", float, "γ_act, the activation's gain (sqrt(2) for ReLU).")
-    eps = setting("_eps", float, "ε of sqrt(n·Var + ε).")
+    gamma_act = setting("_gamma_act", lambda v: _check_gamma_act(v, "SWS"),
+                        "γ_act, the activation's gain (sqrt(2) for ReLU; validated on assignment).")
+    eps = setting("_eps", lambda v: _check_eps(v, "SWS"), "ε of sqrt(n·Var + ε) (validated on assignment).")
     floor = setting("_floor", bool, "DeepMind's sqrt(max(n·Var, ε)) instead of sqrt(n·Var + ε).")
 
     def _sws_setup(self, gamma_act: float, eps: float, floor: bool, use_gain: bool) -> None:
         name = type(self).__name__
-        ga = float(gamma_act)
-        if not math.isfinite(ga) or ga <= 0:
-            raise ValueError(f"{name}: gamma_act must be a finite number > 0, got {gamma_act!r}")
-        self.gamma_act = ga
+        self.gamma_act = _check_gamma_act(gamma_act, name)
         self.eps = _check_eps(eps, name)
         self.floor = bool(floor)
         if self.floor and self.eps <= 0:
