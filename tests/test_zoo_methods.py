@@ -508,3 +508,24 @@ def test_sws_settings_are_validated_on_assignment():
             setattr(layer, name, bad)
     layer.gamma_act = 1.0
     assert layer.gamma_act == 1.0
+
+
+@pytest.mark.parametrize("cls", [WNConv2d, SWSConv2d, pwsconv.PWSConv2d])
+def test_plain_conv_state_dict_loads_strictly_with_own_parameters_at_init(cls):
+    """A plain nn.Conv2d state_dict loads strictly into every reparameterized twin; α / g / gain take their initial
+    value 1, and a state that has them keeps them (a missing data-init flag alone resets nothing)."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(3, 4, 3)
+    layer = cls(3, 4, 3)
+    extra = next(n for n in ("alpha", "g", "gain") if getattr(layer, n, None) is not None)
+    with torch.no_grad():
+        getattr(layer, extra).fill_(3.0)
+    layer.load_state_dict(plain.state_dict(), strict=True)
+    assert torch.equal(layer.weight, plain.weight) and torch.all(getattr(layer, extra) == 1.0)
+    if cls is pwsconv.PWSConv2d:
+        src = pwsconv.PWSConv2d(3, 4, 3)
+        with torch.no_grad():
+            src.alpha.fill_(2.0)
+        dst = pwsconv.PWSConv2d(3, 4, 3, data_init_alpha=True)
+        dst.load_state_dict(src.state_dict(), strict=True)   # no alpha_initialized in the state: α kept
+        assert torch.all(dst.alpha == 2.0) and not bool(dst.alpha_initialized)

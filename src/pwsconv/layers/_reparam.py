@@ -159,6 +159,23 @@ class ReparamMixin:
         self._update_layout()
         return out
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A plain torch layer's state_dict (``weight``, ``bias``) loads strictly into its twin: the layer's own
+        parameters and buffers (α, g, gain, data-init flags) missing from it take their initial values."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,  # type: ignore[misc]
+                                      missing_keys, unexpected_keys, error_msgs)
+        if prefix + "weight" not in state_dict:
+            return
+        params = {prefix + n for n, p in self._parameters.items() if n not in ("weight", "bias") and p is not None}
+        own = params | {prefix + n for n in self._buffers}  # type: ignore[attr-defined]
+        missing = [k for k in missing_keys if k in own]
+        for k in missing:
+            missing_keys.remove(k)
+        if params and params <= set(missing):   # none of the layer's own parameters given: all at their init
+            self._reset_extra()
+        accel.clear_cache(self)
+
     def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
         state = super().__getstate__()  # type: ignore[misc]
         state.pop("_accel_cache", None)

@@ -165,22 +165,7 @@ class PWSMixin(ReparamMixin):
                 self.alpha.mul_(torch.sqrt(2.0 / var).to(self.alpha.dtype))
             self.alpha_initialized.fill_(True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """A plain torch layer's state_dict (no ``alpha``) loads strictly into its PWS twin: α defaults to 1."""
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,  # type: ignore[misc]
-                                      missing_keys, unexpected_keys, error_msgs)
-        if prefix + "weight" in state_dict:
-            for key in ("alpha", "alpha_initialized"):
-                if prefix + key in missing_keys:
-                    missing_keys.remove(prefix + key)
-                    if key == "alpha" and self.alpha is not None:
-                        with torch.no_grad():
-                            self.alpha.fill_(1.0)
-
-    def standardized_weight(self) -> Tensor:
-        """α·Ŵ as the layer applies it: the same as :meth:`reparam_weight` (the name of earlier releases)."""
-        return self.reparam_weight()
+    standardized_weight = ReparamMixin.reparam_weight   # α·Ŵ as the layer applies it (the name of earlier releases)
 
     def extra_repr(self) -> str:  # type: ignore[override]
         s = super().extra_repr()  # type: ignore[misc]
