@@ -26,6 +26,8 @@ def load_package(name: str, path: Path):
     init = path / "__init__.py"
     if not init.is_file():
         raise SystemExit(f"error: {path} is not a package directory (no __init__.py)")
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]   # a package loaded under this name before (in this process): its submodules too
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(path)])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod

@@ -46,3 +46,12 @@ def test_ab_before_after_runs_and_rejects_a_non_package(tmp_path):
     assert {"bn", "pws before", "pws after", "pws after (recompute)"} <= set(row)
     with pytest.raises(SystemExit, match="not a package"):
         ab.main(["--before", str(tmp_path), "--out", str(out)])
+
+
+def test_ab_eval_before_after_runs(tmp_path):
+    ab = _script("ab_eval_before_after")
+    out = tmp_path / "eval.json"
+    assert ab.main(["--before", str(ROOT / "src" / "pwsconv"), "--models", "tiny_cnn", "--batch-sizes", "2",
+                    "--repeats", "1", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert {"pws before", "pws after", "pws folded"} <= set(row) and row["none_ms"] > 0
