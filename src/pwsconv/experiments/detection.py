@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 from ..train.checkpoint import atomic_write_text
 from .det_table import DET_PRESETS, DetPreset, DetRunSpec, DetTable, md
-from .paper import ReproduceError
+from .table import PRESETS
+from .paper import ReproduceError, pick
 from .sweep import write_rows
 from .tables import DET_TABLES
 from .tables.coco_table3 import PAPER as PAPER_TABLE3
@@ -105,11 +106,7 @@ def _rank0_first(make: Callable[[], dict[str, Any]], out_dir: str) -> dict[str, 
 
 
 def _det_table(name: str, preset: str) -> DetTable:
-    if name not in DET_TABLES:
-        raise ReproduceError(f"unknown experiment {name!r}; choose one of {', '.join(EXTRA_EXPERIMENTS)}")
-    if preset not in DET_PRESETS:
-        raise ReproduceError(f"unknown preset {preset!r}; choose cpu, full or smoke")
-    return DET_TABLES[name]
+    return pick(DET_TABLES, name, preset, [p for p in PRESETS if p in DET_PRESETS], EXTRA_EXPERIMENTS)
 
 
 def _check_full(table: DetTable, data_root: str | None, weights: str | None) -> None:

@@ -94,12 +94,17 @@ def _seed_list(seeds: int | Sequence[int] | None, default: int) -> list[int]:
     return out
 
 
+def pick(tables: dict[str, Any], name: str, preset: str, presets: Sequence[str], choices: Sequence[str]) -> Any:
+    """``tables[name]``, or a one-line :class:`ReproduceError` for an unknown table or preset."""
+    if name not in tables:
+        raise ReproduceError(f"unknown experiment {name!r}; choose one of {', '.join(choices)}")
+    if preset not in presets:
+        raise ReproduceError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    return tables[name]
+
+
 def _table(name: str, preset: str) -> Table:
-    if name not in TABLES:
-        raise ReproduceError(f"unknown experiment {name!r}; choose one of {', '.join(TABLES)}")
-    if preset not in PRESETS:
-        raise ReproduceError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return TABLES[name]
+    return pick(TABLES, name, preset, PRESETS, list(TABLES))
 
 
 def build_runs(name: str, preset: str = "cpu", seeds: int | Sequence[int] | None = None,
