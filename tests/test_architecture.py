@@ -76,6 +76,7 @@ def test_nothing_imports_the_cli_and_the_engine_names_no_method():
                and not (n.value.startswith("\n") or " " in n.value)}      # names, not docstrings or messages
     assert not strings & {"pws", "bn", "gn", "mabn", "sn", "wn", "ws", "sws"}
     assert "fuse_standardization" not in code and "layers" not in _imports(ROOT / "train" / "engine.py")
+    assert "fuse_pws" not in code and "pws_recompute" not in code   # passed by the fields' declarations
 
 
 def test_the_pws_layer_file_is_short_and_shows_eq_12():

@@ -41,3 +41,11 @@ def test_fields_with_rejects_an_unknown_role():
     with pytest.raises(ValueError, match="unknown field role"):
         fields_with("speed")
     assert fields_with() == frozenset()
+
+
+def test_prepare_options_come_from_field_metadata():
+    """The engine passes the method's preparation options by the fields' declarations, not by their names."""
+    from pwsconv.config import TrainConfig, prepare_options
+
+    assert prepare_options(TrainConfig()) == {"fuse": True, "recompute": False}
+    assert prepare_options(TrainConfig(fuse_pws=False, pws_recompute=True)) == {"fuse": False, "recompute": True}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "apply_overrides", "parse_value",
-           "check_method_opts", "fields_with", "FIELD_ROLES", "RESUME_MUTABLE_FIELDS", "SEED_LIMIT"]
+           "check_method_opts", "fields_with", "prepare_options", "FIELD_ROLES", "RESUME_MUTABLE_FIELDS", "SEED_LIMIT"]
 
 
 class ConfigError(ValueError):
@@ -41,8 +41,10 @@ def _length(default: Any) -> Any:
     return field(default=default, metadata={"role": "length"})
 
 
-def _cosmetic(default: Any) -> Any:
-    return field(default=default, metadata={"role": "cosmetic"})
+def _cosmetic(default: Any, *, prepare: str | None = None) -> Any:
+    """A field that does not change what a run computes; ``prepare``: the keyword of
+    :func:`pwsconv.methods.prepare_for_training` it is passed as (see :func:`prepare_options`)."""
+    return field(default=default, metadata={"role": "cosmetic", **({"prepare": prepare} if prepare else {})})
 
 
 @dataclass
@@ -82,8 +84,8 @@ class TrainConfig:
     deterministic: bool = _identity(False)              # torch.use_deterministic_algorithms(True) + cudnn deterministic
     amp: str | None = _identity(None)                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
     channels_last: bool = _identity(False)
-    fuse_pws: bool = _cosmetic(True)                    # all PWS layers standardized in one autograd node (same values)
-    pws_recompute: bool = _cosmetic(False)              # with fuse_pws: α·Ŵ rebuilt in backward, not kept (less memory)
+    fuse_pws: bool = _cosmetic(True, prepare="fuse")    # all PWS layers standardized in one autograd node (same values)
+    pws_recompute: bool = _cosmetic(False, prepare="recompute")   # with fuse_pws: α·Ŵ rebuilt in backward (less memory)
     device: str = _cosmetic("auto")                     # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"
     num_threads: int | None = _cosmetic(None)           # torch.set_num_threads for this run (CPU; restored afterwards)
     num_workers: int | None = _cosmetic(None)           # streamed data (imagenet): decoders per training process
@@ -339,6 +341,12 @@ def check_method_opts(method: str, opts: Mapping[str, Any]) -> None:
             spec.norm(64)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"method_opts {dict(opts)}: {' '.join(str(e).split())}") from None
+
+
+def prepare_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The keywords the engine passes to :func:`pwsconv.methods.prepare_for_training`: the fields that declare one
+    (``fuse_pws`` → ``fuse``, ``pws_recompute`` → ``recompute``)."""
+    return {f.metadata["prepare"]: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if "prepare" in f.metadata}
 
 
 def fields_with(*roles: str) -> frozenset[str]:

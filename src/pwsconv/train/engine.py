@@ -307,9 +307,10 @@ def _saved_configs(paths: Mapping[str, str]) -> list[tuple[str, dict[str, Any], 
 
 def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
     """The method's acceleration of a built network before it trains (same values and gradients; BENCHMARKS.md)."""
+    from ..config import prepare_options
     from ..methods import prepare_for_training
 
-    prepare_for_training(model, cfg.method, fuse=cfg.fuse_pws, recompute=cfg.pws_recompute)
+    prepare_for_training(model, cfg.method, **prepare_options(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------- the run
