@@ -41,8 +41,9 @@ def weight_and_bias(layer: Any) -> tuple[Tensor, Tensor | None]:
         a = params[names[1]] if len(names) == 2 else None
     except KeyError:   # a parametrized weight (nn.utils.parametrize): computed every time, no cache, no fusion
         return layer.compute_weight(), layer.compute_bias()
-    if _ACTIVE.get() is not None:
-        hit = fused_slot(layer, w, a)
+    fwd = _ACTIVE.get()
+    if fwd is not None:
+        hit = fused_slot(layer, w, a, fwd)
         if hit is not None:
             return hit
     if layer.training or (_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad))):

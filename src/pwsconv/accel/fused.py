@@ -213,12 +213,14 @@ class _Forward:
 _ACTIVE: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("pwsconv_fused_forward", default=None)
 
 
-def fused_slot(layer: Any, w: Tensor, a: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
-    """(α·Ŵ, β) computed for ``layer`` by the running fused forward, if it made them for these very tensors (same
-    objects, same versions) and the grad mode has not changed since; else ``None``."""
-    fwd = _ACTIVE.get()
+def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
+               fwd: _Forward | None = None) -> tuple[Tensor, Tensor | None] | None:
+    """(α·Ŵ, β) computed for ``layer`` by the running fused forward (``fwd``, default: the active one), if it made
+    them for these very tensors (same objects, same versions) and the grad mode has not changed since; else ``None``."""
     if fwd is None:
-        return None
+        fwd = _ACTIVE.get()
+        if fwd is None:
+            return None
     s = fwd.slots.get(id(layer))
     if s is None or s[0] is not w or s[1] != w._version or s[2] is not a or fwd.grad != torch.is_grad_enabled() \
             or (a is not None and s[3] != a._version):
