@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -110,3 +111,135 @@ def test_gpu_bench_dry(tmp_path, monkeypatch):
     assert set(res["meta"]["phases"]) == {"build", "rounds", "engine"}     # compile is off in --dry
     md = (out / "gpu_bench.md").read_text()
     assert "| PWS fused / BN |" in md and "## Engine" in md and "## Inference" in md
+
+
+# ------------------------------------------------------------------------------------------- sweeps: shards, jobs
+def _results(out: Path) -> dict[str, tuple]:
+    rows = {}
+    for p in sorted(out.glob("*/result.json")):
+        r = json.loads(p.read_text())
+        rows[p.parent.name] = (r["status"], r["step"], r["metrics"]["train_loss"], r["metrics"]["test_loss"],
+                               r["metrics"]["test_acc"])
+    return rows
+
+
+def test_three_shard_processes_give_one_process_results(tmp_path):
+    import os
+    import subprocess
+
+    from pwsconv.experiments.paper import reproduce
+
+    one = tmp_path / "one"
+    info = reproduce("table4", "smoke", out_dir=one, plots=False, log=None)
+    assert info["n_runs"] == 8
+    shared = tmp_path / "shared"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-m", "pwsconv", "reproduce", "table4", "--preset", "smoke", "--out",
+                               str(shared), "--shard", f"{i}/3"] + (["--jobs", "2"] if i == 0 else []),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    assert _results(shared) == _results(one) and len(_results(one)) == 8
+    # the shard that found every run finished wrote the tables, the same as the single process's
+    assert (shared / "results.csv").is_file() and (shared / "results.md").is_file()
+    strip = lambda t: [ln.split(",")[:6] for ln in t.splitlines()]   # noqa: E731 (out_dir/wall time differ)
+    assert strip((shared / "summary.csv").read_text()) == strip((one / "summary.csv").read_text())
+
+
+def test_shard_and_jobs_are_checked(capsys):
+    from pwsconv.cli import main
+    from pwsconv.experiments.sweep import RunSpec, SweepError, parse_shard, shard_of
+
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(SweepError, match="i/N"):
+            parse_shard(bad)
+    runs = [RunSpec(str(i), TrainConfig()) for i in range(7)]
+    parts = [shard_of(runs, (i, 3)) for i in range(3)]
+    assert sorted(r.name for p in parts for r in p) == [r.name for r in runs] and [len(p) for p in parts] == [3, 2, 2]
+    assert main(["reproduce", "table4", "--preset", "smoke", "--shard", "3/3", "--dry-run"]) == 2
+    assert main(["reproduce", "table4", "--preset", "smoke", "--jobs", "0", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--shard must be i/N" in err[0] and "--jobs must be ≥ 1" in err[1]
+
+
+def test_full_dry_run_estimates_from_measured_throughput(monkeypatch):
+    """The full preset has no rates measured in advance: the dry run measures each (model, method) step here (the
+    measurement itself is pwsconv.experiments.speed.train_step_rates, stubbed to known rates for speed)."""
+    import pwsconv.experiments.speed as speed
+    from pwsconv.experiments import paper
+
+    asked = []
+
+    def rates(model, methods, batch, **kw):
+        asked.append((model, tuple(methods), batch, kw["image_size"], kw["in_channels"], kw["device"]))
+        return {m: {"ms": 1.0, "images_per_s": 1000.0 * (2 if model == "resnet20" else 1), "ratio_to_first": 1.0}
+                for m in methods}
+
+    monkeypatch.setattr(speed, "train_step_rates", rates)
+    info = paper.reproduce("table4", "full", dry_run=True, log=None)
+    assert {(m, b, s, c) for m, _, b, s, c, _ in asked} == {("convpool_cnn_c", 128, 32, 3), ("resnet20", 128, 32, 3)}
+    assert all(set(ms) == {"none", "bn", "gn", "sn", "wn", "pws"} for _, ms, *_ in asked)
+    eff = paper._GPU_EFFICIENCY if asked[0][-1] == "cuda" else paper._ENGINE_EFFICIENCY
+    per_run = {r: (390 * 200 * 128 + 10000 * 200 / 3) / (1000.0 * k * eff) + 1.0
+               for r, k in (("convpool_cnn_c", 1), ("resnet20", 2))}
+    assert info["estimated_seconds"] == pytest.approx(12 * per_run["convpool_cnn_c"] + 12 * per_run["resnet20"])
+    assert len(info["measured_rates"]) == 12
+
+
+# ------------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.parametrize("gamma", [1e-3, "auto"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_pws_trains_with_eager_values_and_no_graph_break(gamma, fuse):
+    """torch.compile of a PWS ResNet (paper γ or "auto", fused or per layer): the same losses and weights as eager
+    after a few SGD steps, in one graph. ``aot_eager`` runs dynamo's capture and AOT autograd (where graph breaks and
+    wrong gradients come from) without the C++ compile of inductor."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pwsconv.convert import param_groups
+    from pwsconv.methods import prepare_for_training
+    from pwsconv.models import build_model
+    from pwsconv.train.step import train_step
+
+    torch.manual_seed(0)   # a residual net: convs of three sizes, a strided 1×1 shortcut, the classifier
+    eager = build_model("resnet_cifar_small", "pws", method_opts={"gamma": gamma}, width=0.25)
+    compiled = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    losses = {}
+    torch._dynamo.reset()
+    counters.clear()
+    for name, net in (("eager", eager), ("compiled", compiled)):
+        net.train()
+        prepare_for_training(net, "pws", fuse=fuse)
+        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+        model = torch.compile(net, backend="aot_eager") if name == "compiled" else net
+        losses[name] = [float(train_step(model, opt, x, y)[0].detach()) for x, y in data]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
+    for (n, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=n)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    explained = torch._dynamo.explain(compiled)(data[0][0])
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_engine_compile_flag(tmp_path, monkeypatch):
+    """``compile: true`` trains the model under torch.compile (here with the aot_eager backend) to eager's values."""
+    calls = []
+    real = torch.compile
+
+    def compile_(model, **kw):
+        calls.append(type(model).__name__)
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    base = dict(model="tiny_cnn", dataset="digits", method="pws", epochs=1, max_steps=5, batch_size=32, lr=0.05,
+                progress=False, num_threads=1)
+    a = train(TrainConfig(**base, out_dir=str(tmp_path / "eager")))
+    b = train(TrainConfig(**base, compile=True, out_dir=str(tmp_path / "compiled")))
+    assert calls == ["TinyCNN"] and b.status == "ok"
+    assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-5)
+    assert b.metrics["test_acc"] == a.metrics["test_acc"]

@@ -104,9 +104,11 @@ def train_step_fn(net: nn.Module, x: Any, y: Any, lr: float = 1e-3,
 def train_step_rates(model: str, methods: Sequence[str], batch_size: int, *, model_opts: Mapping[str, Any] | None = None,
                      method_opts: Mapping[str, Mapping[str, Any]] | None = None, image_size: int = 32,
                      in_channels: int = 3, num_classes: int = 10, repeats: int = 10, warmup: int = 2,
-                     device: str = "cpu", seed: int = 0) -> dict[str, dict[str, float]]:
+                     device: str = "cpu", seed: int = 0, amp: str | None = None,
+                     channels_last: bool = False) -> dict[str, dict[str, float]]:
     """Training images/s of ``model`` with each normalization method, measured interleaved in this process on random
-    inputs (forward + backward + SGD step). Returns ``{method: {"ms", "images_per_s", "ratio_to_first"}}``."""
+    inputs (forward + backward + SGD step; under autocast to ``amp`` = "bf16"/"fp16" if given, channels-last memory
+    format if asked). Returns ``{method: {"ms", "images_per_s", "ratio_to_first"}}``."""
     from ..models import build_model
 
     if batch_size < 1:
@@ -115,12 +117,15 @@ def train_step_rates(model: str, methods: Sequence[str], batch_size: int, *, mod
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, in_channels, image_size, image_size, generator=g).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     fns = {}
     for m in methods:
         torch.manual_seed(seed)
         net = build_model(model, m, num_classes=num_classes, in_channels=in_channels, **dict(model_opts or {}),
-                          method_opts=dict((method_opts or {}).get(m, {}))).to(dev)
-        fns[m] = train_step_fn(net, x, y)
+                          method_opts=dict((method_opts or {}).get(m, {}))).to(dev).to(memory_format=fmt)
+        fns[m] = train_step_fn(net, x, y, amp=dtype)
     t = timed_interleaved(fns, dev, repeats, warmup)
     first = t[methods[0]]
     return {m: {"ms": s * 1e3, "images_per_s": batch_size / s, "ratio_to_first": s / first} for m, s in t.items()}
