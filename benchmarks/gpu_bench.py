@@ -256,7 +256,8 @@ class Bench:
         self.engine = {"command": "pwsconv " + " ".join(cmd[3:]), "data_root": str(root)}
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(5.0, end - time.time()),
+            p = subprocess.run(cmd, capture_output=True, text=True,
+                               timeout=max(5.0, end - time.time() - (20 if a.estimate else 0)),
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                    [str(Path(pwsconv.__file__).parents[1])] + [
                                        v for v in [os.environ.get("PYTHONPATH")] if v])})
@@ -271,6 +272,20 @@ class Bench:
                                   "images_per_s": r.get("images_per_s"), "test_acc": r.get("test_acc")}
                                  for r in rows]
         self.write()
+        # `pwsconv reproduce table4 --full --dry-run`: the paper's grid estimated from throughput measured here
+        if a.estimate and time.time() + 10 < end:
+            from pwsconv.experiments.paper import reproduce
+
+            t0 = time.time()
+            try:
+                info = reproduce(a.estimate, a.estimate_preset, dry_run=True, log=None)
+                self.engine["estimate"] = {"table": a.estimate, "preset": a.estimate_preset, "runs": info["n_runs"],
+                                           "seconds": info["estimated_seconds"], "took_s": round(time.time() - t0, 1),
+                                           "rates": info.get("measured_rates", {})}
+            except Exception as e:
+                self.engine["estimate"] = {"table": a.estimate, "error": _one_line(e)}
+                _free()
+            self.write()
 
     # ------------------------------------------------------------------ compile: last, behind its own budget
     def compile_cases(self, end: float) -> None:
@@ -455,6 +470,16 @@ def to_markdown(res: dict[str, Any]) -> str:
                            f"{_f(r['test_acc'], 4)} |")
             if eng.get("stderr"):
                 out.append("\nstderr: " + " / ".join(eng["stderr"]))
+        est = eng.get("estimate")
+        if est:
+            out.append("")
+            if "seconds" in est and est["seconds"] is not None:
+                out.append(f"`pwsconv reproduce {est['table']} --preset {est['preset']} --dry-run`: {est['runs']} runs, about "
+                           f"{est['seconds'] / 3600:.2f} h one at a time (estimated in {est['took_s']} s"
+                           + ("; measured: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in est["rates"].items())
+                              if est["rates"] else "") + ")")
+            else:
+                out.append(f"`pwsconv reproduce {est['table']} --dry-run`: {est.get('error', 'no estimate')}")
         out.append("")
     comp = res.get("compile") or {}
     if comp:
@@ -495,7 +520,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-rounds", type=int, default=10_000)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "infer", "table1", "engine", "compile"])
     p.add_argument("--build-cap", type=float, default=None, help="seconds for building and warming every case")
-    p.add_argument("--engine-cap", type=float, default=70.0)
+    p.add_argument("--engine-cap", type=float, default=90.0)
     p.add_argument("--compile-cap", type=float, default=170.0)
     p.add_argument("--compile-estimate", type=float, default=75.0, help="expected compile + warm-up s per case")
     p.add_argument("--compile-cases", type=int, default=2, help="1: BN; 2: + PWS fused; 3: + PWS per layer")
@@ -505,11 +530,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine-args", nargs=argparse.REMAINDER, default=None,
                    help="more `pwsconv train` flags (last on the line)")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--estimate", default="table4",
+                   help="in the engine phase: the dry-run estimate of this table ('' to skip)")
+    p.add_argument("--estimate-preset", default="full")
     a = p.parse_args(argv)
     if a.dry:   # tiny everything; compile off (it needs a C++ compiler and a minute on a CPU)
         defaults = dict(device="cpu", model="resnet_cifar_small", image=16, batch=2, detector="ssd_tiny", det_size=64,
                         det_batch=2, warmup=1, max_rounds=2, infer_inner=1, classes=10, build_cap=60.0,
                         engine_model="tiny_cnn", engine_dataset="digits", engine_epochs=2)
+        a.estimate_preset = "smoke"   # the full preset's models on a CPU: minutes
         if "compile" not in a.skip:
             a.skip.append("compile")
         if a.engine_args is None:

@@ -108,6 +108,7 @@ def test_gpu_bench_dry(tmp_path, monkeypatch):
     assert all(v["ms"] > 0 and v["n"] == 1 for k, v in train_fp32.items() if "error" not in v)
     assert set(res["groups"]["infer bf16+CL"]) == {"BN", "BN folded", "PWS folded", "PWS (eval cache)"}
     assert [r["epoch"] for r in res["engine"]["epochs"]] == [1.0, 2.0] and res["engine"]["rc"] == 0
+    assert res["engine"]["estimate"]["runs"] == 8 and res["engine"]["estimate"]["seconds"] > 0
     assert set(res["meta"]["phases"]) == {"build", "rounds", "engine"}     # compile is off in --dry
     md = (out / "gpu_bench.md").read_text()
     assert "| PWS fused / BN |" in md and "## Engine" in md and "## Inference" in md
