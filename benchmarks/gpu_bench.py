@@ -9,7 +9,9 @@ Phases, each with its own time cap, results written after every phase (and every
    order inside a group rotated every round (``pwsconv.experiments.speed.interleaved_samples``), so drifts in clocks
    and load hit every case of a group alike; medians and quartiles are reported;
 3. **engine**: one ``pwsconv train`` run (CIFAR-10 ResNet-20, bf16 + channels_last, 2 epochs) in a subprocess, the
-   per-epoch times read from its metrics (skipped with a note when the CIFAR-10 files are not found);
+   per-epoch times read from its metrics; then 4 such runs at once (one epoch each: runs sharing the device, as
+   ``reproduce --jobs 4``); then ``reproduce table4 --full --dry-run``'s estimate (throughput measured on the device).
+   Skipped with a note when the CIFAR-10 files are not found (``--data-root``, ``$PWSCONV_DATA``);
 4. **compile** (last, skippable): ``torch.compile`` of BN and PWS ResNet-50 training steps, compile seconds and
    interleaved step times — only started when its estimated cost still fits.
 
@@ -245,40 +247,27 @@ class Bench:
                 self.engine = {"skipped": f"no {a.engine_dataset} data: {_one_line(e)}"}
                 self.notes.append(f"engine phase skipped: {a.engine_dataset} files not found (pass --data-root)")
                 return
-        run_dir = self.out / "engine_run"
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        cmd = [sys.executable, "-m", "pwsconv", "train", "--model", a.engine_model, "--dataset", a.engine_dataset,
-               *(["--data-root", str(root)] if root else []), "--epochs", str(a.engine_epochs), "--out-dir", str(run_dir),
-               "--no-progress", "--device", a.device] + list(a.engine_args)
-        self.engine = {"command": "pwsconv " + " ".join(cmd[3:]), "data_root": str(root)}
-        t0 = time.time()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True,
-                               timeout=max(5.0, end - time.time() - (20 if a.estimate else 0)),
-                               env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                   [str(Path(pwsconv.__file__).parents[1])] + [
-                                       v for v in [os.environ.get("PYTHONPATH")] if v])})
-            self.engine["rc"] = p.returncode
-            if p.returncode:
-                self.engine["stderr"] = p.stderr.strip().splitlines()[-3:]
-        except subprocess.TimeoutExpired:
-            self.engine["rc"] = "timeout"
-        self.engine["wall_s"] = round(time.time() - t0, 2)
-        rows = _read_metrics(run_dir)
-        self.engine["epochs"] = [{"epoch": r.get("epoch"), "epoch_time_s": r.get("epoch_time"),
-                                  "images_per_s": r.get("images_per_s"), "test_acc": r.get("test_acc")}
-                                 for r in rows]
+        args = [*(["--data-root", str(root)] if root else []), "--epochs", str(a.engine_epochs)]
+        self.engine = {"data_root": str(root)}
+        self.engine.update(self._train_procs("engine_run", 1, args, end - time.time() - (20 if a.estimate else 0)))
+        self.engine["command"] = self.engine.pop("commands")[0]
+        self.engine["epochs"] = self.engine.pop("runs")[0]
         self.write()
+        # several runs sharing the device (`reproduce --jobs N`): one epoch each, all started at once
+        if a.engine_jobs > 1 and time.time() + 25 + (20 if a.estimate else 0) < end:
+            shared = self._train_procs("engine_jobs", a.engine_jobs, [*args[:-1], "1"],
+                                       end - time.time() - (20 if a.estimate else 0))
+            self.engine["jobs"] = {"n": a.engine_jobs, "wall_s": shared["wall_s"], "rc": shared["rc"],
+                                   "epoch_time_s": [r[0]["epoch_time_s"] if r else None for r in shared["runs"]],
+                                   **({"stderr": shared["stderr"]} if "stderr" in shared else {})}
+            self.write()
         # `pwsconv reproduce table4 --full --dry-run`: the paper's grid estimated from throughput measured here
         if a.estimate and time.time() + 10 < end:
             from pwsconv.experiments.paper import reproduce
 
             t0 = time.time()
             try:
-                info = reproduce(a.estimate, a.estimate_preset, dry_run=True, log=None)
+                info = reproduce(a.estimate, a.estimate_preset, dry_run=True, log=None, measure=True)
                 self.engine["estimate"] = {"table": a.estimate, "preset": a.estimate_preset, "runs": info["n_runs"],
                                            "seconds": info["estimated_seconds"], "took_s": round(time.time() - t0, 1),
                                            "rates": info.get("measured_rates", {})}
@@ -286,6 +275,43 @@ class Bench:
                 self.engine["estimate"] = {"table": a.estimate, "error": _one_line(e)}
                 _free()
             self.write()
+
+    def _train_procs(self, name: str, n: int, args: list[str], timeout: float) -> dict[str, Any]:
+        """``n`` ``pwsconv train`` processes at once (seeds 0..n-1, ``<out>/<name>/<k>``); their wall time, exit codes
+        and per-epoch rows."""
+        import shutil
+
+        a = self.a
+        base = self.out / name
+        shutil.rmtree(base, ignore_errors=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(pwsconv.__file__).parents[1])] + [v for v in [os.environ.get("PYTHONPATH")] if v])}
+        cmds = [[sys.executable, "-m", "pwsconv", "train", "--model", a.engine_model, "--dataset", a.engine_dataset,
+                 *args, "--seed", str(k), "--out-dir", str(base / str(k)), "--no-progress", "--device", a.device]
+                + list(a.engine_args) for k in range(n)]
+        t0 = time.time()
+        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                 for c in cmds]
+        rcs: list[Any] = []
+        errs: list[str] = []
+        for p in procs:
+            try:
+                _, err = p.communicate(timeout=max(1.0, timeout - (time.time() - t0)))
+                rcs.append(p.returncode)
+                if p.returncode:
+                    errs += err.strip().splitlines()[-2:]
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+                rcs.append("timeout")
+        out: dict[str, Any] = {"commands": ["pwsconv " + " ".join(c[3:]) for c in cmds], "rc": rcs if n > 1 else rcs[0],
+                               "wall_s": round(time.time() - t0, 2)}
+        out["runs"] = [[{"epoch": r.get("epoch"), "epoch_time_s": r.get("epoch_time"),
+                         "images_per_s": r.get("images_per_s"), "test_acc": r.get("test_acc")}
+                        for r in _read_metrics(base / str(k))] for k in range(n)]
+        if errs:
+            out["stderr"] = errs[-4:]
+        return out
 
     # ------------------------------------------------------------------ compile: last, behind its own budget
     def compile_cases(self, end: float) -> None:
@@ -470,6 +496,11 @@ def to_markdown(res: dict[str, Any]) -> str:
                            f"{_f(r['test_acc'], 4)} |")
             if eng.get("stderr"):
                 out.append("\nstderr: " + " / ".join(eng["stderr"]))
+        jobs = eng.get("jobs")
+        if jobs:
+            times = ", ".join(_f(t, 2) for t in jobs["epoch_time_s"])
+            out += ["", f"{jobs['n']} runs at once on the device (one epoch each, as `reproduce --jobs "
+                        f"{jobs['n']}`): {jobs['wall_s']} s wall in all, epoch times {times} s, exit {jobs['rc']}"]
         est = eng.get("estimate")
         if est:
             out.append("")
@@ -527,6 +558,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine-model", default="resnet20")
     p.add_argument("--engine-dataset", default="cifar10")
     p.add_argument("--engine-epochs", type=int, default=2)
+    p.add_argument("--engine-jobs", type=int, default=4, help="then this many 1-epoch runs at once (0: skip)")
     p.add_argument("--engine-args", nargs=argparse.REMAINDER, default=None,
                    help="more `pwsconv train` flags (last on the line)")
     p.add_argument("--data-root", default=None)
@@ -537,7 +569,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if a.dry:   # tiny everything; compile off (it needs a C++ compiler and a minute on a CPU)
         defaults = dict(device="cpu", model="resnet_cifar_small", image=16, batch=2, detector="ssd_tiny", det_size=64,
                         det_batch=2, warmup=1, max_rounds=2, infer_inner=1, classes=10, build_cap=60.0,
-                        engine_model="tiny_cnn", engine_dataset="digits", engine_epochs=2)
+                        engine_model="tiny_cnn", engine_dataset="digits", engine_epochs=2, engine_jobs=2)
         a.estimate_preset = "smoke"   # the full preset's models on a CPU: minutes
         if "compile" not in a.skip:
             a.skip.append("compile")
@@ -550,7 +582,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             a.engine_args = ["--amp", "bf16", "--channels-last"]
     for k, v in defaults.items():
         if k in ("warmup", "max_rounds", "infer_inner", "classes", "det_batch", "engine_model", "engine_dataset",
-                 "engine_epochs"):
+                 "engine_epochs", "engine_jobs"):
             if getattr(a, k) == p.get_default(k):
                 setattr(a, k, v)
         elif getattr(a, k, None) is None:

@@ -101,7 +101,8 @@ def test_gpu_bench_dry(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gpu_bench", bench)    # its dataclasses look their module up
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     out = tmp_path / "gpu"
-    assert bench.main(["--dry", "--out", str(out), "--max-rounds", "1"]) == 0
+    # generous caps: the phases must not be cut short on a loaded test machine (timings are not asserted)
+    assert bench.main(["--dry", "--out", str(out), "--max-rounds", "1", "--budget", "900", "--engine-cap", "600"]) == 0
     res = json.loads((out / "gpu_bench.json").read_text())
     train_fp32 = res["groups"]["train fp32"]
     assert {"plain conv", "BN", "GN", "PWS", "PWS fused", "auto fused"} <= set(train_fp32)
@@ -109,6 +110,7 @@ def test_gpu_bench_dry(tmp_path, monkeypatch):
     assert set(res["groups"]["infer bf16+CL"]) == {"BN", "BN folded", "PWS folded", "PWS (eval cache)"}
     assert [r["epoch"] for r in res["engine"]["epochs"]] == [1.0, 2.0] and res["engine"]["rc"] == 0
     assert res["engine"]["estimate"]["runs"] == 8 and res["engine"]["estimate"]["seconds"] > 0
+    assert res["engine"]["jobs"]["rc"] == [0, 0] and all(t > 0 for t in res["engine"]["jobs"]["epoch_time_s"])
     assert set(res["meta"]["phases"]) == {"build", "rounds", "engine"}     # compile is off in --dry
     md = (out / "gpu_bench.md").read_text()
     assert "| PWS fused / BN |" in md and "## Engine" in md and "## Inference" in md
@@ -160,8 +162,15 @@ def test_shard_and_jobs_are_checked(capsys):
     assert sorted(r.name for p in parts for r in p) == [r.name for r in runs] and [len(p) for p in parts] == [3, 2, 2]
     assert main(["reproduce", "table4", "--preset", "smoke", "--shard", "3/3", "--dry-run"]) == 2
     assert main(["reproduce", "table4", "--preset", "smoke", "--jobs", "0", "--dry-run"]) == 2
+    assert main(["reproduce", "voc_table1", "--jobs", "2", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "--shard must be i/N" in err[0] and "--jobs must be ≥ 1" in err[1]
+    assert len(err) == 3 and "--shard must be i/N" in err[0] and "--jobs must be ≥ 1" in err[1]
+    assert "classification tables" in err[2]
+    from pwsconv.experiments.paper import build_runs, reproduce
+
+    info = reproduce("table4", "smoke", dry_run=True, log=None, compile=True, shard=(1, 3))
+    assert [r["name"] for r in info["runs"]] == [r.name for r in build_runs("table4", "smoke")][1::3]
+    assert all(r["config"]["compile"] for r in info["runs"])
 
 
 def test_full_dry_run_estimates_from_measured_throughput(monkeypatch):
@@ -178,7 +187,9 @@ def test_full_dry_run_estimates_from_measured_throughput(monkeypatch):
                 for m in methods}
 
     monkeypatch.setattr(speed, "train_step_rates", rates)
-    info = paper.reproduce("table4", "full", dry_run=True, log=None)
+    assert paper.reproduce("table4", "full", dry_run=True, log=None, measure=False)["estimated_seconds"] is None
+    assert not asked
+    info = paper.reproduce("table4", "full", dry_run=True, log=None, measure=True)
     assert {(m, b, s, c) for m, _, b, s, c, _ in asked} == {("convpool_cnn_c", 128, 32, 3), ("resnet20", 128, 32, 3)}
     assert all(set(ms) == {"none", "bn", "gn", "sn", "wn", "pws"} for _, ms, *_ in asked)
     eff = paper._GPU_EFFICIENCY if asked[0][-1] == "cuda" else paper._ENGINE_EFFICIENCY

@@ -323,6 +323,9 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
                         "(--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) on a shared --out directory; the "
                         "last shard to finish writes the tables")
     p.add_argument("--compile", action="store_true", help="train every run under torch.compile")
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=None,
+                   help="--dry-run of a full preset: estimate from the training throughput measured here (default: "
+                        "only on a GPU; on a CPU it takes minutes)")
     # detection / ImageNet tables (pwsconv.experiments.detection): voc_table1, voc_table2, coco_table3, imagenet_table5
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="coco_table3: an ImageNet ResNet-50 state_dict for Mask R-CNN's backbone")
@@ -354,7 +357,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.weights is not None:
         raise ReproduceError("--weights is for coco_table3 only")
     reproduce(args.name, preset or "cpu", out_dir=args.out, seeds=args.seeds, data_root=args.data_root,
-              progress=args.progress, dry_run=args.dry_run, jobs=args.jobs, shard=shard, compile=args.compile)
+              progress=args.progress, dry_run=args.dry_run, jobs=args.jobs, shard=shard, compile=args.compile,
+              measure=args.measure)
     return 0
 
 

@@ -394,7 +394,7 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
               seeds: int | Sequence[int] | None = None, data_root: str | os.PathLike | None = None,
               progress: bool = False, dry_run: bool = False, plots: bool = True,
               log: Callable[[str], None] | None = print, jobs: int = 1, shard: tuple[int, int] | None = None,
-              compile: bool = False) -> dict[str, Any]:
+              compile: bool = False, measure: bool | None = None) -> dict[str, Any]:
     """Run (resumably) one of :data:`EXPERIMENTS` at a preset and write its results under ``out_dir``
     (default ``results/reproduce/<name>_<preset>``, where this repository keeps its measured runs): ``results.md``
     (the paper's numbers beside the measured mean ± std
@@ -409,6 +409,9 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     every N-th run from the i-th (:func:`~pwsconv.experiments.sweep.shard_of`; N processes or machines, e.g. a SLURM
     array, on one ``out_dir``); the tables are written by the shard that finds every run finished (or by a call
     without ``shard`` afterwards, which trains nothing more). ``compile``: every run under ``torch.compile``.
+    ``measure`` (dry runs of grids without rates measured in advance, e.g. the full presets): estimate from the
+    training throughput measured now on this machine (:func:`measured_estimate`); None: only when a GPU is here (on a
+    CPU, measuring the full-size models takes minutes).
     """
     table = _table(name, preset)
     out_dir = os.fspath(out_dir) if out_dir is not None else os.path.join("results", "reproduce", f"{name}_{preset}")
@@ -421,7 +424,11 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
                             "seeds": sorted({r.config.seed for r in runs}),
                             "command": _command(name, preset, out_dir, seeds, data_root)}
     if dry_run:
-        return _dry_run(info, shard_of(runs, shard), log, jobs)
+        if measure is None:
+            import torch
+
+            measure = torch.cuda.is_available()
+        return _dry_run(info, shard_of(runs, shard), log, jobs, measure)
 
     t0 = time.perf_counter()
     records = run_sweep(runs, out_dir, progress=progress, log=log, jobs=jobs, shard=shard)
@@ -455,14 +462,18 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
 
 
 def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str], None] | None,
-             jobs: int = 1) -> dict[str, Any]:
+             jobs: int = 1, measure: bool = False) -> dict[str, Any]:
     info["runs"] = [{"name": r.name, "labels": dict(r.labels), "config": r.config.to_dict()} for r in runs]
     est = _estimate_seconds(runs)
-    where = "on 2 CPU cores"
-    if est is None and runs:   # no rate measured in advance for these models: measure them here, now
-        est, rates, device = measured_estimate(runs)
-        info["measured_rates"] = rates
-        where = f"one run at a time on this machine's {device} (training throughput measured just now)"
+    where, hint = "on 2 CPU cores", ""
+    if est is None and runs:   # no rate measured in advance for these models
+        if measure:   # measure them here, now
+            est, rates, device = measured_estimate(runs)
+            info["measured_rates"] = rates
+            where = f"one run at a time on this machine's {device} (training throughput measured just now)"
+        else:
+            hint = " (no time estimate: run the dry run on the GPU machine, where it measures the throughput, or add " \
+                   "--measure to measure on this CPU, minutes)"
     info["estimated_seconds"] = est
     if log is not None:
         for r in runs:
@@ -472,7 +483,7 @@ def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str],
         log(f"{info['name']} [{info['preset']}]: {len(runs)} runs" +
             (f", about {_duration(est)} {where}" if est is not None else "") +
             (f" (with --jobs {jobs} on one device: less, by up to {jobs}× where one run leaves it idle)"
-             if jobs > 1 and est is not None else "") + f" → {info['out_dir']}")
+             if jobs > 1 and est is not None else "") + hint + f" → {info['out_dir']}")
     return info
 
 
