@@ -150,20 +150,9 @@ def _train_parser(p: argparse.ArgumentParser) -> Handler:
 # ---------------------------------------------------------------------------------------------------------- eval
 def _load_model(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(model in eval mode, its spec, the checkpoint) from a training checkpoint or a folded model file."""
-    from .train.checkpoint import CheckpointError, load_checkpoint
-    from .train.engine import build_from_spec
+    from .train.loading import load_model_file
 
-    ck = load_checkpoint(path)
-    spec = ck.get("model_spec")
-    if not isinstance(spec, dict) or "model" not in ck:
-        raise CheckpointError(f"{path} has no model (missing model_spec or model state)")
-    model = build_from_spec(spec)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: the stored weights do not fit the model {spec.get('model')!r}: {first}") from None
-    return model.eval(), spec, ck
+    return load_model_file(path)
 
 
 @subcommand("eval", "evaluate a checkpoint (training checkpoint or `pwsconv fold` output) on a data set")
