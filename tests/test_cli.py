@@ -204,3 +204,25 @@ def test_adding_a_subcommand_is_one_function(capsys):
         from pwsconv import cli
 
         cli._SUBCOMMANDS[:] = [s for s in cli._SUBCOMMANDS if s[0] != "hello"]
+
+
+def test_train_help_describes_every_option_in_its_group(capsys):
+    """`pwsconv train --help`: every option has a description — for config fields the one config.py declares —
+    under its group (what to train / optimization / speed and reproducibility / outputs)."""
+    import argparse
+    import dataclasses
+
+    from pwsconv.config import FIELD_GROUPS, TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    groups = {g.title: g for g in sub._action_groups}
+    assert set(FIELD_GROUPS) <= set(groups)
+    for f in dataclasses.fields(TrainConfig):
+        (action,) = [a for a in groups[f.metadata["group"]]._group_actions if a.dest == f"cfg_{f.name}"]
+        assert f.metadata["help"] and action.help.startswith(f.metadata["help"]), f.name
+    assert all(a.help for a in sub._actions)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    positions = [text.index(f"\n{g}:\n") for g in FIELD_GROUPS]
+    assert positions == sorted(positions)

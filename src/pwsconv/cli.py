@@ -53,30 +53,39 @@ class UsageError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------- train
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == [] or value == {}:
+        return "none"
+    return str(value)
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per TrainConfig field (values are parsed like ``--set``)."""
-    from .config import TrainConfig
+    """One ``--field-name`` flag per TrainConfig field (values are parsed like ``--set``), in the field's group, with
+    the description the field declares (``config.py`` is the one source)."""
+    from .config import FIELD_GROUPS, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
-    g = p.add_argument_group("config fields (each overrides --config and --set; see TrainConfig)")
+    groups = {name: p.add_argument_group(name) for name in FIELD_GROUPS}
     for f in dataclasses.fields(TrainConfig):
+        g = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f.metadata["help"]   # its own words on the default where the default is "none" or needs them
+        if "default" not in text and default is not None:
+            text += f" (default: {_default_text(default)})"
         if hint is bool:
-            g.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {default})")
+            g.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(hint) is list:
-            g.add_argument(flag, dest=f"cfg_{f.name}", nargs="*", default=None, metavar="N",
-                           help=f"(default: {default})")
+            g.add_argument(flag, dest=f"cfg_{f.name}", nargs="*", default=None, metavar="N", help=text)
         elif typing.get_origin(hint) is dict:
             g.add_argument(flag.rstrip("s") if f.name.endswith("opts") else flag, dest=f"cfg_{f.name}",
                            action="append", default=None, metavar="KEY=VALUE",
-                           help=("one option of the method, e.g. gamma=1e-4" if f.name == "method_opts" else
-                                 "one option of the model builder, e.g. widths=[16,32]") + " (repeatable)")
+                           help=f"{f.metadata['help']}; one KEY=VALUE each (repeatable)")
         else:
-            g.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
-                           help=f"(default: {default})")
+            g.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(), help=text)
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -102,7 +111,10 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 @subcommand("train", "train one network (config file + overrides); --resume continues a run")
 def _train_parser(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("--config", "-c", metavar="YAML", help="a YAML file of TrainConfig fields")
+    p.description = ("Train one network. Every setting below is a field of the run's config: give it as a flag, as "
+                     "--set key=value, or in a YAML file (--config); flags win over --set, --set over the file. "
+                     "The run directory gets config.yaml, metrics.csv/.jsonl, checkpoint.pt and result.json.")
+    p.add_argument("--config", "-c", metavar="YAML", help="a YAML file of these settings (their names as keys, e.g. `lr: 0.1`)")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set lr=0.1 --set method_opts.gamma=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true",
