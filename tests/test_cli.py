@@ -226,3 +226,10 @@ def test_train_help_describes_every_option_in_its_group(capsys):
     text = capsys.readouterr().out
     positions = [text.index(f"\n{g}:\n") for g in FIELD_GROUPS]
     assert positions == sorted(positions)
+
+
+def test_missing_data_error_speaks_in_command_line_terms(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PWSCONV_DATA", raising=False)
+    rc, _, err = run_cli(capsys, "train", "--out-dir", tmp_path / "out", "--dataset", "mnist", *SMALL)
+    assert_one_line_error(rc, err, "no data directory found for 'mnist'", "--data-root", "PWSCONV_DATA")
