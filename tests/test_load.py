@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -29,9 +30,16 @@ def runs(tmp_path_factory):
         run = d / method
         train(TrainConfig(method=method, lr=0.05, out_dir=str(run), **SMALL))
         folded = d / f"{method}_folded.pt"
-        assert main(["fold", str(run), str(folded)]) == 0
-        out[method] = (run, folded)
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            assert main(["fold", str(run), str(folded)]) == 0
+        out[method] = (run, folded, said.getvalue())
     return out
+
+
+def test_fold_counts_what_it_merged(runs):
+    """tiny_cnn has 10 conv units: 10 PWS convs folded, or 10 BatchNorm2d merged into their convs."""
+    assert "folded 10 layer(s) of tiny_cnn (pws) into plain layers (10 PWSConv2d)" in runs["pws"][2]
+    assert "folded 10 layer(s) of tiny_cnn (bn) into plain layers (10 BatchNorm2d)" in runs["bn"][2]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,7 @@ def _reference_logits(model: nn.Module, bundle, x_uint8: torch.Tensor, spec_file
 
 @pytest.mark.parametrize("method", ["pws", "bn"])
 def test_run_dir_checkpoint_and_folded_file_give_the_same_network(runs, test_images, method):
-    run, folded = runs[method]
+    run, folded, _ = runs[method]
     bundle, x, _ = test_images
     m_dir = pwsconv.load(run)
     m_ck = pwsconv.load(run / "checkpoint.pt")

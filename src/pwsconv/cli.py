@@ -251,15 +251,25 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError(f"OUT {args.out} is the training checkpoint of a run directory; replacing it would "
                              "make the run impossible to resume — choose another OUT")
         model, spec, ck = _load_model(src)
-        n_reparam = sum(1 for m in model.modules() if callable(getattr(m, "to_plain", None)))
+        from collections import Counter
+
+        from . import is_norm_layer
+
+        def foldable(net: Any) -> Counter:   # reparameterized layers and norm layers, by class
+            return Counter(type(m).__name__ for m in net.modules()
+                           if callable(getattr(m, "to_plain", None)) or is_norm_layer(m))
+
+        before = foldable(model)
         folded = fold(model.eval())
-        n_left = sum(1 for m in folded.modules() if callable(getattr(m, "to_plain", None)))
+        merged = before - foldable(folded)
         spec = {**spec, "folded": True}
         atomic_save({"format": MODEL_FORMAT, "version": 1, "model_spec": spec, "model": folded.state_dict(),
                      "config": ck.get("config") or {}, "source": os.path.abspath(args.checkpoint)}, args.out)
         kinds = sorted({type(m).__name__ for m in folded.modules() if len(list(m.children())) == 0
                         and any(True for _ in m.parameters(recurse=False))})
-        print(f"folded {n_reparam - n_left} layer(s) of {spec['model']} ({spec['method']}) into plain layers → {args.out}")
+        detail = f" ({', '.join(f'{n} {k}' for k, n in sorted(merged.items()))})" if merged else ""
+        print(f"folded {sum(merged.values())} layer(s) of {spec['model']} ({spec['method']}) into plain layers"
+              f"{detail} → {args.out}")
         print(f"layers with parameters now: {', '.join(kinds)}; evaluate with: pwsconv eval {args.out}")
         return 0
 
