@@ -139,7 +139,18 @@ def test_fold_round_trip(tmp_path, trained, capsys):
 
 def test_eval_options(trained, capsys):
     rc, out, _ = run_cli(capsys, "eval", trained, "--split", "train", "--limit", "64")
-    assert rc == 0 and "train: loss" in out and "n=64" in out
+    assert rc == 0 and "train: loss" in out and "n=64 of 128 images: --limit" in out
+    # the run was tested on its first 100 test images (--test-limit 100): eval scores the same ones and says so
+    rc, out, _ = run_cli(capsys, "eval", trained)
+    assert rc == 0 and "n=100 of 359 images: the run's test_limit; --all scores all of them" in out
+    result = json.loads((trained / "result.json").read_text())
+    rc, out, _ = run_cli(capsys, "eval", trained, "--json")
+    got = json.loads(out)
+    assert (got["n"], got["n_split"]) == (100, 359) and got["acc"] == pytest.approx(result["metrics"]["test_acc"])
+    rc, out, _ = run_cli(capsys, "eval", trained, "--all")
+    assert rc == 0 and "n=359 of 359 images)" in out
+    rc, _, err = run_cli(capsys, "eval", trained, "--all", "--limit", "5")
+    assert_one_line_error(rc, err, "--all and --limit")
     rc, _, err = run_cli(capsys, "eval", trained, "--split", "val")
     assert_one_line_error(rc, err, "no val split")
     rc, _, err = run_cli(capsys, "eval", trained, "--dataset", "mnist", "--data-root", "/nonexistent/x")

@@ -174,8 +174,10 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--data-root", help="data directory (default: the training run's)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many training images "
-                                                            "(with --split train)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score at most this many images of the split (default: the run's own limit for it: its "
+                        "test_limit for test, its limit for train; none for val)")
+    p.add_argument("--all", action="store_true", help="score the whole split, even where the run used a limit")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
 
@@ -188,6 +190,8 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit must be ≥ 1, got {args.limit}")
+        if args.all and args.limit is not None:
+            raise UsageError("--all and --limit contradict each other; pass one")
         device = resolve_device(args.device)   # before anything is loaded: a bad device is bad input
         model, spec, ck = _load_model(args.checkpoint)
         cfg = dict(ck.get("config") or {})
@@ -196,28 +200,38 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError("the checkpoint does not say which data set it was trained on; pass --dataset")
         same = name == cfg.get("dataset")
         root = args.data_root if args.data_root is not None else (cfg.get("data_root") if same else None)
+        # the run's own splits (its limit also decides its val split); the size scored is chosen below
         bundle = load_dataset(name, root, val_fraction=float(cfg.get("val_fraction") or 0.0) if same else 0.0,
                               seed=int(cfg.get("seed") or 0) if same else 0,
-                              limit=args.limit if args.limit is not None else (cfg.get("limit") if same else None))
+                              limit=cfg.get("limit") if same and not (args.all and args.split == "train") else None)
         if bundle.num_classes != spec["num_classes"] or bundle.in_channels != spec["in_channels"]:
             raise UsageError(f"data set {name!r} has {bundle.num_classes} classes and {bundle.in_channels} channels; "
                              f"the model expects {spec['num_classes']} and {spec['in_channels']}")
         images = getattr(bundle, args.split)
         if images is None:
             raise UsageError(f"data set {name!r} has no {args.split} split here (a val split needs val_fraction > 0)")
+        total = len(images)
+        run_limit = cfg.get({"test": "test_limit", "train": "limit"}.get(args.split, "")) if same else None
+        n, why = total, ""
+        if args.limit is not None and args.limit < total:
+            n, why = args.limit, "--limit"
+        elif args.limit is None and not args.all and run_limit is not None and run_limit < total:
+            n, why = int(run_limit), (f"the run's {'test_limit' if args.split == 'test' else 'limit'}; "
+                                      "--all scores all of them")
+        images = images.subset(slice(0, n))
         model.to(device)
         loader = Loader(images, args.batch_size, shuffle=False, augment=None, mean=spec["mean"], std=spec["std"],
                         device=device)
         m = evaluate(model, loader, device=device)
         out = {"checkpoint": args.checkpoint, "dataset": name, "split": args.split, "folded": bool(spec.get("folded")),
-               "loss": m["loss"], "acc": m["acc"], "n": m["n"]}
+               "loss": m["loss"], "acc": m["acc"], "n": m["n"], "n_split": total}
         if args.json:
             from .train.checkpoint import dumps
 
             print(dumps(out))
         else:
             print(f"{name} {args.split}: loss {m['loss']:.4f} acc {m['acc']:.4f} ({100 * m['acc']:.2f}%, "
-                  f"n={m['n']}){' [folded]' if spec.get('folded') else ''}")
+                  f"n={m['n']} of {total} images{f': {why}' if why else ''}){' [folded]' if spec.get('folded') else ''}")
         return 0
 
     return run
