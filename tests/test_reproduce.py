@@ -35,7 +35,7 @@ def test_smoke_end_to_end_and_resume(name, smoke_dir):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert any(p.endswith(("err_vs_lr.png", "err_vs_batch.png")) for p in info["files"].values())
     md = (out / "results.md").read_text()
-    assert "pwsconv reproduce" in md and "torch" in md and "Wall time" in md and "paper" in md.lower()
+    assert "pwsconv reproduce" in md and "torch" in md and "Summed training time" in md and "paper" in md.lower()
     if name in ("table1", "table2"):
         assert "detection" in md          # the VOC mAP caveat
     with open(out / "results.csv") as f:
@@ -52,9 +52,15 @@ def test_smoke_end_to_end_and_resume(name, smoke_dir):
     if name == "collapse":
         assert {f["method"] for f in info["first_collapse"]} == {"none", "pws"}
         assert "first LR with a collapse" in md
-    # second call: every run is skipped, the results are written again
-    again = reproduce(name, "smoke", out_dir=out, log=None, plots=False)
+    # second call: every run is skipped, the results are written again — the same bytes (committed grids stay clean)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = reproduce(name, "smoke", out_dir=out, log=None)
     assert again["skipped"] == again["n_runs"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    said: list[str] = []
+    dry = reproduce(name, "smoke", out_dir=out, dry_run=True, log=said.append)
+    assert (dry["n_to_run"], dry["n_done"]) == (0, info["n_runs"]) and dry["estimated_seconds"] == 0
+    assert said[-1].startswith(f"{name} [smoke]: {info['n_runs']} runs: 0 to run, {info['n_runs']} done")
     assert [r.result.metrics.get("test_acc") for r in again["records"]] == \
         [r.result.metrics.get("test_acc") for r in info["records"]] or any(
             r.result.status == "nan" for r in info["records"])

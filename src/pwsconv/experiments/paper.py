@@ -60,7 +60,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..train.checkpoint import atomic_write_text
-from .sweep import RunSpec, SweepRecord, plot_curves, results_table, run_sweep, write_results
+from .sweep import RunSpec, SweepRecord, finished_run, plot_curves, results_table, run_sweep, write_results
 from .table import PRESETS, VOC_NOTE, Context, Curves, ErrVs, Table, milestones_for
 from .tables import TABLES
 
@@ -278,6 +278,15 @@ def _command(name: str, preset: str, out_dir: str, seeds: Any, data_root: Any) -
     return cmd
 
 
+def _recorded_versions(md: str) -> str | None:
+    """The "Versions:" line of an existing results.md (the software and machine that trained its runs)."""
+    try:
+        with open(md, encoding="utf-8") as f:
+            return next((line[len("Versions: "):].rstrip("\n") for line in f if line.startswith("Versions: ")), None)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _versions() -> str:
     import torch
 
@@ -302,19 +311,20 @@ def _settings(runs: Sequence[RunSpec]) -> str:
 
 
 def _results_md(table: Table, ctx: Context, info: dict[str, Any], summary: str, files: dict[str, str],
-                seeds: Any, wall: float) -> str:
+                seeds: Any) -> str:
+    """results.md: a function of the runs' results alone (nothing about this call), so re-aggregating a finished
+    grid writes the same bytes."""
     name, preset, out_dir, runs, records = table.name, ctx.preset, ctx.out_dir, ctx.runs, ctx.records
-    skipped = sum(r.skipped for r in records)
     run_time = sum(r.result.wall_time for r in records)
     md = [f"# {table.title}", "",
-          f"Preset **{preset}** — {len(records)} runs ({skipped} already done before this call, skipped).", "",
+          f"Preset **{preset}** — {len(records)} runs.", "",
           summary, "",
           "## Setting", "", _settings(runs), "",
           "## Reproduce", "", "```", info["command"], "```", "",
           f"Python: `reproduce({name!r}, preset={preset!r}, out_dir={out_dir!r}"
           + (f", seeds={seeds!r}" if seeds is not None else "") + ")`", "",
-          f"Versions: {_versions()}", "",
-          f"Wall time of this call: {wall:.1f} s; summed training time of all runs: {run_time:.1f} s.", "",
+          f"Versions: {info['versions']}", "",
+          f"Summed training time of all runs: {run_time:.1f} s.", "",
           "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for k, p in files.items() if p.endswith(".png")), "",
           "## All runs", "", results_table(records, list(runs[0].labels),
                                             metric_columns=(("test_acc", "test acc (%)"),
@@ -352,9 +362,12 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     if dry_run:
         return _dry_run(info, runs, log)
 
+    previous = _recorded_versions(os.path.join(out_dir, "results.md"))
     t0 = time.perf_counter()
     records = run_sweep(runs, out_dir, progress=progress, log=log)
     wall = time.perf_counter() - t0
+    # a grid re-aggregated without training keeps the versions that trained it: its results.md stays byte-identical
+    info["versions"] = previous if previous and all(r.skipped for r in records) else _versions()
     agg = aggregate(records, [k for k in runs[0].labels if k != "seed"])
     files = dict(write_results(records, out_dir, title=table.title))
     ctx = Context(preset, runs, records, agg, out_dir)
@@ -364,7 +377,7 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
         files.update({p.key: _plot(p, ctx, min(info["seeds"])) for p in table.plots})
     files["summary"] = _write_summary_csv(agg, os.path.join(out_dir, "summary.csv"))
     files.update(more)
-    atomic_write_text(_results_md(table, ctx, info, summary, files, seeds, wall), files["md"])
+    atomic_write_text(_results_md(table, ctx, info, summary, files, seeds), files["md"])
     skipped = sum(r.skipped for r in records)
     info.update({"records": records, "summary": agg, "files": files, "wall_time": wall, "skipped": skipped,
                  "runs": [r.name for r in runs], **ctx.extra})
@@ -374,11 +387,18 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
 
 
 def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str], None] | None) -> dict[str, Any]:
-    info["runs"] = [{"name": r.name, "labels": dict(r.labels), "config": r.config.to_dict()} for r in runs]
-    info["estimated_seconds"] = est = _estimate_seconds(runs)
+    """The run list, which of them are already done in the output directory, and the time the rest would take."""
+    done = {r.name for r in runs if finished_run(r, info["out_dir"]) is not None}
+    todo = [r for r in runs if r.name not in done]
+    info["runs"] = [{"name": r.name, "labels": dict(r.labels), "config": r.config.to_dict(), "done": r.name in done}
+                    for r in runs]
+    info["n_done"], info["n_to_run"] = len(done), len(todo)
+    info["estimated_seconds"] = est = _estimate_seconds(todo) if todo else 0.0
     if log is not None:
         for r in runs:
-            log(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.labels.items()))
-        log(f"{info['name']} [{info['preset']}]: {len(runs)} runs" +
-            (f", about {est / 60:.0f} min on 2 CPU cores" if est is not None else "") + f" → {info['out_dir']}")
+            log(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.labels.items())
+                + (" (done)" if r.name in done else ""))
+        time_left = (f", about {est / 60:.0f} min on 2 CPU cores" if todo and est is not None else "")
+        log(f"{info['name']} [{info['preset']}]: {len(runs)} runs: {len(todo)} to run, {len(done)} done"
+            f"{time_left} → {info['out_dir']}")
     return info

@@ -31,7 +31,7 @@ from ..train.engine import ConfigMismatchError, RunResult, _config_diff, train
 from ..train.metrics import read_metrics
 from ..train.rundir import check_output_dir
 
-__all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "results_table", "results_rows", "write_results",
+__all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "finished_run", "results_table", "results_rows", "write_results",
            "plot_curves", "format_value"]
 
 # config fields that do not change what a run computes (a finished run with other values here is still "the same")
@@ -64,6 +64,22 @@ def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return not _config_diff(a, b, _COSMETIC)   # fields added since a run was made count with their defaults
 
 
+def finished_run(spec: RunSpec, out_dir: str | os.PathLike) -> RunResult | None:
+    """The result of ``spec`` if it has finished under ``out_dir`` (status ok or nan, same settings) — a sweep
+    skips it — else None."""
+    run_dir = os.path.join(os.fspath(out_dir), spec.name)
+    if not os.path.isfile(os.path.join(run_dir, "result.json")):
+        return None
+    try:
+        prev = RunResult.load(run_dir)
+    except (ValueError, KeyError, OSError):
+        return None
+    cfg = TrainConfig.from_dict({**spec.config.to_dict(), "out_dir": run_dir, "name": spec.name})
+    if prev.status in ("ok", "nan") and _same_run(prev.config, cfg.to_dict()):
+        return prev
+    return None
+
+
 def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: bool = False,
               log: Callable[[str], None] | None = print) -> list[SweepRecord]:
     """Train every run of ``runs`` under ``out_dir`` (resumably) and return their records, in order."""
@@ -85,14 +101,8 @@ def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: 
         cfg = TrainConfig.from_dict({**spec.config.to_dict(), "out_dir": run_dir, "name": spec.name,
                                      "progress": progress})
         t0 = time.perf_counter()
-        result, skipped = None, False
-        if os.path.isfile(os.path.join(run_dir, "result.json")):
-            try:
-                prev = RunResult.load(run_dir)
-            except (ValueError, KeyError, OSError):
-                prev = None
-            if prev is not None and prev.status in ("ok", "nan") and _same_run(prev.config, cfg.to_dict()):
-                result, skipped = prev, True
+        result = finished_run(spec, out_dir)
+        skipped = result is not None
         if result is None:
             try:   # train() holds the run directory's lock: a second sweep on the same run is refused at once
                 result = train(cfg, resume=True)
