@@ -244,3 +244,15 @@ def test_missing_data_error_speaks_in_command_line_terms(tmp_path, capsys, monke
     monkeypatch.delenv("PWSCONV_DATA", raising=False)
     rc, _, err = run_cli(capsys, "train", "--out-dir", tmp_path / "out", "--dataset", "mnist", *SMALL)
     assert_one_line_error(rc, err, "no data directory found for 'mnist'", "--data-root", "PWSCONV_DATA")
+
+
+def test_probe_refuses_to_overwrite_its_results(tmp_path, capsys):
+    out = tmp_path / "probe"
+    args = ["probe", "--methods", "none", "pws", "--steps", "2", "--batch-size", "16", "--out", out, "--no-progress"]
+    rc, text, _ = run_cli(capsys, *args)
+    assert rc == 0 and "Where Var[Y_L]/Var[Y_1] comes from" in (out / "summary.md").read_text()
+    before = (out / "records.csv").read_bytes()
+    rc, _, err = run_cli(capsys, *args)
+    assert_one_line_error(rc, err, "already holds a probe's results", "--force")
+    assert (out / "records.csv").read_bytes() == before
+    assert run_cli(capsys, *args, "--force")[0] == 0
