@@ -201,3 +201,24 @@ def test_robust_grid_reuses_the_collapse_and_table1_runs():
             assert r.config.method == "pws" and r.config.method_opts == {"gamma": "auto"}
     assert n_lr == 3 * 9 * 3 and n_b == 3 * 4 * 3
     assert {r.labels["arch"] for r in rob} == {"plain", "residual"}
+
+
+def test_err_vs_plots_tell_lines_and_collapses_apart_without_colour(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from pwsconv.experiments import paper
+
+    saved = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), real(self, *a, **k))[1])
+    agg = [{"method": m, "LR": lr, "err_mean": math.nan if (m == "pws" and lr == 0.8) else 50.0, "err_std": 1.0,
+            "n_nan": int(m == "pws" and lr == 0.8), "n_collapsed": 0}
+           for m in ("bn", "gn", "pws", "pws auto") for lr in (0.1, 0.8)]
+    paper._plot_vs(agg, "LR", str(tmp_path / "err_vs_lr.png"), title="t")
+    ax = saved[0].axes[0]
+    styles = {ln.get_label(): (ln.get_marker(), ln.get_linestyle()) for ln in ax.get_lines()
+              if not ln.get_label().startswith("_")}
+    lines = {k: v for k, v in styles.items() if k != "collapsed seeds (×)"}
+    assert set(lines) == {"bn", "gn", "pws", "pws auto"}
+    assert len(set(lines.values())) == 4 and "x" not in {m for m, _ in lines.values()}
+    assert styles["collapsed seeds (×)"][0] == "x"

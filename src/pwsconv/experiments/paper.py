@@ -210,6 +210,11 @@ def _plot(p: Curves | ErrVs, ctx: Context, first_seed: int) -> str:
     return _plot_vs(cells, p.x, path, panel_key=p.panel, line_key=p.line, title=p.title)
 
 
+#: err_vs_* line styles: marker and dash pattern per line, so that no line is told apart by colour alone.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "*", "<", ">", "h")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
 def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, line_key: str = "method",
              panel_key: str | None = None, logx: bool = True) -> str:
     import matplotlib
@@ -219,19 +224,29 @@ def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, li
 
     panels = list(dict.fromkeys(a[panel_key] for a in agg)) if panel_key else [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    # every line its own marker and line style (told apart without colour); "×" is kept for collapses
+    lines = list(dict.fromkeys(a[line_key] for a in agg))
+    style = {ln: (_MARKERS[i % len(_MARKERS)], _LINESTYLES[i % len(_LINESTYLES)]) for i, ln in enumerate(lines)}
     for ax, p in zip(axes[0], panels):
         sub = [a for a in agg if panel_key is None or a[panel_key] == p]
+        any_bad = False
         for line in dict.fromkeys(a[line_key] for a in sub):
             pts = sorted((a[x_key], a) for a in sub if a[line_key] == line)
             xs = [x for x, _ in pts]
             ys = [a["err_mean"] for _, a in pts]
             es = [a["err_std"] if math.isfinite(a["err_std"]) else 0.0 for _, a in pts]
-            (h,) = ax.plot(xs, ys, marker="o", ms=4, label=str(line))
+            marker, ls = style[line]
+            (h,) = ax.plot(xs, ys, marker=marker, ms=5, ls=ls, lw=1.4, mfc="white", label=str(line))
             ax.errorbar(xs, ys, yerr=es, fmt="none", ecolor=h.get_color(), alpha=0.5)
             bad = [(x, a) for x, a in pts if a["n_nan"] or a["n_collapsed"]]
             if bad:
+                any_bad = True
                 ax.plot([x for x, _ in bad], [100.0 if math.isnan(a["err_mean"]) else a["err_mean"] for _, a in bad],
-                        ls="none", marker="x", color="red", ms=9, mew=2)
+                        ls="none", marker="x", color="black", ms=10, mew=2.2)
+                ax.plot([x for x, _ in bad], [100.0 if math.isnan(a["err_mean"]) else a["err_mean"] for _, a in bad],
+                        ls="none", marker="x", color=h.get_color(), ms=7, mew=1.2)
+        if any_bad:
+            ax.plot([], [], ls="none", marker="x", color="black", ms=8, mew=2, label="collapsed seeds (×)")
         if logx:
             from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
@@ -247,7 +262,7 @@ def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, li
         if p is not None:
             ax.set_title(f"{panel_key} {p}")
         ax.legend(fontsize=7)
-    fig.suptitle(title + "  (red × = collapsed seeds, NaN drawn at 100 %)", fontsize=9)
+    fig.suptitle(title + "  (× = collapsed seeds, in the line's colour; NaN drawn at 100 %)", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
