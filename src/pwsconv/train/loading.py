@@ -69,6 +69,9 @@ class Preprocess(nn.Module):
         return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())
 
     def forward(self, x: Any) -> torch.Tensor:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():   # exported: a tensor batch of the right size
+            x = x.to(torch.float32) / 255.0 if not x.is_floating_point() else x.to(torch.float32)
+            return (x - self.mean) / self.std
         x = self._to_tensor(x)
         if x.ndim != 4:
             raise ValueError(f"a tensor image must be CHW or NCHW, got shape {tuple(x.shape)}")
