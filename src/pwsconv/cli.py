@@ -238,7 +238,8 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
 
 
 # ---------------------------------------------------------------------------------------------------------- fold
-@subcommand("fold", "fold PWS (and other reparameterized) layers into plain convs: a deployable model file")
+@subcommand("fold", "fold PWS (and other reparameterized) layers and eval BatchNorm into plain convs: a deployable "
+                    "model file (pwsconv.load reads it)")
 def _fold_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt or a run directory")
     p.add_argument("out", metavar="OUT", help="the model file to write (state_dict + model spec)")
@@ -291,7 +292,8 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
 
 
 # ---------------------------------------------------------------------------------------------------------- demo
-@subcommand("demo", "the paper's story in minutes on the bundled digits data: plain / BN / GN / PWS, two LRs, batch 2")
+@subcommand("demo", "the paper's story in about a minute on the bundled digits data: plain / BN / GN / PWS at three "
+                    "LRs, BN vs PWS at batch 2")
 def _demo_parser(p: argparse.ArgumentParser) -> Handler:
     from .experiments.demo import DEFAULT_OUT
 
@@ -322,7 +324,8 @@ def _probe_parser(p: argparse.ArgumentParser) -> Handler:
     return configure_probe_parser(p)
 
 
-@subcommand("reproduce", "re-run a table of the paper (table4, table1, table2, collapse) with a CPU or full preset")
+@subcommand("reproduce", "re-run a table of the paper (table4, table1, table2, collapse, robust; GPU tables with the "
+                         "detection extra) with a CPU or full preset")
 def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
     """Add ``NAME [--preset cpu|full|smoke] [--full] [--out DIR] [--seeds N] [--data-root DIR] [--dry-run]
     [--progress] [--weights FILE]`` to ``p`` and return the handler (``pwsconv reproduce``)."""
