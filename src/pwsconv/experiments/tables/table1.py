@@ -47,7 +47,7 @@ def runs(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
 
 def speed(ctx: Context) -> dict[str, str]:
     """Training images/s of every method, measured interleaved after the sweep → ``ctx.extra["speed"]``,
-    ``speed.csv``."""
+    ``speed.csv``. A call that trained nothing keeps the ``speed.csv`` already there (delete it to measure again)."""
     from ..speed import train_step_rates
 
     c = ctx.runs[0].config
