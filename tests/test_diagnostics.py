@@ -577,3 +577,25 @@ def test_plots_stay_readable_when_a_run_collapses(monkeypatch, tmp_path):
     plots.plot_figure1({"none": recs}, tmp_path / "b.png", weight="effective")
     titles = [f._suptitle.get_text() for f in figs]
     assert titles[0] != titles[1] and "raw" in titles[0] and "effective" in titles[1]
+
+
+def test_clip_fraction_of_auto_layers():
+    """gamma="auto": the probe records the share of filters / α / β entries held at the clipping bound — all of
+    them under a tiny λ and a large loss, none under a huge λ; layers that do not clip record nothing of it."""
+    def fracs(**opts):
+        torch.manual_seed(0)
+        model = pwsconv.convert(TinyResNet(), method="pws", **opts).to(D)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with VarianceProbe(model, optimizer=opt) as probe:
+            for x, y in data(1):
+                opt.zero_grad()
+                (F.cross_entropy(model(x), y) * 1e3).backward()
+                opt.step()
+        return {s: [r["value"] for r in select(probe.records, s, layer="block1.conv1")]
+                for s in ("w_clip_frac", "alpha_clip_frac", "bias_clip_frac")}
+
+    tight = fracs(gamma="auto", clip=1e-6, clip_w=1e-6)
+    assert tight["w_clip_frac"] == [1.0] and tight["alpha_clip_frac"] == [1.0]
+    loose = fracs(gamma="auto", clip=1e9, clip_w=1e9)
+    assert loose["w_clip_frac"] == [0.0] and loose["alpha_clip_frac"] == [0.0]
+    assert fracs(gamma=1e-3) == {"w_clip_frac": [], "alpha_clip_frac": [], "bias_clip_frac": []}
