@@ -114,7 +114,8 @@ def _train_parser(p: argparse.ArgumentParser) -> Handler:
     p.description = ("Train one network. Every setting below is a field of the run's config: give it as a flag, as "
                      "--set key=value, or in a YAML file (--config); flags win over --set, --set over the file. "
                      "The run directory gets config.yaml, metrics.csv/.jsonl, checkpoint.pt and result.json.")
-    p.add_argument("--config", "-c", metavar="YAML", help="a YAML file of these settings (their names as keys, e.g. `lr: 0.1`)")
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="a YAML file of these settings (their names as keys, e.g. `lr: 0.1`)")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set lr=0.1 --set method_opts.gamma=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true",
@@ -231,7 +232,8 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
             print(dumps(out))
         else:
             print(f"{name} {args.split}: loss {m['loss']:.4f} acc {m['acc']:.4f} ({100 * m['acc']:.2f}%, "
-                  f"n={m['n']} of {total} images{f': {why}' if why else ''}){' [folded]' if spec.get('folded') else ''}")
+                  f"n={m['n']} of {total} images{f': {why}' if why else ''})"
+                  f"{' [folded]' if spec.get('folded') else ''}")
         return 0
 
     return run

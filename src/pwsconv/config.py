@@ -79,7 +79,8 @@ class TrainConfig:
     val_fraction: float = _identity(0.0, group=_TRAIN, help="hold out this fraction of the training images as a "
                                     "validation split")
     limit: int | None = _identity(None, group=_TRAIN, help="train on at most this many images (default: all)")
-    test_limit: int | None = _identity(None, group=_TRAIN, help="evaluate on at most this many test images (default: all)")
+    test_limit: int | None = _identity(None, group=_TRAIN,
+                                       help="evaluate on at most this many test images (default: all)")
     augment: bool = _identity(True, group=_TRAIN, help="the data set's standard augmentation (CIFAR: pad 4, random "
                               "crop, flip), if it has one")
     epochs: int = _length(10, group=_OPT, help="training epochs")
