@@ -107,6 +107,9 @@ class TrainConfig:
                                "node per step (same values, faster)")
     pws_recompute: bool = _cosmetic(False, prepare="recompute", group=_SPEED, help="with fuse_pws: rebuild α·Ŵ in "
                                     "backward instead of keeping it (less memory)")
+    data_on_device: bool | None = _cosmetic(None, group=_SPEED, help="hold in-memory data sets on the GPU (default: "
+                                            "auto, when they fit)")
+    compile: bool = _cosmetic(False, group=_SPEED, help="torch.compile the model (same values; compiles at the start)")
     device: str = _cosmetic("auto", group=_SPEED, help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     num_threads: int | None = _cosmetic(None, group=_SPEED, help="CPU threads for this run (torch.set_num_threads, "
                                         "restored afterwards; default: torch's)")
