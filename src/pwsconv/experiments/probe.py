@@ -19,7 +19,7 @@ __all__ = ["configure_probe_parser", "probe", "OUTPUT_FILES"]
 
 #: What a probe writes to its output directory.
 OUTPUT_FILES = ("summary.md", "records.csv", "records.jsonl", "figure1.png", "figure1_effective.png", "figure2.png",
-                "figure6.png", "variance.png")
+                "figure6.png", "variance.png", "clipping.png")
 
 
 def probe(
