@@ -624,7 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         b.add_table1()
     if "infer" not in a.skip:
         b.add_infer()
-    # the later phases' caps come off the top; building gets at most half of the rest, rounds what remains
+    # the later phases' caps come off the top; building gets at most half of the rest, rounds what remains. A budget
+    # too small for them all drops compile, then the engine phase (noted), so the layer figures always get time.
+    for phase in ("compile", "engine"):
+        later = (0 if "engine" in a.skip else a.engine_cap) + (0 if "compile" in a.skip else a.compile_cap)
+        if phase not in a.skip and b.left() - later < 120:
+            a.skip.append(phase)
+            b.notes.append(f"{phase} phase skipped: the budget leaves too little time for it")
     later = (0 if "engine" in a.skip else a.engine_cap) + (0 if "compile" in a.skip else a.compile_cap)
     build_cap = a.build_cap if a.build_cap is not None else 0.5 * max(b.left() - later, 0)
     end = b.phase("build", build_cap)
