@@ -573,7 +573,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine-epochs", type=int, default=2)
     p.add_argument("--engine-jobs", type=int, default=4, help="then this many 1-epoch runs at once (0: skip)")
     p.add_argument("--engine-args", nargs=argparse.REMAINDER, default=None,
-                   help="more `pwsconv train` flags (last on the line)")
+                   help="more `pwsconv train` flags for the engine phase, after the defaults (--amp bf16 "
+                        "--channels-last), e.g. --engine-args --compile; last on the line")
     p.add_argument("--data-root", default=None)
     p.add_argument("--estimate", default="table4",
                    help="in the engine phase: the dry-run estimate of this table ('' to skip)")
@@ -586,13 +587,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         a.estimate_preset = "smoke"   # the full preset's models on a CPU: minutes
         if "compile" not in a.skip:
             a.skip.append("compile")
-        if a.engine_args is None:
-            a.engine_args = ["--limit", "256", "--batch-size", "64", "--num-threads", "1"]
+        a.engine_args = ["--limit", "256", "--batch-size", "64", "--num-threads", "1"] + (a.engine_args or [])
     else:
         defaults = dict(device="cuda", model="torchvision:resnet50",
                         image=224, batch=64, detector="ssd_vgg16", det_size=320)
-        if a.engine_args is None:
-            a.engine_args = ["--amp", "bf16", "--channels-last"]
+        a.engine_args = ["--amp", "bf16", "--channels-last"] + (a.engine_args or [])
     for k, v in defaults.items():
         if k in ("warmup", "max_rounds", "infer_inner", "classes", "det_batch", "engine_model", "engine_dataset",
                  "engine_epochs", "engine_jobs"):
