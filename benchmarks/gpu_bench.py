@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -572,9 +573,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine-dataset", default="cifar10")
     p.add_argument("--engine-epochs", type=int, default=2)
     p.add_argument("--engine-jobs", type=int, default=4, help="then this many 1-epoch runs at once (0: skip)")
-    p.add_argument("--engine-args", nargs=argparse.REMAINDER, default=None,
-                   help="more `pwsconv train` flags for the engine phase, after the defaults (--amp bf16 "
-                        "--channels-last), e.g. --engine-args --compile; last on the line")
+    p.add_argument("--engine-args", default="", metavar="'FLAGS'",
+                   help="more `pwsconv train` flags for the engine phase, one quoted string, after the defaults "
+                        "(--amp bf16 --channels-last), e.g. --engine-args='--compile'")
     p.add_argument("--data-root", default=None)
     p.add_argument("--estimate", default="table4",
                    help="in the engine phase: the dry-run estimate of this table ('' to skip)")
@@ -587,11 +588,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         a.estimate_preset = "smoke"   # the full preset's models on a CPU: minutes
         if "compile" not in a.skip:
             a.skip.append("compile")
-        a.engine_args = ["--limit", "256", "--batch-size", "64", "--num-threads", "1"] + (a.engine_args or [])
+        a.engine_args = ["--limit", "256", "--batch-size", "64", "--num-threads", "1"] + shlex.split(a.engine_args)
     else:
         defaults = dict(device="cuda", model="torchvision:resnet50",
                         image=224, batch=64, detector="ssd_vgg16", det_size=320)
-        a.engine_args = ["--amp", "bf16", "--channels-last"] + (a.engine_args or [])
+        a.engine_args = ["--amp", "bf16", "--channels-last"] + shlex.split(a.engine_args)
     for k, v in defaults.items():
         if k in ("warmup", "max_rounds", "infer_inner", "classes", "det_batch", "engine_model", "engine_dataset",
                  "engine_epochs", "engine_jobs"):
