@@ -320,6 +320,7 @@ def check_training_state(ck: dict[str, Any], path: str) -> dict[str, Any]:
             shown = repr(got) if not isinstance(got, (dict, list, tuple)) else type(got).__name__
             raise CheckpointError(f"cannot resume from {path}: its {field} must be {want}, got {shown[:80]} (the "
                                   "file was edited or is damaged); nothing was changed")
+    check_model_spec(ck.get("model_spec"), path)   # rewritten by the resumed run: a damaged one is not hidden
     return ck
 
 
