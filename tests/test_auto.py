@@ -15,7 +15,7 @@ from torch.func import functional_call
 import pwsconv
 from pwsconv import PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose2d, PWSLinear
 from pwsconv.models import build_model
-from pwsconv.functional import AUTO_CLIP, AUTO_GAMMA, check_clip, unit_clip
+from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, check_clip, unit_clip
 
 F64 = torch.float64
 
@@ -230,3 +230,140 @@ def test_gradcheck_fused_node_with_inactive_clipping():
         return tuple(pws_weights_fused([w0, w1], [a0, a1], [1e-3, 1e-3], [0.5, 0.5], [1e12, 1e12]))
 
     assert gradcheck(fn, (ws[0], als[0], ws[1], als[1]), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ λ of W apart from α, β
+@pytest.mark.parametrize("name", LAYERS)
+def test_clip_w_clips_filters_apart_from_alpha_and_beta(name):
+    """``clip_w`` is the λ of W's filters, ``clip`` the λ of α and β: each bound holds with its own λ."""
+    layer, x = make(name, gamma="auto", clip=0.05, clip_w=0.002)
+    ref, _ = make(name, gamma="auto", clip=0)
+    assert (layer.clip_lambda, layer.clip_w_lambda) == (0.05, 0.002)
+    for m in (layer, ref):
+        (m(x).square().sum() * 1e3).backward()
+    gw, gr, w = filters(layer, layer.weight.grad), filters(ref, ref.weight.grad), filters(layer, layer.weight)
+    ratio = gw.norm(dim=1) / w.detach().norm(dim=1)
+    assert (ratio <= 0.002 * (1 + 1e-4)).all() and (ratio > 0.002 * 0.999).any()
+    torch.testing.assert_close(gw.mean(1), torch.zeros(gw.shape[0]), rtol=0, atol=1e-7)   # eq. 13
+    for p, pr in ((layer.alpha, ref.alpha), (layer.bias, ref.bias)):
+        bound = 0.05 * p.detach().abs().clamp_min(1e-3)
+        torch.testing.assert_close(p.grad, pr.grad.clamp(-bound, bound))
+
+
+def test_clip_w_defaults_and_validation():
+    auto, paper = PWSConv2d(3, 4, 3, gamma="auto"), PWSConv2d(3, 4, 3)
+    assert (auto.clip_lambda, auto.clip_w_lambda) == (AUTO_CLIP, AUTO_CLIP_W)
+    assert (paper.clip_lambda, paper.clip_w_lambda) == (0.0, 0.0)
+    # an explicit clip covers W too unless clip_w says otherwise (the rows of earlier releases keep their meaning)
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.02).clip_w_lambda == 0.02
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.02, clip_w=0).clip_w_lambda == 0.0
+    assert PWSConv2d(3, 4, 3, clip_w=0.1).clip_lambda == 0.0
+    assert "clip_w=0.1" in repr(PWSConv2d(3, 4, 3, clip_w=0.1))
+    with pytest.raises(ValueError, match="clip"):
+        PWSConv2d(3, 4, 3, clip_w=-0.1)
+    assert pwsconv.build_conv("pws", 2, 3, 4, 3, gamma="auto", clip_w=0.2).clip_w_lambda == 0.2
+
+
+def test_clip_w_fused_matches_per_layer():
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto", "clip": 0.03, "clip_w": 0.005},
+                      in_channels=1)
+    fused = copy.deepcopy(net)
+    handle = pwsconv.fuse_standardization(fused)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for m in (net, fused):
+        m.train()
+        (torch.nn.functional.cross_entropy(m(x), y) * 1e3).backward()
+    for (k, p), (_, q) in zip(net.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=k)
+    handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------ λ of W from the SGD settings
+def test_auto_clip_w_formula():
+    from pwsconv.functional import AUTO_CLIP_K, auto_clip_w
+
+    # k times the equilibrium ‖∂L/∂W_o‖/‖W_o‖ of a scale-invariant filter: sqrt(2·wd·(1 − m)/lr)
+    assert auto_clip_w(0.1, 5e-4, 0.9) == pytest.approx(AUTO_CLIP_K * 0.01 / 0.1 ** 0.5)
+    assert auto_clip_w(1.6, 5e-4, 0.9, k=1.0) == pytest.approx(0.01 / 1.6 ** 0.5)
+    assert auto_clip_w(0.4, 5e-4, 0.9) == pytest.approx(auto_clip_w(0.1, 5e-4, 0.9) / 2)   # ∝ 1/sqrt(lr)
+    for bad in ((0.0, 5e-4, 0.9), (0.1, 0.0, 0.9), (0.1, 5e-4, 1.0), (float("nan"), 5e-4, 0.9), ("x", 1, 0)):
+        assert auto_clip_w(*bad) is None
+
+
+def _auto_net():
+    torch.manual_seed(0)
+    return build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+
+
+def _pws_layers(net):
+    return [m for m in net.modules() if isinstance(m, pwsconv.PWSMixin)]
+
+
+def test_auto_reads_its_lr_once_from_param_groups():
+    """The user's plain loop: SGD(param_groups(net, wd), lr, momentum) — the layers learn λ_W from the LR the
+    optimizer starts with (a schedule changes nothing after that); without param_groups, or under another optimizer,
+    the fixed AUTO_CLIP_W."""
+    from pwsconv.functional import auto_clip_w
+
+    net = _auto_net()
+    assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(net))      # no optimizer known
+    groups = pwsconv.param_groups(net, 5e-4)
+    assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(net))      # groups, but no LR in them yet
+    opt = torch.optim.SGD(groups, lr=0.4, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], gamma=0.1)
+    want = auto_clip_w(0.4, 5e-4, 0.9)
+    assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(net))
+    opt.step()
+    sched.step()                                                              # LR now 0.04: λ_W stays
+    assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(net))
+    # explicit settings win; an Adam group is not SGD: the fixed λ
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip_w=0.5).clip_w_lambda == 0.5
+    other = _auto_net()
+    torch.optim.Adam(pwsconv.param_groups(other, 5e-4), lr=1e-3)
+    assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(other))
+    # copies and pickles are unlinked until their own param_groups call, and keep nothing of the optimizer
+    clone = copy.deepcopy(net)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in _pws_layers(clone) + _pws_layers(loaded):
+        assert m.__dict__["_opt_group"].group is None
+
+
+def test_auto_lr_rule_is_the_same_after_resume():
+    """A resumed run builds a new optimizer from param_groups and loads its state: λ_W is the same as in the run
+    it continues (the start LR), so the run continues bit-exactly."""
+    from pwsconv.functional import auto_clip_w
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+
+    def make():
+        net = _auto_net()
+        opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.8, momentum=0.9)
+        return net, opt, torch.optim.lr_scheduler.MultiStepLR(opt, [2], gamma=0.1)
+
+    def step(net, opt, sched):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    net, opt, sched = make()
+    for _ in range(3):
+        step(net, opt, sched)
+    saved = copy.deepcopy((net.state_dict(), opt.state_dict(), sched.state_dict()))
+    for _ in range(2):
+        step(net, opt, sched)
+    net2, opt2, sched2 = make()
+    net2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    for _ in range(2):
+        step(net2, opt2, sched2)
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.8, 5e-4, 0.9)) for m in _pws_layers(net2))
+    for (k, p), (_, q) in zip(net.state_dict().items(), net2.state_dict().items()):
+        assert torch.equal(p, q), k

@@ -22,5 +22,5 @@ METHOD = Method(
     by_dim({1: PWSConv1d, 2: PWSConv2d, 3: PWSConv3d}), None, True,
     linear=lambda i, o, b, **kw: PWSLinear(i, o, bias=b, **kw),
     transposed=by_dim({1: PWSConvTranspose1d, 2: PWSConvTranspose2d, 3: PWSConvTranspose3d}),
-    conv_options=frozenset({"gamma", "use_alpha", "use_gain", "fan_mode", "equiv", "data_init_alpha", "clip"}),
+    conv_options=frozenset({"gamma", "use_alpha", "use_gain", "fan_mode", "equiv", "data_init_alpha", "clip", "clip_w"}),
     prepare=_prepare, extra_params="α per filter", reference="Liu et al. 2021 (this paper)")
