@@ -43,7 +43,7 @@ def edited(finished, tmp_path, change) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- 1. collapse
-def test_item01_non_finite_eval_outputs_are_a_collapse(tmp_path):
+def test_item01_non_finite_eval_outputs_are_a_collapse(tmp_path, capsys):
     """Finite weights whose logits overflow (here: every weight ×1e30 after the last step, as a very large LR can
     leave them) used to end "ok" with an accuracy computed from NaN outputs."""
     cfg = TrainConfig(model="tiny_cnn", method="none", epochs=1, limit=64, test_limit=64, batch_size=32,
@@ -65,17 +65,19 @@ def test_item01_non_finite_eval_outputs_are_a_collapse(tmp_path):
         real_init(self, *a, **k)
         blow_up.model = self.raw_model
 
-    E._Run.__init__, saved = init, E._Run.__init__
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(E._Run, "__init__", init)
         res = train(cfg, on_step=blow_up)
-    finally:
-        E._Run.__init__ = saved
     assert all(torch.isfinite(p).all() for p in blow_up.model.parameters())   # the weights are finite...
     assert res.status == "nan"                                                # ...the run collapsed all the same
     assert all(v != v for k, v in res.metrics.items() if k != "images_per_s")
     assert RunResult.load(cfg.out_dir).status == "nan"
     # the checkpoint says so too: resuming returns the collapse, it does not train on
     assert train(cfg.replace(epochs=3), resume=True).status == "nan"
+    # `pwsconv eval` of the collapsed checkpoint says so instead of printing an accuracy as if it meant something
+    capsys.readouterr()
+    rc, out, _ = cli(capsys, "eval", cfg.out_dir)
+    assert rc == 0 and "[collapsed: 359 images got non-finite outputs]" in out   # the whole digits test set
 
 
 def test_item01_evaluate_counts_non_finite_outputs():

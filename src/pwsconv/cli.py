@@ -226,14 +226,15 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
                         device=device)
         m = evaluate(model, loader, device=device)
         out = {"checkpoint": args.checkpoint, "dataset": name, "split": args.split, "folded": bool(spec.get("folded")),
-               "loss": m["loss"], "acc": m["acc"], "n": m["n"]}
+               "loss": m["loss"], "acc": m["acc"], "n": m["n"], "nonfinite": m["nonfinite"]}
         if args.json:
             from .train.checkpoint import dumps
 
             print(dumps(out))
         else:
             print(f"{name} {args.split}: loss {m['loss']:.4f} acc {m['acc']:.4f} ({100 * m['acc']:.2f}%, "
-                  f"n={m['n']}){' [folded]' if spec.get('folded') else ''}")
+                  f"n={m['n']}){' [folded]' if spec.get('folded') else ''}"
+                  + (f" [collapsed: {m['nonfinite']} images got non-finite outputs]" if m["nonfinite"] else ""))
         return 0
 
     return run
