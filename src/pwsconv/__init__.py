@@ -41,11 +41,12 @@ if TYPE_CHECKING:  # what static tools see: the eager imports
 
 def __getattr__(name: str) -> Any:
     import importlib
+    import importlib.util
 
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    elif name == "functional":
-        value = importlib.import_module(".functional", __name__)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)   # a subpackage: pwsconv.layers, pwsconv.methods, ...
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
