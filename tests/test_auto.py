@@ -281,13 +281,14 @@ def test_clip_w_fused_matches_per_layer():
 
 # ------------------------------------------------------------------------------------------------ λ of W from the SGD settings
 def test_auto_clip_w_formula():
-    from pwsconv.functional import AUTO_CLIP_K, auto_clip_w
+    from pwsconv.functional import AUTO_STEP, auto_clip_w
 
-    # k times the equilibrium ‖∂L/∂W_o‖/‖W_o‖ of a scale-invariant filter: sqrt(2·wd·(1 − m)/lr)
-    assert auto_clip_w(0.1, 5e-4, 0.9) == pytest.approx(AUTO_CLIP_K * 0.01 / 0.1 ** 0.5)
-    assert auto_clip_w(1.6, 5e-4, 0.9, k=1.0) == pytest.approx(0.01 / 1.6 ** 0.5)
-    assert auto_clip_w(0.4, 5e-4, 0.9) == pytest.approx(auto_clip_w(0.1, 5e-4, 0.9) / 2)   # ∝ 1/sqrt(lr)
-    for bad in ((0.0, 5e-4, 0.9), (0.1, 0.0, 0.9), (0.1, 5e-4, 1.0), (float("nan"), 5e-4, 0.9), ("x", 1, 0)):
+    # a bound on the update: lr·λ/(1 − m) = AUTO_STEP, so λ ∝ (1 − m)/lr
+    assert auto_clip_w(0.1, 0.9) == pytest.approx(AUTO_STEP * 0.1 / 0.1)
+    assert auto_clip_w(1.6, 0.9) == pytest.approx(AUTO_CLIP_W)        # the fixed λ is the rule at LR 1.6
+    assert auto_clip_w(0.4, 0.0) == pytest.approx(AUTO_STEP / 0.4)
+    assert auto_clip_w(0.8, 0.9, step=0.08) == pytest.approx(0.01)
+    for bad in ((0.0, 0.9), (0.1, 1.0), (float("nan"), 0.9), ("x", 0), (-1, 0.5)):
         assert auto_clip_w(*bad) is None
 
 
@@ -312,7 +313,7 @@ def test_auto_reads_its_lr_once_from_param_groups():
     assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(net))      # groups, but no LR in them yet
     opt = torch.optim.SGD(groups, lr=0.4, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], gamma=0.1)
-    want = auto_clip_w(0.4, 5e-4, 0.9)
+    want = auto_clip_w(0.4, 0.9)
     assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(net))
     opt.step()
     sched.step()                                                              # LR now 0.04: λ_W stays
@@ -364,6 +365,6 @@ def test_auto_lr_rule_is_the_same_after_resume():
     sched2.load_state_dict(saved[2])
     for _ in range(2):
         step(net2, opt2, sched2)
-    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.8, 5e-4, 0.9)) for m in _pws_layers(net2))
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.8, 0.9)) for m in _pws_layers(net2))
     for (k, p), (_, q) in zip(net.state_dict().items(), net2.state_dict().items()):
         assert torch.equal(p, q), k

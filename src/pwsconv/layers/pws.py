@@ -129,7 +129,7 @@ class PWSMixin(ReparamMixin):
 
     def link_optimizer_group(self, group: dict) -> None:
         """Called by :func:`pwsconv.param_groups` with the group that holds this layer's weight: ``gamma="auto"``
-        reads the learning rate, weight decay and momentum from it once the optimizer has filled them in."""
+        reads the learning rate and momentum from it once the optimizer has filled them in."""
         self.__dict__["_opt_group"] = _OptimizerGroup(group)
         self.__dict__["_auto_clip_w"] = None
 
@@ -138,8 +138,7 @@ class PWSMixin(ReparamMixin):
         group = link.group if link is not None else None
         if not group or "lr" not in group or "dampening" not in group:   # no SGD group (yet): the fixed λ
             return AUTO_CLIP_W
-        lam = auto_clip_w(group.get("initial_lr", group["lr"]), group.get("weight_decay", 0.0),
-                          group.get("momentum", 0.0))
+        lam = auto_clip_w(group.get("initial_lr", group["lr"]), group.get("momentum", 0.0))
         if lam is None:
             lam = AUTO_CLIP_W
         self.__dict__["_auto_clip_w"] = lam     # once: the LR the optimizer starts with, whatever the schedule does

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -17,17 +18,21 @@ __all__ = ["train_step"]
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                amp: torch.dtype | None = None, device_type: str = "cpu", scaler: Any = None,
-               before_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               before_step: Callable[[], None] | None = None,
+               loss_fn: Callable[[nn.Module, Any, Any], tuple[torch.Tensor, Any]] | None = None
+               ) -> tuple[torch.Tensor, Any]:
     """Gradients cleared (set to None), forward (under ``torch.autocast(device_type, amp)`` unless ``amp`` is None),
     cross-entropy of the logits in float32, backward (of the loss scaled by ``scaler``, a GradScaler, if given),
     ``before_step()`` (e.g. a probe of the gradients), and the optimizer step (through ``scaler``, which is then
-    updated). Returns the loss (not detached) and the logits."""
+    updated). Returns the loss (not detached) and the logits.
+
+    ``loss_fn(model, x, y) -> (loss, out)`` replaces forward + cross-entropy for other tasks (a torchvision detector:
+    ``lambda m, images, targets: (sum(m(images, targets).values()), None)``)."""
     opt.zero_grad(set_to_none=True)
-    if amp is None:
-        out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-    else:
-        with torch.autocast(device_type, dtype=amp):
+    with torch.autocast(device_type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        if loss_fn is not None:
+            loss, out = loss_fn(model, x, y)
+        else:
             out = model(x)
             loss = F.cross_entropy(out.float(), y)
     if scaler is None:

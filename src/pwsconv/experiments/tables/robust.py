@@ -9,6 +9,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from ...functional import auto_clip_w
 from ..sweep import RunSpec
 from ..table import ARCHS, ONE_ARCH, Context, Size, Curves, ErrVs, Table, grid, md_table, method_opts, paper_value
 from . import collapse, table1
@@ -21,14 +22,16 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "pws": ("pws", {"gamma": 1e-3}),
     "pws auto": ("pws", {"gamma": "auto"}),
 }
-#: the ablation rows vary one ingredient of auto
-ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+#: the ablation rows vary one ingredient of auto (options, or a function of the LR giving them)
+ABLATION: dict[str, tuple[str, Any]] = {
     "auto, clip 0.02": ("pws", {"gamma": "auto", "clip": 0.02}),
     "auto, clip 0.04": ("pws", {"gamma": "auto", "clip": 0.04}),
     "auto without clipping (γ rule only)": ("pws", {"gamma": "auto", "clip": 0}),
     "paper γ=1e-3 + clip 0.01 (no γ rule)": ("pws", {"gamma": 1e-3, "clip": 0.01}),
     "auto, W clipped at 0.01 too (round 2)": ("pws", {"gamma": "auto", "clip_w": 0.01}),
     "auto, W not clipped": ("pws", {"gamma": "auto", "clip_w": 0}),
+    "auto, step bound ×2 (0.32)": ("pws", lambda LR: {"gamma": "auto",
+                                                      "clip_w": float(f"{auto_clip_w(LR, 0.9, step=0.32):.6g}")}),
 }
 ABLATION_LRS = (0.1, 0.4, 1.6)
 BATCHES = (2, 4, 8, 128)
@@ -37,14 +40,15 @@ BATCHES = (2, 4, 8, 128)
 #: train) for ``SHORT_EPOCHS``
 LONG_LRS, SHORT_LRS = (0.05, 0.1), (0.4, 1.6, 3.2)
 SIZES = {**collapse.SIZES,
-         "medium": Size("cifar10", 20000, 2000, 12, 3, num_threads=1),
+         "medium": Size("cifar10", 10000, 2000, 8, 3, num_threads=1),
          "gpu": Size("cifar10", None, 5000, 20, 1, extra=(("amp", "bf16"), ("channels_last", True)))}
 SHORT_EPOCHS = {"medium": 4, "gpu": 5}
 _ARCHS = {**ARCHS,
-          "medium": [("plain", "convpool_cnn_c_small", {"width": 0.25}), ("residual", "resnet_cifar_small", {"width": 1.0})],
-          "gpu": ARCHS["full"]}
+          "medium": ARCHS["cpu"],
+          "gpu": ARCHS["full"][::-1]}   # the residual net first: its runs are the shortest
 #: the ablation rows of the long-schedule presets, at one short and one long LR on both nets
-_LONG_ABLATION = ("auto, W clipped at 0.01 too (round 2)",)
+_LONG_ABLATION = {"medium": ("auto, W clipped at 0.01 too (round 2)",),
+                  "gpu": ("auto, W clipped at 0.01 too (round 2)", "auto, W not clipped", "auto, step bound ×2 (0.32)")}
 _LONG_ABLATION_LRS = (0.1, 1.6)
 #: the three parts' axes per preset (smoke: no ablation)
 AXES = {
@@ -52,7 +56,7 @@ AXES = {
         "lr": dict(arch=_ARCHS[preset], method=list(methods), LR=lrs),
         "ablation": (None if preset == "smoke" else
                      dict(variant=list(enumerate(ABLATION))[:4], LR=ABLATION_LRS) if preset in ("cpu", "full") else
-                     dict(variant=[(i, n) for i, n in enumerate(ABLATION) if n in _LONG_ABLATION],
+                     dict(variant=[(i, n) for i, n in enumerate(ABLATION) if n in _LONG_ABLATION[preset]],
                           LR=_LONG_ABLATION_LRS)),
         "batch": dict(method=list(methods), batch=batches) if batches else None,
     }
@@ -91,6 +95,7 @@ def runs(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
     def ablation_run(arch: tuple, variant: tuple[int, str], LR: float, seed: int) -> RunSpec:
         (i, name), (label, model, mopts) = variant, arch
         method, opts = ABLATION[name]
+        opts = opts(LR) if callable(opts) else opts
         cfg = _lsize(preset, LR).config(model=model, model_opts=mopts, method=method, method_opts=dict(opts), lr=LR,
                                         seed=seed)
         return RunSpec(f"abl{i}_{label}_lr{LR:g}_s{seed}", cfg,
