@@ -278,8 +278,8 @@ def reproduce_extra(name: str, preset: str = "smoke", out_dir: str | None = None
         needs = ("torchvision",) if name == "imagenet_table5" else ("torchvision", "pycocotools")
         missing = [m for m in needs if importlib.util.find_spec(m) is None]
         if missing:
-            raise ReproduceError(f"{name} needs {' and '.join(missing)} (the detection extra): pip install -e "
-                                 "'.[detection]' (torchvision needs torch 2.14.1 here, see DEVELOPERS.md)")
+            raise ReproduceError(f"{name} needs {' and '.join(missing)} (the detection extra): pip install "
+                                 "torch==2.14.1 -e '.[detection]' (torchvision 0.29.1 needs exactly torch 2.14.1)")
     if name not in EXTRA_EXPERIMENTS:
         raise ReproduceError(f"unknown experiment {name!r}; choose one of {', '.join(EXTRA_EXPERIMENTS)}")
     out_dir = out_dir or os.path.join("results", "reproduce", f"{name}_{preset}")
