@@ -77,7 +77,7 @@ def test_item01_non_finite_eval_outputs_are_a_collapse(tmp_path, capsys):
     # `pwsconv eval` of the collapsed checkpoint says so instead of printing an accuracy as if it meant something
     capsys.readouterr()
     rc, out, _ = cli(capsys, "eval", cfg.out_dir)
-    assert rc == 0 and "[collapsed: 359 images got non-finite outputs]" in out   # the whole digits test set
+    assert rc == 0 and "[collapsed: 64 images got non-finite outputs]" in out   # the run's test_limit
 
 
 def test_item01_evaluate_counts_non_finite_outputs():
