@@ -526,10 +526,11 @@ def _bad_invocations(w) -> list[list]:
     def probe(*a):
         cases.append(["probe", "--out", w / "probe", "--no-progress", *a])
 
-    for flag, vals in (("--lr", ("-1", "0", "nan", "inf", "abc", "1e39", "1e300")), ("--steps", ("0", "-1", "abc", "1.5")),
-                       ("--batch-size", ("0", "-2", "10000000")), ("--every", ("0", "-1")),
-                       ("--gamma", ("-1", "nan", "inf", "abc", "0", "0.0")), ("--model", ("nope",)), ("--dataset", ("nope",)),
-                       ("--mode", ("nope",)), ("--seed", ("-1", str(2**70))), ("--methods", ("bogus", "pws:gamma=0"))):
+    for flag, vals in (("--lr", ("-1", "0", "nan", "inf", "abc", "1e39", "1e300")),
+                       ("--steps", ("0", "-1", "abc", "1.5")), ("--batch-size", ("0", "-2", "10000000")),
+                       ("--every", ("0", "-1")), ("--gamma", ("-1", "nan", "inf", "abc", "0", "0.0")),
+                       ("--model", ("nope",)), ("--dataset", ("nope",)), ("--mode", ("nope",)),
+                       ("--seed", ("-1", str(2**70))), ("--methods", ("bogus", "pws:gamma=0"))):
         for v in vals:
             probe(flag, v)
     cases.append(["probe", "--out", w / "afile", "--no-progress"])
