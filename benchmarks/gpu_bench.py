@@ -518,7 +518,8 @@ def to_markdown(res: dict[str, Any]) -> str:
             out.append("")
             if "seconds" in est and est["seconds"] is not None:
                 out.append(f"`pwsconv reproduce {est['table']} --preset {est['preset']} --dry-run`: {est['runs']} runs, about "
-                           f"{est['seconds'] / 3600:.2f} h one at a time (estimated in {est['took_s']} s"
+                           f"{est['seconds'] / 3600:.2f} h ({est['seconds'] / 60:.1f} min) one at a time (estimated in "
+                           f"{est['took_s']} s"
                            + ("; measured: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in est["rates"].items())
                               if est["rates"] else "") + ")")
             else:
