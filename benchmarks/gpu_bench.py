@@ -158,13 +158,26 @@ class Bench:
     def add_train(self, bf16: bool) -> None:
         group = "train bf16+CL" if bf16 else "train fp32"
         for label, (method, opts, fuse) in TRAIN_CASES.items():
-            def make(method=method, opts=opts, fuse=fuse) -> Callable[[], None]:
+            def make(method=method, opts=opts, fuse=fuse, label=label) -> Callable[[], None]:
                 net = self._resnet(method, opts).to(self.device)
                 if bf16:
                     net = net.to(memory_format=torch.channels_last)
                 x, y = self._x(self.a.batch, self.a.image, bf16)
+                if fuse and method == "pws":
+                    self._note_fusion(net, f"{group} / {label}")
                 return train_step_fn(net, x, y, lr=1e-3, fuse=fuse, amp=torch.bfloat16 if bf16 else None)
             self.cases.append(Case(group, label, make, self.a.batch))
+
+    def _note_fusion(self, net: nn.Module, where: str) -> None:
+        """A note when layers of a model prepared for the fused node would still standardize one by one (e.g. weights
+        in channels_last layout, which the fused node does not take)."""
+        from pwsconv.layers.pws import PWSMixin
+
+        layers = [m for m in net.modules() if isinstance(m, PWSMixin)]
+        alone = sum(m.fused_args() is None for m in layers)
+        if alone:
+            self.notes.append(f"{where}: {alone} of {len(layers)} PWS layers are not fusable here (fused_args() is "
+                              f"None: e.g. a channels_last weight) and standardize per layer")
 
     def add_infer(self) -> None:
         def make(label: str) -> Callable[[], Callable[[], None]]:
