@@ -15,13 +15,16 @@ ALLOWED = {
     "accel": {"functional"},
     "layers": {"functional", "accel"},
     "methods": {"layers", "accel", "functional"},
-    "_bnlike": {"layers", "accel", "functional"},
-    "convert": {"_bnlike", "methods", "layers", "accel", "functional"},
+    "_bnlike": set(),
+    "calibration": {"_bnlike", "layers", "accel", "functional"},
+    "folding": {"methods", "layers", "accel", "functional"},
+    "optim": set(),
+    "convert": {"_bnlike", "calibration", "folding", "optim", "methods", "layers", "accel", "functional"},
     "data": set(),
-    "models": {"methods", "convert", "layers", "accel", "functional"},
+    "models": {"methods", "convert", "folding", "optim", "layers", "accel", "functional"},
     "config": {"methods", "models", "data"},
-    "train": {"config", "models", "data", "methods", "convert", "layers", "accel", "functional"},
-    "diagnostics": {"convert", "layers", "accel", "functional"},
+    "train": {"config", "models", "data", "methods", "convert", "folding", "optim", "layers", "accel", "functional"},
+    "diagnostics": {"convert", "folding", "optim", "layers", "accel", "functional"},
 }
 
 

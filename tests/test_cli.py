@@ -137,6 +137,18 @@ def test_fold_round_trip(tmp_path, trained, capsys):
     assert run_cli(capsys, "fold", trained, folded_path, "--force")[0] == 0
 
 
+def test_fold_counts_the_batchnorms_it_merges(tmp_path, capsys):
+    """A BN run has no reparameterized layer: what fold does is merge every BN, and it says so."""
+    d = tmp_path / "bn"
+    assert main(["train", "--out-dir", str(d), "--method", "bn", "--lr", "0.02", "--max-steps", "1"] + SMALL) == 0
+    n_bn = sum(k.endswith("running_var") for k in torch.load(d / "checkpoint.pt", weights_only=True)["model"])
+    capsys.readouterr()
+    rc, out, _ = run_cli(capsys, "fold", d, tmp_path / "deploy.pt")
+    assert rc == 0 and n_bn > 0
+    assert f"folded {n_bn} layer(s)" in out and f"{n_bn} norm layer(s) merged into their conv" in out
+    assert not any(k.endswith("running_var") for k in torch.load(tmp_path / "deploy.pt", weights_only=True)["model"])
+
+
 def test_eval_options(trained, capsys):
     rc, out, _ = run_cli(capsys, "eval", trained, "--split", "train", "--limit", "64")
     assert rc == 0 and "train: loss" in out and "n=64" in out

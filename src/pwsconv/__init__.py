@@ -9,7 +9,9 @@ Eq. 12:  Ŵ_o = sqrt(2/n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ),   Y_o = �
 """
 
 from . import functional
-from .convert import convert, fold, is_norm_layer, param_groups
+from .convert import convert
+from .folding import fold
+from .optim import is_norm_layer, param_groups
 from .functional import pws_weight
 from .layers.pws import (
     PWSConv1d,

@@ -230,7 +230,7 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
     def run(args: argparse.Namespace) -> int:
-        from . import fold
+        from .folding import fold_report
         from .train.checkpoint import MODEL_FORMAT, atomic_save
 
         from .train.checkpoint import verify_checkpoint
@@ -250,15 +250,14 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError(f"OUT {args.out} is the training checkpoint of a run directory; replacing it would "
                              "make the run impossible to resume — choose another OUT")
         model, spec, ck = _load_model(src)
-        n_reparam = sum(1 for m in model.modules() if callable(getattr(m, "to_plain", None)))
-        folded = fold(model.eval())
-        n_left = sum(1 for m in folded.modules() if callable(getattr(m, "to_plain", None)))
+        folded, report = fold_report(model.eval())
         spec = {**spec, "folded": True}
         atomic_save({"format": MODEL_FORMAT, "version": 1, "model_spec": spec, "model": folded.state_dict(),
                      "config": ck.get("config") or {}, "source": os.path.abspath(args.checkpoint)}, args.out)
         kinds = sorted({type(m).__name__ for m in folded.modules() if len(list(m.children())) == 0
                         and any(True for _ in m.parameters(recurse=False))})
-        print(f"folded {n_reparam - n_left} layer(s) of {spec['model']} ({spec['method']}) into plain layers → {args.out}")
+        print(f"folded {len(report.plain) + len(report.merged)} layer(s) of {spec['model']} ({spec['method']}) into "
+              f"plain layers ({report.summary()}) → {args.out}")
         print(f"layers with parameters now: {', '.join(kinds)}; evaluate with: pwsconv eval {args.out}")
         return 0
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..convert import param_groups
+from ..optim import param_groups
 from ..config import ConfigError
 from ..train import distributed as D
 from ..train.checkpoint import atomic_save, atomic_write_text, dumps, load_checkpoint, rng_state, set_rng_state

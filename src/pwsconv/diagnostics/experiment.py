@@ -362,7 +362,7 @@ def run_probe_experiment(
         raise ValueError("methods must name at least one normalization method")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    from ..convert import param_groups
+    from ..optim import param_groups
     from .records import summarize
 
     loss_fn = loss_fn or F.cross_entropy

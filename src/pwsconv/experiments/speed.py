@@ -68,7 +68,7 @@ def train_step_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 
     (:func:`pwsconv.train.step.train_step`, float32): SGD momentum 0.9 with weight decay 5e-4 (none on α), PWS layers
     standardized in one node when ``fuse``, α·Ŵ rebuilt in backward when also ``recompute``, and ``extra()`` called
     between backward and the optimizer step."""
-    from ..convert import param_groups
+    from ..optim import param_groups
 
     net.train()
     _prepare_model(net, fuse, recompute)

@@ -18,12 +18,12 @@ from typing import Any
 
 from torch import nn
 
-from ._base import (CONV_CLASSES, Method, MethodError, MethodOptionError, UnknownMethodError, gn_groups,
+from ._base import (CONV_CLASSES, FoldStats, Method, MethodError, MethodOptionError, UnknownMethodError, gn_groups,
                     plain_conv)
 
 __all__ = ["Method", "NormMethod", "MethodError", "UnknownMethodError", "MethodOptionError", "register_method",
            "get_method", "available_methods", "build_conv", "build_norm", "build_linear", "prepare_for_training",
-           "methods_table", "gn_groups", "plain_conv", "CONV_CLASSES"]
+           "norm_fold_stats", "methods_table", "gn_groups", "plain_conv", "CONV_CLASSES"]
 
 #: the name of :class:`Method` in earlier releases
 NormMethod = Method
@@ -101,6 +101,17 @@ def prepare_for_training(model: nn.Module, method: str | Method | None = None, *
     for m in (_REGISTRY.values() if method is None else (get_method(method),)):
         if m.prepare is not None:
             m.prepare(model, fuse=fuse, recompute=recompute)
+
+
+def norm_fold_stats(layer: nn.Module) -> FoldStats | None:
+    """How ``layer`` folds into the conv before it, as the method whose output norm it is declares
+    (:attr:`Method.fold_norm`); ``None`` when no registered method's norm folds it (now)."""
+    for m in _REGISTRY.values():
+        if m.fold_norm is not None:
+            stats = m.fold_norm(layer)
+            if stats is not None:
+                return stats
+    return None
 
 
 def methods_table() -> str:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["Method", "MethodError", "UnknownMethodError", "MethodOptionError", "plain_conv", "gn_groups",
-           "CONV_CLASSES", "by_dim"]
+           "CONV_CLASSES", "by_dim", "FoldStats"]
+
+#: what :attr:`Method.fold_norm` returns: (mean, var, eps, weight, bias) of an eval-mode per-channel norm
+FoldStats = tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]
 
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -38,7 +41,16 @@ class Method:
         conv_bias: whether the conv of a unit carries a bias (False when the output norm has its own shift).
         linear: optional ``linear(in_features, out_features, bias, **conv_options)`` for classifier heads.
         transposed: optional factory for transposed convs (the ``conv`` arguments plus ``output_padding``).
+        lazy: optional ``lazy(dim, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            **conv_options)`` → a conv that takes its input channels from the first batch (what
+            :func:`pwsconv.convert` makes of an uninitialized ``nn.LazyConv*d``).
         conv_options / norm_options: the options the method declares, and the factory each one goes to.
+        keeps_batchnorm: :func:`pwsconv.convert` leaves a model's BatchNorm layers as they are (the method's output
+            norm is BatchNorm itself: statistics, affine and timm's BN+activation layers are kept).
+        fold_norm: optional ``fold_norm(layer)`` → how a layer of this method's output norm folds into the conv
+            before it at inference: its eval statistics ``(mean, var, eps, weight, bias)`` (the layer computes
+            ``(x − mean) / sqrt(var + eps) · weight + bias``), or ``None`` when ``layer`` is not such a norm or
+            cannot fold now (training mode, no running statistics). :func:`pwsconv.fold` merges it into that conv.
         prepare: optional ``prepare(model, fuse=..., recompute=...)`` the training engine calls before training
             (PWS: :func:`pwsconv.fuse_standardization`).
         batch_dependent / foldable / extra_params / reference: documentation (``foldable``: :func:`pwsconv.fold`
@@ -52,8 +64,11 @@ class Method:
     conv_bias: bool = True
     linear: Callable[..., nn.Module] | None = None
     transposed: Callable[..., nn.Module] | None = None
+    lazy: Callable[..., nn.Module] | None = None
     conv_options: frozenset[str] = field(default_factory=frozenset)
     norm_options: frozenset[str] = field(default_factory=frozenset)
+    keeps_batchnorm: bool = False
+    fold_norm: Callable[[nn.Module], FoldStats | None] | None = None
     prepare: Callable[..., Any] | None = None
     batch_dependent: bool = False
     foldable: bool = True
