@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             fns = {"none": make(build_model, "none", train_step_fn), "bn": make(build_model, "bn", train_step_fn),
                    "pws before": make(before_build, "pws", before_step),
                    "pws after": make(build_model, "pws", train_step_fn),
-                   # issue 13: the per-layer path (one layer_norm per layer, no fused node) decides whether fusion pays
+                   # the per-layer path (one layer_norm per layer, no fused node) decides whether fusion pays
                    "pws after (unfused)": make(build_model, "pws", train_step_fn, fuse=False),
                    "pws after (recompute)": make(build_model, "pws", train_step_fn, recompute=True),
-                   # issue 12: the stabilized layer (same forward, clipped gradients) against paper PWS
+                   # the stabilized layer (same forward, clipped gradients) against paper PWS
                    "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"})}
             t = timed_interleaved(fns, "cpu", a.repeats, a.warmup, clock=clock)
             row = dict(model=model, batch=b, none_ms=t["none"] * 1e3,

@@ -1,4 +1,4 @@
-"""How close a converted BN model starts to the original with ``convert(..., copy_weights=True)`` (issue 15).
+"""How close a converted BN model starts to the original with ``convert(..., copy_weights=True)``.
 
 A torchvision / timm model with random init is made "pretrained-like" by BN-statistics warm-up (train-mode forwards
 on 512 real CIFAR-10 test images, cumulative averages), then converted. On 2,000 other CIFAR-10 test images it

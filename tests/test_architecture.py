@@ -88,3 +88,30 @@ def test_the_pws_layer_file_is_short_and_shows_eq_12():
     assert "Ŵ_o = sqrt(2/n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ)" in text
     for acceleration in ("_accel_cache", "ContextVar", "saved_tensors_hooks", "register_forward_pre_hook"):
         assert acceleration not in text
+
+
+def _module_imports(path: pathlib.Path) -> set[str]:
+    """The pwsconv modules (dotted, relative to the package) a file imports, module level or inside functions."""
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    pkg = list(rel[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+            parts = base + (node.module.split(".") if node.module else [])
+            for a in node.names:   # ``from .x import y``: y may be a submodule of x
+                sub = parts + [a.name]
+                as_module = ROOT.joinpath(*sub).with_suffix(".py").exists() or ROOT.joinpath(*sub).is_dir()
+                out.add(".".join(sub if as_module else parts))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pwsconv."):
+            out.add(node.module.split(".", 1)[1])
+    return {m for m in out if m}
+
+
+def test_no_two_modules_import_each_other():
+    """Modules (package ``__init__`` files aside, which gather their submodules) form no import cycle."""
+    files = {".".join(f.relative_to(ROOT).with_suffix("").parts): f for f in ROOT.rglob("*.py")
+             if f.name != "__init__.py"}
+    graph = {m: {i for i in _module_imports(f) if i in files and i != m} for m, f in files.items()}
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
+    assert cycles == []

@@ -1,4 +1,4 @@
-"""gamma="auto" (issue 12): the stabilized PWS layer — γ relative to the He-init filter variance plus unit-wise
+"""gamma="auto": the stabilized PWS layer — γ relative to the He-init filter variance plus unit-wise
 adaptive gradient clipping of W, α and β inside the layer. Its forward is eq. 12 (so it folds, is batch-independent
 and round-trips through state_dict); only the gradients reaching the parameters are clipped."""
 

@@ -26,8 +26,7 @@ from .layers.pws import (
 )
 from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
 from .layers.same import Conv2dSame, PWSConv2dSame
-from .methods import (Method, NormMethod, available_methods, build_conv, build_linear, build_norm, get_method,
-                      register_method)
+from .methods import Method, available_methods, build_conv, build_linear, build_norm, get_method, register_method
 
 __version__ = "0.1.0"
 
@@ -53,7 +52,6 @@ __all__ = [
     "param_groups",
     "is_norm_layer",
     "Method",
-    "NormMethod",
     "available_methods",
     "get_method",
     "register_method",

@@ -116,15 +116,16 @@ class DetConfig:
         return self.name or os.path.basename(os.path.normpath(self.out_dir))
 
     def validate(self) -> "DetConfig":
-        from .models import DETECTOR_METHODS, DETECTORS
+        from ..methods import available_methods
+        from .models import DETECTORS
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
 
         need(self.model in DETECTORS, f"unknown detector {self.model!r}; choose one of {', '.join(DETECTORS)}")
-        need(self.method in DETECTOR_METHODS, f"unknown method {self.method!r}; choose one of "
-                                              f"{', '.join(DETECTOR_METHODS)}")
+        need(self.method in available_methods(), f"unknown method {self.method!r}; choose one of "
+                                                 f"{', '.join(available_methods())}")
         need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")

@@ -166,7 +166,7 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
             loss = loss_fn(out, y)
             probe.log("loss", float(loss.detach()))
             if isinstance(out, torch.Tensor) and out.is_floating_point():
-                probe.log("logit_std", float(out.detach().float().std()))   # the logit scale (issue 12)
+                probe.log("logit_std", float(out.detach().float().std()))   # the logit scale
             if not _is_finite(loss):
                 collapsed_at = step
                 probe.step()  # keep this step's forward statistics (NaN/inf recorded as NaN)

@@ -21,12 +21,9 @@ from torch import nn
 from ._base import (CONV_CLASSES, FoldStats, Method, MethodError, MethodOptionError, UnknownMethodError, gn_groups,
                     plain_conv)
 
-__all__ = ["Method", "NormMethod", "MethodError", "UnknownMethodError", "MethodOptionError", "register_method",
+__all__ = ["Method", "MethodError", "UnknownMethodError", "MethodOptionError", "register_method",
            "get_method", "available_methods", "build_conv", "build_norm", "build_linear", "prepare_for_training",
            "norm_fold_stats", "methods_table", "gn_groups", "plain_conv", "CONV_CLASSES"]
-
-#: the name of :class:`Method` in earlier releases
-NormMethod = Method
 
 #: the built-in methods, one module each, in the order of the docs' table
 _BUILTIN = ("none", "bn", "gn", "instance", "ln", "pws", "sn", "wn", "ws", "sws", "mabn")

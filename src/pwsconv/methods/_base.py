@@ -47,6 +47,8 @@ class Method:
         conv_options / norm_options: the options the method declares, and the factory each one goes to.
         keeps_batchnorm: :func:`pwsconv.convert` leaves a model's BatchNorm layers as they are (the method's output
             norm is BatchNorm itself: statistics, affine and timm's BN+activation layers are kept).
+        ln_io: the paper's ImageNet setting for this method: the ImageNet ResNet gets LayerNorm after its stem and
+            before its global pooling (``ln_io=None`` of :func:`pwsconv.models.resnet.imagenet_resnet`; PWS, Table 5).
         fold_norm: optional ``fold_norm(layer)`` → how a layer of this method's output norm folds into the conv
             before it at inference: its eval statistics ``(mean, var, eps, weight, bias)`` (the layer computes
             ``(x − mean) / sqrt(var + eps) · weight + bias``), or ``None`` when ``layer`` is not such a norm or
@@ -69,6 +71,7 @@ class Method:
     norm_options: frozenset[str] = field(default_factory=frozenset)
     keeps_batchnorm: bool = False
     fold_norm: Callable[[nn.Module], FoldStats | None] | None = None
+    ln_io: bool = False
     prepare: Callable[..., Any] | None = None
     batch_dependent: bool = False
     foldable: bool = True

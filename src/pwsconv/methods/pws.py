@@ -25,4 +25,4 @@ METHOD = Method(
     transposed=by_dim({1: PWSConvTranspose1d, 2: PWSConvTranspose2d, 3: PWSConvTranspose3d}),
     lazy=by_dim({1: LazyPWSConv1d, 2: LazyPWSConv2d, 3: LazyPWSConv3d}),
     conv_options=frozenset({"gamma", "use_alpha", "use_gain", "fan_mode", "equiv", "data_init_alpha", "clip"}),
-    prepare=_prepare, extra_params="α per filter", reference="Liu et al. 2021 (this paper)")
+    prepare=_prepare, ln_io=True, extra_params="α per filter", reference="Liu et al. 2021 (this paper)")
