@@ -18,7 +18,7 @@ machine load hit every method alike):
 
 Usage::
 
-    python benchmarks/bench_methods.py --suite all --out benchmarks/results   # writes results.json / results.md
+    python benchmarks/bench_methods.py --suite all --out results/benchmarks/all   # writes results.json / results.md
     python benchmarks/bench_methods.py --suite train --models resnet_cifar_small --batch-sizes 2 32 128
 """
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="results/benchmarks/latest")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     suites = {"train", "infer", "fold", "memory", "probe", "scaling", "floor"} if "all" in a.suite else set(a.suite)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every benchmark suite on a CUDA GPU in one call (the GPU targets of BENCHMARKS.md), results in
-# benchmarks/results_gpu/<suite>/ (results.json + results.md, the GPU named in "machine").
+# results/benchmarks/gpu/<suite>/ (results.json + results.md, the GPU named in "machine").
 # Sized to finish in well under 10 minutes on one H100/H200; pass a smaller REPEATS to go faster.
 #   bash benchmarks/run_gpu.sh            # needs torch with CUDA and `pip install -e .`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device')"
 REPEATS=${REPEATS:-25}
-OUT=benchmarks/results_gpu
+OUT=results/benchmarks/gpu
 B=benchmarks/bench_methods.py
 ALL="none bn gn in ln sn wn ws sws mabn pws"
 python $B --device cuda --suite train --models resnet_cifar convpool_cnn_c vgg16 --methods $ALL \

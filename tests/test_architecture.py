@@ -115,3 +115,10 @@ def test_no_two_modules_import_each_other():
     graph = {m: {i for i in _module_imports(f) if i in files and i != m} for m, f in files.items()}
     cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
     assert cycles == []
+
+
+def test_code_lives_in_src_or_benchmarks_and_results_in_results():
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    code = sorted(str(p.relative_to(repo)) for p in (repo / "results").rglob("*") if p.suffix in (".py", ".sh"))
+    assert code == []
+    assert sorted(p.name for p in (repo / "benchmarks").iterdir() if p.name.startswith("results")) == []
