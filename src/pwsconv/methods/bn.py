@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._base import FoldStats, Method, plain_conv
+from ._base import EPS, MOMENTUM, FoldStats, Method, plain_conv
 
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -17,6 +17,6 @@ def _fold_norm(m: nn.Module) -> FoldStats | None:
 
 
 METHOD = Method("bn", "outputs, per channel over (N, H, W)", plain_conv, lambda c, dim, **kw: _BN[dim](c, **kw),
-                False, norm_options=frozenset({"eps", "momentum"}), keeps_batchnorm=True, fold_norm=_fold_norm,
+                False, norm_options=(EPS, MOMENTUM), keeps_batchnorm=True, fold_norm=_fold_norm,
                 batch_dependent=True,
                 extra_params="γ, β per channel; running mean/var", reference="Ioffe & Szegedy 2015")
