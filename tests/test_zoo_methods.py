@@ -421,7 +421,7 @@ def test_unknown_options_are_refused():
     ("pws", {"clip": float("nan")}, "clip must be a finite number ≥ 0 or null"),
     ("gn", {"groups": 0}, "groups must be an integer ≥ 1"),
     ("bn", {"momentum": 1.5}, "momentum must be a finite number in [0, 1] or null"),
-    ("mabn", {"batch_size": 3}, "real_batch_size (32) must be a multiple of batch_size (3)"),
+    ("mabn", {"batch_size": 3}, "real_batch_size (32, the batch size to simulate) must be divisible by batch_size (3"),
     ("sws", {"floor": True, "eps": 0.0}, "floor=True needs eps > 0"),
 ])
 def test_options_are_checked_once_against_the_declaration_at_every_entry(method, opts, needle):

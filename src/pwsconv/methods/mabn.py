@@ -26,7 +26,8 @@ def _check(opts: Mapping[str, Any]) -> None:
     b = opts.get("batch_size", MABN_DEFAULT_BATCH_SIZE)
     real = opts.get("real_batch_size", MABN_DEFAULT_REAL_BATCH_SIZE)
     if real % b:
-        raise ValueError(f"real_batch_size ({real}) must be a multiple of batch_size ({b})")
+        raise ValueError(f"real_batch_size ({real}, the batch size to simulate) must be divisible by batch_size ({b}, "
+                         "the real batch size per device)")
 
 
 def _fold_norm(m: nn.Module) -> FoldStats | None:
