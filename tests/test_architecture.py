@@ -122,3 +122,24 @@ def test_code_lives_in_src_or_benchmarks_and_results_in_results():
     code = sorted(str(p.relative_to(repo)) for p in (repo / "results").rglob("*") if p.suffix in (".py", ".sh"))
     assert code == []
     assert sorted(p.name for p in (repo / "benchmarks").iterdir() if p.name.startswith("results")) == []
+
+
+def test_no_code_outside_the_registry_branches_on_a_method_name():
+    """``method == "pws"`` and the like live only in ``methods/`` (and the paper's tables): the rest asks the method
+    what it declares (``keeps_batchnorm``, ``fold_norm``, ``ln_io``, ``lazy``, ``spatial_stats``, options)."""
+    names = set(pwsconv.available_methods())
+    bad = []
+    for f in sorted(ROOT.rglob("*.py")):
+        rel = f.relative_to(ROOT)
+        if rel.parts[0] == "methods" or rel.parts[:2] == ("experiments", "tables") or rel.as_posix() == \
+                "experiments/table.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Compare) or "method" not in ast.unparse(node).lower():
+                continue
+            for side in (node.left, *node.comparators):
+                elts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                hits = [e.value for e in elts if isinstance(e, ast.Constant) and e.value in names]
+                if hits:
+                    bad.append(f"{rel}:{node.lineno} compares with {hits}")
+    assert bad == []

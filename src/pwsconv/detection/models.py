@@ -99,7 +99,7 @@ def _ssd_vgg16(num_classes: int, size: int, method: str, method_opts: Mapping[st
     extractor = SSDFeatureExtractorVGG(vgg.features, highres=False)
     _norm_after_every_conv(extractor.extra)          # fc6/fc7 and conv8_2…conv11_2 normalized too
     last = "extra.4.4"                                # the norm after conv11_2, whose map is 1×1
-    one_by_one = method.lower() in ("in",)            # per-instance spatial statistics of one pixel are undefined
+    one_by_one = get_method(method.lower()).spatial_stats   # per-instance statistics of one pixel are undefined
     extractor = _convert_backbone(extractor, method, method_opts, copy_weights=False,
                                   exclude=(last,) if one_by_one else ())
     if one_by_one:

@@ -56,6 +56,8 @@ class Method:
             norm is BatchNorm itself: statistics, affine and timm's BN+activation layers are kept).
         ln_io: the paper's ImageNet setting for this method: the ImageNet ResNet gets LayerNorm after its stem and
             before its global pooling (``ln_io=None`` of :func:`pwsconv.models.resnet.imagenet_resnet`; PWS, Table 5).
+        spatial_stats: the output norm's statistics are per sample and channel over the spatial positions (undefined on
+            a 1×1 map: the SSD backbone leaves its last norm, after a 1×1 map, as it is).
         fold_norm: optional ``fold_norm(layer)`` → how a layer of this method's output norm folds into the conv
             before it at inference: its eval statistics ``(mean, var, eps, weight, bias)`` (the layer computes
             ``(x − mean) / sqrt(var + eps) · weight + bias``), or ``None`` when ``layer`` is not such a norm or
@@ -80,6 +82,7 @@ class Method:
     keeps_batchnorm: bool = False
     fold_norm: Callable[[nn.Module], FoldStats | None] | None = None
     ln_io: bool = False
+    spatial_stats: bool = False
     prepare: Callable[..., Any] | None = None
     batch_dependent: bool = False
     foldable: bool = True
