@@ -24,7 +24,7 @@ ALLOWED = {
     "models": {"methods", "convert", "folding", "optim", "layers", "accel", "functional"},
     "config": {"methods", "models", "data"},
     "train": {"config", "models", "data", "methods", "convert", "folding", "optim", "layers", "accel", "functional"},
-    "diagnostics": {"convert", "folding", "optim", "layers", "accel", "functional"},
+    "diagnostics": {"convert", "folding", "optim", "train", "layers", "accel", "functional"},
 }
 
 
@@ -143,3 +143,12 @@ def test_no_code_outside_the_registry_branches_on_a_method_name():
                 if hits:
                     bad.append(f"{rel}:{node.lineno} compares with {hits}")
     assert bad == []
+
+
+def test_backward_is_called_only_by_the_one_training_step():
+    calls = []
+    for f in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "backward":
+                calls.append(f"{f.relative_to(ROOT).as_posix()}:{node.lineno}")
+    assert calls and {c.partition(":")[0] for c in calls} == {"train/step.py"}, calls

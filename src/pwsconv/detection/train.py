@@ -43,8 +43,9 @@ from ..train import distributed as D
 from ..train.checkpoint import atomic_save, atomic_write_text, dumps, load_checkpoint, rng_state, set_rng_state
 from ..train.engine import RunResult, check_device, resolve_device
 from ..train.rundir import check_output_dir, lock_run_dir, remove_stale_temps
+from ..train.step import train_step
 
-__all__ = ["DetConfig", "train_detector", "DET_CHECKPOINT_FORMAT", "DATASETS"]
+__all__ = ["DetConfig", "train_detector", "detection_loss", "DET_CHECKPOINT_FORMAT", "DATASETS"]
 
 DET_CHECKPOINT_FORMAT = "pwsconv-detection-checkpoint"
 DATASETS = ("voc", "coco")
@@ -150,6 +151,13 @@ class DetConfig:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def detection_loss(model: nn.Module, images: Any, targets: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The detection task's loss for :func:`pwsconv.train.step.train_step`: torchvision's detectors return a dict
+    of losses in training mode; their sum is minimized. Returns (the sum, the dict)."""
+    losses = model(images, targets)
+    return sum(losses.values()), losses
+
+
 def _lr_at(cfg: DetConfig, epoch: int, step: int) -> float:
     lr = cfg.lr * cfg.lr_decay ** sum(1 for m in cfg.milestones if epoch >= m)
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -379,6 +387,12 @@ def _run(cfg: DetConfig, out_dir: str, dist: D.DistInfo, device: torch.device, r
         except ImportError:
             show = False
     final: dict[str, Any] = {}
+    amp = torch.bfloat16 if cfg.amp == "bf16" else None
+
+    def clip() -> None:
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+
     while status == "running" and step < max_steps:
         train_loader.set_epoch(epoch)
         if batch:
@@ -392,14 +406,8 @@ def _run(cfg: DetConfig, out_dir: str, dist: D.DistInfo, device: torch.device, r
             lr = _lr_at(cfg, epoch, step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext():
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            opt.step()
+            loss, _ = train_step(model, opt, images, targets, loss_fn=detection_loss, amp=amp,
+                                 device_type=device.type, before_step=clip)
             step, batch = step + 1, i + 1
             lv = float(loss.detach())
             loss_sum, loss_n = loss_sum + lv * len(images), loss_n + len(images)

@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from ..train.step import train_step
 from .plots import plot_figure1, plot_figure2, plot_figure6, plot_variance_transmission
 from .probe import VarianceProbe
 from .records import Record, layer_profile, write_csv, write_jsonl
@@ -109,6 +110,12 @@ def measure_without_update(
     saved_bufs = [b.detach().clone() for b in bufs] if restore else []
     if probe is None:
         probe = VarianceProbe(model, optimizer=optimizer, lr=lr, every=every)
+    task_loss = _task_loss(loss_fn)
+
+    def record(loss: Tensor, out: Any) -> bool:   # between forward and backward: no backward of a non-finite loss
+        probe.log("loss", float(loss.detach()))
+        return _is_finite(loss)
+
     try:
         probe.attach()
         it = _batch_iter(batches)
@@ -116,13 +123,10 @@ def measure_without_update(
             if steps is not None and i >= steps:
                 break
             x, y = _to(batch[0], device), _to(batch[1], device)
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            probe.log("loss", float(loss.detach()))
+            loss, _ = train_step(model, None, x, y, loss_fn=task_loss, after_forward=record)   # gradients only
             if not _is_finite(loss):
                 probe.step()
                 continue
-            loss.backward()
             if optimizer is not None:
                 before = [p.detach().clone() for p in params]
                 state = copy.deepcopy(optimizer.state_dict())
@@ -151,6 +155,14 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
     device = _model_device(model)
     probe = VarianceProbe(model, optimizer=optimizer, every=every)
     collapsed_at: int | None = None
+    task_loss = _task_loss(loss_fn)
+
+    def record(loss: Tensor, out: Any) -> bool:   # between forward and backward: the loss and the logit scale
+        probe.log("loss", float(loss.detach()))
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            probe.log("logit_std", float(out.detach().float().std()))   # the logit scale
+        return _is_finite(loss)   # a non-finite loss: no backward, no update
+
     with probe:
         it = _batch_iter(batches)
         for step in _progress(range(steps), steps, desc, progress):
@@ -161,19 +173,21 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
                 if batch is None:
                     break
             x, y = _to(batch[0], device), _to(batch[1], device)
-            optimizer.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = loss_fn(out, y)
-            probe.log("loss", float(loss.detach()))
-            if isinstance(out, torch.Tensor) and out.is_floating_point():
-                probe.log("logit_std", float(out.detach().float().std()))   # the logit scale
+            loss, _ = train_step(model, optimizer, x, y, loss_fn=task_loss, after_forward=record)
             if not _is_finite(loss):
                 collapsed_at = step
                 probe.step()  # keep this step's forward statistics (NaN/inf recorded as NaN)
                 break
-            loss.backward()
-            optimizer.step()
     return probe, collapsed_at
+
+
+def _task_loss(loss_fn: Callable) -> Callable[[nn.Module, Any, Any], tuple[Tensor, Any]]:
+    """The probe's ``loss_fn(output, y)`` as the training step's task loss ``(model, x, y) -> (loss, output)``."""
+    def task(model: nn.Module, x: Any, y: Any) -> tuple[Tensor, Any]:
+        out = model(x)
+        return loss_fn(out, y), out
+
+    return task
 
 
 def _reusable(batches: Batches, steps: int | None) -> Batches:
