@@ -15,7 +15,7 @@ from torch.func import functional_call
 import pwsconv
 from pwsconv import PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose2d, PWSLinear
 from pwsconv.models import build_model
-from pwsconv.functional import AUTO_CLIP, AUTO_GAMMA, check_clip, unit_clip
+from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, check_clip, unit_clip
 
 F64 = torch.float64
 
@@ -230,3 +230,50 @@ def test_gradcheck_fused_node_with_inactive_clipping():
         return tuple(pws_weights_fused([w0, w1], [a0, a1], [1e-3, 1e-3], [0.5, 0.5], [1e12, 1e12]))
 
     assert gradcheck(fn, (ws[0], als[0], ws[1], als[1]), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ λ of W apart from α, β
+@pytest.mark.parametrize("name", LAYERS)
+def test_clip_w_clips_filters_apart_from_alpha_and_beta(name):
+    """``clip_w`` is the λ of W's filters, ``clip`` the λ of α and β: each bound holds with its own λ."""
+    layer, x = make(name, gamma="auto", clip=0.05, clip_w=0.002)
+    ref, _ = make(name, gamma="auto", clip=0)
+    assert (layer.clip_lambda, layer.clip_w_lambda) == (0.05, 0.002)
+    for m in (layer, ref):
+        (m(x).square().sum() * 1e3).backward()
+    gw, gr, w = filters(layer, layer.weight.grad), filters(ref, ref.weight.grad), filters(layer, layer.weight)
+    ratio = gw.norm(dim=1) / w.detach().norm(dim=1)
+    assert (ratio <= 0.002 * (1 + 1e-4)).all() and (ratio > 0.002 * 0.999).any()
+    torch.testing.assert_close(gw.mean(1), torch.zeros(gw.shape[0]), rtol=0, atol=1e-7)   # eq. 13
+    for p, pr in ((layer.alpha, ref.alpha), (layer.bias, ref.bias)):
+        bound = 0.05 * p.detach().abs().clamp_min(1e-3)
+        torch.testing.assert_close(p.grad, pr.grad.clamp(-bound, bound))
+
+
+def test_clip_w_defaults_and_validation():
+    auto, paper = PWSConv2d(3, 4, 3, gamma="auto"), PWSConv2d(3, 4, 3)
+    assert (auto.clip_lambda, auto.clip_w_lambda) == (AUTO_CLIP, AUTO_CLIP_W)
+    assert (paper.clip_lambda, paper.clip_w_lambda) == (0.0, 0.0)
+    # an explicit clip covers W too unless clip_w says otherwise (the rows of earlier releases keep their meaning)
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.02).clip_w_lambda == 0.02
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.02, clip_w=0).clip_w_lambda == 0.0
+    assert PWSConv2d(3, 4, 3, clip_w=0.1).clip_lambda == 0.0
+    assert "clip_w=0.1" in repr(PWSConv2d(3, 4, 3, clip_w=0.1))
+    with pytest.raises(ValueError, match="clip"):
+        PWSConv2d(3, 4, 3, clip_w=-0.1)
+    assert pwsconv.build_conv("pws", 2, 3, 4, 3, gamma="auto", clip_w=0.2).clip_w_lambda == 0.2
+
+
+def test_clip_w_fused_matches_per_layer():
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto", "clip": 0.03, "clip_w": 0.005},
+                      in_channels=1)
+    fused = copy.deepcopy(net)
+    handle = pwsconv.fuse_standardization(fused)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    for m in (net, fused):
+        m.train()
+        (torch.nn.functional.cross_entropy(m(x), y) * 1e3).backward()
+    for (k, p), (_, q) in zip(net.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=k)
+    handle.remove()

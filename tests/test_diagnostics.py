@@ -542,3 +542,25 @@ def test_run_probe_experiment(tmp_path):
     assert res["collapsed"]["none"] is not None
     assert any(math.isnan(r["value"]) for r in res["records"]["none"])
     assert (tmp_path / "collapse" / "records.jsonl").exists()
+
+
+def test_clip_fraction_of_auto_layers():
+    """gamma="auto": the probe records the share of filters / α / β entries held at the clipping bound — all of
+    them under a tiny λ and a large loss, none under a huge λ; layers that do not clip record nothing of it."""
+    def fracs(**opts):
+        torch.manual_seed(0)
+        model = pwsconv.convert(TinyResNet(), method="pws", **opts).to(D)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with VarianceProbe(model, optimizer=opt) as probe:
+            for x, y in data(1):
+                opt.zero_grad()
+                (F.cross_entropy(model(x), y) * 1e3).backward()
+                opt.step()
+        return {s: [r["value"] for r in select(probe.records, s, layer="block1.conv1")]
+                for s in ("w_clip_frac", "alpha_clip_frac", "bias_clip_frac")}
+
+    tight = fracs(gamma="auto", clip=1e-6, clip_w=1e-6)
+    assert tight["w_clip_frac"] == [1.0] and tight["alpha_clip_frac"] == [1.0]
+    loose = fracs(gamma="auto", clip=1e9, clip_w=1e9)
+    assert loose["w_clip_frac"] == [0.0] and loose["alpha_clip_frac"] == [0.0]
+    assert fracs(gamma=1e-3) == {"w_clip_frac": [], "alpha_clip_frac": [], "bias_clip_frac": []}

@@ -22,14 +22,16 @@ import torch.nn.functional as F
 
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
-           "AUTO_CLIP"]
+           "AUTO_CLIP", "AUTO_CLIP_W"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
 #: the layer's width (Fig. 2), and γ never dominates the variance of a wide layer at init.
 AUTO_GAMMA = 1e-3
-#: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of W, α and β (RESULTS.md).
+#: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of α and β (RESULTS.md).
 AUTO_CLIP = 0.01
+#: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ of each filter of W (RESULTS.md).
+AUTO_CLIP_W = 0.01
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

@@ -116,11 +116,12 @@ class _PWSMany(torch.autograd.Function):
             r_all = shape[0]
             gw, gs, _ = _BN_BACKWARD(g.reshape(1, r_all, n), w.view(1, r_all, n), s, None, None, mean, rstd,
                                      True, gamma, [need_w, need_a, False])
+            clip_w, clip_a = clip
             if need_w:
-                if clip:   # unit-wise gradient clipping per filter (the rows), as unit_clip does per layer
+                if clip_w:   # unit-wise gradient clipping per filter (the rows), as unit_clip does per layer
                     pn = torch.linalg.vector_norm(w.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-3)
                     gn = torch.linalg.vector_norm(gw.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-30)
-                    gw = gw.view(r_all, n) * (pn.mul_(clip) / gn).clamp_(max=1.0)
+                    gw = gw.view(r_all, n) * (pn.mul_(clip_w) / gn).clamp_(max=1.0)
                 gw = gw.view(shape)
                 parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
                 for i, gi, p in zip(w_pos, gl, parts):
@@ -129,9 +130,9 @@ class _PWSMany(torch.autograd.Function):
             if need_a:
                 if gain != 1.0:
                     gs = gs.mul_(gain)
-                if clip:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
+                if clip_a:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
                     a_all = al[0] if len(al) == 1 else torch.cat(al)
-                    bound = a_all.abs().clamp_min(1e-3).mul_(clip)
+                    bound = a_all.abs().clamp_min(1e-3).mul_(clip_a)
                     gs = torch.minimum(torch.maximum(gs, -bound), bound)
                 parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
                 for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
@@ -141,7 +142,8 @@ class _PWSMany(torch.autograd.Function):
 
 
 def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
-                      gains: Sequence[float], clips: Sequence[float] | None = None) -> list[Tensor]:
+                      gains: Sequence[float], clips: Sequence[float | tuple[float, float]] | None = None
+                      ) -> list[Tensor]:
     """:func:`pws_weight` for many layers at once, as one autograd node (eq. 12 per filter ``weight[o]``).
 
     Same values as ``[pws_weight(w, γ, α, gain=g) for ...]`` and the same gradients up to float rounding (tested),
@@ -150,7 +152,7 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
     standardized together by one native op. Each weight uses the default layout (filters along dim 0, contiguous,
     float32 or float64); each α has one value per filter (or is ``None``). ``clips``: per layer, the unit-wise
     gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry) in the node's
-    backward (0 = none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
+    backward — one λ for both or a pair (λ_W, λ_α) (0 = none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
     """
     if clips is None:
         clips = [0.0] * len(weights)
@@ -165,7 +167,8 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
         rows = w.shape[0]
         if a is not None and a.numel() != rows:
             raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
-        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None, float(clip or 0.0))
+        clip = (float(clip[0] or 0.0), float(clip[1] or 0.0)) if isinstance(clip, tuple) else (float(clip or 0.0),) * 2
+        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None, clip)
         grp = groups.get(key)
         if grp is None:
             grp = groups[key] = ([], [], [] if a is not None else None, [])
@@ -338,13 +341,13 @@ class _FusePre:
         if not layers:
             return
         ws, als, gammas, gains, lams, biases = zip(*args_)
-        # gamma="auto" / clip: the node clips ∂L/∂W per filter and ∂L/∂α per entry in its backward, per group
+        # gamma="auto" / clip: the node clips ∂L/∂W per filter (λ_W) and ∂L/∂α per entry (λ) in its backward
         outs = pws_weights_fused(ws, als, gammas, gains, lams)
         # β of the clipped layers: one clipping node for all of them, not one per layer
         bias_out = list(biases)
-        clipped = [i for i, b in enumerate(biases) if lams[i] and b is not None and b.requires_grad and grad]
+        clipped = [i for i, b in enumerate(biases) if lams[i][1] and b is not None and b.requires_grad and grad]
         if clipped:
-            for i, v in zip(clipped, unit_clip_many([biases[i] for i in clipped], [lams[i] for i in clipped])):
+            for i, v in zip(clipped, unit_clip_many([biases[i] for i in clipped], [lams[i][1] for i in clipped])):
                 bias_out[i] = v
         fwd = _Forward(self, grad)
         for m, w, a, o, b in zip(layers, ws, als, outs, bias_out):

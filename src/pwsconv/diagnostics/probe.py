@@ -18,6 +18,8 @@ Figure 2                ``w_var_min/mean/max``: min / mean / max_o Var[W_o]; for
                         1 / sqrt(Var[W_o] + γ) (γ as used inside the square root, ``effective_gamma``).
 gradient norms          ``grad_norm`` (‖∇W‖), ``bias_grad_norm``, ``alpha_grad_norm`` (PWS α), ``update_norm``.
 parameter values        ``alpha_absmax`` / ``alpha_mean`` (PWS α), ``bias_absmax`` / ``bias_mean`` (β), before the step.
+gradient clipping       for layers that clip their gradients (``gamma="auto"``): ``w_clip_frac``, ``alpha_clip_frac``,
+                        ``bias_clip_frac``: the share of filters / entries held at the clipping bound this step.
 ======================  ==========================================================================================
 
 Which weight. W is the layer's raw ``weight`` parameter (what the optimizer updates); the statistics above without a
@@ -377,16 +379,25 @@ class VarianceProbe:
 
     def _grad_stats(self, m: nn.Module, raw: Tensor | None) -> dict[str, Tensor]:
         st: dict[str, Tensor] = {}
+        lam_w, lam = float(getattr(m, "clip_w_lambda", 0.0) or 0.0), float(getattr(m, "clip_lambda", 0.0) or 0.0)
         if raw is not None and raw.grad is not None:
-            st.update(S.grad_stats(S.filter_matrix(m, raw.grad), self.dtype))
+            gm = S.filter_matrix(m, raw.grad)
+            st.update(S.grad_stats(gm, self.dtype))
+            if lam_w:   # the share of filters whose gradient the layer's clipping held at its bound this step
+                dt = S.stat_dtype(gm.device, self.dtype)
+                wn = torch.linalg.vector_norm(S.filter_matrix(m, raw.detach()).to(dt), dim=1).clamp_min(1e-3)
+                gn = torch.linalg.vector_norm(gm.detach().to(dt), dim=1)
+                st["w_clip_frac"] = (gn >= wn * (lam_w * (1 - 1e-3))).to(dt).mean()
         for pname, key in (("bias", "bias"), ("alpha", "alpha")):
             p = getattr(m, pname, None)
             if isinstance(p, Tensor) and p.grad is not None:
                 dt = S.stat_dtype(p.device, self.dtype)
                 st[key + "_grad_norm"] = torch.linalg.vector_norm(p.grad.detach().to(dt))
-                v = p.detach().to(dt)     # the values the step starts from (what blows up first at a collapsing LR)
                 st[key + "_absmax"] = v.abs().max()
                 st[key + "_mean"] = v.mean()
+                if lam:   # the share of entries held at the clipping bound λ·max(|p|, 1e-3)
+                    bound = v.abs().clamp_min(1e-3) * (lam * (1 - 1e-3))
+                    st[key + "_clip_frac"] = (p.grad.detach().to(dt).abs() >= bound).to(dt).mean()
         return st
 
     def _collect_lr_updates(self) -> None:

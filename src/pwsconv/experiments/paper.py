@@ -104,7 +104,8 @@ def pick(tables: dict[str, Any], name: str, preset: str, presets: Sequence[str],
 
 
 def _table(name: str, preset: str) -> Table:
-    return pick(TABLES, name, preset, PRESETS, list(TABLES))
+    presets = [p for p in TABLES[name].sizes] if name in TABLES else PRESETS
+    return pick(TABLES, name, preset, presets, list(TABLES))
 
 
 def build_runs(name: str, preset: str = "cpu", seeds: int | Sequence[int] | None = None,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..accel import fuse_standardization
-from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
+from ..functional import AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
 from ._reparam import ReparamConvNd, ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
@@ -57,8 +57,9 @@ class PWSMixin(ReparamMixin):
 
     def _pws_setup(self, gamma: float | str = 1e-3, use_alpha: bool = True, use_gain: bool = True,
                    fan_mode: str = "fan_in", equiv: bool = False, data_init_alpha: bool = False,
-                   clip: float | None = None) -> None:
+                   clip: float | None = None, clip_w: float | None = None) -> None:
         self.fan_mode, self.gamma, self.clip, self.use_gain, self.equiv = fan_mode, gamma, clip, use_gain, equiv
+        self.clip_w = clip_w
         self._data_init = self.data_init_alpha = bool(data_init_alpha)
         self._require_filter_of(2, "standardizing a single weight gives 0")
         w = self.weight
@@ -72,7 +73,10 @@ class PWSMixin(ReparamMixin):
     # the settings compute_weight reads: assigning one validates it and drops the eval cache
     gamma = setting("_gamma", lambda v: v if isinstance(v, str) and v == "auto" else check_gamma(v),
                     'γ of eq. 12 (validated on assignment), or "auto".')
-    clip = setting("_clip", check_clip, 'Unit-wise adaptive gradient clipping λ (None: AUTO_CLIP under gamma="auto").')
+    clip = setting("_clip", check_clip, 'Unit-wise adaptive gradient clipping λ of α and β (None: AUTO_CLIP under '
+                   'gamma="auto").')
+    clip_w = setting("_clip_w", check_clip, 'Unit-wise adaptive gradient clipping λ of each filter of W (None: '
+                     'AUTO_CLIP_W under gamma="auto", else the same as clip).')
     use_gain = setting("_use_gain", bool, "Whether eq. 12's sqrt(2/n_l) factor is applied.")
     fan_mode = setting("_fan_mode", _fan_mode, '"fan_in" (the paper\'s n_l) or "fan_out": the n of sqrt(2/n).')
     equiv = setting("_equiv", bool, 'The authors\' "equiv" option: γ → 2γ/n.')
@@ -88,10 +92,17 @@ class PWSMixin(ReparamMixin):
 
     @property
     def clip_lambda(self) -> float:
-        """The clipping λ in force (0: no clipping)."""
+        """The clipping λ of α and β in force (0: no clipping)."""
         if self._clip is not None:
             return self._clip
         return AUTO_CLIP if self._gamma == "auto" else 0.0
+
+    @property
+    def clip_w_lambda(self) -> float:
+        """The clipping λ of W's filters in force (0: no clipping)."""
+        if self._clip_w is not None:
+            return self._clip_w
+        return AUTO_CLIP_W if self._gamma == "auto" and self._clip is None else self.clip_lambda
 
     @property
     def effective_gamma(self) -> float:
@@ -118,9 +129,11 @@ class PWSMixin(ReparamMixin):
         """α·Ŵ of eq. 12 (clipped gradients of W and α when ``clip_lambda`` > 0; the values are unchanged)."""
         view, reduce, alpha_shape = self._layout()
         w = self.weight if view is None else self.weight.reshape(view)
-        alpha, lam = self.alpha, self.clip_lambda
+        alpha, lam, lam_w = self.alpha, self.clip_lambda, self.clip_w_lambda
+        if lam_w:
+            w = unit_clip(w, lam_w, reduce)
         if lam:
-            w, alpha = unit_clip(w, lam, reduce), unit_clip(alpha, lam)
+            alpha = unit_clip(alpha, lam)
         alpha = None if alpha is None else alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
@@ -135,7 +148,7 @@ class PWSMixin(ReparamMixin):
         return unit_clip(b, lam) if lam else b
 
     def fused_args(self) -> tuple | None:
-        """(W, α, γ, gain, λ, β) for :func:`pwsconv.fuse_standardization`, or ``None`` when the fused node cannot
+        """(W, α, γ, gain, (λ_W, λ), β) for :func:`pwsconv.fuse_standardization`, or ``None`` when the fused node cannot
         standardize this layer (transposed layout, low precision, non-contiguous, α data-init still to run, a lazy
         layer before its first input, a weight taken over by ``nn.utils.parametrize``)."""
         p = self._parameters
@@ -146,7 +159,8 @@ class PWSMixin(ReparamMixin):
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \
                 or (self.data_init_alpha and a is not None and not bool(self.alpha_initialized)):
             return None
-        return w, a, self.effective_gamma, self.gain, self.clip_lambda, p["bias"] if "bias" in p else self.bias
+        return (w, a, self.effective_gamma, self.gain, (self.clip_w_lambda, self.clip_lambda),
+                p["bias"] if "bias" in p else self.bias)
 
     # ------------------------------------------------------------------ init and loading
     def _reset_extra(self) -> None:
@@ -170,7 +184,8 @@ class PWSMixin(ReparamMixin):
     def extra_repr(self) -> str:  # type: ignore[override]
         s = super().extra_repr()  # type: ignore[misc]
         s += ", gamma='auto'" if self._gamma == "auto" else f", gamma={self._gamma:g}"
-        for on, text in ((self._clip is not None, f", clip={self._clip}"), (self.alpha is None, ", use_alpha=False"),
+        for on, text in ((self._clip is not None, f", clip={self._clip}"),
+                         (self._clip_w is not None, f", clip_w={self._clip_w}"), (self.alpha is None, ", use_alpha=False"),
                          (not self._use_gain, ", use_gain=False"), (self._fan_mode != "fan_in", ", fan_mode='fan_out'"),
                          (self._equiv, ", equiv=True"), (self.data_init_alpha, ", data_init_alpha=True")):
             s += text if on else ""
@@ -179,7 +194,7 @@ class PWSMixin(ReparamMixin):
 
 _PWS_DOC = """
     PWS extras (eq. 12): gamma=1e-3, use_alpha=True, use_gain=True, fan_mode="fan_in", equiv=False,
-    data_init_alpha=False, clip=None (see :class:`PWSMixin`).
+    data_init_alpha=False, clip=None, clip_w=None (see :class:`PWSMixin`).
 """
 
 
@@ -189,13 +204,13 @@ class _PWSConvNd(PWSMixin, ReparamConvNd):
                  dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  device: Any = None, dtype: Any = None, *, gamma: float | str = 1e-3, use_alpha: bool = True,
                  use_gain: bool = True, fan_mode: str = "fan_in", equiv: bool = False, data_init_alpha: bool = False,
-                 clip: float | None = None) -> None:
+                 clip: float | None = None, clip_w: float | None = None) -> None:
         check_layer_args(type(self).__name__, dict(in_channels=in_channels, out_channels=out_channels,
                                                    kernel_size=kernel_size, groups=groups))
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,  # type: ignore
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
                          dtype=dtype)
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip, clip_w)
 
 
 class PWSConv1d(_PWSConvNd, nn.Conv1d):
@@ -223,13 +238,14 @@ class _PWSConvTransposeNd(PWSMixin):
                  output_padding: int | Sequence[int] = 0, groups: int = 1, bias: bool = True,
                  dilation: int | Sequence[int] = 1, padding_mode: str = "zeros", device: Any = None, dtype: Any = None,
                  *, gamma: float | str = 1e-3, use_alpha: bool = True, use_gain: bool = True, fan_mode: str = "fan_in",
-                 equiv: bool = False, data_init_alpha: bool = False, clip: float | None = None) -> None:
+                 equiv: bool = False, data_init_alpha: bool = False, clip: float | None = None,
+                 clip_w: float | None = None) -> None:
         check_layer_args(type(self).__name__, dict(in_channels=in_channels, out_channels=out_channels,
                                                    kernel_size=kernel_size, groups=groups))
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,  # type: ignore
                          output_padding=output_padding, groups=groups, bias=bias, dilation=dilation,
                          padding_mode=padding_mode, device=device, dtype=dtype)
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip, clip_w)
 
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None, output_size: list[int] | None = None):
         output_padding = self._output_padding(  # type: ignore[attr-defined]
@@ -259,7 +275,8 @@ class PWSLinear(PWSMixin, ReparamLinear, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None,
                  *, gamma: float | str = 1e-3, use_alpha: bool = True, use_gain: bool = True, fan_mode: str = "fan_in",
-                 equiv: bool = False, data_init_alpha: bool = False, clip: float | None = None) -> None:
+                 equiv: bool = False, data_init_alpha: bool = False, clip: float | None = None,
+                 clip_w: float | None = None) -> None:
         check_layer_args("PWSLinear", dict(in_features=in_features, out_features=out_features))
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip)
+        self._pws_setup(gamma, use_alpha, use_gain, fan_mode, equiv, data_init_alpha, clip, clip_w)

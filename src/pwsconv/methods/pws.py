@@ -33,6 +33,9 @@ METHOD = Method(
         Option("fan_mode", Literal["fan_in", "fan_out"], doc="the n of sqrt(2/n) (fan_in: the paper's n_l)"),
         Option("equiv", bool, doc='the authors\' "equiv" option: γ → 2γ/n (False)'),
         Option("data_init_alpha", bool, doc="α from the first batch's output scale (False)"),
-        Option("clip", float | None, low=0, doc='unit-wise gradient clipping λ (None: 0.01 under gamma="auto")'),
+        Option("clip", float | None, low=0, doc='unit-wise gradient clipping λ of α and β (None: the gamma="auto" '
+               'default, else off)'),
+        Option("clip_w", float | None, low=0, doc='unit-wise gradient clipping λ of each filter of W (None: the '
+               'gamma="auto" default, else as clip)'),
     ),
     prepare=_prepare, ln_io=True, extra_params="α per filter", reference="Liu et al. 2021 (this paper)")

@@ -5,11 +5,12 @@ run for run (same configs), so those sweeps' finished runs can be reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
 from ..sweep import RunSpec
-from ..table import ARCHS, ONE_ARCH, Context, Curves, ErrVs, Table, grid, md_table, method_opts, paper_value
+from ..table import ARCHS, ONE_ARCH, Context, Size, Curves, ErrVs, Table, grid, md_table, method_opts, paper_value
 from . import collapse, table1
 
 PAPER: dict[str, Any] = {}
@@ -26,20 +27,49 @@ ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
     "auto, clip 0.04": ("pws", {"gamma": "auto", "clip": 0.04}),
     "auto without clipping (γ rule only)": ("pws", {"gamma": "auto", "clip": 0}),
     "paper γ=1e-3 + clip 0.01 (no γ rule)": ("pws", {"gamma": 1e-3, "clip": 0.01}),
+    "auto, W clipped at 0.01 too (round 2)": ("pws", {"gamma": "auto", "clip_w": 0.01}),
+    "auto, W not clipped": ("pws", {"gamma": "auto", "clip_w": 0}),
 }
 ABLATION_LRS = (0.1, 0.4, 1.6)
 BATCHES = (2, 4, 8, 128)
+#: the presets that measure accuracy where BN trains well ("medium": CPU; "gpu": one GPU, data on the device): the
+#: small LRs train long enough for BN to get below 35 % (medium) / 20 % (gpu) error, the large LRs (which only have to
+#: train) for ``SHORT_EPOCHS``
+LONG_LRS, SHORT_LRS = (0.05, 0.1), (0.4, 1.6, 3.2)
+SIZES = {**collapse.SIZES,
+         "medium": Size("cifar10", 20000, 2000, 12, 3, num_threads=1),
+         "gpu": Size("cifar10", None, 5000, 20, 1, extra=(("amp", "bf16"), ("channels_last", True)))}
+SHORT_EPOCHS = {"medium": 4, "gpu": 5}
+_ARCHS = {**ARCHS,
+          "medium": [("plain", "convpool_cnn_c_small", {"width": 0.25}), ("residual", "resnet_cifar_small", {"width": 1.0})],
+          "gpu": ARCHS["full"]}
+#: the ablation rows of the long-schedule presets, at one short and one long LR on both nets
+_LONG_ABLATION = ("auto, W clipped at 0.01 too (round 2)",)
+_LONG_ABLATION_LRS = (0.1, 1.6)
 #: the three parts' axes per preset (smoke: no ablation)
 AXES = {
     preset: {
-        "lr": dict(arch=ARCHS[preset], method=list(methods), LR=lrs),
-        "ablation": dict(variant=list(enumerate(ABLATION)), LR=ABLATION_LRS) if preset != "smoke" else None,
-        "batch": dict(method=list(methods), batch=batches),
+        "lr": dict(arch=_ARCHS[preset], method=list(methods), LR=lrs),
+        "ablation": (None if preset == "smoke" else
+                     dict(variant=list(enumerate(ABLATION))[:4], LR=ABLATION_LRS) if preset in ("cpu", "full") else
+                     dict(variant=[(i, n) for i, n in enumerate(ABLATION) if n in _LONG_ABLATION],
+                          LR=_LONG_ABLATION_LRS)),
+        "batch": dict(method=list(methods), batch=batches) if batches else None,
     }
     for preset, methods, lrs, batches in [("full", METHODS, collapse.LRS, BATCHES),
                                           ("cpu", METHODS, collapse.LRS, BATCHES),
+                                          ("medium", ("bn", "pws", "pws auto"), LONG_LRS + SHORT_LRS, ()),
+                                          ("gpu", ("bn", "pws", "pws auto"), LONG_LRS + SHORT_LRS, ()),
                                           ("smoke", ("bn", "pws auto"), (0.05, 3.2), (2,))]
 }
+
+
+def _lsize(preset: str, LR: float) -> Size:
+    """The LR-scan size of a run: the large LRs of the long presets train for ``SHORT_EPOCHS``."""
+    size = SIZES[preset]
+    if preset in SHORT_EPOCHS and LR not in LONG_LRS:
+        size = dataclasses.replace(size, epochs=SHORT_EPOCHS[preset])
+    return size
 
 
 def _opts(label: str, batch: int, mopts: dict[str, Any]) -> dict[str, Any]:
@@ -48,20 +78,21 @@ def _opts(label: str, batch: int, mopts: dict[str, Any]) -> dict[str, Any]:
 
 
 def runs(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
-    lsize, bsize, axes = collapse.SIZES[preset], table1.SIZES[preset], AXES[preset]
-    plain = ARCHS[preset][0]
+    bsize, axes = table1.SIZES.get(preset), AXES[preset]
+    archs = _ARCHS[preset] if preset in SHORT_EPOCHS else _ARCHS[preset][:1]   # the ablation's nets
 
     def lr_run(arch: tuple, method: str, LR: float, seed: int) -> RunSpec:
         label, model, mopts = arch
-        cfg = lsize.config(model=model, model_opts=mopts, method=METHODS[method][0],
+        cfg = _lsize(preset, LR).config(model=model, model_opts=mopts, method=METHODS[method][0],
                            method_opts=_opts(method, 128, mopts), lr=LR, seed=seed)
         return RunSpec(f"lr_{label}_{method.replace(' ', '_')}_lr{LR:g}_s{seed}", cfg,
                        {"part": "lr", "arch": label, "method": method, "LR": LR, "batch": 128, "seed": seed})
 
-    def ablation_run(variant: tuple[int, str], LR: float, seed: int) -> RunSpec:
-        (i, name), (label, model, mopts) = variant, plain
+    def ablation_run(arch: tuple, variant: tuple[int, str], LR: float, seed: int) -> RunSpec:
+        (i, name), (label, model, mopts) = variant, arch
         method, opts = ABLATION[name]
-        cfg = lsize.config(model=model, model_opts=mopts, method=method, method_opts=dict(opts), lr=LR, seed=seed)
+        cfg = _lsize(preset, LR).config(model=model, model_opts=mopts, method=method, method_opts=dict(opts), lr=LR,
+                                        seed=seed)
         return RunSpec(f"abl{i}_{label}_lr{LR:g}_s{seed}", cfg,
                        {"part": "ablation", "arch": label, "method": name, "LR": LR, "batch": 128, "seed": seed})
 
@@ -73,8 +104,12 @@ def runs(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
                        {"part": "batch", "arch": "plain", "method": method, "LR": table1.LR, "batch": batch,
                         "seed": seed})
 
-    return [r for part, run in (("lr", lr_run), ("ablation", ablation_run), ("batch", batch_run)) if axes[part]
-            for r in grid({**axes[part], "seed": seeds}, run)]
+    out = []
+    for part, run in (("lr", lr_run), ("ablation", ablation_run), ("batch", batch_run)):
+        if axes[part]:
+            extra = {"arch": archs} if part == "ablation" else {}
+            out += grid({**extra, **axes[part], "seed": seeds}, run)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -161,7 +196,7 @@ def summary(ctx: Context) -> str:
 
 TABLE = Table(
     name="robust", title='PWS that trains wherever BN trains — gamma="auto" across LRs and batch sizes',
-    sizes=collapse.SIZES, runs=runs, paper=PAPER, summary=summary,
+    sizes=SIZES, runs=runs, paper=PAPER, summary=summary,
     plots=(ErrVs("LR", "Test error vs LR (batch 128)", panel="arch", select=lambda a: a["part"] == "lr"),
            ErrVs("batch", "Test error vs batch size (LR 1e-2, Table 1 setting)", select=lambda a: a["part"] == "batch"),
            Curves("LR-scan training curves", group_by=lambda r: f"{r.spec.labels['arch']} LR {r.spec.labels['LR']:g}",
