@@ -393,6 +393,7 @@ class VarianceProbe:
             if isinstance(p, Tensor) and p.grad is not None:
                 dt = S.stat_dtype(p.device, self.dtype)
                 st[key + "_grad_norm"] = torch.linalg.vector_norm(p.grad.detach().to(dt))
+                v = p.detach().to(dt)     # the values the step starts from (what blows up first)
                 st[key + "_absmax"] = v.abs().max()
                 st[key + "_mean"] = v.mean()
                 if lam:   # the share of entries held at the clipping bound λ·max(|p|, 1e-3)
