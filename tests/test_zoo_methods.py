@@ -427,6 +427,7 @@ def test_unknown_options_are_refused():
 def test_options_are_checked_once_against_the_declaration_at_every_entry(method, opts, needle):
     """One declaration per option (type, range), one check, the same one-line message from every entry point."""
     from pwsconv.config import ConfigError, TrainConfig
+    from pwsconv.detection.train import DetConfig
     from pwsconv.methods import MethodOptionError
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
@@ -436,9 +437,10 @@ def test_options_are_checked_once_against_the_declaration_at_every_entry(method,
     for entry in entries:
         with pytest.raises(MethodOptionError, match=re.escape(needle)):
             entry()
-    with pytest.raises(ConfigError, match=re.escape(needle)) as e:
-        TrainConfig(method=method, method_opts=opts).validate()
-    assert len(str(e.value).splitlines()) == 1 and str(e.value).startswith("method_opts")
+    for config in (TrainConfig, DetConfig):   # the classification and the detection configs
+        with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+            config(method=method, method_opts=opts).validate()
+        assert len(str(e.value).splitlines()) == 1 and str(e.value).startswith("method_opts")
 
 
 def test_declared_options_take_what_they_say():

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..optim import param_groups
-from ..config import ConfigError
+from ..config import ConfigError, check_method_opts
 from ..train import distributed as D
 from ..train.checkpoint import atomic_save, atomic_write_text, dumps, load_checkpoint, rng_state, set_rng_state
 from ..train.engine import RunResult, check_device, resolve_device
@@ -127,6 +127,7 @@ class DetConfig:
         need(self.model in DETECTORS, f"unknown detector {self.model!r}; choose one of {', '.join(DETECTORS)}")
         need(self.method in available_methods(), f"unknown method {self.method!r}; choose one of "
                                                  f"{', '.join(available_methods())}")
+        check_method_opts(self.method, self.method_opts)   # against the method's declarations, before any work
         need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
