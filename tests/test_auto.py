@@ -277,3 +277,94 @@ def test_clip_w_fused_matches_per_layer():
     for (k, p), (_, q) in zip(net.named_parameters(), fused.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=k)
     handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------ λ of W from the SGD settings
+def test_auto_clip_w_formula():
+    from pwsconv.functional import AUTO_STEP, auto_clip_w
+
+    # a bound on the update: lr·λ/(1 − m) = AUTO_STEP, so λ ∝ (1 − m)/lr
+    assert auto_clip_w(0.1, 0.9) == pytest.approx(AUTO_STEP * 0.1 / 0.1)
+    assert auto_clip_w(1.6, 0.9) == pytest.approx(AUTO_CLIP_W)        # the fixed λ is the rule at LR 1.6
+    assert auto_clip_w(0.4, 0.0) == pytest.approx(AUTO_STEP / 0.4)
+    assert auto_clip_w(0.8, 0.9, step=0.08) == pytest.approx(0.01)
+    for bad in ((0.0, 0.9), (0.1, 1.0), (float("nan"), 0.9), ("x", 0), (-1, 0.5)):
+        assert auto_clip_w(*bad) is None
+
+
+def _auto_net():
+    torch.manual_seed(0)
+    return build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+
+
+def _pws_layers(net):
+    return [m for m in net.modules() if isinstance(m, pwsconv.PWSMixin)]
+
+
+def test_auto_reads_its_lr_once_from_param_groups():
+    """The user's plain loop: SGD(param_groups(net, wd), lr, momentum) — the layers learn λ_W from the LR the
+    optimizer starts with (a schedule changes nothing after that); without param_groups, or under another optimizer,
+    the fixed AUTO_CLIP_W."""
+    from pwsconv.functional import auto_clip_w
+
+    net = _auto_net()
+    assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(net))      # no optimizer known
+    groups = pwsconv.param_groups(net, 5e-4)
+    assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(net))      # groups, but no LR in them yet
+    opt = torch.optim.SGD(groups, lr=0.4, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], gamma=0.1)
+    want = auto_clip_w(0.4, 0.9)
+    assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(net))
+    opt.step()
+    sched.step()                                                              # LR now 0.04: λ_W stays
+    assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(net))
+    # explicit settings win; an Adam group is not SGD: the fixed λ
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip_w=0.5).clip_w_lambda == 0.5
+    other = _auto_net()
+    torch.optim.Adam(pwsconv.param_groups(other, 5e-4), lr=1e-3)
+    assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(other))
+    # copies and pickles are unlinked until their own param_groups call, and keep nothing of the optimizer
+    clone = copy.deepcopy(net)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in _pws_layers(clone) + _pws_layers(loaded):
+        assert m.__dict__["_opt_group"].group is None
+
+
+def test_auto_lr_rule_is_the_same_after_resume():
+    """A resumed run builds a new optimizer from param_groups and loads its state: λ_W is the same as in the run
+    it continues (the start LR), so the run continues bit-exactly."""
+    from pwsconv.functional import auto_clip_w
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+
+    def make():
+        net = _auto_net()
+        opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.8, momentum=0.9)
+        return net, opt, torch.optim.lr_scheduler.MultiStepLR(opt, [2], gamma=0.1)
+
+    def step(net, opt, sched):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    net, opt, sched = make()
+    for _ in range(3):
+        step(net, opt, sched)
+    saved = copy.deepcopy((net.state_dict(), opt.state_dict(), sched.state_dict()))
+    for _ in range(2):
+        step(net, opt, sched)
+    net2, opt2, sched2 = make()
+    net2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    for _ in range(2):
+        step(net2, opt2, sched2)
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.8, 0.9)) for m in _pws_layers(net2))
+    for (k, p), (_, q) in zip(net.state_dict().items(), net2.state_dict().items()):
+        assert torch.equal(p, q), k

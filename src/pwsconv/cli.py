@@ -315,6 +315,16 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--data-root", default=None, metavar="DIR", help="dataset directory")
     p.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; train nothing")
     p.add_argument("--progress", action="store_true", help="per-run progress bars")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at a time, each in its own process (several runs share one GPU)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="train only shard I of N (0 ≤ I < N) of the runs, e.g. from a SLURM array job "
+                        "(--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) on a shared --out directory; the "
+                        "last shard to finish writes the tables")
+    p.add_argument("--compile", action="store_true", help="train every run under torch.compile")
+    p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=None,
+                   help="--dry-run of a full preset: estimate from the training throughput measured here (default: "
+                        "only on a GPU; on a CPU it takes minutes)")
     # detection / ImageNet tables (pwsconv.experiments.detection): voc_table1, voc_table2, coco_table3, imagenet_table5
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="coco_table3: an ImageNet ResNet-50 state_dict for Mask R-CNN's backbone")
@@ -330,7 +340,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         if preset not in (None, "full"):
             raise ReproduceError(f"--full contradicts --preset {preset}")
         preset = "full"
+    from .experiments.sweep import parse_shard
+
+    if args.jobs < 1:
+        raise ReproduceError(f"--jobs must be ≥ 1, got {args.jobs}")
+    shard = parse_shard(args.shard) if args.shard is not None else None
     if args.name in EXTRA_EXPERIMENTS:
+        if args.jobs != 1 or shard is not None or args.compile:
+            raise ReproduceError(f"--jobs, --shard and --compile are for the classification tables, not {args.name}")
         if args.seeds not in (None, 1):
             raise ReproduceError(f"{args.name} runs one seed per cell (as the paper); drop --seeds")
         reproduce_extra(args.name, preset or "smoke", out_dir=args.out, data_root=args.data_root,
@@ -339,7 +356,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if args.weights is not None:
         raise ReproduceError("--weights is for coco_table3 only")
     reproduce(args.name, preset or "cpu", out_dir=args.out, seeds=args.seeds, data_root=args.data_root,
-              progress=args.progress, dry_run=args.dry_run)
+              progress=args.progress, dry_run=args.dry_run, jobs=args.jobs, shard=shard, compile=args.compile,
+              measure=args.measure)
     return 0
 
 

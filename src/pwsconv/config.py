@@ -86,6 +86,8 @@ class TrainConfig:
     channels_last: bool = _identity(False)
     fuse_pws: bool = _cosmetic(True, prepare="fuse")    # all PWS layers standardized in one autograd node (same values)
     pws_recompute: bool = _cosmetic(False, prepare="recompute")   # with fuse_pws: α·Ŵ rebuilt in backward (less memory)
+    data_on_device: bool | None = _cosmetic(None)       # in-memory data sets held on the GPU (None: auto, if they fit)
+    compile: bool = _cosmetic(False)                    # torch.compile the model (same values; compiles at the start)
     device: str = _cosmetic("auto")                     # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"
     num_threads: int | None = _cosmetic(None)           # torch.set_num_threads for this run (CPU; restored afterwards)
     num_workers: int | None = _cosmetic(None)           # streamed data (imagenet): decoders per training process

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
-           "AUTO_CLIP", "AUTO_CLIP_W"]
+           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "auto_clip_w"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -30,8 +30,12 @@ __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "un
 AUTO_GAMMA = 1e-3
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of α and β (RESULTS.md).
 AUTO_CLIP = 0.01
-#: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ of each filter of W (RESULTS.md).
+#: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ of each filter of W when the layer does not know its
+#: optimizer's settings (a weight not in a :func:`pwsconv.param_groups` group of SGD): the value that trains at LR 1.6
 AUTO_CLIP_W = 0.01
+#: ``gamma="auto"`` under SGD: the largest step of a filter, relative to its norm, momentum included
+#: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr; 0.01 at LR 1.6 with momentum 0.9, the value of AUTO_CLIP_W)
+AUTO_STEP = 0.16
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -119,6 +123,25 @@ class _UnitClipMany(torch.autograd.Function):
             bound = p.abs().clamp_min(1e-3).mul_(lam)
             out.append(torch.minimum(torch.maximum(g, -bound), bound))
         return tuple(out)
+
+
+def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP) -> float | None:
+    """λ of W's filters for ``gamma="auto"`` under SGD: ``step · (1 − m) / lr``, or ``None`` where it is not defined
+    (lr ≤ 0 or not finite, m outside [0, 1)).
+
+    A bound on the *update*, not on the gradient: with ‖∂L/∂W_o‖ ≤ λ·‖W_o‖, one SGD step moves a filter by at most
+    lr·λ/(1 − m) = ``step`` of its norm, momentum included (16 %). That is the throttle a large LR needs in its first
+    steps, where unbounded steps kill the network (RESULTS.md), and it leaves ordinary steps alone: Ŵ (eq. 12) does
+    not change with the scale of W, so under SGD with weight decay wd a filter settles at
+    ‖∂L/∂W_o‖/‖W_o‖ ≈ sqrt(2·wd·(1 − m)/lr) (spherical motion dynamics), which is below the bound for every
+    LR under ≈ 2.5 with wd 5e-4 and m 0.9 (5× below it at LR 0.1)."""
+    try:
+        lr, m = float(lr), float(momentum)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
+        return None
+    return step * (1.0 - m) / lr
 
 
 def unit_clip_many(ps: Sequence[Tensor], lams: Sequence[float]) -> list[Tensor]:

@@ -32,6 +32,9 @@ def param_groups(
     ``bias_weight_decay`` / ``norm_weight_decay``: weight decay for biases and for the affine parameters of norm
     layers (``None``: the same as ``weight_decay``, which is what the paper's code does). Parameters that do not
     require grad are left out; shared parameters appear once. Empty groups are dropped. Each group has a ``"name"``.
+
+    Layers with ``gamma="auto"`` are told which group holds their weight: once an SGD optimizer built from these
+    groups has filled in its learning rate, they set their clipping from it (:func:`pwsconv.functional.auto_clip_w`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -66,5 +69,12 @@ def param_groups(
             else:
                 key = "decay"
             groups[key][1].append(p)
-    return [{"params": ps, "weight_decay": float(wd), "name": k} for k, (wd, ps) in groups.items() if ps]
+    out = [{"params": ps, "weight_decay": float(wd), "name": k} for k, (wd, ps) in groups.items() if ps]
+    # layers that adapt to their optimizer (gamma="auto" reads the SGD settings of its weight's group once)
+    owner = {id(p): g for g in out for p in g["params"]}
+    for mod in model.modules():
+        link, w = getattr(mod, "link_optimizer_group", None), getattr(mod, "weight", None)
+        if link is not None and isinstance(w, nn.Parameter) and id(w) in owner:
+            link(owner[id(w)])
+    return out
 

@@ -320,6 +320,8 @@ class _FusePre:
         self.recompute = recompute
 
     def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():   # traced: the layers compute their weights, the compiler fuses (no table)
+            return
         fwd = _ACTIVE.get()
         if fwd is not None:
             if fwd.owner is not self:   # inside another fused model's forward: its table serves these layers too
@@ -330,7 +332,7 @@ class _FusePre:
             # their own weights: the same values)
             fwd.close()
         grad = torch.is_grad_enabled()
-        if torch.compiler.is_compiling() or not (module.training or grad):
+        if not (module.training or grad):
             return
         layers, args_ = [], []
         for m in _layers(module):   # walked every forward (≈15–35 µs), so layers added in any way are seen
@@ -359,6 +361,8 @@ class _FusePre:
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook (always called, also on an exception): the table made by this model's pre-hook dies."""
+        if torch.compiler.is_compiling():
+            return
         fwd = _ACTIVE.get()
         if fwd is None:
             return

@@ -124,6 +124,9 @@ class Loader(EpochBatches):
             not advanced, so the order depends only on (seed, epoch).
         seed: the loader's seed (default: from ``generator``, else 0).
         device: where batches are produced (the uint8 batch is moved first, then augmented and converted there).
+            Images that already live on a device (``ImageSet.to``, :func:`pwsconv.data.device.resident`) are
+            gathered there: the epoch's order and augmentation parameters are copied to it once per epoch, and a
+            batch costs no host round trip.
         channels_last: return ``x`` in channels-last memory format.
         rank, world_size: DDP sharding. Every process computes the same global permutation and augmentation and
             takes ``torch.tensor_split(global_batch, world_size)[rank]``, so concatenating the ranks' batches gives
@@ -212,6 +215,9 @@ class Loader(EpochBatches):
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order, params = self.epoch_plan()
+        if self.images.x.device.type != "cpu":   # device-resident images: the epoch's plan goes there once
+            order = order.to(self.images.x.device)
+            params = params.to(self.images.x.device) if params is not None else None
         start, self._resume_at = self._resume_at, 0
         self._pos = start
         for i in range(start, len(self)):

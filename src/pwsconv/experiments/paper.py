@@ -60,7 +60,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..train.checkpoint import atomic_write_text
-from .sweep import RunSpec, SweepRecord, plot_curves, results_table, run_sweep, write_results
+from .sweep import (RunSpec, SweepRecord, plot_curves, results_table, run_sweep, shard_of, unfinished,
+                    write_results)
 from .table import PRESETS, VOC_NOTE, Context, Curves, ErrVs, Table, milestones_for
 from .tables import TABLES
 
@@ -137,10 +138,31 @@ _CPU_RATES: dict[str, dict[int, dict[str, float]]] = {
     "tiny_cnn": {128: {}},
 }
 _ENGINE_EFFICIENCY = 0.6
+#: the share of the step rate measured in isolation that a run gets on a GPU (evaluation, checkpoints, start-up of the
+#: loop; the data pipeline is on the device, :mod:`pwsconv.data.device`)
+_GPU_EFFICIENCY = 0.8
+#: (train images, test images) of the full data sets, for runs without a ``limit``
+_DATA_SIZES = {"cifar10": (50000, 10000), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000),
+               "digits": (1437, 360)}
+#: (channels, side) of the inputs of each data set, to measure a model's step on random inputs of that shape
+_DATA_SHAPES = {"cifar10": (3, 32), "mnist": (1, 28), "fashion_mnist": (1, 28), "digits": (1, 8)}
+
+
+def _run_seconds(c: Any, rate: float) -> float:
+    """Wall time of one run of config ``c`` at ``rate`` training images/s (evaluation ≈ 3× faster, 1 s start-up)."""
+    n_train, n_test = _DATA_SIZES.get(c.dataset, (c.limit or 0, c.test_limit or 0))
+    n_train = min(n_train, c.limit) if c.limit else n_train
+    per_epoch = max(1, n_train // c.batch_size)
+    steps = per_epoch * c.epochs
+    if c.max_steps is not None:
+        steps = min(steps, c.max_steps)
+    evals = (c.test_limit or n_test) * math.ceil(steps / per_epoch)
+    return (steps * c.batch_size + evals / 3.0) / rate + 1.0
 
 
 def _estimate_seconds(runs: Sequence[RunSpec]) -> float | None:
-    """Rough wall time of ``runs`` on 2 CPU cores (None for models without a measured rate, e.g. the full preset)."""
+    """Rough wall time of ``runs`` on 2 CPU cores from the rates measured for the cpu presets (None for models
+    without a measured rate, e.g. the full preset: see :func:`measured_estimate`)."""
     total = 0.0
     for r in runs:
         c = r.config
@@ -148,14 +170,53 @@ def _estimate_seconds(runs: Sequence[RunSpec]) -> float | None:
         if table is None or c.limit is None:
             return None
         near = min(table, key=lambda b: (abs(math.log(b / c.batch_size)), b))
-        rate = table[near].get(c.method, 3000.0) * _ENGINE_EFFICIENCY
-        steps = max(1, c.limit // c.batch_size) * c.epochs
-        if c.max_steps is not None:
-            steps = min(steps, c.max_steps)
-        evals = (c.test_limit or 10000) * math.ceil(steps / max(1, c.limit // c.batch_size))
-        total += (steps * c.batch_size + evals / 3.0) / rate + 1.0   # eval ≈ 3× faster; 1 s start-up per run
+        total += _run_seconds(c, table[near].get(c.method, 3000.0) * _ENGINE_EFFICIENCY)
     return total
 
+
+def measured_estimate(runs: Sequence[RunSpec], device: str | None = None, *, repeats: int = 3,
+                      warmup: int = 1) -> tuple[float | None, dict[str, float], str]:
+    """Wall time of ``runs`` trained one after another here, from the training throughput of each distinct (model,
+    method, batch, precision) measured now on ``device`` (default: the GPU if there is one) with
+    :func:`pwsconv.experiments.speed.train_step_rates`. Returns ``(seconds or None if a data set's input shape is
+    unknown, {case: images/s}, device)``."""
+    import torch
+
+    from .speed import train_step_rates
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    eff = _GPU_EFFICIENCY if device.startswith("cuda") else _ENGINE_EFFICIENCY
+    groups: dict[tuple, dict[str, Any]] = {}
+    for r in runs:
+        c = r.config
+        if c.dataset not in _DATA_SHAPES:
+            return None, {}, device
+        key = (c.model, repr(sorted(c.model_opts.items())), c.batch_size, c.dataset, c.amp, c.channels_last)
+        groups.setdefault(key, {}).setdefault(f"{c.method} {sorted(c.method_opts.items())}", (c.method,
+                                                                                           dict(c.method_opts)))
+    rates: dict[str, float] = {}
+    for (model, _, batch, dataset, amp, cl), cases in groups.items():
+        c0 = next(r.config for r in runs if r.config.model == model and r.config.batch_size == batch)
+        ch, side = _DATA_SHAPES[dataset]
+        pending = list(cases.items())
+        while pending:   # one interleaved measurement per set of distinct methods
+            layer, seen = [], set()
+            for item in pending:
+                if item[1][0] not in seen:
+                    layer.append(item)
+                    seen.add(item[1][0])
+            pending = [i for i in pending if i not in layer]
+            got = train_step_rates(model, [m for _, (m, _) in layer], batch, model_opts=c0.model_opts,
+                                   method_opts={m: o for _, (m, o) in layer}, image_size=side, in_channels=ch,
+                                   repeats=repeats, warmup=warmup, device=device, amp=amp, channels_last=cl)
+            for label, (m, _) in layer:
+                rates[f"{model} b{batch}{' ' + amp if amp else ''} {label}"] = got[m]["images_per_s"]
+    total = 0.0
+    for r in runs:
+        c = r.config
+        label = f"{c.method} {sorted(c.method_opts.items())}"
+        total += _run_seconds(c, rates[f"{c.model} b{c.batch_size}{' ' + c.amp if c.amp else ''} {label}"] * eff)
+    return total, rates, device
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -332,7 +393,8 @@ def _results_md(table: Table, ctx: Context, info: dict[str, Any], summary: str, 
 def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None = None,
               seeds: int | Sequence[int] | None = None, data_root: str | os.PathLike | None = None,
               progress: bool = False, dry_run: bool = False, plots: bool = True,
-              log: Callable[[str], None] | None = print) -> dict[str, Any]:
+              log: Callable[[str], None] | None = print, jobs: int = 1, shard: tuple[int, int] | None = None,
+              compile: bool = False, measure: bool | None = None) -> dict[str, Any]:
     """Run (resumably) one of :data:`EXPERIMENTS` at a preset and write its results under ``out_dir``
     (default ``results/reproduce/<name>_<preset>``, where this repository keeps its measured runs): ``results.md``
     (the paper's numbers beside the measured mean ± std
@@ -342,19 +404,44 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     Returns ``{"name", "preset", "out_dir", "runs", "n_runs", "records", "summary", "files", ...}``; with
     ``dry_run`` only the run list (names, labels, configs) and ``estimated_seconds`` (cpu/smoke presets), nothing is
     trained or written. ``plots=False`` skips the PNGs (tables only).
+
+    ``jobs``: runs trained at a time, each in its own process (several share one GPU). ``shard=(i, N)``: train only
+    every N-th run from the i-th (:func:`~pwsconv.experiments.sweep.shard_of`; N processes or machines, e.g. a SLURM
+    array, on one ``out_dir``); the tables are written by the shard that finds every run finished (or by a call
+    without ``shard`` afterwards, which trains nothing more). ``compile``: every run under ``torch.compile``.
+    ``measure`` (dry runs of grids without rates measured in advance, e.g. the full presets): estimate from the
+    training throughput measured now on this machine (:func:`measured_estimate`); None: only when a GPU is here (on a
+    CPU, measuring the full-size models takes minutes).
     """
     table = _table(name, preset)
     out_dir = os.fspath(out_dir) if out_dir is not None else os.path.join("results", "reproduce", f"{name}_{preset}")
     data_root = os.fspath(data_root) if data_root is not None else None
     runs = build_runs(name, preset, seeds, data_root)
+    if compile:
+        for r in runs:
+            r.config.compile = True
     info: dict[str, Any] = {"name": name, "preset": preset, "out_dir": out_dir, "n_runs": len(runs),
                             "seeds": sorted({r.config.seed for r in runs}),
                             "command": _command(name, preset, out_dir, seeds, data_root)}
     if dry_run:
-        return _dry_run(info, runs, log)
+        if measure is None:
+            import torch
+
+            measure = torch.cuda.is_available()
+        return _dry_run(info, shard_of(runs, shard), log, jobs, measure)
 
     t0 = time.perf_counter()
-    records = run_sweep(runs, out_dir, progress=progress, log=log)
+    records = run_sweep(runs, out_dir, progress=progress, log=log, jobs=jobs, shard=shard)
+    if shard is not None:
+        left = unfinished(runs, out_dir)
+        if left:
+            if log is not None:
+                log(f"{name} [{preset}] shard {shard[0]}/{shard[1]}: {len(records)} runs done; {len(left)} runs of "
+                    f"other shards not finished yet — the last shard to finish writes the tables")
+            info.update({"records": records, "runs": [r.spec.name for r in records], "unfinished": left,
+                         "wall_time": time.perf_counter() - t0})
+            return info
+        records = run_sweep(runs, out_dir, log=None)   # every run finished: all read back, none trained
     wall = time.perf_counter() - t0
     agg = aggregate(records, [k for k in runs[0].labels if k != "seed"])
     files = dict(write_results(records, out_dir, title=table.title))
@@ -374,12 +461,31 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     return info
 
 
-def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str], None] | None) -> dict[str, Any]:
+def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str], None] | None,
+             jobs: int = 1, measure: bool = False) -> dict[str, Any]:
     info["runs"] = [{"name": r.name, "labels": dict(r.labels), "config": r.config.to_dict()} for r in runs]
-    info["estimated_seconds"] = est = _estimate_seconds(runs)
+    est = _estimate_seconds(runs)
+    where, hint = "on 2 CPU cores", ""
+    if est is None and runs:   # no rate measured in advance for these models
+        if measure:   # measure them here, now
+            est, rates, device = measured_estimate(runs)
+            info["measured_rates"] = rates
+            where = f"one run at a time on this machine's {device} (training throughput measured just now)"
+        else:
+            hint = " (no time estimate: run the dry run on the GPU machine, where it measures the throughput, or add " \
+                   "--measure to measure on this CPU, minutes)"
+    info["estimated_seconds"] = est
     if log is not None:
         for r in runs:
             log(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.labels.items()))
+        for k, v in info.get("measured_rates", {}).items():
+            log(f"  measured: {k}: {v:.0f} images/s")
         log(f"{info['name']} [{info['preset']}]: {len(runs)} runs" +
-            (f", about {est / 60:.0f} min on 2 CPU cores" if est is not None else "") + f" → {info['out_dir']}")
+            (f", about {_duration(est)} {where}" if est is not None else "") +
+            (f" (with --jobs {jobs} on one device: less, by up to {jobs}× where one run leaves it idle)"
+             if jobs > 1 and est is not None else "") + hint + f" → {info['out_dir']}")
     return info
+
+
+def _duration(s: float) -> str:
+    return f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"

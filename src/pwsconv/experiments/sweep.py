@@ -31,7 +31,7 @@ from ..train.engine import ConfigMismatchError, RunResult, _config_diff, train
 from ..train.metrics import read_metrics
 from ..train.rundir import check_output_dir
 
-__all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "results_table", "results_rows", "write_results",
+__all__ = ["RunSpec", "SweepRecord", "SweepError", "run_sweep", "parse_shard", "shard_of", "unfinished", "results_table", "results_rows", "write_results",
            "plot_curves", "format_value"]
 
 # config fields that do not change what a run computes (a finished run with other values here is still "the same")
@@ -64,9 +64,76 @@ def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return not _config_diff(a, b, _COSMETIC)   # fields added since a run was made count with their defaults
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` (0 ≤ i < N) → ``(i, N)``; anything else is a one-line :class:`SweepError`."""
+    i, slash, n = str(text).partition("/")
+    try:
+        si, sn = int(i), int(n)
+    except ValueError:
+        si, sn = -1, 0
+    if not slash or sn < 1 or not 0 <= si < sn:
+        raise SweepError(f"--shard must be i/N with 0 ≤ i < N (e.g. 0/4, or $SLURM_ARRAY_TASK_ID/"
+                         f"$SLURM_ARRAY_TASK_COUNT), got {text!r}")
+    return si, sn
+
+
+def shard_of(runs: Sequence[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
+    """The runs shard ``(i, N)`` trains: every N-th run from the i-th (all runs for None), so each shard gets a
+    similar mix of methods and settings."""
+    if shard is None:
+        return list(runs)
+    i, n = shard
+    return [r for k, r in enumerate(runs) if k % n == i]
+
+
+def _run_config(spec: RunSpec, out_dir: str, progress: bool) -> TrainConfig:
+    return TrainConfig.from_dict({**spec.config.to_dict(), "out_dir": os.path.join(out_dir, spec.name),
+                                  "name": spec.name, "progress": progress})
+
+
+def _finished(cfg: TrainConfig) -> RunResult | None:
+    """The run's result if its directory holds a finished run of the same settings."""
+    if os.path.isfile(os.path.join(cfg.out_dir, "result.json")):
+        try:
+            prev = RunResult.load(cfg.out_dir)
+        except (ValueError, KeyError, OSError):
+            return None
+        if prev.status in ("ok", "nan") and _same_run(prev.config, cfg.to_dict()):
+            return prev
+    return None
+
+
+def unfinished(runs: Sequence[RunSpec], out_dir: str | os.PathLike) -> list[str]:
+    """Names of the runs of ``runs`` without a finished result of their settings under ``out_dir``."""
+    return [r.name for r in runs if _finished(_run_config(r, os.fspath(out_dir), False)) is None]
+
+
+def _train_one(cfg: TrainConfig) -> tuple[RunResult, float]:
+    """``(result, seconds)`` of training (or resuming) one run of a sweep."""
+    t0 = time.perf_counter()
+    try:   # train() holds the run directory's lock: a second sweep on the same run is refused at once
+        return train(cfg, resume=True), time.perf_counter() - t0
+    except ConfigMismatchError as e:
+        raise SweepError(f"{cfg.out_dir} holds a run with other settings ({'; '.join(e.diff)}); nothing was "
+                         f"changed — choose another output directory") from None
+
+
+def _worker_init(threads: int) -> None:   # a sweep's worker process: its share of the CPU cores
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: bool = False,
-              log: Callable[[str], None] | None = print) -> list[SweepRecord]:
-    """Train every run of ``runs`` under ``out_dir`` (resumably) and return their records, in order."""
+              log: Callable[[str], None] | None = print, jobs: int = 1,
+              shard: tuple[int, int] | None = None) -> list[SweepRecord]:
+    """Train every run of ``runs`` under ``out_dir`` (resumably) and return their records, in order.
+
+    ``jobs`` > 1: that many runs at a time, each in its own process (several runs share one GPU; on the CPU each
+    process gets its share of the cores). ``shard=(i, N)``: only this shard's runs (:func:`shard_of`) — N processes,
+    on as many machines as a scheduler gives (a SLURM array job: ``--shard $SLURM_ARRAY_TASK_ID/N``), share one
+    sweep directory on a shared file system; each run's lock keeps two processes from training the same run.
+    """
     out_dir = os.fspath(out_dir)
     names = [r.name for r in runs]
     dup = {n for n in names if names.count(n) > 1}
@@ -75,37 +142,58 @@ def run_sweep(runs: Sequence[RunSpec], out_dir: str | os.PathLike, *, progress: 
     bad = [n for n in names if not n or os.sep in n or n.startswith(".")]
     if bad:
         raise SweepError(f"run names must be plain directory names, got {bad}")
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise SweepError(f"jobs must be an integer ≥ 1, got {jobs!r}")
     try:
         check_output_dir(out_dir, "sweep directory")
     except ValueError as e:
         raise SweepError(str(e)) from None
-    records: list[SweepRecord] = []
-    for i, spec in enumerate(runs, 1):
-        run_dir = os.path.join(out_dir, spec.name)
-        cfg = TrainConfig.from_dict({**spec.config.to_dict(), "out_dir": run_dir, "name": spec.name,
-                                     "progress": progress})
-        t0 = time.perf_counter()
-        result, skipped = None, False
-        if os.path.isfile(os.path.join(run_dir, "result.json")):
-            try:
-                prev = RunResult.load(run_dir)
-            except (ValueError, KeyError, OSError):
-                prev = None
-            if prev is not None and prev.status in ("ok", "nan") and _same_run(prev.config, cfg.to_dict()):
-                result, skipped = prev, True
-        if result is None:
-            try:   # train() holds the run directory's lock: a second sweep on the same run is refused at once
-                result = train(cfg, resume=True)
-            except ConfigMismatchError as e:
-                raise SweepError(f"{run_dir} holds a run with other settings ({'; '.join(e.diff)}); nothing was "
-                                 f"changed — choose another output directory") from None
-        rec = SweepRecord(spec, result, read_metrics(run_dir), skipped, time.perf_counter() - t0)
-        records.append(rec)
-        if log is not None:
-            acc = format_value(result.metrics.get("test_acc", math.nan), pct=True)
-            how = "done before, skipped" if skipped else f"{rec.seconds:.1f} s"
-            log(f"[{i}/{len(runs)}] {spec.name}: {result.status}, test acc {acc} ({how})")
-    return records
+    mine = shard_of(runs, shard)
+    cfgs = [_run_config(spec, out_dir, progress and jobs == 1) for spec in mine]
+    done: dict[int, tuple[RunResult, float, bool]] = {}   # (result, seconds, skipped)
+    todo = []
+    for k, cfg in enumerate(cfgs):
+        prev = _finished(cfg)
+        if prev is not None:
+            done[k] = (prev, 0.0, True)
+        else:
+            todo.append(k)
+
+    def report(k: int) -> None:
+        if log is None:
+            return
+        result, seconds, skipped = done[k]
+        acc = format_value(result.metrics.get("test_acc", math.nan), pct=True)
+        how = "done before, skipped" if skipped else f"{seconds:.1f} s"
+        log(f"[{k + 1}/{len(mine)}] {mine[k].name}: {result.status}, test acc {acc} ({how})")
+
+    for k in sorted(done):
+        report(k)
+    if jobs == 1 or len(todo) <= 1:
+        for k in todo:
+            done[k] = (*_train_one(cfgs[k]), False)
+            report(k)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        threads = max(1, (os.cpu_count() or 1) // min(jobs, len(todo)))
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_train_one, cfgs[k]): k for k in todo}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in finished:
+                    k = futures[f]
+                    if f.exception() is not None:
+                        for p in pending:
+                            p.cancel()
+                        raise f.exception()   # type: ignore[misc]
+                    done[k] = (*f.result(), False)
+                    report(k)
+    return [SweepRecord(spec, done[k][0], read_metrics(cfgs[k].out_dir), done[k][2], done[k][1])
+            for k, spec in enumerate(mine)]
 
 
 # ----------------------------------------------------------------------------------------------------- tables

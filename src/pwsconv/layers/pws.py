@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..accel import fuse_standardization
-from ..functional import AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
+from ..functional import (AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, auto_clip_w, check_clip, check_gamma, he_std, pws_weight,
+                          unit_clip)
 from ._reparam import ReparamConvNd, ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
@@ -32,6 +33,23 @@ def _fan_mode(value: str) -> str:
     if value not in FAN_MODES:
         raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {value!r}")
     return value
+
+
+class _OptimizerGroup:
+    """The optimizer parameter group that holds a layer's weight, as :func:`pwsconv.param_groups` made it (torch's
+    optimizers keep those dicts and fill in their defaults, e.g. ``lr``). Derived, not state: a copy or an unpickled
+    layer is unlinked until its own ``param_groups`` call."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: dict | None = None) -> None:
+        self.group = group
+
+    def __reduce__(self) -> tuple:
+        return (_OptimizerGroup, ())
+
+    def __deepcopy__(self, memo: dict) -> "_OptimizerGroup":
+        return _OptimizerGroup()
 
 
 class PWSMixin(ReparamMixin):
@@ -99,10 +117,32 @@ class PWSMixin(ReparamMixin):
 
     @property
     def clip_w_lambda(self) -> float:
-        """The clipping λ of W's filters in force (0: no clipping)."""
+        """The clipping λ of W's filters in force (0: no clipping). ``gamma="auto"`` (no ``clip`` / ``clip_w``
+        given): :func:`pwsconv.functional.auto_clip_w` of the SGD settings the optimizer starts with — read once,
+        from the parameter group :func:`pwsconv.param_groups` put the weight in — else ``AUTO_CLIP_W``."""
         if self._clip_w is not None:
             return self._clip_w
-        return AUTO_CLIP_W if self._gamma == "auto" and self._clip is None else self.clip_lambda
+        if self._gamma != "auto" or self._clip is not None:
+            return self.clip_lambda
+        lam = self.__dict__.get("_auto_clip_w")
+        return lam if lam is not None else self._learn_clip_w()
+
+    def link_optimizer_group(self, group: dict) -> None:
+        """Called by :func:`pwsconv.param_groups` with the group that holds this layer's weight: ``gamma="auto"``
+        reads the learning rate and momentum from it once the optimizer has filled them in."""
+        self.__dict__["_opt_group"] = _OptimizerGroup(group)
+        self.__dict__["_auto_clip_w"] = None
+
+    def _learn_clip_w(self) -> float:
+        link = self.__dict__.get("_opt_group")
+        group = link.group if link is not None else None
+        if not group or "lr" not in group or "dampening" not in group:   # no SGD group (yet): the fixed λ
+            return AUTO_CLIP_W
+        lam = auto_clip_w(group.get("initial_lr", group["lr"]), group.get("momentum", 0.0))
+        if lam is None:
+            lam = AUTO_CLIP_W
+        self.__dict__["_auto_clip_w"] = lam     # once: the LR the optimizer starts with, whatever the schedule does
+        return lam
 
     @property
     def effective_gamma(self) -> float:

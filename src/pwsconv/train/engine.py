@@ -436,13 +436,19 @@ class _Run:
         if dist.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:   # the training forward and backward; evaluation and checkpoints use the raw model
+            self.model = torch.compile(self.model)
 
 
     def _in_memory_data(self, cfg: TrainConfig, dist: D.DistInfo, device: torch.device, Loader: Any,
                         load_dataset: Any) -> None:
         """The small data sets: loaded into memory and batched by :class:`pwsconv.data.Loader`."""
+        from ..data.device import resident
+
         bundle = load_dataset(cfg.dataset, cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
                               limit=cfg.limit, test_limit=cfg.test_limit)
+        # on a GPU (auto: if it fits) the images live there: batches are gathered and augmented without the host
+        bundle, self.data_on_device = resident(bundle, device, cfg.data_on_device)
         self.bundle = bundle
         common = dict(mean=bundle.mean, std=bundle.std, device=device, channels_last=cfg.channels_last,
                       rank=dist.rank, world_size=dist.world_size)
@@ -566,8 +572,9 @@ class _Run:
                 self.batch = i + 1
                 n = y.numel()
                 seg_images += n
-                self.sums += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double(),
-                                          torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+                # on the device, no host sync: read at log points and epoch ends
+                self.sums[:2] += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
+                self.sums[2] += n
                 if self.on_step is not None:
                     self.on_step(self.step)
                 last = self.batch == self.steps_per_epoch or self.step >= self.max_steps

@@ -13,6 +13,7 @@ backward and the optimizer step (gradient clipping, a probe of the gradients).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -32,10 +33,10 @@ def classification_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer | None, x: Any, y: Any, *,
-               loss_fn: LossFn = classification_loss, amp: torch.dtype | None = None, device_type: str = "cpu",
+               loss_fn: LossFn | None = None, amp: torch.dtype | None = None, device_type: str = "cpu",
                scaler: Any = None, after_forward: Callable[[torch.Tensor, Any], bool | None] | None = None,
                before_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, Any]:
-    """Gradients cleared (set to None), forward and loss (``loss_fn``, under ``torch.autocast(device_type, amp)``
+    """Gradients cleared (set to None), forward and loss (``loss_fn``, default :func:`classification_loss`; under ``torch.autocast(device_type, amp)``
     unless ``amp`` is None), ``after_forward(loss, output)`` (returning ``False`` ends the step there: no backward, no
     update), backward (of the loss scaled by ``scaler``, a GradScaler, if given), ``before_step()``, and the optimizer
     step (through ``scaler``, which is then updated). ``opt=None``: gradients only (cleared on the model, no step).
@@ -44,11 +45,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer | None, x: Any, y: A
         opt.zero_grad(set_to_none=True)
     else:
         model.zero_grad(set_to_none=True)
+    task = classification_loss if loss_fn is None else loss_fn
     if amp is None:
-        loss, out = loss_fn(model, x, y)
+        loss, out = task(model, x, y)
     else:
         with torch.autocast(device_type, dtype=amp):
-            loss, out = loss_fn(model, x, y)
+            loss, out = task(model, x, y)
     if after_forward is not None and after_forward(loss, out) is False:
         return loss, out
     if scaler is None:

@@ -9,6 +9,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from ...functional import auto_clip_w
 from ..sweep import RunSpec
 from ..table import ARCHS, ONE_ARCH, Context, Size, Curves, ErrVs, Table, grid, md_table, method_opts, paper_value
 from . import collapse, table1
@@ -21,14 +22,16 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "pws": ("pws", {"gamma": 1e-3}),
     "pws auto": ("pws", {"gamma": "auto"}),
 }
-#: the ablation rows vary one ingredient of auto
-ABLATION: dict[str, tuple[str, dict[str, Any]]] = {
+#: the ablation rows vary one ingredient of auto (options, or a function of the LR giving them)
+ABLATION: dict[str, tuple[str, Any]] = {
     "auto, clip 0.02": ("pws", {"gamma": "auto", "clip": 0.02}),
     "auto, clip 0.04": ("pws", {"gamma": "auto", "clip": 0.04}),
     "auto without clipping (γ rule only)": ("pws", {"gamma": "auto", "clip": 0}),
     "paper γ=1e-3 + clip 0.01 (no γ rule)": ("pws", {"gamma": 1e-3, "clip": 0.01}),
     "auto, W clipped at 0.01 too (round 2)": ("pws", {"gamma": "auto", "clip_w": 0.01}),
     "auto, W not clipped": ("pws", {"gamma": "auto", "clip_w": 0}),
+    "auto, step bound ×2 (0.32)": ("pws", lambda LR: {"gamma": "auto",
+                                                      "clip_w": float(f"{auto_clip_w(LR, 0.9, step=0.32):.6g}")}),
 }
 ABLATION_LRS = (0.1, 0.4, 1.6)
 BATCHES = (2, 4, 8, 128)
@@ -42,9 +45,9 @@ SIZES = {**collapse.SIZES,
 SHORT_EPOCHS = {"medium": 4, "gpu": 5}
 _ARCHS = {**ARCHS,
           "medium": [("plain", "convpool_cnn_c_small", {"width": 0.25}), ("residual", "resnet_cifar_small", {"width": 1.0})],
-          "gpu": ARCHS["full"]}
+          "gpu": ARCHS["full"][::-1]}   # the residual net first: its runs are the shortest
 #: the ablation rows of the long-schedule presets, at one short and one long LR on both nets
-_LONG_ABLATION = ("auto, W clipped at 0.01 too (round 2)",)
+_LONG_ABLATION = ("auto, W clipped at 0.01 too (round 2)", "auto, W not clipped", "auto, step bound ×2 (0.32)")
 _LONG_ABLATION_LRS = (0.1, 1.6)
 #: the three parts' axes per preset (smoke: no ablation)
 AXES = {
@@ -91,6 +94,7 @@ def runs(preset: str, seeds: Sequence[int]) -> list[RunSpec]:
     def ablation_run(arch: tuple, variant: tuple[int, str], LR: float, seed: int) -> RunSpec:
         (i, name), (label, model, mopts) = variant, arch
         method, opts = ABLATION[name]
+        opts = opts(LR) if callable(opts) else opts
         cfg = _lsize(preset, LR).config(model=model, model_opts=mopts, method=method, method_opts=dict(opts), lr=LR,
                                         seed=seed)
         return RunSpec(f"abl{i}_{label}_lr{LR:g}_s{seed}", cfg,
