@@ -24,7 +24,6 @@ run as ``status="nan"`` with NaN mAP (the paper's tables report collapses as NaN
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import math
 import os
@@ -42,6 +41,7 @@ from ..config import ConfigError, check_method_opts
 from ..train import distributed as D
 from ..train.checkpoint import atomic_save, atomic_write_text, dumps, load_checkpoint, rng_state, set_rng_state
 from ..train.engine import RunResult, check_device, resolve_device
+from ..train.metrics import MetricsLog
 from ..train.rundir import check_output_dir, lock_run_dir, remove_stale_temps
 from ..train.step import train_step
 
@@ -174,43 +174,6 @@ def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 _COLUMNS = ("epoch", "step", "lr", "train_loss", "mAP", "AP", "AP50", "AP75", "segm_AP", "images_per_s",
             "epoch_time", "wall_time", "status")
-
-
-class _Log:
-    """metrics.jsonl (every key) and metrics.csv (:data:`_COLUMNS`), rewritten atomically per row; on resume, rows
-    after the checkpoint's step are dropped (they are redone)."""
-
-    def __init__(self, out_dir: str, enabled: bool, resume_step: int | None) -> None:
-        import json
-
-        self.enabled, self.rows = enabled, []
-        self.jsonl, self.csv = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "metrics.csv")
-        if enabled and resume_step is not None and os.path.isfile(self.jsonl):
-            with open(self.jsonl, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except ValueError:
-                        break
-                    if r.get("step", 0) <= resume_step:
-                        self.rows.append(r)
-        if enabled:
-            self._write()
-
-    def _write(self) -> None:
-        atomic_write_text("".join(dumps(r) + "\n" for r in self.rows), self.jsonl)
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(_COLUMNS)
-        for r in self.rows:
-            w.writerow(["" if r.get(c) is None else ("nan" if isinstance(r.get(c), float) and math.isnan(r[c])
-                                                     else r[c]) for c in _COLUMNS])
-        atomic_write_text(buf.getvalue(), self.csv)
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            self.rows.append(row)
-            self._write()
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -380,7 +343,7 @@ def _run(cfg: DetConfig, out_dir: str, dist: D.DistInfo, device: torch.device, r
         import yaml
 
         atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), paths["config"])
-    log = _Log(out_dir, dist.is_main, step if ckpt is not None else None)
+    log = MetricsLog(out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None, columns=_COLUMNS)
     show = cfg.progress and dist.is_main
     if show:
         try:
