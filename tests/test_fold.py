@@ -459,5 +459,13 @@ def test_a_registered_method_declares_how_its_norm_folds():
             folded = pwsconv.fold(net)
         assert not any(isinstance(m, Scale) for m in folded.modules())
         torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+        # ... and the rest takes it by name: convert, the training and detection configs
+        from pwsconv.config import TrainConfig
+        from pwsconv.detection.train import DetConfig
+
+        conv_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        assert isinstance(pwsconv.convert(conv_bn, "scale_test")[1], Scale)
+        TrainConfig(method="scale_test").validate()
+        DetConfig(method="scale_test").validate()
     finally:
         _REGISTRY.pop("scale_test")
