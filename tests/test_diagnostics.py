@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import math
 
 import pytest
@@ -564,3 +565,13 @@ def test_clip_fraction_of_auto_layers():
     loose = fracs(gamma="auto", clip=1e9, clip_w=1e9)
     assert loose["w_clip_frac"] == [0.0] and loose["alpha_clip_frac"] == [0.0]
     assert fracs(gamma=1e-3) == {"w_clip_frac": [], "alpha_clip_frac": [], "bias_clip_frac": []}
+
+
+def test_clipping_plot_only_for_clipping_layers(tmp_path):
+    from pwsconv.diagnostics.plots import has_clipping, plot_clipping
+
+    recs = [{"step": s, "layer": "a", "layer_index": 0, "kind": "PWSConv2d", "stat": st, "value": v}
+            for s in range(3) for st, v in (("w_clip_frac", 0.5), ("alpha_clip_frac", 1.0), ("y_var", 2.0))]
+    assert has_clipping({"auto": recs}) and not has_clipping({"pws": [r for r in recs if r["stat"] == "y_var"]})
+    path = plot_clipping({"auto": recs}, tmp_path / "clipping.png")
+    assert os.path.getsize(path) > 1000

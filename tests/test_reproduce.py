@@ -195,3 +195,21 @@ def test_robust_grid_reuses_the_collapse_and_table1_runs():
             assert r.config.method == "pws" and r.config.method_opts == {"gamma": "auto"}
     assert n_lr == 3 * 9 * 3 and n_b == 3 * 4 * 3
     assert {r.labels["arch"] for r in rob} == {"plain", "residual"}
+
+
+def test_report_tables_from_the_finished_runs_only(tmp_path):
+    """--report: a sweep in progress (or stopped by a time limit) gets its tables from the finished runs, trains
+    nothing more and says which runs are missing; with no finished run it refuses in one line."""
+    from pwsconv.experiments.sweep import run_sweep
+
+    out = tmp_path / "robust"
+    with pytest.raises(ReproduceError, match="no finished run"):
+        reproduce("robust", "smoke", out_dir=out, report=True, log=None)
+    runs = build_runs("robust", "smoke")
+    run_sweep(runs[:3], out, log=None)
+    info = reproduce("robust", "smoke", out_dir=out, report=True, log=None, plots=False)
+    assert len(info["records"]) == 3 and all(r.skipped for r in info["records"])
+    assert sorted(info["unfinished"]) == sorted(r.name for r in runs[3:])
+    md = (out / "results.md").read_text()
+    assert "Partial report" in md and runs[3].name in md
+    assert not (out / runs[3].name).exists()          # nothing trained

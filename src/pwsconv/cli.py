@@ -314,6 +314,9 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--seeds", type=int, default=None, metavar="N", help="number of seeds (default: the preset's)")
     p.add_argument("--data-root", default=None, metavar="DIR", help="dataset directory")
     p.add_argument("--dry-run", action="store_true", help="list the runs and a time estimate; train nothing")
+    p.add_argument("--report", action="store_true",
+                   help="write the tables and plots from the runs already finished in --out; train nothing (a "
+                        "sweep in progress, or one stopped by a time limit)")
     p.add_argument("--progress", action="store_true", help="per-run progress bars")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs at a time, each in its own process (several runs share one GPU)")
@@ -346,8 +349,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         raise ReproduceError(f"--jobs must be ≥ 1, got {args.jobs}")
     shard = parse_shard(args.shard) if args.shard is not None else None
     if args.name in EXTRA_EXPERIMENTS:
-        if args.jobs != 1 or shard is not None or args.compile:
-            raise ReproduceError(f"--jobs, --shard and --compile are for the classification tables, not {args.name}")
+        if args.jobs != 1 or shard is not None or args.compile or args.report:
+            raise ReproduceError(f"--jobs, --shard, --compile and --report are for the classification tables, not "
+                                 f"{args.name}")
         if args.seeds not in (None, 1):
             raise ReproduceError(f"{args.name} runs one seed per cell (as the paper); drop --seeds")
         reproduce_extra(args.name, preset or "smoke", out_dir=args.out, data_root=args.data_root,
@@ -357,7 +361,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         raise ReproduceError("--weights is for coco_table3 only")
     reproduce(args.name, preset or "cpu", out_dir=args.out, seeds=args.seeds, data_root=args.data_root,
               progress=args.progress, dry_run=args.dry_run, jobs=args.jobs, shard=shard, compile=args.compile,
-              measure=args.measure)
+              measure=args.measure, report=args.report)
     return 0
 
 

@@ -79,7 +79,7 @@ class _UnitClip(torch.autograd.Function):
         lam, dims = ctx.lam, ctx.dims
         if dims is None:   # per entry: |g| ≤ λ·max(|p|, 1e-3)
             bound = p.abs().clamp_min(1e-3).mul_(lam)
-            return torch.minimum(torch.maximum(g, -bound), bound), None, None
+            return torch.clamp(g, -bound, bound), None, None
         pf, gf = p.float(), g.float()
         pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min_(1e-3)
         gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min_(1e-30)
@@ -115,13 +115,17 @@ class _UnitClipMany(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *gs: Tensor | None):  # type: ignore[override]
         ps = ctx.saved_tensors
-        out: list[Tensor | None] = [None]
-        for p, g, lam in zip(ps, gs, ctx.lams):
-            if g is None:
-                out.append(None)
-                continue
-            bound = p.abs().clamp_min(1e-3).mul_(lam)
-            out.append(torch.minimum(torch.maximum(g, -bound), bound))
+        out: list[Tensor | None] = [None] * (len(ps) + 1)
+        idx = [i for i, g in enumerate(gs) if g is not None]
+        if idx:   # a handful of foreach ops for all the vectors, not five ops per vector
+            gg = [gs[i] for i in idx]
+            bound = torch._foreach_abs([ps[i] for i in idx])
+            torch._foreach_clamp_min_(bound, 1e-3)
+            torch._foreach_mul_(bound, [ctx.lams[i] for i in idx])
+            clipped = torch._foreach_maximum(gg, torch._foreach_neg(bound))
+            torch._foreach_minimum_(clipped, bound)
+            for i, c in zip(idx, clipped):
+                out[i + 1] = c
         return tuple(out)
 
 

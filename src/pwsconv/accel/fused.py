@@ -133,7 +133,7 @@ class _PWSMany(torch.autograd.Function):
                 if clip_a:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
                     a_all = al[0] if len(al) == 1 else torch.cat(al)
                     bound = a_all.abs().clamp_min(1e-3).mul_(clip_a)
-                    gs = torch.minimum(torch.maximum(gs, -bound), bound)
+                    gs = torch.clamp(gs, -bound, bound)
                 parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
                 for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
                     if gi is not None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train.step import train_step
-from .plots import plot_figure1, plot_figure2, plot_figure6, plot_variance_transmission
+from .plots import has_clipping, plot_clipping, plot_figure1, plot_figure2, plot_figure6, plot_variance_transmission
 from .probe import VarianceProbe
 from .records import Record, layer_profile, write_csv, write_jsonl
 
@@ -420,6 +420,8 @@ def run_probe_experiment(
             files["figure6"] = str(plot_figure6(records_by_method, os.path.join(out_dir, "figure6.png")))
             files["variance"] = str(plot_variance_transmission(records_by_method,
                                                                os.path.join(out_dir, "variance.png")))
+            if has_clipping(records_by_method):
+                files["clipping"] = str(plot_clipping(records_by_method, os.path.join(out_dir, "clipping.png")))
         path = os.path.join(out_dir, "summary.md")
         with open(path, "w", encoding="utf-8") as f:
             f.write(md)

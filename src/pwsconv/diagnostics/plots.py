@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from .records import as_records, layer_profile, step_series
 
-__all__ = ["plot_figure1", "plot_figure2", "plot_figure6", "plot_variance_transmission"]
+__all__ = ["plot_figure1", "plot_figure2", "plot_figure6", "plot_variance_transmission", "plot_clipping", "has_clipping"]
 
 
 def _figure(ncols: int, width: float = 5.2, height: float = 3.8):
@@ -226,4 +226,41 @@ def plot_variance_transmission(records_by_method: Any, path: str | os.PathLike, 
         ax.legend(fontsize=7)
     else:
         _empty(ax)
+    return _save(fig, path)
+
+
+CLIP_STATS = (("w_clip_frac", "W (per filter)"), ("alpha_clip_frac", "α"), ("bias_clip_frac", "β"))
+
+
+def has_clipping(records_by_method: Any) -> bool:
+    """Whether any method recorded clipping statistics (layers that clip their gradients: ``gamma="auto"``)."""
+    names = {s for s, _ in CLIP_STATS}
+    return any(r["stat"] in names for recs in _methods(records_by_method).values() for r in recs)
+
+
+def plot_clipping(records_by_method: Any, path: str | os.PathLike) -> str | os.PathLike:
+    """How often the clipping of ``gamma="auto"`` fires: per step, the share of W's filters, α entries and β entries
+    held at their bound, averaged over the layers (one panel per parameter kind, one line per method)."""
+    fig, axes = _figure(3, width=4.4)
+    for ax, (stat, label) in zip(axes, CLIP_STATS):
+        drawn = False
+        for method, recs in _methods(records_by_method).items():
+            per_step: dict[int, list[float]] = {}
+            for r in recs:
+                if r["stat"] == stat and math.isfinite(r["value"]):
+                    per_step.setdefault(r["step"], []).append(r["value"])
+            if per_step:
+                steps = sorted(per_step)
+                ax.plot(steps, [100.0 * sum(per_step[s]) / len(per_step[s]) for s in steps], lw=1.2,
+                        label=method or None)
+                drawn = True
+        ax.set_title(f"{label}: share clipped")
+        ax.set_xlabel("step")
+        ax.set_ylabel("% held at the bound (mean over layers)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        if not drawn:
+            _empty(ax)
+        elif ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, path)

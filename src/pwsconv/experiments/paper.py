@@ -370,6 +370,8 @@ def _results_md(table: Table, ctx: Context, info: dict[str, Any], summary: str, 
     run_time = sum(r.result.wall_time for r in records)
     md = [f"# {table.title}", "",
           f"Preset **{preset}** — {len(records)} runs ({skipped} already done before this call, skipped).", "",
+          *([f"**Partial report**: {len(records)} of the grid's {len(records) + len(info['unfinished'])} runs are "
+             f"finished; not yet: {', '.join(info['unfinished'])}.", ""] if info.get("unfinished") else []),
           summary, "",
           "## Setting", "", _settings(runs), "",
           "## Reproduce", "", "```", info["command"], "```", "",
@@ -394,7 +396,7 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
               seeds: int | Sequence[int] | None = None, data_root: str | os.PathLike | None = None,
               progress: bool = False, dry_run: bool = False, plots: bool = True,
               log: Callable[[str], None] | None = print, jobs: int = 1, shard: tuple[int, int] | None = None,
-              compile: bool = False, measure: bool | None = None) -> dict[str, Any]:
+              compile: bool = False, measure: bool | None = None, report: bool = False) -> dict[str, Any]:
     """Run (resumably) one of :data:`EXPERIMENTS` at a preset and write its results under ``out_dir``
     (default ``results/reproduce/<name>_<preset>``, where this repository keeps its measured runs): ``results.md``
     (the paper's numbers beside the measured mean ± std
@@ -411,7 +413,8 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     without ``shard`` afterwards, which trains nothing more). ``compile``: every run under ``torch.compile``.
     ``measure`` (dry runs of grids without rates measured in advance, e.g. the full presets): estimate from the
     training throughput measured now on this machine (:func:`measured_estimate`); None: only when a GPU is here (on a
-    CPU, measuring the full-size models takes minutes).
+    CPU, measuring the full-size models takes minutes). ``report``: train nothing; the tables and plots of the runs
+    already finished in ``out_dir`` (results.md says how many of the grid's runs that is).
     """
     table = _table(name, preset)
     out_dir = os.fspath(out_dir) if out_dir is not None else os.path.join("results", "reproduce", f"{name}_{preset}")
@@ -431,6 +434,13 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
         return _dry_run(info, shard_of(runs, shard), log, jobs, measure)
 
     t0 = time.perf_counter()
+    if report:
+        left = set(unfinished(runs, out_dir))
+        if len(left) == len(runs):
+            raise ReproduceError(f"--report: no finished run of {name} [{preset}] in {out_dir}")
+        info["unfinished"] = sorted(left)
+        runs = [r for r in runs if r.name not in left]
+        shard = None
     records = run_sweep(runs, out_dir, progress=progress, log=log, jobs=jobs, shard=shard)
     if shard is not None:
         left = unfinished(runs, out_dir)

@@ -40,14 +40,15 @@ BATCHES = (2, 4, 8, 128)
 #: train) for ``SHORT_EPOCHS``
 LONG_LRS, SHORT_LRS = (0.05, 0.1), (0.4, 1.6, 3.2)
 SIZES = {**collapse.SIZES,
-         "medium": Size("cifar10", 20000, 2000, 12, 3, num_threads=1),
+         "medium": Size("cifar10", 10000, 2000, 8, 3, num_threads=1),
          "gpu": Size("cifar10", None, 5000, 20, 1, extra=(("amp", "bf16"), ("channels_last", True)))}
 SHORT_EPOCHS = {"medium": 4, "gpu": 5}
 _ARCHS = {**ARCHS,
-          "medium": [("plain", "convpool_cnn_c_small", {"width": 0.25}), ("residual", "resnet_cifar_small", {"width": 1.0})],
+          "medium": ARCHS["cpu"],
           "gpu": ARCHS["full"][::-1]}   # the residual net first: its runs are the shortest
 #: the ablation rows of the long-schedule presets, at one short and one long LR on both nets
-_LONG_ABLATION = ("auto, W clipped at 0.01 too (round 2)", "auto, W not clipped", "auto, step bound ×2 (0.32)")
+_LONG_ABLATION = {"medium": ("auto, W clipped at 0.01 too (round 2)",),
+                  "gpu": ("auto, W clipped at 0.01 too (round 2)", "auto, W not clipped", "auto, step bound ×2 (0.32)")}
 _LONG_ABLATION_LRS = (0.1, 1.6)
 #: the three parts' axes per preset (smoke: no ablation)
 AXES = {
@@ -55,7 +56,7 @@ AXES = {
         "lr": dict(arch=_ARCHS[preset], method=list(methods), LR=lrs),
         "ablation": (None if preset == "smoke" else
                      dict(variant=list(enumerate(ABLATION))[:4], LR=ABLATION_LRS) if preset in ("cpu", "full") else
-                     dict(variant=[(i, n) for i, n in enumerate(ABLATION) if n in _LONG_ABLATION],
+                     dict(variant=[(i, n) for i, n in enumerate(ABLATION) if n in _LONG_ABLATION[preset]],
                           LR=_LONG_ABLATION_LRS)),
         "batch": dict(method=list(methods), batch=batches) if batches else None,
     }
