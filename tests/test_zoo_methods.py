@@ -4,6 +4,7 @@ fold, and the weight-method layers (WN, WS, scaled WS) against their formulas.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import pathlib
@@ -452,6 +453,11 @@ def test_declared_options_take_what_they_say():
     assert type(pwsconv.build_conv("pws", 2, 3, 4, 3, gamma="auto", clip=None)) is pwsconv.PWSConv2d
     with pytest.raises(pwsconv.methods.MethodError, match="declares option 'eps' twice"):
         Method("twice", "x", plain_conv, conv_options=(Option("eps", float),), norm_options=("eps",))
+    variant = dataclasses.replace(get_method("pws"), name="pws_variant")   # a variant keeps the declarations
+    for m in (variant, copy.deepcopy(get_method("pws"))):
+        assert m.conv_options == get_method("pws").conv_options
+        with pytest.raises(pwsconv.methods.MethodOptionError, match="gamma must be a finite number"):
+            m.check_options({"gamma": -1})
     bare = Method("bare", "x", plain_conv, conv_options=frozenset({"anything"}))   # a bare name: any value
     assert bare.conv_options == frozenset({"anything"}) and bare.check_options({"anything": object()})
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Mapping
 
 from torch import Tensor, nn
@@ -28,6 +28,20 @@ class UnknownMethodError(MethodError):
 
 class MethodOptionError(MethodError):
     """An option the method does not declare, or a value of the wrong type or range for it."""
+
+
+class _OptionNames(frozenset):
+    """The names of a method's options (a frozenset of str) that keeps their declarations (``specs``)."""
+
+    specs: dict[str, Option]
+
+    def __new__(cls, options: list[Option]) -> "_OptionNames":
+        names = super().__new__(cls, (o.name for o in options))
+        names.specs = {o.name: o for o in options}
+        return names
+
+    def __reduce__(self) -> tuple:   # copy, deepcopy, pickle: rebuilt from the declarations
+        return _OptionNames, (list(self.specs.values()),)
 
 
 @dataclass(frozen=True)
@@ -92,16 +106,17 @@ class Method:
 
     def __post_init__(self) -> None:
         specs: dict[str, Option] = {}
-        parts: dict[str, set[str]] = {"conv": set(), "norm": set()}
+        parts: dict[str, list[Option]] = {"conv": [], "norm": []}
         for part, given in (("conv", self.conv_options), ("norm", self.norm_options)):
             for o in ([given] if isinstance(given, (str, Option)) else given):
-                o = Option(o) if isinstance(o, str) else replace(o)
+                if isinstance(o, str):   # a bare name, or the name of a declaration kept through dataclasses.replace
+                    o = given.specs[o] if isinstance(given, _OptionNames) else Option(o)
                 if o.name in specs:
                     raise MethodError(f"method {self.name!r} declares option {o.name!r} twice")
                 specs[o.name] = o
-                parts[part].add(o.name)
-        object.__setattr__(self, "conv_options", frozenset(parts["conv"]))
-        object.__setattr__(self, "norm_options", frozenset(parts["norm"]))
+                parts[part].append(o)
+        object.__setattr__(self, "conv_options", _OptionNames(parts["conv"]))
+        object.__setattr__(self, "norm_options", _OptionNames(parts["norm"]))
         object.__setattr__(self, "option_specs", specs)
 
     @property
