@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                    "pws after (unfused)": make(build_model, "pws", train_step_fn, fuse=False),
                    "pws after (recompute)": make(build_model, "pws", train_step_fn, recompute=True),
                    # the stabilized layer (same forward, clipped gradients) against paper PWS
-                   "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"})}
+                   "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"}),
+                   "pws before (gamma=auto)": make(before_build, "pws", before_step, {"gamma": "auto"})}
             t = timed_interleaved(fns, "cpu", a.repeats, a.warmup, clock=clock)
             row = dict(model=model, batch=b, none_ms=t["none"] * 1e3,
                        **{k: v / t["none"] for k, v in t.items() if k != "none"})

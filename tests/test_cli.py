@@ -137,21 +137,20 @@ def test_fold_round_trip(tmp_path, trained, capsys):
     assert run_cli(capsys, "fold", trained, folded_path, "--force")[0] == 0
 
 
-def test_fold_counts_the_batchnorms_it_merges(tmp_path, capsys):
-    """A BN run has no reparameterized layer: what fold does is merge every BN, and it says so."""
-    d = tmp_path / "bn"
-    assert main(["train", "--out-dir", str(d), "--method", "bn", "--lr", "0.02", "--max-steps", "1"] + SMALL) == 0
-    n_bn = sum(k.endswith("running_var") for k in torch.load(d / "checkpoint.pt", weights_only=True)["model"])
-    capsys.readouterr()
-    rc, out, _ = run_cli(capsys, "fold", d, tmp_path / "deploy.pt")
-    assert rc == 0 and n_bn > 0
-    assert f"folded {n_bn} layer(s)" in out and f"{n_bn} norm layer(s) merged into their conv" in out
-    assert not any(k.endswith("running_var") for k in torch.load(tmp_path / "deploy.pt", weights_only=True)["model"])
-
-
 def test_eval_options(trained, capsys):
     rc, out, _ = run_cli(capsys, "eval", trained, "--split", "train", "--limit", "64")
-    assert rc == 0 and "train: loss" in out and "n=64" in out
+    assert rc == 0 and "train: loss" in out and "n=64 of 128 images: --limit" in out
+    # the run was tested on its first 100 test images (--test-limit 100): eval scores the same ones and says so
+    rc, out, _ = run_cli(capsys, "eval", trained)
+    assert rc == 0 and "n=100 of 359 images: the run's test_limit; --all scores all of them" in out
+    result = json.loads((trained / "result.json").read_text())
+    rc, out, _ = run_cli(capsys, "eval", trained, "--json")
+    got = json.loads(out)
+    assert (got["n"], got["n_split"]) == (100, 359) and got["acc"] == pytest.approx(result["metrics"]["test_acc"])
+    rc, out, _ = run_cli(capsys, "eval", trained, "--all")
+    assert rc == 0 and "n=359 of 359 images)" in out
+    rc, _, err = run_cli(capsys, "eval", trained, "--all", "--limit", "5")
+    assert_one_line_error(rc, err, "--all and --limit")
     rc, _, err = run_cli(capsys, "eval", trained, "--split", "val")
     assert_one_line_error(rc, err, "no val split")
     rc, _, err = run_cli(capsys, "eval", trained, "--dataset", "mnist", "--data-root", "/nonexistent/x")
@@ -216,3 +215,44 @@ def test_adding_a_subcommand_is_one_function(capsys):
         from pwsconv import cli
 
         cli._SUBCOMMANDS[:] = [s for s in cli._SUBCOMMANDS if s[0] != "hello"]
+
+
+def test_train_help_describes_every_option_in_its_group(capsys):
+    """`pwsconv train --help`: every option has a description — for config fields the one config.py declares —
+    under its group (what to train / optimization / speed and reproducibility / outputs)."""
+    import argparse
+    import dataclasses
+
+    from pwsconv.config import FIELD_GROUPS, TrainConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    groups = {g.title: g for g in sub._action_groups}
+    assert set(FIELD_GROUPS) <= set(groups)
+    for f in dataclasses.fields(TrainConfig):
+        (action,) = [a for a in groups[f.metadata["group"]]._group_actions if a.dest == f"cfg_{f.name}"]
+        assert f.metadata["help"] and action.help.startswith(f.metadata["help"]), f.name
+    assert all(a.help for a in sub._actions)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    positions = [text.index(f"\n{g}:\n") for g in FIELD_GROUPS]
+    assert positions == sorted(positions)
+
+
+def test_missing_data_error_speaks_in_command_line_terms(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PWSCONV_DATA", raising=False)
+    rc, _, err = run_cli(capsys, "train", "--out-dir", tmp_path / "out", "--dataset", "mnist", *SMALL)
+    assert_one_line_error(rc, err, "no data directory found for 'mnist'", "--data-root", "PWSCONV_DATA")
+
+
+def test_probe_refuses_to_overwrite_its_results(tmp_path, capsys):
+    out = tmp_path / "probe"
+    args = ["probe", "--methods", "none", "pws", "--steps", "2", "--batch-size", "16", "--out", out, "--no-progress"]
+    rc, text, _ = run_cli(capsys, *args)
+    assert rc == 0 and "Where Var[Y_L]/Var[Y_1] comes from" in (out / "summary.md").read_text()
+    before = (out / "records.csv").read_bytes()
+    rc, _, err = run_cli(capsys, *args)
+    assert_one_line_error(rc, err, "already holds a probe's results", "--force")
+    assert (out / "records.csv").read_bytes() == before
+    assert run_cli(capsys, *args, "--force")[0] == 0

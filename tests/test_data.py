@@ -241,7 +241,7 @@ def test_npz_corrupt_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
     with pytest.raises(DataError, match="junk.npz"):
         load_dataset("npz", tmp_path / "junk.npz")
-    with pytest.raises(DataError, match="needs root"):
+    with pytest.raises(DataError, match="needs the path of an .npz file"):
         load_dataset("npz", tmp_path)
     np.save(tmp_path / "single.npy", _images(3))
     with pytest.raises(DataError, match="not an .npz"):

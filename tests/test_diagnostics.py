@@ -530,6 +530,13 @@ def test_run_probe_experiment(tmp_path):
     assert res["collapsed"] == {"none": None, "bn": None, "pws": None}
     pws_shift = [v["shift_rel"] for k, v in res["summary"]["pws"].items() if v["kind"] == "PWSConv2d"]
     assert pws_shift and all(s < 1e-2 for s in pws_shift)  # only weight decay (and momentum) move filter means
+    # Var[Y_L]/Var[Y_1] is the exact product of the measured factors the summary's last table shows
+    assert "Where Var[Y_L]/Var[Y_1] comes from" in md
+    for m in ("none", "bn", "pws"):
+        d = res["depth"][m]
+        f = d["factors_first"]
+        assert f["relu"] * f["filters"] * f["common_mean"] * f["rest"] == pytest.approx(d["ratio_first"], rel=1e-9)
+        assert 0 < f["common_mean"] <= 1
 
     # measure mode, batches from a callable
     res = run_probe_experiment(model_fn, lambda: iter(batches), methods=("none", "pws"), lr=0.5, steps=2,
@@ -543,6 +550,34 @@ def test_run_probe_experiment(tmp_path):
     assert res["collapsed"]["none"] is not None
     assert any(math.isnan(r["value"]) for r in res["records"]["none"])
     assert (tmp_path / "collapse" / "records.jsonl").exists()
+
+
+def test_plots_stay_readable_when_a_run_collapses(monkeypatch, tmp_path):
+    """A run blowing up must not flatten every other curve: log scale (positive data over decades) or an axis
+    clipped to the bulk that says so; Figure 1's raw and effective versions have different titles."""
+    from pwsconv.diagnostics import plots
+
+    fig, (ax,) = plots._figure(1)
+    plots._maybe_log(ax, [0.5, 1.0, 2.0, 1e6])
+    assert ax.get_yscale() == "log"
+    fig, (ax,) = plots._figure(1)
+    bulk = [0.1 * i for i in range(-20, 21)]
+    plots._maybe_log(ax, bulk + [-3.0, 4e8, float("nan"), float("inf")])
+    lo, hi = ax.get_ylim()
+    assert ax.get_yscale() == "linear" and -3.5 < lo < -3 and 2 < hi < 2.5
+    assert any("clipped" in t.get_text() for t in ax.texts)
+    fig, (ax,) = plots._figure(1)
+    plots._maybe_log(ax, bulk)
+    assert not ax.texts and ax.get_yscale() == "linear"
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or path)
+    recs = [{"step": 0, "layer": "c", "layer_index": 0, "kind": "Conv2d", "stat": st, "value": 1.0}
+            for st in ("var_ratio_mean", "shift")]
+    plots.plot_figure1({"none": recs}, tmp_path / "a.png")
+    plots.plot_figure1({"none": recs}, tmp_path / "b.png", weight="effective")
+    titles = [f._suptitle.get_text() for f in figs]
+    assert titles[0] != titles[1] and "raw" in titles[0] and "effective" in titles[1]
 
 
 def test_clip_fraction_of_auto_layers():

@@ -35,7 +35,7 @@ def test_smoke_end_to_end_and_resume(name, smoke_dir):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert any(p.endswith(("err_vs_lr.png", "err_vs_batch.png")) for p in info["files"].values())
     md = (out / "results.md").read_text()
-    assert "pwsconv reproduce" in md and "torch" in md and "Wall time" in md and "paper" in md.lower()
+    assert "pwsconv reproduce" in md and "torch" in md and "Summed training time" in md and "paper" in md.lower()
     if name in ("table1", "table2"):
         assert "detection" in md          # the VOC mAP caveat
     with open(out / "results.csv") as f:
@@ -52,9 +52,15 @@ def test_smoke_end_to_end_and_resume(name, smoke_dir):
     if name == "collapse":
         assert {f["method"] for f in info["first_collapse"]} == {"none", "pws"}
         assert "first LR with a collapse" in md
-    # second call: every run is skipped, the results are written again
-    again = reproduce(name, "smoke", out_dir=out, log=None, plots=False)
+    # second call: every run is skipped, the results are written again — the same bytes (committed grids stay clean)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = reproduce(name, "smoke", out_dir=out, log=None)
     assert again["skipped"] == again["n_runs"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    said: list[str] = []
+    dry = reproduce(name, "smoke", out_dir=out, dry_run=True, log=said.append)
+    assert (dry["n_to_run"], dry["n_done"]) == (0, info["n_runs"]) and dry["estimated_seconds"] == 0
+    assert said[-1].startswith(f"{name} [smoke]: {info['n_runs']} runs: 0 to run, {info['n_runs']} done")
     assert [r.result.metrics.get("test_acc") for r in again["records"]] == \
         [r.result.metrics.get("test_acc") for r in info["records"]] or any(
             r.result.status == "nan" for r in info["records"])
@@ -195,6 +201,27 @@ def test_robust_grid_reuses_the_collapse_and_table1_runs():
             assert r.config.method == "pws" and r.config.method_opts == {"gamma": "auto"}
     assert n_lr == 3 * 9 * 3 and n_b == 3 * 4 * 3
     assert {r.labels["arch"] for r in rob} == {"plain", "residual"}
+
+
+def test_err_vs_plots_tell_lines_and_collapses_apart_without_colour(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from pwsconv.experiments import paper
+
+    saved = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), real(self, *a, **k))[1])
+    agg = [{"method": m, "LR": lr, "err_mean": math.nan if (m == "pws" and lr == 0.8) else 50.0, "err_std": 1.0,
+            "n_nan": int(m == "pws" and lr == 0.8), "n_collapsed": 0}
+           for m in ("bn", "gn", "pws", "pws auto") for lr in (0.1, 0.8)]
+    paper._plot_vs(agg, "LR", str(tmp_path / "err_vs_lr.png"), title="t")
+    ax = saved[0].axes[0]
+    styles = {ln.get_label(): (ln.get_marker(), ln.get_linestyle()) for ln in ax.get_lines()
+              if not ln.get_label().startswith("_")}
+    lines = {k: v for k, v in styles.items() if k != "collapsed seeds (×)"}
+    assert set(lines) == {"bn", "gn", "pws", "pws auto"}
+    assert len(set(lines.values())) == 4 and "x" not in {m for m, _ in lines.values()}
+    assert styles["collapsed seeds (×)"][0] == "x"
 
 
 def test_report_tables_from_the_finished_runs_only(tmp_path):

@@ -6,6 +6,7 @@ Eq. 12:  Ŵ_o = sqrt(2/n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ),   Y_o = �
     >>> conv = pwsconv.PWSConv2d(3, 16, 3, padding=1)            # drop-in nn.Conv2d
     >>> net = pwsconv.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)))
     >>> plain = pwsconv.fold(net.eval())                         # plain nn.Conv2d, same outputs
+    >>> # model = pwsconv.load("runs/train")   # a trained / folded model back, with model.preprocess
 """
 
 from . import functional
@@ -27,6 +28,7 @@ from .layers.pws import (
 from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
 from .layers.same import Conv2dSame, PWSConv2dSame
 from .methods import Method, available_methods, build_conv, build_linear, build_norm, get_method, register_method
+from .train.loading import load
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "fuse_standardization",
     "convert",
     "fold",
+    "load",
     "param_groups",
     "is_norm_layer",
     "Method",

@@ -53,30 +53,39 @@ class UsageError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------- train
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None or value == [] or value == {}:
+        return "none"
+    return str(value)
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` flag per TrainConfig field (values are parsed like ``--set``)."""
-    from .config import TrainConfig
+    """One ``--field-name`` flag per TrainConfig field (values are parsed like ``--set``), in the field's group, with
+    the description the field declares (``config.py`` is the one source)."""
+    from .config import FIELD_GROUPS, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
-    g = p.add_argument_group("config fields (each overrides --config and --set; see TrainConfig)")
+    groups = {name: p.add_argument_group(name) for name in FIELD_GROUPS}
     for f in dataclasses.fields(TrainConfig):
+        g = groups[f.metadata["group"]]
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f.metadata["help"]   # its own words on the default where the default is "none" or needs them
+        if "default" not in text and default is not None:
+            text += f" (default: {_default_text(default)})"
         if hint is bool:
-            g.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default: {default})")
+            g.add_argument(flag, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(hint) is list:
-            g.add_argument(flag, dest=f"cfg_{f.name}", nargs="*", default=None, metavar="N",
-                           help=f"(default: {default})")
+            g.add_argument(flag, dest=f"cfg_{f.name}", nargs="*", default=None, metavar="N", help=text)
         elif typing.get_origin(hint) is dict:
             g.add_argument(flag.rstrip("s") if f.name.endswith("opts") else flag, dest=f"cfg_{f.name}",
                            action="append", default=None, metavar="KEY=VALUE",
-                           help=("one option of the method, e.g. gamma=1e-4" if f.name == "method_opts" else
-                                 "one option of the model builder, e.g. widths=[16,32]") + " (repeatable)")
+                           help=f"{f.metadata['help']}; one KEY=VALUE each (repeatable)")
         else:
-            g.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
-                           help=f"(default: {default})")
+            g.add_argument(flag, dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(), help=text)
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
@@ -102,7 +111,11 @@ def _flag_overrides(args: argparse.Namespace) -> list[tuple[str, Any]]:
 
 @subcommand("train", "train one network (config file + overrides); --resume continues a run")
 def _train_parser(p: argparse.ArgumentParser) -> Handler:
-    p.add_argument("--config", "-c", metavar="YAML", help="a YAML file of TrainConfig fields")
+    p.description = ("Train one network. Every setting below is a field of the run's config: give it as a flag, as "
+                     "--set key=value, or in a YAML file (--config); flags win over --set, --set over the file. "
+                     "The run directory gets config.yaml, metrics.csv/.jsonl, checkpoint.pt and result.json.")
+    p.add_argument("--config", "-c", metavar="YAML",
+                   help="a YAML file of these settings (their names as keys, e.g. `lr: 0.1`)")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set lr=0.1 --set method_opts.gamma=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true",
@@ -150,20 +163,9 @@ def _train_parser(p: argparse.ArgumentParser) -> Handler:
 # ---------------------------------------------------------------------------------------------------------- eval
 def _load_model(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(model in eval mode, its spec, the checkpoint) from a training checkpoint or a folded model file."""
-    from .train.checkpoint import CheckpointError, load_checkpoint
-    from .train.engine import build_from_spec
+    from .train.loading import load_model_file
 
-    ck = load_checkpoint(path)
-    spec = ck.get("model_spec")
-    if not isinstance(spec, dict) or "model" not in ck:
-        raise CheckpointError(f"{path} has no model (missing model_spec or model state)")
-    model = build_from_spec(spec)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: the stored weights do not fit the model {spec.get('model')!r}: {first}") from None
-    return model.eval(), spec, ck
+    return load_model_file(path)
 
 
 @subcommand("eval", "evaluate a checkpoint (training checkpoint or `pwsconv fold` output) on a data set")
@@ -173,8 +175,10 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--data-root", help="data directory (default: the training run's)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many training images "
-                                                            "(with --split train)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score at most this many images of the split (default: the run's own limit for it: its "
+                        "test_limit for test, its limit for train; none for val)")
+    p.add_argument("--all", action="store_true", help="score the whole split, even where the run used a limit")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
 
@@ -187,6 +191,8 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
         if args.limit is not None and args.limit < 1:
             raise UsageError(f"--limit must be ≥ 1, got {args.limit}")
+        if args.all and args.limit is not None:
+            raise UsageError("--all and --limit contradict each other; pass one")
         device = resolve_device(args.device)   # before anything is loaded: a bad device is bad input
         model, spec, ck = _load_model(args.checkpoint)
         cfg = dict(ck.get("config") or {})
@@ -195,41 +201,55 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError("the checkpoint does not say which data set it was trained on; pass --dataset")
         same = name == cfg.get("dataset")
         root = args.data_root if args.data_root is not None else (cfg.get("data_root") if same else None)
+        # the run's own splits (its limit also decides its val split); the size scored is chosen below
         bundle = load_dataset(name, root, val_fraction=float(cfg.get("val_fraction") or 0.0) if same else 0.0,
                               seed=int(cfg.get("seed") or 0) if same else 0,
-                              limit=args.limit if args.limit is not None else (cfg.get("limit") if same else None))
+                              limit=cfg.get("limit") if same and not (args.all and args.split == "train") else None)
         if bundle.num_classes != spec["num_classes"] or bundle.in_channels != spec["in_channels"]:
             raise UsageError(f"data set {name!r} has {bundle.num_classes} classes and {bundle.in_channels} channels; "
                              f"the model expects {spec['num_classes']} and {spec['in_channels']}")
         images = getattr(bundle, args.split)
         if images is None:
             raise UsageError(f"data set {name!r} has no {args.split} split here (a val split needs val_fraction > 0)")
+        total = len(images)
+        run_limit = cfg.get({"test": "test_limit", "train": "limit"}.get(args.split, "")) if same else None
+        n, why = total, ""
+        if args.limit is not None and args.limit < total:
+            n, why = args.limit, "--limit"
+        elif args.limit is None and not args.all and run_limit is not None and run_limit < total:
+            n, why = int(run_limit), (f"the run's {'test_limit' if args.split == 'test' else 'limit'}; "
+                                      "--all scores all of them")
+        images = images.subset(slice(0, n))
         model.to(device)
         loader = Loader(images, args.batch_size, shuffle=False, augment=None, mean=spec["mean"], std=spec["std"],
                         device=device)
         m = evaluate(model, loader, device=device)
         out = {"checkpoint": args.checkpoint, "dataset": name, "split": args.split, "folded": bool(spec.get("folded")),
-               "loss": m["loss"], "acc": m["acc"], "n": m["n"]}
+               "loss": m["loss"], "acc": m["acc"], "n": m["n"], "n_split": total}
         if args.json:
             from .train.checkpoint import dumps
 
             print(dumps(out))
         else:
             print(f"{name} {args.split}: loss {m['loss']:.4f} acc {m['acc']:.4f} ({100 * m['acc']:.2f}%, "
-                  f"n={m['n']}){' [folded]' if spec.get('folded') else ''}")
+                  f"n={m['n']} of {total} images{f': {why}' if why else ''})"
+                  f"{' [folded]' if spec.get('folded') else ''}")
         return 0
 
     return run
 
 
 # ---------------------------------------------------------------------------------------------------------- fold
-@subcommand("fold", "fold PWS (and other reparameterized) layers into plain convs: a deployable model file")
+@subcommand("fold", "fold PWS (and other reparameterized) layers and eval BatchNorm into plain convs: a deployable "
+                    "model file (pwsconv.load reads it)")
 def _fold_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt or a run directory")
     p.add_argument("out", metavar="OUT", help="the model file to write (state_dict + model spec)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
     def run(args: argparse.Namespace) -> int:
+        from collections import Counter
+
         from .folding import fold_report
         from .train.checkpoint import MODEL_FORMAT, atomic_save
 
@@ -250,14 +270,16 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError(f"OUT {args.out} is the training checkpoint of a run directory; replacing it would "
                              "make the run impossible to resume — choose another OUT")
         model, spec, ck = _load_model(src)
-        folded, report = fold_report(model.eval())
+        folded, report = fold_report(model.eval())   # a copy: ``model`` still holds what was folded
+        merged = Counter(type(model.get_submodule(n)).__name__ for n in report.plain + report.merged)
         spec = {**spec, "folded": True}
         atomic_save({"format": MODEL_FORMAT, "version": 1, "model_spec": spec, "model": folded.state_dict(),
                      "config": ck.get("config") or {}, "source": os.path.abspath(args.checkpoint)}, args.out)
         kinds = sorted({type(m).__name__ for m in folded.modules() if len(list(m.children())) == 0
                         and any(True for _ in m.parameters(recurse=False))})
-        print(f"folded {len(report.plain) + len(report.merged)} layer(s) of {spec['model']} ({spec['method']}) into "
-              f"plain layers ({report.summary()}) → {args.out}")
+        detail = f" ({', '.join(f'{n} {k}' for k, n in sorted(merged.items()))})" if merged else ""
+        print(f"folded {sum(merged.values())} layer(s) of {spec['model']} ({spec['method']}) into plain layers"
+              f"{detail} → {args.out}")
         print(f"layers with parameters now: {', '.join(kinds)}; evaluate with: pwsconv eval {args.out}")
         return 0
 
@@ -265,7 +287,8 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
 
 
 # ---------------------------------------------------------------------------------------------------------- demo
-@subcommand("demo", "the paper's story in minutes on the bundled digits data: plain / BN / GN / PWS, two LRs, batch 2")
+@subcommand("demo", "the paper's story in about a minute on the bundled digits data: plain / BN / GN / PWS at three "
+                    "LRs, BN vs PWS at batch 2")
 def _demo_parser(p: argparse.ArgumentParser) -> Handler:
     from .experiments.demo import DEFAULT_OUT
 
@@ -296,7 +319,8 @@ def _probe_parser(p: argparse.ArgumentParser) -> Handler:
     return configure_probe_parser(p)
 
 
-@subcommand("reproduce", "re-run a table of the paper (table4, table1, table2, collapse) with a CPU or full preset")
+@subcommand("reproduce", "re-run a table of the paper (table4, table1, table2, collapse, robust; GPU tables with the "
+                         "detection extra) with a CPU or full preset")
 def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
     """Add ``NAME [--preset cpu|full|smoke] [--full] [--out DIR] [--seeds N] [--data-root DIR] [--dry-run]
     [--progress] [--weights FILE]`` to ``p`` and return the handler (``pwsconv reproduce``)."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "load_yaml", "apply_overrides", "parse_value",
-           "check_method_opts", "fields_with", "prepare_options", "FIELD_ROLES", "RESUME_MUTABLE_FIELDS", "SEED_LIMIT"]
+           "check_method_opts", "fields_with", "prepare_options", "FIELD_ROLES", "FIELD_GROUPS",
+           "RESUME_MUTABLE_FIELDS", "SEED_LIMIT"]
 
 
 class ConfigError(ValueError):
@@ -33,18 +34,24 @@ class ConfigError(ValueError):
 FIELD_ROLES = ("identity", "length", "cosmetic")
 
 
-def _identity(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
-    return field(default=default, default_factory=factory, metadata={"role": "identity"})
+#: The groups of ``pwsconv train --help``, in order; each field declares its own (metadata "group").
+FIELD_GROUPS = ("what to train", "optimization", "speed and reproducibility", "outputs")
+_TRAIN, _OPT, _SPEED, _OUT = FIELD_GROUPS
 
 
-def _length(default: Any) -> Any:
-    return field(default=default, metadata={"role": "length"})
+def _identity(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, group: str, help: str) -> Any:
+    return field(default=default, default_factory=factory, metadata={"role": "identity", "group": group, "help": help})
 
 
-def _cosmetic(default: Any, *, prepare: str | None = None) -> Any:
+def _length(default: Any, *, group: str, help: str) -> Any:
+    return field(default=default, metadata={"role": "length", "group": group, "help": help})
+
+
+def _cosmetic(default: Any, *, prepare: str | None = None, group: str, help: str) -> Any:
     """A field that does not change what a run computes; ``prepare``: the keyword of
     :func:`pwsconv.methods.prepare_for_training` it is passed as (see :func:`prepare_options`)."""
-    return field(default=default, metadata={"role": "cosmetic", **({"prepare": prepare} if prepare else {})})
+    return field(default=default, metadata={"role": "cosmetic", "group": group, "help": help,
+                                            **({"prepare": prepare} if prepare else {})})
 
 
 @dataclass
@@ -56,49 +63,68 @@ class TrainConfig:
     LR ×0.1); the data/model defaults are the offline digits set and the small ``tiny_cnn``.
     """
 
-    # what to train
-    model: str = _identity("tiny_cnn")                  # zoo name, torchvision:NAME, timm:NAME, module.path:callable
-    method: str = _identity("pws")                      # normalization method: pwsconv.available_methods()
-    method_opts: dict[str, Any] = _identity(factory=dict)  # e.g. {"gamma": 1e-3} for pws, {"groups": 8} for gn
-    model_opts: dict[str, Any] = _identity(factory=dict)  # the model builder's options, e.g. {"width": 0.5}
-    dataset: str = _identity("digits")
-    data_root: str | None = _cosmetic(None)
-    val_fraction: float = _identity(0.0)
-    limit: int | None = _identity(None)                 # use at most this many training images (quick runs)
-    test_limit: int | None = _identity(None)            # evaluate on at most this many test images
-    augment: bool = _identity(True)                     # the dataset's standard augmentation (if it has one)
-    # optimization (SGD + MultiStepLR)
-    epochs: int = _length(10)
-    max_steps: int | None = _length(None)               # stop after this many optimizer steps (whatever the epoch)
-    batch_size: int = _identity(128)                    # global batch (split evenly across DDP processes)
-    eval_batch_size: int = _identity(500)
-    drop_last: bool = _identity(True)                   # drop the last incomplete training batch of an epoch
-    lr: float = _identity(0.1)
-    momentum: float = _identity(0.9)
-    nesterov: bool = _identity(False)
-    weight_decay: float = _identity(5e-4)               # α of PWS layers always gets 0 (pwsconv.param_groups)
-    milestones: list[int] = _identity(factory=list)     # epochs at which the LR is multiplied by lr_decay
-    lr_decay: float = _identity(0.1)
-    # reproducibility and speed
-    seed: int = _identity(0)
-    deterministic: bool = _identity(False)              # torch.use_deterministic_algorithms(True) + cudnn deterministic
-    amp: str | None = _identity(None)                   # None | "bf16" | "fp16" (fp16 uses a GradScaler)
-    channels_last: bool = _identity(False)
-    fuse_pws: bool = _cosmetic(True, prepare="fuse")    # all PWS layers standardized in one autograd node (same values)
-    pws_recompute: bool = _cosmetic(False, prepare="recompute")   # with fuse_pws: α·Ŵ rebuilt in backward (less memory)
-    data_on_device: bool | None = _cosmetic(None)       # in-memory data sets held on the GPU (None: auto, if they fit)
-    compile: bool = _cosmetic(False)                    # torch.compile the model (same values; compiles at the start)
-    device: str = _cosmetic("auto")                     # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"
-    num_threads: int | None = _cosmetic(None)           # torch.set_num_threads for this run (CPU; restored afterwards)
-    num_workers: int | None = _cosmetic(None)           # streamed data (imagenet): decoders per training process
-    sync_bn: bool = _identity(False)                    # DDP only: BatchNorm → SyncBatchNorm (PWS/GN need none)
-    # outputs
-    out_dir: str = _cosmetic("runs/train")
-    name: str | None = _cosmetic(None)                  # a label for tables (default: the out_dir's name)
-    ckpt_every: int = _cosmetic(200)                    # also checkpoint every this many steps (0: only at epoch ends)
-    log_every: int = _cosmetic(10)                      # progress-bar refresh and collapse check, in steps
-    progress: bool = _cosmetic(True)                    # tqdm bars and per-epoch lines
-    tensorboard: bool = _cosmetic(False)                # TensorBoard events in out_dir/tb (if it is installed)
+    # Each field's one-line description (metadata "help") and group are what `pwsconv train --help` shows.
+    model: str = _identity("tiny_cnn", group=_TRAIN, help="the network: a zoo name (pwsconv.models), torchvision:NAME, "
+                           "timm:NAME or module.path:callable")
+    method: str = _identity("pws", group=_TRAIN, help="the normalization method: none, bn, gn, in, ln, pws, sn, wn, "
+                            "ws, sws, mabn")
+    method_opts: dict[str, Any] = _identity(factory=dict, group=_TRAIN,
+                                            help="the method's options, e.g. gamma=1e-3 for pws, groups=8 for gn")
+    model_opts: dict[str, Any] = _identity(factory=dict, group=_TRAIN,
+                                           help="the model builder's options, e.g. width=0.5")
+    dataset: str = _identity("digits", group=_TRAIN, help="digits (bundled), mnist, fashion_mnist, cifar10, npz, "
+                             "imagefolder, imagenet")
+    data_root: str | None = _cosmetic(None, group=_TRAIN, help="where the data set's files are (default: "
+                                      "$PWSCONV_DATA or the usual places)")
+    val_fraction: float = _identity(0.0, group=_TRAIN, help="hold out this fraction of the training images as a "
+                                    "validation split")
+    limit: int | None = _identity(None, group=_TRAIN, help="train on at most this many images (default: all)")
+    test_limit: int | None = _identity(None, group=_TRAIN,
+                                       help="evaluate on at most this many test images (default: all)")
+    augment: bool = _identity(True, group=_TRAIN, help="the data set's standard augmentation (CIFAR: pad 4, random "
+                              "crop, flip), if it has one")
+    epochs: int = _length(10, group=_OPT, help="training epochs")
+    max_steps: int | None = _length(None, group=_OPT, help="stop after this many optimizer steps, whatever "
+                                 "the epoch (default: no limit)")
+    batch_size: int = _identity(128, group=_OPT, help="the global batch size (split evenly across DDP processes)")
+    eval_batch_size: int = _identity(500, group=_OPT, help="the batch size of evaluation")
+    drop_last: bool = _identity(True, group=_OPT, help="drop the last incomplete training batch of an epoch")
+    lr: float = _identity(0.1, group=_OPT, help="the SGD learning rate")
+    momentum: float = _identity(0.9, group=_OPT, help="SGD momentum")
+    nesterov: bool = _identity(False, group=_OPT, help="Nesterov momentum")
+    weight_decay: float = _identity(5e-4, group=_OPT, help="L2 weight decay (α of PWS layers always gets 0)")
+    milestones: list[int] = _identity(factory=list, group=_OPT,
+                                      help="epochs at which the LR is multiplied by lr_decay, e.g. 100 150")
+    lr_decay: float = _identity(0.1, group=_OPT, help="the LR factor at each milestone")
+    seed: int = _identity(0, group=_SPEED, help="the random seed (initialization, data order, augmentation)")
+    deterministic: bool = _identity(False, group=_SPEED, help="deterministic algorithms only "
+                                    "(torch.use_deterministic_algorithms, deterministic cuDNN)")
+    amp: str | None = _identity(None, group=_SPEED, help="mixed precision: bf16 or fp16 (fp16 uses a "
+                                "GradScaler; default: float32)")
+    channels_last: bool = _identity(False, group=_SPEED, help="the channels_last memory format for the model and "
+                                    "the batches")
+    fuse_pws: bool = _cosmetic(True, prepare="fuse", group=_SPEED, help="standardize all PWS layers in one autograd "
+                               "node per step (same values, faster)")
+    pws_recompute: bool = _cosmetic(False, prepare="recompute", group=_SPEED, help="with fuse_pws: rebuild α·Ŵ in "
+                                    "backward instead of keeping it (less memory)")
+    data_on_device: bool | None = _cosmetic(None, group=_SPEED, help="hold in-memory data sets on the GPU (default: "
+                                            "auto, when they fit)")
+    compile: bool = _cosmetic(False, group=_SPEED, help="torch.compile the model (same values; compiles at the start)")
+    device: str = _cosmetic("auto", group=_SPEED, help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    num_threads: int | None = _cosmetic(None, group=_SPEED, help="CPU threads for this run (torch.set_num_threads, "
+                                        "restored afterwards; default: torch's)")
+    num_workers: int | None = _cosmetic(None, group=_SPEED, help="streamed data (imagenet): decoding processes per "
+                                        "training process (default: up to 8, bounded by the cores)")
+    sync_bn: bool = _identity(False, group=_SPEED, help="multi-process runs: BatchNorm → SyncBatchNorm (PWS and GN "
+                              "need none)")
+    out_dir: str = _cosmetic("runs/train", group=_OUT, help="the run directory (config.yaml, metrics, checkpoint.pt, "
+                             "result.json)")
+    name: str | None = _cosmetic(None, group=_OUT, help="a label for tables (default: the out_dir's name)")
+    ckpt_every: int = _cosmetic(200, group=_OUT, help="also checkpoint every this many steps (0: only at epoch ends)")
+    log_every: int = _cosmetic(10, group=_OUT, help="progress-bar refresh and collapse check, in steps")
+    progress: bool = _cosmetic(True, group=_OUT, help="progress bars and per-epoch lines")
+    tensorboard: bool = _cosmetic(False, group=_OUT, help="TensorBoard events in out_dir/tb (if tensorboard is "
+                                  "installed)")
 
     # ------------------------------------------------------------------ conversion
     def to_dict(self) -> dict[str, Any]:

@@ -94,7 +94,8 @@ def find_data_root(name: str, root: str | Path | None = None) -> Path:
     for c in candidates:
         if c.is_dir() and any(c.iterdir()):
             return c.resolve()
-    raise DataError(f"no data directory found for {name!r}: pass root=, set PWSCONV_DATA, or place the files in "
+    raise DataError(f"no data directory found for {name!r}: give it with --data-root (command line) or root= / "
+                    "data_root (Python), set PWSCONV_DATA, or place the files in "
                     f"../shared/data/{aliases[0]} (looked in {', '.join(str(c) for c in candidates)})")
 
 
@@ -164,8 +165,8 @@ def _npz_split(path: Path, labels_file: Path | None) -> tuple[np.ndarray, np.nda
 def _pick_npz(folder: Path, words: Sequence[str]) -> Path | None:
     found = sorted(p for p in folder.glob("*.npz") if any(w in p.name.lower() for w in words))
     if len(found) > 1:
-        raise DataError(f"{folder}: several candidate files {[p.name for p in found]}; pass root= one .npz file "
-                        f"or keep one per split")
+        raise DataError(f"{folder}: several candidate files {[p.name for p in found]}; point --data-root "
+                        f"(root= in Python) at one .npz file or keep one per split")
     return found[0] if found else None
 
 
@@ -254,7 +255,8 @@ def _load_cifar10(root: Path, cache_dir: Any = None, limit: int | None = None, *
 
 def _load_npz(root: Path, split_seed: int, test_fraction: float, **_: Any) -> _Raw:
     if not root.is_file():
-        raise DataError(f"{root}: the 'npz' data set needs root= the path of an .npz file")
+        raise DataError(f"{root}: the 'npz' data set needs the path of an .npz file as its data root "
+                        "(--data-root FILE.npz; root= in Python)")
     arrays = read_npz(root)
     xk = "x" if "x" in arrays else "x_train" if "x_train" in arrays else None
     yk = "y" if "y" in arrays else "y_train" if "y_train" in arrays else None

@@ -53,7 +53,7 @@ def _need_torchvision() -> Any:
         from torchvision.transforms import v2
     except ImportError:
         raise DataError("the streaming image-folder pipeline (dataset 'imagenet') needs torchvision: "
-                        "pip install -e '.[detection]' (torchvision needs torch 2.14.1 here, see DEVELOPERS.md)"
+                        "pip install torch==2.14.1 -e '.[detection]' (torchvision 0.29.1 needs exactly torch 2.14.1)"
                         ) from None
     return v2
 

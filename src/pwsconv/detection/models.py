@@ -50,8 +50,8 @@ def _tv() -> Any:
     try:
         import torchvision
     except ImportError:
-        raise DetectorError("detection needs torchvision: pip install -e '.[detection]' (torchvision needs torch "
-                            "2.14.1 here, see DEVELOPERS.md)") from None
+        raise DetectorError("detection needs torchvision: pip install torch==2.14.1 -e '.[detection]' "
+                            "(torchvision 0.29.1 needs exactly torch 2.14.1)") from None
     return torchvision
 
 

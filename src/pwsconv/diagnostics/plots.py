@@ -50,10 +50,23 @@ def _finite(vals: list[float]) -> list[float]:
 
 
 def _maybe_log(ax: Any, values: list[float]) -> None:
-    """Log y axis when every finite value is positive and they span more than two decades."""
-    fin = _finite(values)
-    if fin and min(fin) > 0 and max(fin) / min(fin) > 100:
+    """A y axis on which every curve stays readable when one run collapses: log scale when every finite value is
+    positive and they span more than two decades; otherwise, when a few values lie far outside the bulk (a run
+    blowing up), the axis is clipped to the bulk and says so."""
+    fin = sorted(_finite(values))
+    if not fin:
+        return
+    if fin[0] > 0 and fin[-1] / fin[0] > 100:
         ax.set_yscale("log")
+        return
+    lo, hi = fin[int(0.02 * (len(fin) - 1))], fin[int(round(0.98 * (len(fin) - 1)))]
+    span = hi - lo if hi > lo else max(abs(hi), 1e-12)
+    if fin[-1] > hi + 10 * span or fin[0] < lo - 10 * span:
+        kept = [v for v in fin if lo - 10 * span <= v <= hi + 10 * span]   # everything but the far outliers
+        pad = 0.05 * (kept[-1] - kept[0] or span)
+        ax.set_ylim(kept[0] - pad, kept[-1] + pad)
+        ax.text(0.99, 0.98, f"axis clipped; values from {fin[0]:.3g} to {fin[-1]:.3g}", ha="right", va="top",
+                transform=ax.transAxes, fontsize=7, color="0.35")
 
 
 def _x(idx: list[int]) -> list[int]:
@@ -74,7 +87,8 @@ def plot_figure1(records_by_method: Any, path: str | os.PathLike, *, weight: str
     """
     pre = "eff." if weight == "effective" else ""
     fb = (lambda s: s) if pre else (lambda s: None)
-    fig, (ax_a, ax_b) = _figure(2)
+    fig, (ax_a, ax_b) = _figure(2, height=4.1)
+    all_a: list[float] = []
     all_b: list[float] = []
     any_a = any_b = False
     for method, recs in _methods(records_by_method).items():
@@ -82,10 +96,12 @@ def plot_figure1(records_by_method: Any, path: str | os.PathLike, *, weight: str
         if idx:
             any_a = True
             line, = ax_a.plot(_x(idx), mean, marker="o", ms=3, label=method or None)
+            all_a += mean
             i_lo, _, lo = layer_profile(recs, pre + "var_ratio_min", "min", step, fallback=fb("var_ratio_min"))
             i_hi, _, hi = layer_profile(recs, pre + "var_ratio_max", "max", step, fallback=fb("var_ratio_max"))
             if i_lo == idx and i_hi == idx:
                 ax_a.fill_between(_x(idx), lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+                all_a += lo + hi
         idx, _, shift = layer_profile(recs, pre + "shift", agg, step, fallback=fb("shift"))
         if idx:
             any_b = True
@@ -95,7 +111,10 @@ def plot_figure1(records_by_method: Any, path: str | os.PathLike, *, weight: str
     ax_a.set_xlabel("layer")
     ax_b.set_title("(b) shift of the average gradient  Var[n_l E[ΔW_o]]")
     ax_b.set_xlabel("layer")
+    _maybe_log(ax_a, all_a)
     _maybe_log(ax_b, all_b)
+    fig.suptitle("Figure 1, effective weights: what each layer applies (PWS: α·Ŵ, eq. 12)" if pre else
+                 "Figure 1, raw weights: the parameters SGD updates (PWS: W before standardization)", fontsize=11)
     for ax, ok in ((ax_a, any_a), (ax_b, any_b)):
         if not ok:
             _empty(ax, "no update statistics (give lr or optimizer)")
@@ -124,6 +143,7 @@ def plot_figure2(records_by_method: Any, path: str | os.PathLike, *, layer: str 
     fig, (ax_a, ax_b) = _figure(2)
     any_a = any_b = False
     vals_a: list[float] = []
+    vals_b: list[float] = []
     chosen = set()
     for method, recs in _methods(records_by_method).items():
         lay = _pick_layer(recs, layer, "w_var_min")
@@ -142,6 +162,7 @@ def plot_figure2(records_by_method: Any, path: str | os.PathLike, *, layer: str 
             line, = ax_b.plot(s_lo, lo, label=f"{method} min_o" if method else "min_o")
             ax_b.plot(s_hi, hi, ls="--", color=line.get_color(), label=f"{method} max_o" if method else "max_o")
             ax_b.fill_between(s_lo, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            vals_b += lo + hi
     where = ", ".join(sorted(chosen))
     ax_a.set_title(f"(a) min_o Var[W_o]  ({where})" if where else "(a) min_o Var[W_o]")
     ax_b.set_title("(b) 1 / sqrt(Var[W_o] + γ)  (PWS layers)")
@@ -149,6 +170,7 @@ def plot_figure2(records_by_method: Any, path: str | os.PathLike, *, layer: str 
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     _maybe_log(ax_a, vals_a)
+    _maybe_log(ax_b, vals_b)
     if not any_a:
         _empty(ax_a)
     elif ax_a.get_legend_handles_labels()[0]:
@@ -168,6 +190,7 @@ def plot_figure6(records_by_method: Any, path: str | os.PathLike, *, agg: str = 
     """
     fig, (ax_a, ax_b) = _figure(2)
     vals_a: list[float] = []
+    vals_b: list[float] = []
     any_data = False
     for method, recs in _methods(records_by_method).items():
         idx, _, lo = layer_profile(recs, "x_mean2_min", "min")
@@ -187,6 +210,7 @@ def plot_figure6(records_by_method: Any, path: str | os.PathLike, *, agg: str = 
         vals_a += lo + hi
         line, = ax_b.plot(_x(idx), rm, marker="o", ms=3, label=method or None)
         ax_b.fill_between(_x(idx), rlo, rhi, color=line.get_color(), alpha=0.15, linewidth=0)
+        vals_b += rlo + rhi
     ax_a.set_title("(a) E²[X_l]  (range of E²(x) over the inputs)")
     ax_b.set_title("(b) E²[X_l] / E[X_l²]")
     for ax in (ax_a, ax_b):
@@ -197,6 +221,7 @@ def plot_figure6(records_by_method: Any, path: str | os.PathLike, *, agg: str = 
         elif ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     _maybe_log(ax_a, vals_a)
+    _maybe_log(ax_b, vals_b)
     return _save(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""``pwsconv demo``: the paper's story in a few minutes on CPU, on scikit-learn's bundled 8×8 digits (no download).
+"""``pwsconv demo``: the paper's story in about a minute on CPU, on scikit-learn's bundled 8×8 digits (no download).
 
 The same 10-layer plain CNN (``tiny_cnn``) is trained four ways — plain conv ("none", He init), BatchNorm, GroupNorm
 and PWS — at a moderate and at a large learning rate (SGD momentum 0.9, weight decay 5e-4, batch 64, seed 0), and BN

@@ -276,8 +276,9 @@ def reproduce_extra(name: str, preset: str = "smoke", out_dir: str | None = None
         import torchvision  # noqa: F401
     except ImportError:
         if not dry_run:
-            raise ReproduceError(f"{name} needs torchvision (and pycocotools for detection): pip install -e "
-                                 "'.[detection]' (torchvision needs torch 2.14.1 here, see DEVELOPERS.md)") from None
+            raise ReproduceError(f"{name} needs torchvision (and pycocotools for detection): pip install "
+                                 "torch==2.14.1 -e '.[detection]' (torchvision 0.29.1 needs exactly torch 2.14.1)"
+                                 ) from None
     if name not in EXTRA_EXPERIMENTS:
         raise ReproduceError(f"unknown experiment {name!r}; choose one of {', '.join(EXTRA_EXPERIMENTS)}")
     out_dir = out_dir or os.path.join("results", "reproduce", f"{name}_{preset}")

@@ -272,6 +272,11 @@ def _plot(p: Curves | ErrVs, ctx: Context, first_seed: int) -> str:
     return _plot_vs(cells, p.x, path, panel_key=p.panel, line_key=p.line, title=p.title)
 
 
+#: err_vs_* line styles: marker and dash pattern per line, so that no line is told apart by colour alone.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "*", "<", ">", "h")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
 def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, line_key: str = "method",
              panel_key: str | None = None, logx: bool = True) -> str:
     import matplotlib
@@ -281,19 +286,29 @@ def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, li
 
     panels = list(dict.fromkeys(a[panel_key] for a in agg)) if panel_key else [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    # every line its own marker and line style (told apart without colour); "×" is kept for collapses
+    lines = list(dict.fromkeys(a[line_key] for a in agg))
+    style = {ln: (_MARKERS[i % len(_MARKERS)], _LINESTYLES[i % len(_LINESTYLES)]) for i, ln in enumerate(lines)}
     for ax, p in zip(axes[0], panels):
         sub = [a for a in agg if panel_key is None or a[panel_key] == p]
+        any_bad = False
         for line in dict.fromkeys(a[line_key] for a in sub):
             pts = sorted((a[x_key], a) for a in sub if a[line_key] == line)
             xs = [x for x, _ in pts]
             ys = [a["err_mean"] for _, a in pts]
             es = [a["err_std"] if math.isfinite(a["err_std"]) else 0.0 for _, a in pts]
-            (h,) = ax.plot(xs, ys, marker="o", ms=4, label=str(line))
+            marker, ls = style[line]
+            (h,) = ax.plot(xs, ys, marker=marker, ms=5, ls=ls, lw=1.4, mfc="white", label=str(line))
             ax.errorbar(xs, ys, yerr=es, fmt="none", ecolor=h.get_color(), alpha=0.5)
             bad = [(x, a) for x, a in pts if a["n_nan"] or a["n_collapsed"]]
             if bad:
+                any_bad = True
                 ax.plot([x for x, _ in bad], [100.0 if math.isnan(a["err_mean"]) else a["err_mean"] for _, a in bad],
-                        ls="none", marker="x", color="red", ms=9, mew=2)
+                        ls="none", marker="x", color="black", ms=10, mew=2.2)
+                ax.plot([x for x, _ in bad], [100.0 if math.isnan(a["err_mean"]) else a["err_mean"] for _, a in bad],
+                        ls="none", marker="x", color=h.get_color(), ms=7, mew=1.2)
+        if any_bad:
+            ax.plot([], [], ls="none", marker="x", color="black", ms=8, mew=2, label="collapsed seeds (×)")
         if logx:
             from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
@@ -309,7 +324,7 @@ def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, li
         if p is not None:
             ax.set_title(f"{panel_key} {p}")
         ax.legend(fontsize=7)
-    fig.suptitle(title + "  (red × = collapsed seeds, NaN drawn at 100 %)", fontsize=9)
+    fig.suptitle(title + "  (× = collapsed seeds, in the line's colour; NaN drawn at 100 %)", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
@@ -340,6 +355,15 @@ def _command(name: str, preset: str, out_dir: str, seeds: Any, data_root: Any) -
     return cmd
 
 
+def _recorded_versions(md: str) -> str | None:
+    """The "Versions:" line of an existing results.md (the software and machine that trained its runs)."""
+    try:
+        with open(md, encoding="utf-8") as f:
+            return next((line[len("Versions: "):].rstrip("\n") for line in f if line.startswith("Versions: ")), None)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _versions() -> str:
     import torch
 
@@ -364,12 +388,13 @@ def _settings(runs: Sequence[RunSpec]) -> str:
 
 
 def _results_md(table: Table, ctx: Context, info: dict[str, Any], summary: str, files: dict[str, str],
-                seeds: Any, wall: float) -> str:
+                seeds: Any) -> str:
+    """results.md: a function of the runs' results alone (nothing about this call), so re-aggregating a finished
+    grid writes the same bytes."""
     name, preset, out_dir, runs, records = table.name, ctx.preset, ctx.out_dir, ctx.runs, ctx.records
-    skipped = sum(r.skipped for r in records)
     run_time = sum(r.result.wall_time for r in records)
     md = [f"# {table.title}", "",
-          f"Preset **{preset}** — {len(records)} runs ({skipped} already done before this call, skipped).", "",
+          f"Preset **{preset}** — {len(records)} runs.", "",
           *([f"**Partial report**: {len(records)} of the grid's {len(records) + len(info['unfinished'])} runs are "
              f"finished; not yet: {', '.join(info['unfinished'])}.", ""] if info.get("unfinished") else []),
           summary, "",
@@ -377,8 +402,8 @@ def _results_md(table: Table, ctx: Context, info: dict[str, Any], summary: str, 
           "## Reproduce", "", "```", info["command"], "```", "",
           f"Python: `reproduce({name!r}, preset={preset!r}, out_dir={out_dir!r}"
           + (f", seeds={seeds!r}" if seeds is not None else "") + ")`", "",
-          f"Versions: {_versions()}", "",
-          f"Wall time of this call: {wall:.1f} s; summed training time of all runs: {run_time:.1f} s.", "",
+          f"Versions: {info['versions']}", "",
+          f"Summed training time of all runs: {run_time:.1f} s.", "",
           "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for k, p in files.items() if p.endswith(".png")), "",
           "## All runs", "", results_table(records, list(runs[0].labels),
                                             metric_columns=(("test_acc", "test acc (%)"),
@@ -433,6 +458,7 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
             measure = torch.cuda.is_available()
         return _dry_run(info, shard_of(runs, shard), log, jobs, measure)
 
+    previous = _recorded_versions(os.path.join(out_dir, "results.md"))
     t0 = time.perf_counter()
     if report:
         left = set(unfinished(runs, out_dir))
@@ -442,6 +468,7 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
         runs = [r for r in runs if r.name not in left]
         shard = None
     records = run_sweep(runs, out_dir, progress=progress, log=log, jobs=jobs, shard=shard)
+    trained = any(not r.skipped for r in records)
     if shard is not None:
         left = unfinished(runs, out_dir)
         if left:
@@ -453,6 +480,8 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
             return info
         records = run_sweep(runs, out_dir, log=None)   # every run finished: all read back, none trained
     wall = time.perf_counter() - t0
+    # a grid re-aggregated without training keeps the versions that trained it: its results.md stays byte-identical
+    info["versions"] = previous if previous and not trained else _versions()
     agg = aggregate(records, [k for k in runs[0].labels if k != "seed"])
     files = dict(write_results(records, out_dir, title=table.title))
     ctx = Context(preset, runs, records, agg, out_dir)
@@ -462,7 +491,7 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
         files.update({p.key: _plot(p, ctx, min(info["seeds"])) for p in table.plots})
     files["summary"] = _write_summary_csv(agg, os.path.join(out_dir, "summary.csv"))
     files.update(more)
-    atomic_write_text(_results_md(table, ctx, info, summary, files, seeds, wall), files["md"])
+    atomic_write_text(_results_md(table, ctx, info, summary, files, seeds), files["md"])
     skipped = sum(r.skipped for r in records)
     info.update({"records": records, "summary": agg, "files": files, "wall_time": wall, "skipped": skipped,
                  "runs": [r.name for r in runs], **ctx.extra})
@@ -473,12 +502,17 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
 
 def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str], None] | None,
              jobs: int = 1, measure: bool = False) -> dict[str, Any]:
-    info["runs"] = [{"name": r.name, "labels": dict(r.labels), "config": r.config.to_dict()} for r in runs]
-    est = _estimate_seconds(runs)
+    """The run list, which of them are already done in the output directory, and the time the rest would take."""
+    left = set(unfinished(runs, info["out_dir"]))
+    todo = [r for r in runs if r.name in left]
+    info["runs"] = [{"name": r.name, "labels": dict(r.labels), "config": r.config.to_dict(),
+                     "done": r.name not in left} for r in runs]
+    info["n_done"], info["n_to_run"] = len(runs) - len(todo), len(todo)
+    est = _estimate_seconds(todo) if todo else 0.0
     where, hint = "on 2 CPU cores", ""
-    if est is None and runs:   # no rate measured in advance for these models
+    if est is None and todo:   # no rate measured in advance for these models
         if measure:   # measure them here, now
-            est, rates, device = measured_estimate(runs)
+            est, rates, device = measured_estimate(todo)
             info["measured_rates"] = rates
             where = f"one run at a time on this machine's {device} (training throughput measured just now)"
         else:
@@ -487,13 +521,14 @@ def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str],
     info["estimated_seconds"] = est
     if log is not None:
         for r in runs:
-            log(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.labels.items()))
+            log(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.labels.items())
+                + ("" if r.name in left else " (done)"))
         for k, v in info.get("measured_rates", {}).items():
             log(f"  measured: {k}: {v:.0f} images/s")
-        log(f"{info['name']} [{info['preset']}]: {len(runs)} runs" +
-            (f", about {_duration(est)} {where}" if est is not None else "") +
+        log(f"{info['name']} [{info['preset']}]: {len(runs)} runs: {len(todo)} to run, {len(runs) - len(todo)} done" +
+            (f", about {_duration(est)} {where}" if todo and est is not None else "") +
             (f" (with --jobs {jobs} on one device: less, by up to {jobs}× where one run leaves it idle)"
-             if jobs > 1 and est is not None else "") + hint + f" → {info['out_dir']}")
+             if jobs > 1 and todo and est is not None else "") + (hint if todo else "") + f" → {info['out_dir']}")
     return info
 
 

@@ -15,7 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["configure_probe_parser", "probe"]
+__all__ = ["configure_probe_parser", "probe", "OUTPUT_FILES"]
+
+#: What a probe writes to its output directory.
+OUTPUT_FILES = ("summary.md", "records.csv", "records.jsonl", "figure1.png", "figure1_effective.png", "figure2.png",
+                "figure6.png", "variance.png", "clipping.png")
 
 
 def probe(
@@ -31,9 +35,13 @@ def probe(
     seed: int = 0,
     every: int = 1,
     progress: bool = True,
+    force: bool = False,
     **method_opts: Any,
 ) -> dict[str, Any]:
-    """Run the Figure 1 experiment; returns :func:`pwsconv.diagnostics.run_probe_experiment`'s result."""
+    """Run the Figure 1 experiment; returns :func:`pwsconv.diagnostics.run_probe_experiment`'s result.
+
+    An ``out_dir`` that already holds a probe's results is refused (a one-line ``ValueError``) unless ``force``:
+    then those files are replaced."""
     from ..data import load_dataset
     from ..diagnostics import run_probe_experiment
     from ..models import build_model
@@ -71,6 +79,10 @@ def probe(
             raise ValueError(str(e).replace("method_opts.", "--").replace("method_opts ", f"{name} options ")) \
                 from None
     check_output_dir(out_dir, "--out directory")
+    held = [f for f in OUTPUT_FILES if os.path.lexists(os.path.join(out_dir, f))]
+    if held and not force:
+        raise ValueError(f"--out {out_dir} already holds a probe's results ({', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}); pass --force to replace them or choose another --out")
     from ..models import model_info
     from ..models.external import check, is_external
 
@@ -125,24 +137,26 @@ def configure_probe_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Nam
     p.add_argument("--model", default="tiny_cnn", help="a name of pwsconv.models.available_models(), or "
                    "torchvision:NAME, timm:NAME, module.path:callable")
     p.add_argument("--dataset", default="digits", help="a name of pwsconv.data.available_datasets()")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", default=None, help="the data set's directory (default: $PWSCONV_DATA or the usual "
+                                                     "places)")
     p.add_argument("--methods", nargs="+", default=["none", "bn", "pws"],
                    help="method names, each optionally with options: e.g. bn pws pws:gamma=auto")
     p.add_argument("--lr", type=float, default=0.5, help="a large LR, where the plain network collapses")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30, help="steps (batches) per method (default: 30)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--mode", choices=["train", "measure"], default="train",
                    help="train: apply the updates; measure: the paper's measure-without-update mode")
     p.add_argument("--every", type=int, default=1, help="record every N-th step")
     p.add_argument("--gamma", type=_gamma_arg, default=1e-3,
                    help='γ of the PWS layers, or "auto" (a method may also carry options: pws:gamma=auto)')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/probe")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every method's initialization and data order")
+    p.add_argument("--out", default="runs/probe", help="output directory (default: runs/probe)")
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier probe in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(a: argparse.Namespace) -> int:
         res = probe(a.model, a.dataset, tuple(a.methods), a.lr, a.steps, a.batch_size, a.mode, a.out, a.data_root,
-                    a.seed, a.every, not a.no_progress, gamma=a.gamma)
+                    a.seed, a.every, not a.no_progress, force=a.force, gamma=a.gamma)
         print(res["markdown"])
         print(f"\nplots, records and summary written to {a.out}/")
         return 0
