@@ -6,14 +6,16 @@
                                    out_dir="runs/voc_pws_b8"))
     res.status, res.metrics["mAP"]          # "ok" | "nan" (collapsed), VOC07 mAP (%)
 
-Why not :func:`pwsconv.train.train` itself: its step is classification (``model(x)`` → cross-entropy on one tensor,
-accuracy sums, ``evaluate`` by CE/accuracy, data from ``load_dataset``); a detector takes lists of images *and*
-targets, returns a dict of losses and is scored by mAP over the whole set. Forcing that through the engine would mean
-a task abstraction around every line of its loop. So this loop keeps only the detection-specific parts (loss dict,
-warm-up, mAP) and reuses the engine's pieces: torchrun/DDP setup (:mod:`pwsconv.train.distributed`), atomic
-checkpoints with verified loads and RNG states (:mod:`pwsconv.train.checkpoint`), the run-directory lock and checks
-(:mod:`pwsconv.train.rundir`), :class:`~pwsconv.train.engine.RunResult` (``result.json``), ``param_groups`` (no weight
-decay on PWS's α), and the seeded, resumable, sharded loader of :mod:`pwsconv.data.streaming`.
+Each step is the one training step, :func:`pwsconv.train.step.train_step`, with the task's loss
+(:func:`detection_loss`: a detector takes lists of images *and* targets and returns a dict of losses) and gradient
+clipping in its ``before_step``. The loop around it is still this module's own (the engine's loop is a classifier's:
+accuracy sums, ``evaluate`` by CE/accuracy, data from ``load_dataset``, MultiStepLR; a detector is scored by mAP over
+the whole set and warms its LR up); it reuses the engine's pieces: torchrun/DDP setup
+(:mod:`pwsconv.train.distributed`), atomic checkpoints with verified loads and RNG states
+(:mod:`pwsconv.train.checkpoint`), the run-directory lock and checks (:mod:`pwsconv.train.rundir`), the metrics log
+(:class:`~pwsconv.train.metrics.MetricsLog`), :class:`~pwsconv.train.engine.RunResult` (``result.json``),
+``param_groups`` (no weight decay on PWS's α), and the seeded, resumable, sharded loader of
+:mod:`pwsconv.data.streaming`.
 
 Behaviour as the engine: SGD + step LR (×``lr_decay`` at ``milestones`` epochs) with an optional linear warm-up,
 a checkpoint every ``ckpt_every`` steps and at every epoch end holding everything needed to continue bit-exactly
