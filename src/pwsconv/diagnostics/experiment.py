@@ -110,12 +110,7 @@ def measure_without_update(
     saved_bufs = [b.detach().clone() for b in bufs] if restore else []
     if probe is None:
         probe = VarianceProbe(model, optimizer=optimizer, lr=lr, every=every)
-    task_loss = _task_loss(loss_fn)
-
-    def record(loss: Tensor, out: Any) -> bool:   # between forward and backward: no backward of a non-finite loss
-        probe.log("loss", float(loss.detach()))
-        return _is_finite(loss)
-
+    task_loss, record = _probed(probe, loss_fn, logit_scale=False)
     try:
         probe.attach()
         it = _batch_iter(batches)
@@ -155,14 +150,7 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
     device = _model_device(model)
     probe = VarianceProbe(model, optimizer=optimizer, every=every)
     collapsed_at: int | None = None
-    task_loss = _task_loss(loss_fn)
-
-    def record(loss: Tensor, out: Any) -> bool:   # between forward and backward: the loss and the logit scale
-        probe.log("loss", float(loss.detach()))
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            probe.log("logit_std", float(out.detach().float().std()))   # the logit scale
-        return _is_finite(loss)   # a non-finite loss: no backward, no update
-
+    task_loss, record = _probed(probe, loss_fn, logit_scale=True)
     with probe:
         it = _batch_iter(batches)
         for step in _progress(range(steps), steps, desc, progress):
@@ -181,13 +169,20 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
     return probe, collapsed_at
 
 
-def _task_loss(loss_fn: Callable) -> Callable[[nn.Module, Any, Any], tuple[Tensor, Any]]:
-    """The probe's ``loss_fn(output, y)`` as the training step's task loss ``(model, x, y) -> (loss, output)``."""
+def _probed(probe: VarianceProbe, loss_fn: Callable, logit_scale: bool) -> tuple[Callable, Callable]:
+    """For the training step: the task loss ``(model, x, y) -> (loss_fn(model(x), y), output)`` and the hook that
+    records between forward and backward (the loss, the logit scale; ``False`` for a non-finite loss: no backward)."""
     def task(model: nn.Module, x: Any, y: Any) -> tuple[Tensor, Any]:
         out = model(x)
         return loss_fn(out, y), out
 
-    return task
+    def record(loss: Tensor, out: Any) -> bool:
+        probe.log("loss", float(loss.detach()))
+        if logit_scale and isinstance(out, torch.Tensor) and out.is_floating_point():
+            probe.log("logit_std", float(out.detach().float().std()))   # the logit scale
+        return _is_finite(loss)
+
+    return task, record
 
 
 def _reusable(batches: Batches, steps: int | None) -> Batches:
