@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -66,8 +67,9 @@ TRAIN_CASES = {
 TABLE1_CASES = {"IN": ("in", True), "BN": ("bn", True), "GN": ("gn", True), "SN": ("sn", True), "WN": ("wn", True),
                 "PWS": ("pws", True), "PWS (per layer)": ("pws", False)}
 INFER_CASES = ("BN", "BN folded", "PWS folded", "PWS (eval cache)")
-#: built first (every group gets its headline cases before any group gets the rest, if the build cap bites)
-KEY_CASES = {"plain conv", "BN", "PWS fused", "PWS", "BN folded", "PWS folded"}
+#: build order when the build cap bites: every group's BN first, then its PWS as the engine runs it, then the
+#: other references, then the rest (tiers across groups; each group keeps its own order inside a tier)
+BUILD_TIERS = ({"BN"}, {"PWS fused", "PWS folded"}, {"plain conv", "BN folded", "PWS"})
 
 
 def _one_line(e: BaseException) -> str:
@@ -195,7 +197,12 @@ class Bench:
             self.cases.append(Case("table1", label, make, b))
 
     def build_all(self, end: float) -> None:
-        for c in sorted(self.cases, key=lambda c: c.name not in KEY_CASES):   # stable: groups keep their order
+        def tier(c: Case) -> int:
+            if c.group == "table1" and c.name == "PWS":   # Table 1's "PWS" is the engine's (fused)
+                return 1
+            return next((i for i, t in enumerate(BUILD_TIERS) if c.name in t), len(BUILD_TIERS))
+
+        for c in sorted(self.cases, key=tier):   # stable: each group keeps its order within a tier
             if time.time() > end:
                 c.error = "skipped: build budget spent"
                 continue
@@ -254,7 +261,7 @@ class Bench:
         self.engine["epochs"] = self.engine.pop("runs")[0]
         self.write()
         # several runs sharing the device (`reproduce --jobs N`): one epoch each, all started at once
-        if a.engine_jobs > 1 and time.time() + 25 + (20 if a.estimate else 0) < end:
+        if a.engine_jobs > 1 and time.time() + 30 + (20 if a.estimate else 0) < end:
             shared = self._train_procs("engine_jobs", a.engine_jobs, [*args[:-1], "1"],
                                        end - time.time() - (20 if a.estimate else 0))
             self.engine["jobs"] = {"n": a.engine_jobs, "wall_s": shared["wall_s"], "rc": shared["rc"],
@@ -311,12 +318,17 @@ class Bench:
                         for r in _read_metrics(base / str(k))] for k in range(n)]
         if errs:
             out["stderr"] = errs[-4:]
+        for ck in base.glob("*/checkpoint.pt"):   # only the metrics are wanted (and $OUT travels back)
+            ck.unlink()
         return out
 
     # ------------------------------------------------------------------ compile: last, behind its own budget
     def compile_cases(self, end: float) -> None:
         a = self.a
-        todo = [("BN", "bn", {}, True), ("PWS fused", "pws", {}, True), ("PWS", "pws", {}, False)][:a.compile_cases]
+        # under torch.compile the fused pre-hook steps aside (the compiler fuses the per-layer standardizations), so
+        # "PWS" here is the model as the engine prepares it
+        todo = [("BN", "bn", {}, True), ("PWS", "pws", {}, True), ("auto", "pws", {"gamma": "auto"}, True)
+                ][:a.compile_cases]
         fns: dict[str, Callable[[], None]] = {}
         for label, method, opts, fuse in todo:
             if time.time() + a.compile_estimate > end:
@@ -519,6 +531,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         for k, v in comp.items():
             out.append(f"| compiled {k} | {_f(v.get('ms'), 1)} | {_f(v.get('compile_and_warm_s'), 0)} | "
                        f"{v.get('error') or v.get('skipped') or ''} |")
+        if "ms" in comp.get("PWS", {}) and "ms" in comp.get("BN", {}):
+            out.append(f"\ncompiled PWS / compiled BN: {comp['PWS']['ms'] / comp['BN']['ms']:.3f}")
         out.append("")
     if errors or meta["notes"]:
         out += ["## Notes", ""] + [f"- {n}" for n in meta["notes"]] + [f"- {g} / {n}: {e}" for g, n, e in errors]
@@ -551,16 +565,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-rounds", type=int, default=10_000)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "infer", "table1", "engine", "compile"])
     p.add_argument("--build-cap", type=float, default=None, help="seconds for building and warming every case")
-    p.add_argument("--engine-cap", type=float, default=90.0)
-    p.add_argument("--compile-cap", type=float, default=170.0)
+    p.add_argument("--engine-cap", type=float, default=120.0)
+    p.add_argument("--compile-cap", type=float, default=150.0)
     p.add_argument("--compile-estimate", type=float, default=75.0, help="expected compile + warm-up s per case")
-    p.add_argument("--compile-cases", type=int, default=2, help="1: BN; 2: + PWS fused; 3: + PWS per layer")
+    p.add_argument("--compile-cases", type=int, default=2, help="1: BN; 2: + PWS; 3: + gamma='auto'")
     p.add_argument("--engine-model", default="resnet20")
     p.add_argument("--engine-dataset", default="cifar10")
     p.add_argument("--engine-epochs", type=int, default=2)
     p.add_argument("--engine-jobs", type=int, default=4, help="then this many 1-epoch runs at once (0: skip)")
-    p.add_argument("--engine-args", nargs=argparse.REMAINDER, default=None,
-                   help="more `pwsconv train` flags (last on the line)")
+    p.add_argument("--engine-args", default="", metavar="'FLAGS'",
+                   help="more `pwsconv train` flags for the engine phase, one quoted string, after the defaults "
+                        "(--amp bf16 --channels-last), e.g. --engine-args='--compile'")
     p.add_argument("--data-root", default=None)
     p.add_argument("--estimate", default="table4",
                    help="in the engine phase: the dry-run estimate of this table ('' to skip)")
@@ -573,13 +588,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         a.estimate_preset = "smoke"   # the full preset's models on a CPU: minutes
         if "compile" not in a.skip:
             a.skip.append("compile")
-        if a.engine_args is None:
-            a.engine_args = ["--limit", "256", "--batch-size", "64", "--num-threads", "1"]
+        a.engine_args = ["--limit", "256", "--batch-size", "64", "--num-threads", "1"] + shlex.split(a.engine_args)
     else:
         defaults = dict(device="cuda", model="torchvision:resnet50",
                         image=224, batch=64, detector="ssd_vgg16", det_size=320)
-        if a.engine_args is None:
-            a.engine_args = ["--amp", "bf16", "--channels-last"]
+        a.engine_args = ["--amp", "bf16", "--channels-last"] + shlex.split(a.engine_args)
     for k, v in defaults.items():
         if k in ("warmup", "max_rounds", "infer_inner", "classes", "det_batch", "engine_model", "engine_dataset",
                  "engine_epochs", "engine_jobs"):
@@ -617,7 +630,13 @@ def main(argv: list[str] | None = None) -> int:
         b.add_table1()
     if "infer" not in a.skip:
         b.add_infer()
-    # the later phases' caps come off the top; building gets at most half of the rest, rounds what remains
+    # the later phases' caps come off the top; building gets at most half of the rest, rounds what remains. A budget
+    # too small for them all drops compile, then the engine phase (noted), so the layer figures always get time.
+    for phase in ("compile", "engine"):
+        later = (0 if "engine" in a.skip else a.engine_cap) + (0 if "compile" in a.skip else a.compile_cap)
+        if phase not in a.skip and b.left() - later < 120:
+            a.skip.append(phase)
+            b.notes.append(f"{phase} phase skipped: the budget leaves too little time for it")
     later = (0 if "engine" in a.skip else a.engine_cap) + (0 if "compile" in a.skip else a.compile_cap)
     build_cap = a.build_cap if a.build_cap is not None else 0.5 * max(b.left() - later, 0)
     end = b.phase("build", build_cap)

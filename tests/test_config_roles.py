@@ -11,9 +11,10 @@ from pwsconv.config import FIELD_ROLES, RESUME_MUTABLE_FIELDS, TrainConfig, fiel
 # the literal sets the code held before the roles were declared on the fields (results/ were matched with them)
 RESUME_MUTABLE_BEFORE = frozenset({"epochs", "max_steps", "ckpt_every", "log_every", "progress", "tensorboard",
                                    "out_dir", "name", "device", "data_root", "num_threads", "num_workers", "fuse_pws",
-                                   "pws_recompute"})
+                                   "pws_recompute", "data_on_device", "compile"})   # the last two: issue 21
 SWEEP_COSMETIC_BEFORE = frozenset({"progress", "out_dir", "name", "device", "data_root", "tensorboard", "log_every",
-                                   "ckpt_every", "num_threads", "num_workers", "fuse_pws", "pws_recompute"})
+                                   "ckpt_every", "num_threads", "num_workers", "fuse_pws", "pws_recompute",
+                                   "data_on_device", "compile"})
 LENGTH_BEFORE = frozenset({"epochs", "max_steps"})
 
 

@@ -65,10 +65,12 @@ def test_resident_is_auto_on_only_for_a_gpu_with_room():
     assert ds.train.x.device.type == "cpu" and moved.num_classes == ds.num_classes
 
 
-def test_training_loop_does_not_sync_between_log_points(tmp_path):
+@pytest.mark.parametrize("method_opts", [{}, {"gamma": "auto"}], ids=["pws", "auto"])
+def test_training_loop_does_not_sync_between_log_points(tmp_path, method_opts):
     """Every step but the epoch's last (collapse check, evaluation, checkpoint) runs without one call that would wait
-    for a GPU: metrics are summed on the device and read at log points only."""
-    cfg = TrainConfig(model="tiny_cnn", dataset="digits", method="pws", epochs=1, batch_size=64, lr=0.05,
+    for a GPU: metrics are summed on the device and read at log points only (gamma="auto": its clipping too)."""
+    cfg = TrainConfig(model="tiny_cnn", dataset="digits", method="pws", method_opts=method_opts, epochs=1,
+                      batch_size=64, lr=0.05,
                       log_every=10_000, ckpt_every=0, progress=False, data_on_device=True, num_threads=1,
                       out_dir=str(tmp_path / "run"))
     marks: list[int] = []

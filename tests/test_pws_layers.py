@@ -55,7 +55,7 @@ ABLATIONS = {
     "no_gain": {"use_gain": False},
     "fan_out": {"fan_mode": "fan_out"},
     "equiv": {"equiv": True, "gamma": 0.1},
-    "gamma0": {"gamma": 0.0},
+    "gamma_tiny": {"gamma": 1e-12},   # γ must be > 0 (issue 22); ≈ the γ → 0 limit
 }
 
 
@@ -255,8 +255,8 @@ def test_eq12_matches_rederivation(name, ablation):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_standardized_filters_have_zero_mean_and_he_variance(name):
-    # with γ = 0 and α = 1 every filter of Ŵ has mean 0 and population variance exactly 2/n_l
-    layer, _ = make(name, F64, randomize=False, gamma=0.0)
+    # with γ → 0 (γ ≪ Var[W_o]) and α = 1 every filter of Ŵ has mean 0 and population variance 2/n_l
+    layer, _ = make(name, F64, randomize=False, gamma=1e-300)
     for f in filters(layer, layer.standardized_weight().detach()):
         n = f.numel()
         assert n == layer.filter_size
@@ -265,7 +265,7 @@ def test_standardized_filters_have_zero_mean_and_he_variance(name):
 
 
 def test_gamma_inside_sqrt_and_equiv():
-    # Ŵ = sqrt(2/n)(W-μ)/sqrt(Var+γ): doubling the raw weight with γ>0 is NOT scale-invariant, with γ=0 it is
+    # Ŵ = sqrt(2/n)(W-μ)/sqrt(Var+γ): scaling the raw weight with γ>0 is NOT scale-invariant, with γ → 0 it is
     torch.manual_seed(3)
     layer = PWSConv2d(8, 4, 3, gamma=1e-2, dtype=F64)
     w0 = layer.standardized_weight().detach().clone()
@@ -273,7 +273,7 @@ def test_gamma_inside_sqrt_and_equiv():
         layer.weight.mul_(10)
     w1 = layer.standardized_weight().detach()
     assert not torch.allclose(w0, w1)
-    layer.gamma = 0.0
+    layer.gamma = 1e-300   # γ = 0 itself is refused (a constant filter would be 0/0); 1e-300 vanishes next to Var
     w2 = layer.standardized_weight().detach()
     with torch.no_grad():
         layer.weight.div_(10)
@@ -394,7 +394,7 @@ def test_eq13_weight_gradient_has_zero_mean_per_filter(name, ablation):
 
 
 # ============================================================================================ 7. bad arguments
-@pytest.mark.parametrize("gamma", [-1e-3, float("nan"), float("inf"), "1e-3", "abc", None, True])
+@pytest.mark.parametrize("gamma", [-1e-3, 0.0, -0.0, 0, float("nan"), float("inf"), "1e-3", "abc", None, True])
 def test_bad_gamma(gamma):
     with pytest.raises(ValueError):
         PWSConv2d(3, 4, 3, gamma=gamma)

@@ -526,10 +526,11 @@ def _bad_invocations(w) -> list[list]:
     def probe(*a):
         cases.append(["probe", "--out", w / "probe", "--no-progress", *a])
 
-    for flag, vals in (("--lr", ("-1", "0", "nan", "inf", "abc")), ("--steps", ("0", "-1", "abc", "1.5")),
-                       ("--batch-size", ("0", "-2", "10000000")), ("--every", ("0", "-1")),
-                       ("--gamma", ("-1", "nan", "inf", "abc")), ("--model", ("nope",)), ("--dataset", ("nope",)),
-                       ("--mode", ("nope",)), ("--seed", ("-1", str(2**70))), ("--methods", ("bogus",))):
+    for flag, vals in (("--lr", ("-1", "0", "nan", "inf", "abc", "1e39", "1e300")),
+                       ("--steps", ("0", "-1", "abc", "1.5")), ("--batch-size", ("0", "-2", "10000000")),
+                       ("--every", ("0", "-1")), ("--gamma", ("-1", "nan", "inf", "abc", "0", "0.0")),
+                       ("--model", ("nope",)), ("--dataset", ("nope",)), ("--mode", ("nope",)),
+                       ("--seed", ("-1", str(2**70))), ("--methods", ("bogus", "pws:gamma=0"))):
         for v in vals:
             probe(flag, v)
     cases.append(["probe", "--out", w / "afile", "--no-progress"])
@@ -546,7 +547,51 @@ def _bad_invocations(w) -> list[list]:
                  ["--quick", "--out", w / "afile" / "sub"]):
         cases.append(["demo", *args])
     cases += [["nope"], [], ["--no-such-flag"]]
+
+    # issue 22 (reliability round 3)
+    for flag, v in (("--lr", "1e39"), ("--lr", "1e300"), ("--weight-decay", "1e39"), ("--weight-decay", "1e300"),
+                    ("--num-threads", "99999999999999999999"), ("--num-threads", str(2**31))):
+        train(flag, v)
+    for opt in ("gamma=0", "gamma=0.0", "gamma=-0.0", "gamma=-1e-12"):
+        train("--method", "pws", "--method-opt", opt)
+    train("--model-opt", "widths=[200000,200000]")        # terabytes of weights: refused before allocating
+    for cfg in ("hugelr.yaml", "hugewd.yaml", "dup.yaml", "dupnested.yaml", "gamma0.yaml"):
+        cases.append(["train", "--config", w / cfg, "--out-dir", new])
+    links = w.parent / (w.name + "_links")                # symbolic-link loops (outside w: os.walk cannot stat them)
+    for out in (links / "a", links / "a" / "run", links / "dangling" / "run"):
+        cases.append(["train", "--out-dir", out, *TINY])
+    cases.append(["fold", w / "R", links / "a"])
+    cases.append(["fold", w / "R", links / "a" / "m.pt"])
+    cases.append(["demo", "--quick", "--out", links / "a"])
+    for d in _EDITED:
+        cases.append(["train", "--out-dir", w / d, "--resume", *TINY, "--epochs", "3"])
+    for d in ("Ever", "Ecfgstr", "Espec", "Eseed", "Enc"):
+        cases.append(["eval", w / d])
+    for d in ("Ever", "Ecfgstr", "Espec", "Enc"):
+        cases.append(["fold", w / d, w / "out.pt"])
+    cases.append(["reproduce", "voc_table1", "--out", w / "voc"])   # without the detection extra
     return cases
+
+
+def _bn_weights(ck, base):
+    ck["model"] = torch.load(base / "X" / "checkpoint.pt", weights_only=True)["model"]
+
+
+#: run copies whose checkpoint was edited by hand and saved again (valid CRCs): name → edit(ck, base)
+_EDITED = {
+    "Eneg": lambda ck, b: ck.__setitem__("step", -3),
+    "Ever": lambda ck, b: ck.__setitem__("version", 99),
+    "Enoopt": lambda ck, b: ck.pop("optimizer"),
+    "Erng": lambda ck, b: ck["rng"][0].__setitem__("torch", torch.zeros(3, dtype=torch.uint8)),
+    "Eforeign": _bn_weights,
+    "Ecfgstr": lambda ck, b: ck.__setitem__("config", "lr: 0.1"),
+    "Espec": lambda ck, b: ck.__setitem__("model_spec", "tiny_cnn"),
+    "Eseed": lambda ck, b: ck["config"].__setitem__("seed", "abc"),
+    "Enc": lambda ck, b: ck["model_spec"].__setitem__("num_classes", "ten"),
+    "Eepoch": lambda ck, b: ck.__setitem__("epoch", "abc"),
+    "Ebatch": lambda ck, b: ck.__setitem__("batch", 10**6),
+    "Esched": lambda ck, b: ck.__setitem__("scheduler", {"x": 1}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -580,6 +625,21 @@ def world(base, tmp_path_factory):
     (w / "list.yaml").write_text("- 1\n- 2\n")
     (w / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
     (w / "unknown.yaml").write_text("lr: 0.1\nbatchsize: 3\n")
+    (w / "hugelr.yaml").write_text("lr: 1e39\n")
+    (w / "hugewd.yaml").write_text("weight_decay: 1e300\n")
+    (w / "dup.yaml").write_text("lr: 0.1\nepochs: 1\nlr: 0.5\n")
+    (w / "dupnested.yaml").write_text("method: pws\nmethod_opts:\n  gamma: 0.001\n  gamma: 0.01\n")
+    (w / "gamma0.yaml").write_text("method: pws\nmethod_opts: {gamma: 0}\n")
+    for name, edit in _EDITED.items():
+        shutil.copytree(base / "R", w / name)
+        ck = torch.load(w / name / "checkpoint.pt", weights_only=True)
+        edit(ck, base)
+        torch.save(ck, w / name / "checkpoint.pt")
+    links = w.parent / (w.name + "_links")
+    links.mkdir()
+    os.symlink(links / "b", links / "a")
+    os.symlink(links / "a", links / "b")
+    os.symlink(links / "nowhere", links / "dangling")
     return w
 
 

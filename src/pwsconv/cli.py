@@ -196,15 +196,28 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
         device = resolve_device(args.device)   # before anything is loaded: a bad device is bad input
         model, spec, ck = _load_model(args.checkpoint)
         cfg = dict(ck.get("config") or {})
+        src = args.checkpoint
+
+        def field(key: str, kind: type, default: Any) -> Any:   # a config field of the checkpoint, checked
+            v = cfg.get(key)
+            if v is None:
+                return default
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or \
+                    (kind is float and not 0 <= v < 1) or (kind is int and v < (1 if key == "limit" else 0)):
+                raise UsageError(f"{src}: its config.{key} is {v!r}, not a valid {key} (the file was edited or is "
+                                 "damaged); pass --dataset to evaluate on a data set of your choice")
+            return v
+
         name = args.dataset or spec.get("dataset") or cfg.get("dataset")
         if not name:
             raise UsageError("the checkpoint does not say which data set it was trained on; pass --dataset")
         same = name == cfg.get("dataset")
         root = args.data_root if args.data_root is not None else (cfg.get("data_root") if same else None)
         # the run's own splits (its limit also decides its val split); the size scored is chosen below
-        bundle = load_dataset(name, root, val_fraction=float(cfg.get("val_fraction") or 0.0) if same else 0.0,
-                              seed=int(cfg.get("seed") or 0) if same else 0,
-                              limit=cfg.get("limit") if same and not (args.all and args.split == "train") else None)
+        bundle = load_dataset(name, root, val_fraction=field("val_fraction", float, 0.0) if same else 0.0,
+                              seed=field("seed", int, 0) if same else 0,
+                              limit=field("limit", int, None) if same and not (args.all and args.split == "train")
+                              else None)
         if bundle.num_classes != spec["num_classes"] or bundle.in_channels != spec["in_channels"]:
             raise UsageError(f"data set {name!r} has {bundle.num_classes} classes and {bundle.in_channels} channels; "
                              f"the model expects {spec['num_classes']} and {spec['in_channels']}")
@@ -225,7 +238,7 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
                         device=device)
         m = evaluate(model, loader, device=device)
         out = {"checkpoint": args.checkpoint, "dataset": name, "split": args.split, "folded": bool(spec.get("folded")),
-               "loss": m["loss"], "acc": m["acc"], "n": m["n"], "n_split": total}
+               "loss": m["loss"], "acc": m["acc"], "n": m["n"], "n_split": total, "nonfinite": m["nonfinite"]}
         if args.json:
             from .train.checkpoint import dumps
 
@@ -233,7 +246,8 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
         else:
             print(f"{name} {args.split}: loss {m['loss']:.4f} acc {m['acc']:.4f} ({100 * m['acc']:.2f}%, "
                   f"n={m['n']} of {total} images{f': {why}' if why else ''})"
-                  f"{' [folded]' if spec.get('folded') else ''}")
+                  f"{' [folded]' if spec.get('folded') else ''}"
+                  + (f" [collapsed: {m['nonfinite']} images got non-finite outputs]" if m["nonfinite"] else ""))
         return 0
 
     return run
@@ -259,11 +273,11 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
         if os.path.isdir(args.out):
             raise UsageError(f"{args.out} is a directory; OUT must be a file path")
         src = verify_checkpoint(args.checkpoint)   # the file actually read (CKPT/checkpoint.pt for a run directory)
+        check_output_file(args.out, "OUT")         # a symbolic-link loop or a file in its path: named as such
         if os.path.lexists(args.out) and os.path.exists(src) and os.path.samefile(src, args.out):
             raise UsageError(f"OUT {args.out} is the checkpoint being folded; write the model file elsewhere")
         if os.path.exists(args.out) and not args.force:
             raise UsageError(f"{args.out} already exists; pass --force to overwrite it or choose another OUT")
-        check_output_file(args.out, "OUT")
         if os.path.basename(args.out) == "checkpoint.pt" and any(
                 os.path.exists(os.path.join(os.path.dirname(os.path.abspath(args.out)), f))
                 for f in ("config.yaml", "metrics.jsonl", "result.json")):
@@ -409,8 +423,40 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` is a Ctrl-C, or an error raised while a Ctrl-C was being handled (e.g. by clean-up code that
+    touches a module the interrupt left half-imported)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, KeyboardInterrupt):
+            return True
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pwsconv`` console script; returns the exit code (2 for bad input)."""
+    """Entry point of the ``pwsconv`` console script; returns the exit code (2 for bad input, 130 for Ctrl-C).
+
+    Everything, from the first import of torch (building the parser imports the experiment modules) to the end of
+    the command, runs under the Ctrl-C handler: an interrupt is always one line on stderr and exit code 130."""
+    command = "train"
+    try:
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not str(a).startswith("-")), "")
+        return _main(argv)
+    except BaseException as e:
+        if not _interrupted(e) or os.environ.get("PWSCONV_DEBUG", "") not in ("", "0") and \
+                not isinstance(e, KeyboardInterrupt):
+            raise
+        name = f"pwsconv {command}" if command in {s[0] for s in _SUBCOMMANDS} else "pwsconv"
+        hint = "; a training run continues from its last checkpoint with --resume" if command in (
+            "train", "demo", "reproduce") else ""
+        print(f"{name}: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .config import ConfigError
 
     parser = build_parser()
@@ -424,12 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         yaml_errors = ()
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"pwsconv {args.command}: interrupted; a training run continues from its last checkpoint with --resume",
-              file=sys.stderr)
-        return 130
     except (ValueError, OSError, ConfigError, *yaml_errors) as e:  # bad input: one line, exit 2
-        if debug:
+        if debug or _interrupted(e):
             raise
         print(f"pwsconv {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2

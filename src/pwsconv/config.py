@@ -160,6 +160,8 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
+        need(self.lr <= FLOAT32_MAX, f"lr must be at most {FLOAT32_MAX:.4g} (beyond the float32 range of the "
+                                     f"weights SGD cannot apply it), got {self.lr!r}")
         need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
         need(self.eval_batch_size >= 1, f"eval_batch_size must be ≥ 1, got {self.eval_batch_size}")
         need(self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}")
@@ -167,6 +169,8 @@ class TrainConfig:
         need(math.isfinite(self.momentum) and 0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
              f"weight_decay must be a finite number ≥ 0, got {self.weight_decay}")
+        need(self.weight_decay <= FLOAT32_MAX, f"weight_decay must be at most {FLOAT32_MAX:.4g} (beyond the float32 "
+                                               f"range of the weights SGD cannot apply it), got {self.weight_decay!r}")
         need(math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
         need(all(m >= 1 for m in self.milestones) and list(self.milestones) == sorted(set(self.milestones)),
              f"milestones must be strictly increasing epochs ≥ 1, got {self.milestones}")
@@ -175,8 +179,8 @@ class TrainConfig:
         need(self.test_limit is None or self.test_limit >= 1, f"test_limit must be ≥ 1 or null, got {self.test_limit}")
         need(self.amp in (None, "bf16", "fp16"), f"amp must be null, 'bf16' or 'fp16', got {self.amp!r}")
         need(self.ckpt_every >= 0, f"ckpt_every must be ≥ 0 (0: epoch ends only), got {self.ckpt_every}")
-        need(self.num_threads is None or self.num_threads >= 1,
-             f"num_threads must be ≥ 1 or null, got {self.num_threads}")
+        need(self.num_threads is None or 1 <= self.num_threads <= THREADS_LIMIT,
+             f"num_threads must be between 1 and {THREADS_LIMIT} or null, got {self.num_threads}")
         need(self.num_workers is None or self.num_workers >= 0,
              f"num_workers must be ≥ 0 or null, got {self.num_workers}")
         need(self.log_every >= 1, f"log_every must be ≥ 1, got {self.log_every}")
@@ -250,6 +254,10 @@ class TrainConfig:
 
 #: Seeds are integers in [0, SEED_LIMIT) (numpy's seed range; torch's generators take them all).
 SEED_LIMIT = 2**32
+#: The largest float32: ``lr`` and ``weight_decay`` beyond it cannot multiply float32 weights (torch's SGD refuses).
+FLOAT32_MAX = 3.4028234663852886e38
+#: The most CPU threads a run may ask for (``torch.set_num_threads`` takes a C int; no machine has more cores).
+THREADS_LIMIT = 65536
 
 
 # ---------------------------------------------------------------------------------------- option type checks
@@ -334,10 +342,45 @@ def parse_value(text: str) -> Any:
     import yaml
 
     try:
-        v = yaml.safe_load(s) if s else ""
+        v = safe_load_unique(s) if s else ""
     except yaml.YAMLError:
         return s
     return _fix_floats(v)
+
+
+_UNIQUE_LOADER: Any = None
+
+
+def safe_load_unique(stream: Any) -> Any:
+    """``yaml.safe_load`` that refuses a mapping with the same key twice (PyYAML keeps the last one silently): a
+    ``yaml.YAMLError`` whose problem names the key and the line it was first given on. Merge keys (``<<``) may
+    repeat keys, as YAML defines."""
+    global _UNIQUE_LOADER
+    import yaml
+
+    if _UNIQUE_LOADER is None:
+        class _UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                if isinstance(node, yaml.MappingNode):
+                    seen: dict[Any, int] = {}
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge":
+                            continue
+                        key = self.construct_object(key_node, deep=True)
+                        try:
+                            first = seen.get(key)
+                        except TypeError:   # an unhashable key: SafeLoader's own error follows
+                            continue
+                        if first is not None:
+                            raise yaml.constructor.ConstructorError(
+                                "while constructing a mapping", node.start_mark,
+                                f"key {key!r} is given twice (first on line {first + 1}); remove one",
+                                key_node.start_mark)
+                        seen[key] = key_node.start_mark.line
+                return super().construct_mapping(node, deep)
+
+        _UNIQUE_LOADER = _UniqueKeyLoader
+    return yaml.load(stream, Loader=_UNIQUE_LOADER)  # noqa: S506 - a SafeLoader subclass
 
 
 def _fix_floats(v: Any) -> Any:
@@ -434,7 +477,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load_unique(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:

@@ -55,8 +55,12 @@ def _non_negative(value: object, name: str, what: str = "a non-negative finite n
 
 
 def check_gamma(gamma: float) -> float:
-    """Validate γ of eq. 12: a finite number ≥ 0 (not a string or a bool). Returns it as a float."""
-    return _non_negative(gamma, "gamma")
+    """Validate γ of eq. 12: a finite number > 0 (not a string or a bool; with γ = 0 a constant filter is 0/0 = NaN).
+    Returns it as a float."""
+    v = _non_negative(gamma, "gamma", "a finite number > 0")
+    if v <= 0:
+        raise ValueError(f"gamma must be a finite number > 0 (γ = 0 divides a constant filter by zero), got {gamma!r}")
+    return v
 
 
 def check_clip(clip: float | None) -> float | None:

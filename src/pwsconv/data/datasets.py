@@ -11,8 +11,8 @@ name               source
                    (``x_train``, ``y_train``, ``x_test``, ``y_test``)
 ``fashion_mnist``  the same formats as ``mnist``
 ``cifar10``        the python batches (``data_batch_1..5``, ``test_batch``, optional ``batches.meta``) or the
-                   shared JPEG copy (``cifar10_train_jpeg_bytes.npz`` — decoded once and cached as ``.npy`` —
-                   and ``cifar10_test_from_jpeg.npz``)
+                   shared JPEG copy (``cifar10_train_jpeg_bytes.npz`` — decoded once and cached as ``.npy``,
+                   trusted only while it matches the SHA-256 beside it — and ``cifar10_test_from_jpeg.npz``)
 ``npz``            ``root`` = an ``.npz`` file: uint8 ``x`` ``[N, H, W]`` or ``[N, H, W, C]``, integer ``y``,
                    optional ``x_test``/``y_test`` (else a stratified 20% test split) and ``classes``
 ``imagefolder``    ``root/train/<class>/*.jpg|png…`` and ``root/val/<class>/…`` (or ``root/test``), read into

@@ -206,8 +206,8 @@ class Loader(EpochBatches):
         x, y = self.images.x, self.images.y
         xb = x[idx.to(x.device)].to(self.device, non_blocking=True)
         yb = y[idx.to(y.device)].to(self.device, non_blocking=True)
-        if params is not None:
-            xb = AUGMENTATIONS[self.augment][1](xb, params)  # type: ignore[index]
+        if params is not None:   # (a copy that does not wait for the device, like the images')
+            xb = AUGMENTATIONS[self.augment][1](xb, params.to(xb.device, non_blocking=True))  # type: ignore[index]
         out = torch.addcmul(self._shift, xb.to(torch.float32), self._scale)
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)

@@ -229,6 +229,10 @@ def decode_jpeg_archive(path: str | Path, *, cache_dir: str | Path | None | bool
     The full decode (≈ 6 s for CIFAR-10 train on one core) is cached as ``<cache_dir>/<stem>-<md5>.npy``
     (``cache_dir`` default :func:`default_cache_dir`; ``False`` disables the cache) and later loads read the
     ``.npy``. With ``limit`` and no cache yet, only the first ``limit`` images are decoded (and nothing is cached).
+
+    The cache is trusted only if it matches the SHA-256 of its bytes recorded beside it (``<cache>.npy.sha256``,
+    the format of ``sha256sum``): a damaged cache (zeroed pixels, truncated, replaced) or one without a checksum is
+    decoded again in full and rewritten, with one warning, even under ``limit``.
     """
     path = Path(path)
     arrays = read_npz(path)
@@ -244,18 +248,24 @@ def decode_jpeg_archive(path: str | Path, *, cache_dir: str | Path | None | bool
         raise DataError(f"{path}: 'offsets' must rise strictly from 0 to len(jpeg) = {len(buf)}")
     n = len(offsets) - 1
     cache_file = None
+    rebuild = False   # a cache that failed its check: decoded in full and rewritten, whatever the limit
     if cache_dir is not False:
         digest = hashlib.md5(buf.data).hexdigest()[:16]
         cache_file = Path(cache_dir or default_cache_dir()).expanduser() / f"{path.stem}-{digest}.npy"
         if cache_file.is_file():
-            try:
-                x = np.load(cache_file, mmap_mode="r" if limit is not None and limit < n else None)
-                if x.dtype == np.uint8 and x.ndim == 4 and len(x) == n:
-                    return (np.array(x[:limit]) if limit is not None else x), arrays
-            except (OSError, ValueError, EOFError):
-                pass
-            warnings.warn(f"ignoring a corrupt cache file {cache_file}; decoding {path.name} again", stacklevel=3)
-    count = n if limit is None else max(0, min(n, int(limit)))
+            problem = _cache_problem(cache_file)
+            if problem is None:
+                try:
+                    x = np.load(cache_file, mmap_mode="r" if limit is not None and limit < n else None)
+                    if x.dtype == np.uint8 and x.ndim == 4 and len(x) == n:
+                        return (np.array(x[:limit]) if limit is not None else x), arrays
+                    problem = f"holds {x.dtype} {x.shape}, not {n} uint8 images"
+                except (OSError, ValueError, EOFError) as e:
+                    problem = f"cannot be read ({type(e).__name__})"
+            warnings.warn(f"the decode cache {cache_file} {problem}; decoding {path.name} again in full and "
+                          "rewriting it", stacklevel=3)
+            rebuild = True
+    count = n if limit is None or rebuild else max(0, min(n, int(limit)))
     first = _decode_one(buf[offsets[0]:offsets[1]], 0, path)
     x = np.empty((count,) + first.shape, dtype=np.uint8)
     for i in range(count):
@@ -268,11 +278,48 @@ def decode_jpeg_archive(path: str | Path, *, cache_dir: str | Path | None | bool
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, x)
-            os.replace(tmp, cache_file)
+            line = f"{_sha256_file(tmp)}  {cache_file.name}\n"
+            os.replace(tmp, cache_file)   # a crash between the two replaces leaves a mismatch: rebuilt next time
+            sums = _checksum_file(cache_file)
+            tmp_sums = sums.with_name(f"{sums.name}.{os.getpid()}.tmp")
+            tmp_sums.write_text(line, encoding="ascii")
+            os.replace(tmp_sums, sums)
         except OSError as e:
             warnings.warn(f"could not write the decode cache {cache_file} ({e}); the next load decodes again",
                           stacklevel=3)
+    if limit is not None and count > limit:
+        x = x[:max(0, int(limit))].copy()   # not a view that keeps the full decode alive
     return x, arrays
+
+
+def _checksum_file(cache_file: Path) -> Path:
+    return cache_file.with_name(cache_file.name + ".sha256")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_problem(cache_file: Path) -> str | None:
+    """None if ``cache_file`` matches the SHA-256 recorded beside it; else what is wrong."""
+    sums = _checksum_file(cache_file)
+    try:
+        recorded = sums.read_text(encoding="ascii").split()[0].lower()
+    except FileNotFoundError:
+        return f"has no checksum file {sums.name} (written by an older pwsconv, or interrupted)"
+    except (OSError, UnicodeDecodeError, IndexError):
+        return f"has an unreadable checksum file {sums.name}"
+    try:
+        actual = _sha256_file(cache_file)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    if actual != recorded:
+        return "does not match its checksum (damaged or changed since it was written)"
+    return None
 
 
 def _find_images(folder: Path) -> list[Path]:

@@ -272,13 +272,14 @@ def reproduce_extra(name: str, preset: str = "smoke", out_dir: str | None = None
     """Run experiment ``name`` (:data:`EXTRA_EXPERIMENTS`) at ``preset`` and write ``results.md``/``.csv``/``.jsonl``
     under ``out_dir`` (default ``results/reproduce/<name>_<preset>``). ``dry_run``: the run list and, for ``full``,
     a time estimate on one GPU; nothing is trained or written."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        if not dry_run:
-            raise ReproduceError(f"{name} needs torchvision (and pycocotools for detection): pip install "
-                                 "torch==2.14.1 -e '.[detection]' (torchvision 0.29.1 needs exactly torch 2.14.1)"
-                                 ) from None
+    if not dry_run:   # the detection extra, checked before anything runs (without importing it)
+        import importlib.util
+
+        needs = ("torchvision",) if name == "imagenet_table5" else ("torchvision", "pycocotools")
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ReproduceError(f"{name} needs {' and '.join(missing)} (the detection extra): pip install "
+                                 "torch==2.14.1 -e '.[detection]' (torchvision 0.29.1 needs exactly torch 2.14.1)")
     if name not in EXTRA_EXPERIMENTS:
         raise ReproduceError(f"unknown experiment {name!r}; choose one of {', '.join(EXTRA_EXPERIMENTS)}")
     out_dir = out_dir or os.path.join("results", "reproduce", f"{name}_{preset}")

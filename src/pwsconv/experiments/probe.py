@@ -47,7 +47,7 @@ def probe(
     from ..models import build_model
     from ..methods import get_method
 
-    from ..config import SEED_LIMIT, ConfigError, check_method_opts
+    from ..config import FLOAT32_MAX, SEED_LIMIT, ConfigError, check_method_opts
     from ..train.rundir import check_output_dir
 
     def whole(v: Any) -> bool:
@@ -56,6 +56,9 @@ def probe(
     # every argument is checked before anything is loaded, built or trained
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (0 < lr < float("inf")):
         raise ValueError(f"--lr must be a positive number, got {lr}")
+    if lr > FLOAT32_MAX:
+        raise ValueError(f"--lr must be at most {FLOAT32_MAX:.4g} (beyond the float32 range of the weights SGD "
+                         f"cannot apply it), got {lr}")
     for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--every", every)):
         if not whole(v) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")

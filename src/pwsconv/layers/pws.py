@@ -3,10 +3,8 @@
     Ŵ_o = sqrt(2/n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ),        Y_o = α_o · (X ⊛ Ŵ_o) + β_o
 
 Each class keeps its torch parent's constructor and ``weight`` / ``bias`` state_dict keys and adds ``alpha``.
-:meth:`PWSMixin.compute_weight` is eq. 12 (:func:`pwsconv.functional.pws_weight`); ``layer.to_plain()`` returns the
-parent torch layer holding α·Ŵ and the bias (exact folding: "PWS can be reset to a normal conv layer in the inference
-stage"). Caching and fusion live in :mod:`pwsconv.accel`, behind :func:`pwsconv.accel.weight_and_bias`.
-"""
+:meth:`PWSMixin.compute_weight` is eq. 12 (:func:`pwsconv.functional.pws_weight`); ``layer.to_plain()`` is the parent
+torch layer holding α·Ŵ and the bias (exact folding). Caching and fusion: :mod:`pwsconv.accel`."""
 
 from __future__ import annotations
 
@@ -18,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..accel import fuse_standardization
-from ..functional import (AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, auto_clip_w, check_clip, check_gamma, he_std, pws_weight,
-                          unit_clip)
+from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
+from ._auto import auto_clip_w_of, link_optimizer_group
 from ._reparam import ReparamConvNd, ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
@@ -30,39 +28,21 @@ _FUSE_DTYPES = (torch.float32, torch.float64)
 
 
 def _fan_mode(value: str) -> str:
-    if value not in FAN_MODES:
-        raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {value!r}")
-    return value
-
-
-class _OptimizerGroup:
-    """The optimizer parameter group that holds a layer's weight, as :func:`pwsconv.param_groups` made it (torch's
-    optimizers keep those dicts and fill in their defaults, e.g. ``lr``). Derived, not state: a copy or an unpickled
-    layer is unlinked until its own ``param_groups`` call."""
-
-    __slots__ = ("group",)
-
-    def __init__(self, group: dict | None = None) -> None:
-        self.group = group
-
-    def __reduce__(self) -> tuple:
-        return (_OptimizerGroup, ())
-
-    def __deepcopy__(self, memo: dict) -> "_OptimizerGroup":
-        return _OptimizerGroup()
+    if value in FAN_MODES:
+        return value
+    raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {value!r}")
 
 
 class PWSMixin(ReparamMixin):
     """Eq. 12 on a torch layer: α, γ, the ablation switches and ``gamma="auto"``.
 
     Constructor switches (paper defaults first):
-        gamma (1e-3): γ of eq. 12, ≥ 0; or ``"auto"``: the stabilized PWS that trains at BN's learning rates —
-            γ relative to the He-init filter variance (γ·2/n_l with γ = ``AUTO_GAMMA``, the authors' ``equiv`` rule)
-            plus unit-wise adaptive gradient clipping of W, α and β inside the layer (``clip``, default
-            ``AUTO_CLIP``). The forward is eq. 12 unchanged (batch-independent, foldable); only gradients differ.
-        clip (None): unit-wise adaptive gradient clipping λ (Brock et al. 2021) applied in the layer's backward:
-            each filter's ∂L/∂W_o is scaled so that ‖∂L/∂W_o‖ ≤ λ·‖W_o‖, and each α_o / β_o gradient is clamped to
-            λ·max(|α_o|, 1e-3). ``None``: ``AUTO_CLIP`` under ``gamma="auto"``, off otherwise; ``0``: off.
+        gamma (1e-3): γ of eq. 12, > 0; or ``"auto"``: PWS that trains at BN's learning rates — γ relative to the
+            He-init filter variance (γ·2/n_l, γ = ``AUTO_GAMMA``) and clipped gradients (``clip``, ``clip_w``); the
+            forward is eq. 12 unchanged (batch-independent, foldable).
+        clip, clip_w (None): unit-wise gradient clipping λ (AGC, Brock et al. 2021) in the backward: each α_o, β_o
+            gradient to λ·max(|p|, 1e-3), each filter to ‖∂L/∂W_o‖ ≤ λ_W·‖W_o‖. None: under "auto" ``AUTO_CLIP`` and
+            λ_W from the optimizer's LR (:mod:`pwsconv.layers._auto`), otherwise off (λ_W: ``clip``); 0: off.
         use_alpha (True): trainable per-filter α (Table 2 "Trainable α").
         use_gain (True): the sqrt(2/n_l) factor of eq. 12 (Table 2 "sqrt(2/n_l) in (12)").
         fan_mode ("fan_in"): n used by sqrt(2/n) and by the He init of the raw weights; "fan_in" is the paper's n_l.
@@ -91,10 +71,8 @@ class PWSMixin(ReparamMixin):
     # the settings compute_weight reads: assigning one validates it and drops the eval cache
     gamma = setting("_gamma", lambda v: v if isinstance(v, str) and v == "auto" else check_gamma(v),
                     'γ of eq. 12 (validated on assignment), or "auto".')
-    clip = setting("_clip", check_clip, 'Unit-wise adaptive gradient clipping λ of α and β (None: AUTO_CLIP under '
-                   'gamma="auto").')
-    clip_w = setting("_clip_w", check_clip, 'Unit-wise adaptive gradient clipping λ of each filter of W (None: '
-                     'AUTO_CLIP_W under gamma="auto", else the same as clip).')
+    clip = setting("_clip", check_clip, "Gradient clipping λ of α and β (None: the default rule).")
+    clip_w = setting("_clip_w", check_clip, "Gradient clipping λ of W's filters (None: the default rule).")
     use_gain = setting("_use_gain", bool, "Whether eq. 12's sqrt(2/n_l) factor is applied.")
     fan_mode = setting("_fan_mode", _fan_mode, '"fan_in" (the paper\'s n_l) or "fan_out": the n of sqrt(2/n).')
     equiv = setting("_equiv", bool, 'The authors\' "equiv" option: γ → 2γ/n.')
@@ -111,38 +89,14 @@ class PWSMixin(ReparamMixin):
     @property
     def clip_lambda(self) -> float:
         """The clipping λ of α and β in force (0: no clipping)."""
-        if self._clip is not None:
-            return self._clip
-        return AUTO_CLIP if self._gamma == "auto" else 0.0
+        return self._clip if self._clip is not None else (AUTO_CLIP if self._gamma == "auto" else 0.0)
 
     @property
     def clip_w_lambda(self) -> float:
-        """The clipping λ of W's filters in force (0: no clipping). ``gamma="auto"`` (no ``clip`` / ``clip_w``
-        given): :func:`pwsconv.functional.auto_clip_w` of the SGD settings the optimizer starts with — read once,
-        from the parameter group :func:`pwsconv.param_groups` put the weight in — else ``AUTO_CLIP_W``."""
+        """The clipping λ of W's filters in force (0: no clipping); ``gamma="auto"``: see :mod:`._auto`."""
         if self._clip_w is not None:
             return self._clip_w
-        if self._gamma != "auto" or self._clip is not None:
-            return self.clip_lambda
-        lam = self.__dict__.get("_auto_clip_w")
-        return lam if lam is not None else self._learn_clip_w()
-
-    def link_optimizer_group(self, group: dict) -> None:
-        """Called by :func:`pwsconv.param_groups` with the group that holds this layer's weight: ``gamma="auto"``
-        reads the learning rate and momentum from it once the optimizer has filled them in."""
-        self.__dict__["_opt_group"] = _OptimizerGroup(group)
-        self.__dict__["_auto_clip_w"] = None
-
-    def _learn_clip_w(self) -> float:
-        link = self.__dict__.get("_opt_group")
-        group = link.group if link is not None else None
-        if not group or "lr" not in group or "dampening" not in group:   # no SGD group (yet): the fixed λ
-            return AUTO_CLIP_W
-        lam = auto_clip_w(group.get("initial_lr", group["lr"]), group.get("momentum", 0.0))
-        if lam is None:
-            lam = AUTO_CLIP_W
-        self.__dict__["_auto_clip_w"] = lam     # once: the LR the optimizer starts with, whatever the schedule does
-        return lam
+        return auto_clip_w_of(self) if self._gamma == "auto" and self._clip is None else self.clip_lambda
 
     @property
     def effective_gamma(self) -> float:
@@ -166,26 +120,19 @@ class PWSMixin(ReparamMixin):
         return view, (1,) + tuple(range(3, len(view))), (g, 1, w.shape[1]) + (1,) * (w.dim() - 2)
 
     def compute_weight(self) -> Tensor:
-        """α·Ŵ of eq. 12 (clipped gradients of W and α when ``clip_lambda`` > 0; the values are unchanged)."""
+        """α·Ŵ of eq. 12 (gradients of W and α clipped by ``clip_w_lambda`` / ``clip_lambda``; values unchanged)."""
         view, reduce, alpha_shape = self._layout()
         w = self.weight if view is None else self.weight.reshape(view)
-        alpha, lam, lam_w = self.alpha, self.clip_lambda, self.clip_w_lambda
-        if lam_w:
-            w = unit_clip(w, lam_w, reduce)
-        if lam:
-            alpha = unit_clip(alpha, lam)
+        w, alpha = unit_clip(w, self.clip_w_lambda, reduce), unit_clip(self.alpha, self.clip_lambda)   # λ = 0: as is
         alpha = None if alpha is None else alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
 
     def compute_bias(self) -> Tensor | None:
-        """β, its gradient clipped when ``clip_lambda`` > 0."""
+        """β, its gradient clipped by ``clip_lambda``."""
         p = self._parameters
         b = p["bias"] if "bias" in p else self.bias   # (ReparamMixin.compute_bias, inlined: once per forward)
-        if b is None or not (b.requires_grad and torch.is_grad_enabled()):
-            return b
-        lam = self.clip_lambda
-        return unit_clip(b, lam) if lam else b
+        return unit_clip(b, self.clip_lambda)          # b itself without λ, a gradient or autograd
 
     def fused_args(self) -> tuple | None:
         """(W, α, γ, gain, (λ_W, λ), β) for :func:`pwsconv.fuse_standardization`, or ``None`` when the fused node cannot
@@ -220,14 +167,15 @@ class PWSMixin(ReparamMixin):
             self.alpha_initialized.fill_(True)
 
     standardized_weight = ReparamMixin.reparam_weight   # α·Ŵ as the layer applies it (the name of earlier releases)
+    link_optimizer_group = link_optimizer_group         # pwsconv.param_groups → gamma="auto" (layers/_auto.py)
 
     def extra_repr(self) -> str:  # type: ignore[override]
         s = super().extra_repr()  # type: ignore[misc]
         s += ", gamma='auto'" if self._gamma == "auto" else f", gamma={self._gamma:g}"
-        for on, text in ((self._clip is not None, f", clip={self._clip}"),
-                         (self._clip_w is not None, f", clip_w={self._clip_w}"), (self.alpha is None, ", use_alpha=False"),
-                         (not self._use_gain, ", use_gain=False"), (self._fan_mode != "fan_in", ", fan_mode='fan_out'"),
-                         (self._equiv, ", equiv=True"), (self.data_init_alpha, ", data_init_alpha=True")):
+        for on, text in ((self._clip is not None, f", clip={self._clip}"), (self._clip_w is not None,
+                         f", clip_w={self._clip_w}"), (self.alpha is None, ", use_alpha=False"), (not self._use_gain,
+                         ", use_gain=False"), (self._fan_mode != "fan_in", ", fan_mode='fan_out'"), (self._equiv,
+                         ", equiv=True"), (self.data_init_alpha, ", data_init_alpha=True")):
             s += text if on else ""
         return s
 

@@ -34,11 +34,14 @@ import torch
 
 __all__ = ["CheckpointError", "WriteError", "atomic_save", "atomic_write_text", "load_checkpoint",
            "verify_checkpoint", "rng_state", "set_rng_state", "scheduler_state", "load_scheduler_state",
-           "current_umask", "file_mode", "CHECKPOINT_FORMAT", "MODEL_FORMAT"]
+           "current_umask", "file_mode", "check_training_state", "check_model_spec", "CHECKPOINT_FORMAT",
+           "MODEL_FORMAT", "FORMAT_VERSION"]
 
 #: ``format`` of a training checkpoint (``pwsconv train``) and of a model-only file (``pwsconv fold``).
 CHECKPOINT_FORMAT = "pwsconv-checkpoint"
 MODEL_FORMAT = "pwsconv-model"
+#: The ``version`` of the files this pwsconv writes, and the only one it reads.
+FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
@@ -214,7 +217,111 @@ def load_checkpoint(path: str | os.PathLike, *, formats: tuple[str, ...] = (CHEC
                               f"({type(e).__name__}: {reason})") from None
     if not isinstance(obj, dict) or obj.get("format") not in formats:
         raise CheckpointError(f"{path} is not a pwsconv checkpoint (expected format {' or '.join(formats)})")
+    _check_header(obj, path)
     return obj
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_header(obj: dict[str, Any], path: str) -> None:
+    """The fields every pwsconv file has: a known format version; config / model_spec / model of the right kind (a
+    file edited by hand keeps valid CRCs, so its contents are checked before anything uses them)."""
+    v = obj.get("version")
+    if not _is_int(v):
+        raise CheckpointError(f"{path}: its format version is {v!r}, not an integer (the file was edited or is not "
+                              "a pwsconv checkpoint)")
+    if v != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {v}; this pwsconv reads version {FORMAT_VERSION}"
+                              + (" (it was written by a newer pwsconv: upgrade to read it)" if v > FORMAT_VERSION
+                                 else ""))
+    for key in ("config", "model_spec", "model"):
+        if key in obj and obj[key] is not None and not isinstance(obj[key], dict):
+            raise CheckpointError(f"{path}: its {key} is a {type(obj[key]).__name__}, not a mapping (the file was "
+                                  "edited or is damaged)")
+
+
+def check_model_spec(spec: Any, path: str) -> dict[str, Any]:
+    """``spec`` (a file's ``model_spec``) if it can rebuild a network, else a one-line :class:`CheckpointError`
+    naming ``path`` and the field."""
+    def bad(field: str, want: str) -> CheckpointError:
+        got = spec.get(field, "missing") if isinstance(spec, dict) else spec
+        return CheckpointError(f"{path}: its model_spec.{field} must be {want}, got {got!r} (the file was edited "
+                               "or is damaged)")
+
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path} has no usable model_spec (got {type(spec).__name__})")
+    for field in ("model", "method"):
+        if not isinstance(spec.get(field), str) or not spec[field]:
+            raise bad(field, "a name")
+    for field in ("num_classes", "in_channels"):
+        if not _is_int(spec.get(field)) or spec[field] < 1:
+            raise bad(field, "an integer ≥ 1")
+    for field in ("method_opts", "model_opts"):
+        if spec.get(field) is not None and not isinstance(spec[field], dict):
+            raise bad(field, "a mapping")
+    for field in ("mean", "std"):
+        v = spec.get(field)
+        if not (isinstance(v, (list, tuple)) and len(v) == spec["in_channels"] and all(_is_number(x) and
+                                                                                         math.isfinite(x) for x in v)):
+            raise bad(field, f"a list of {spec['in_channels']} finite numbers")
+    if not all(x > 0 for x in spec["std"]):
+        raise bad("std", "positive")
+    return spec
+
+
+#: The fields of a training checkpoint that resuming reads: (field, check, what it must be).
+_TRAINING_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("config", lambda v: isinstance(v, dict), "a mapping"),
+    ("model", lambda v: isinstance(v, dict), "a state_dict"),
+    ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+     and isinstance(v.get("param_groups"), list), "an optimizer state_dict (state and param_groups)"),
+    ("scheduler", lambda v: isinstance(v, dict) and _is_int(v.get("last_epoch")) and v["last_epoch"] >= 0,
+     "a scheduler state_dict (with last_epoch ≥ 0)"),
+    ("scaler", lambda v: v is None or isinstance(v, dict), "null or a GradScaler state_dict"),
+    ("epoch", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0"),
+    ("batch", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0"),
+    ("step", lambda v: _is_int(v) and v >= 0, "an integer ≥ 0"),
+    ("sums", lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) for x in v),
+     "3 numbers"),
+    ("wall_time", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+    ("status", lambda v: v in ("running", "ok", "nan"), "'running', 'ok' or 'nan'"),
+    ("rng", lambda v: isinstance(v, list) and len(v) >= 1 and all(_rng_ok(s) for s in v),
+     "a list of RNG states (torch, numpy, python)"),
+)
+
+
+def _rng_ok(s: Any) -> bool:
+    if not isinstance(s, dict) or not isinstance(s.get("torch"), torch.Tensor) or s["torch"].dtype != torch.uint8:
+        return False
+    n, p = s.get("numpy"), s.get("python")
+    return (isinstance(n, dict) and isinstance(n.get("keys"), torch.Tensor) and n["keys"].numel() == 624
+            and isinstance(n.get("name"), str) and _is_int(n.get("pos")) and _is_int(n.get("has_gauss"))
+            and _is_number(n.get("cached_gaussian"))
+            and isinstance(p, dict) and isinstance(p.get("internal"), torch.Tensor) and _is_int(p.get("version"))
+            and (p.get("gauss_next") is None or _is_number(p.get("gauss_next"))))
+
+
+def check_training_state(ck: dict[str, Any], path: str) -> dict[str, Any]:
+    """``ck`` if it holds everything a resumed run reads, of the right kinds (counters ≥ 0, a known status, RNG
+    states, optimizer state...); else a one-line :class:`CheckpointError` naming ``path`` and the field. Whether the
+    states fit the run's model and optimizer is checked when they are loaded into them."""
+    for field, ok, want in _TRAINING_FIELDS:
+        if field not in ck:
+            raise CheckpointError(f"cannot resume from {path}: it has no {field} (the file was edited or is not a "
+                                  "training checkpoint); nothing was changed")
+        if not ok(ck[field]):
+            got = ck[field]
+            shown = repr(got) if not isinstance(got, (dict, list, tuple)) else type(got).__name__
+            raise CheckpointError(f"cannot resume from {path}: its {field} must be {want}, got {shown[:80]} (the "
+                                  "file was edited or is damaged); nothing was changed")
+    check_model_spec(ck.get("model_spec"), path)   # rewritten by the resumed run: a damaged one is not hidden
+    return ck
 
 
 # ------------------------------------------------------------------------------------------------------------ RNG
@@ -233,6 +340,17 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states of :func:`rng_state`. All or nothing: if one of them is refused (e.g. a damaged state of
+    the wrong size), the RNGs are left as they were and the error is raised."""
+    before = rng_state()
+    try:
+        _set_rng_state(state)
+    except BaseException:
+        _set_rng_state(before)
+        raise
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

@@ -13,13 +13,15 @@ epoch's running sums). A resumed run restarts the loader in the same epoch at th
 loader's order and augmentation depend only on (seed, epoch)), so on CPU its final weights equal an uninterrupted
 run's.
 
-A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends) ends the run with status
-``"nan"`` and NaN metrics, as the paper's tables report a collapse — it is a result, not an exception.
+A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends), or a non-finite output of the
+evaluation (finite weights whose logits overflow), ends the run with status ``"nan"`` and NaN metrics, as the
+paper's tables report a collapse — it is a result, not an exception.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import time
@@ -36,7 +38,9 @@ from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig, fields_wit
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_FORMAT,
+    CheckpointError,
     atomic_save,
+    check_training_state,
     atomic_write_text,
     dumps,
     load_checkpoint,
@@ -196,15 +200,16 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
     """Mean cross-entropy loss and accuracy of ``model`` over ``loader`` (in eval mode; the mode is restored).
 
     Under torch.distributed with a sharded loader (``world_size > 1``) the sums are all-reduced, so every process
-    gets the metrics of the whole set. Returns ``{"loss", "acc", "acc5", "n"}`` (``acc5``: top-5 accuracy, NaN with
-    fewer than 5 classes).
+    gets the metrics of the whole set. Returns ``{"loss", "acc", "acc5", "n", "nonfinite"}`` (``acc5``: top-5
+    accuracy, NaN with fewer than 5 classes; ``nonfinite``: how many images got a NaN or infinite output — their
+    "accuracy" is meaningless, and the training loop counts any as a collapse).
     """
     model = _unwrap(model)
     was_training = model.training
     model.eval()
     dev = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)
     k5 = True
     try:
         for x, y in loader:
@@ -218,6 +223,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
             k5 = k5 and out.shape[1] >= 5
             if k5 and len(y):
                 sums[3] += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+            sums[4] += (~torch.isfinite(out).reshape(len(out), -1).all(1)).sum()
     finally:
         model.train(was_training)
     if distributed is None:
@@ -225,9 +231,9 @@ def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = No
             getattr(loader, "world_size", 1) > 1
     if distributed:
         torch.distributed.all_reduce(sums)
-    loss, correct, n, correct5 = sums.tolist()
+    loss, correct, n, correct5, nonfinite = sums.tolist()
     return {"loss": loss / n if n else NAN, "acc": correct / n if n else NAN,
-            "acc5": correct5 / n if n and k5 else NAN, "n": int(n)}
+            "acc5": correct5 / n if n and k5 else NAN, "n": int(n), "nonfinite": int(nonfinite)}
 
 
 def _as_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike) -> TrainConfig:
@@ -313,6 +319,63 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
     prepare_for_training(model, cfg.method, **prepare_options(cfg))
 
 
+def _is_oom(e: BaseException) -> bool:
+    """An allocator's out-of-memory error (CPU: "can't allocate memory"; CUDA: OutOfMemoryError)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    text = str(e).lower()
+    return isinstance(e, oom) or "out of memory" in text or "can't allocate memory" in text
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (free GPU memory; on CPU the kernel's MemAvailable, or the
+    container's memory limit less its usage if that is smaller), or None where it cannot be told."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:   # cgroup v2 limit of a container
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            found.append(max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _check_model_fits(build: Callable[[], nn.Module], cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, in one line and before allocating anything, a network whose weights, gradients and momentum alone
+    need more memory than ``device`` has. The size comes from building it on the meta device (no memory); a
+    network that cannot be built there is not estimated (its real build reports an allocation failure itself)."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            meta = build()
+        numel = sum(p.numel() for p in meta.parameters())
+        bytes_each = max((p.element_size() for p in meta.parameters()), default=4)
+    except Exception:   # noqa: BLE001 - a builder that needs real tensors: not estimated
+        return
+    copies = 2 + (cfg.momentum > 0)           # weights, gradients, SGD momentum
+    need = numel * bytes_each * copies
+    avail = _available_memory(device)
+    if avail is not None and need > avail:
+        raise ConfigError(f"model {cfg.model!r} with model_opts {dict(cfg.model_opts)} has {numel:,} parameters: "
+                          f"training needs at least {need / 2**30:,.1f} GiB (weights, gradients and momentum), "
+                          f"more than the {avail / 2**30:,.1f} GiB available on {device}")
+
+
 # ---------------------------------------------------------------------------------------------------------- the run
 class _Run:
     """State of one training run: built by ``__init__``, advanced by :meth:`loop`."""
@@ -343,7 +406,8 @@ class _Run:
         self.saved_result: RunResult | None = None
         if resume:
             if os.path.isfile(self.paths["checkpoint"]):
-                ckpt = load_checkpoint(self.paths["checkpoint"], formats=(CHECKPOINT_FORMAT,))
+                ckpt = check_training_state(load_checkpoint(self.paths["checkpoint"], formats=(CHECKPOINT_FORMAT,)),
+                                            self.paths["checkpoint"])
                 diff = _config_diff(ckpt["config"], cfg.to_dict())
                 if diff:
                     raise ConfigMismatchError(f"cannot resume {cfg.out_dir}: the config differs from the "
@@ -390,18 +454,32 @@ class _Run:
         bundle = self.bundle
 
         # -- model, optimizer, schedule (the model's init depends on the seed only)
+        build = lambda: build_model(cfg.model, cfg.method, num_classes=bundle.num_classes,  # noqa: E731
+                                    in_channels=bundle.in_channels, **cfg.model_opts,
+                                    method_opts=dict(cfg.method_opts))
+        _check_model_fits(build, cfg, device)   # a network too large for this machine: one line, nothing allocated
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         try:
-            model = build_model(cfg.model, cfg.method, num_classes=bundle.num_classes,
-                                in_channels=bundle.in_channels, **cfg.model_opts, method_opts=dict(cfg.method_opts))
+            model = build()
         except (TypeError, ValueError) as e:   # e.g. a depth the builder does not take: before anything is written
             raise ConfigError(f"cannot build model {cfg.model!r} with model_opts {dict(cfg.model_opts)} and "
                               f"method_opts {dict(cfg.method_opts)}: {' '.join(str(e).split())}") from None
+        except (MemoryError, RuntimeError) as e:   # the estimate could not be made, or was too low
+            if not isinstance(e, MemoryError) and not _is_oom(e):
+                raise
+            raise ConfigError(f"model {cfg.model!r} with model_opts {dict(cfg.model_opts)} does not fit in memory: "
+                              f"{' '.join(str(e).split())[:160]}") from None
         if cfg.sync_bn and dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device)
+        try:
+            model.to(device)
+        except RuntimeError as e:
+            if not _is_oom(e):
+                raise
+            raise ConfigError(f"model {cfg.model!r} with model_opts {dict(cfg.model_opts)} does not fit in the "
+                              f"memory of {device}: {' '.join(str(e).split())[:160]}") from None
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         _prepare_model(model, cfg)
@@ -419,18 +497,7 @@ class _Run:
         self.status = "running"
         torch.manual_seed(cfg.seed + 1000003 * dist.rank)  # per-process stream for dropout etc.
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-            load_scheduler_state(self.sched, ckpt["scheduler"])
-            if self.scaler is not None and ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
-            self.epoch, self.batch, self.step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
-            self.sums = torch.tensor(ckpt["sums"], dtype=torch.float64, device=device)
-            self.wall_before = float(ckpt["wall_time"])
-            self.status = ckpt["status"]
-            rngs = ckpt["rng"]
-            if len(rngs) == dist.world_size:
-                set_rng_state(rngs[dist.rank])
+            self._load_state(ckpt, model)
         self.raw_model = model
         self.model: nn.Module = model
         if dist.enabled:
@@ -439,6 +506,36 @@ class _Run:
         if cfg.compile:   # the training forward and backward; evaluation and checkpoints use the raw model
             self.model = torch.compile(self.model)
 
+
+    def _load_state(self, ckpt: dict[str, Any], model: nn.Module) -> None:
+        """Continue from a checkpoint whose fields :func:`check_training_state` accepted. A state that does not fit
+        this run (another model's weights, a damaged optimizer or RNG state) is a one-line
+        :class:`~pwsconv.train.checkpoint.CheckpointError` naming the file; nothing has been written yet."""
+        path = self.paths["checkpoint"]
+        if ckpt["batch"] > self.steps_per_epoch:
+            raise CheckpointError(f"cannot resume from {path}: its batch {ckpt['batch']} is beyond the "
+                                  f"{self.steps_per_epoch} batches of an epoch (the file was edited); nothing was "
+                                  "changed")
+        parts: list[tuple[str, Callable[[], Any]]] = [
+            ("model weights", lambda: model.load_state_dict(ckpt["model"])),
+            ("optimizer state", lambda: self.opt.load_state_dict(ckpt["optimizer"])),
+            ("scheduler state", lambda: load_scheduler_state(self.sched, ckpt["scheduler"]))]
+        if self.scaler is not None and ckpt.get("scaler"):
+            parts.append(("GradScaler state", lambda: self.scaler.load_state_dict(ckpt["scaler"])))
+        if len(ckpt["rng"]) == self.dist.world_size:
+            parts.append(("RNG state", lambda: set_rng_state(ckpt["rng"][self.dist.rank])))
+        for what, load in parts:
+            try:
+                load()
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+                text = " ".join(str(e).split()) or type(e).__name__
+                raise CheckpointError(f"cannot resume from {path}: its {what} cannot be loaded into this run "
+                                      f"({self.cfg.model}, {self.cfg.method}): {text[:200]}; nothing was "
+                                      "changed") from None
+        self.epoch, self.batch, self.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        self.sums = torch.tensor(ckpt["sums"], dtype=torch.float64, device=self.device)
+        self.wall_before = float(ckpt["wall_time"])
+        self.status = ckpt["status"]
 
     def _in_memory_data(self, cfg: TrainConfig, dist: D.DistInfo, device: torch.device, Loader: Any,
                         load_dataset: Any) -> None:
@@ -598,27 +695,31 @@ class _Run:
             seg_time = time.perf_counter() - seg_t0
             ips = seg_images * self.dist.world_size / max(seg_time, 1e-9)
 
-            if collapsed:
+            why = "non-finite loss or weights" if collapsed else ""
+            if not collapsed:
+                # end of an epoch (or of the run, mid-epoch, at max_steps)
+                tot = D.all_reduce_sum(self.sums.clone(), self.dist).tolist()
+                final = {"train_loss": tot[0] / tot[2], "train_acc": tot[1] / tot[2], "val_loss": NAN,
+                         "val_acc": NAN, "test_loss": NAN, "test_acc": NAN, "images_per_s": ips}
+                for split, loader in self.eval_loaders.items():
+                    ev = evaluate(self.raw_model, loader, device=self.device, amp=cfg.amp,
+                                  distributed=self.dist.enabled)
+                    if ev["nonfinite"] or not math.isfinite(ev["loss"]):
+                        # finite weights whose outputs overflow (a very large LR): a collapse, not an accuracy
+                        why = f"non-finite outputs on the {split} set"
+                        break
+                    final[f"{split}_loss"], final[f"{split}_acc"] = ev["loss"], ev["acc"]
+                    if ev["acc5"] == ev["acc5"]:   # top-5 (ImageNet, Table 5): in result.json, not in metrics.csv
+                        final[f"{split}_acc5"] = ev["acc5"]
+            if why:
                 self.status = "nan"
                 final = {k: NAN for k in FINAL_METRICS}
                 final["images_per_s"] = ips
                 self._log_row(log, final, seg_time)
                 self.save_checkpoint()
                 if show:
-                    tqdm.write(f"{cfg.run_name}: collapsed (non-finite loss or weights) at step {self.step}, "
-                               f"epoch {self.epoch + 1}")
+                    tqdm.write(f"{cfg.run_name}: collapsed ({why}) at step {self.step}, epoch {self.epoch + 1}")
                 break
-
-            # end of an epoch (or of the run, mid-epoch, at max_steps)
-            tot = D.all_reduce_sum(self.sums.clone(), self.dist).tolist()
-            final = {"train_loss": tot[0] / tot[2], "train_acc": tot[1] / tot[2], "val_loss": NAN, "val_acc": NAN,
-                     "test_loss": NAN, "test_acc": NAN, "images_per_s": ips}
-            for split, loader in self.eval_loaders.items():
-                ev = evaluate(self.raw_model, loader, device=self.device, amp=cfg.amp,
-                              distributed=self.dist.enabled)
-                final[f"{split}_loss"], final[f"{split}_acc"] = ev["loss"], ev["acc"]
-                if ev["acc5"] == ev["acc5"]:   # top-5 (ImageNet, Table 5): in result.json, not in metrics.csv
-                    final[f"{split}_acc5"] = ev["acc5"]
             lr = opt.param_groups[0]["lr"]
             if self.batch == self.steps_per_epoch:   # a complete epoch: next epoch, next LR
                 self.sched.step()
@@ -671,6 +772,14 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
     det_before = torch.are_deterministic_algorithms_enabled()
     threads_before = torch.get_num_threads()
     cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(det_before)
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_before
+        D.cleanup_distributed(dist)
+
     try:
         device = resolve_device(cfg.device, dist.local_rank)
         if cfg.batch_size % dist.world_size:
@@ -689,10 +798,12 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         with lock_run_dir(cfg.out_dir) if dist.is_main else contextlib.nullcontext():
-            return _Run(cfg, dist, device, resume, on_step).run()
-    finally:
-        torch.use_deterministic_algorithms(det_before)
-        if torch.get_num_threads() != threads_before:
-            torch.set_num_threads(threads_before)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_before
-        D.cleanup_distributed(dist)
+            result = _Run(cfg, dist, device, resume, on_step).run()
+    except BaseException:
+        # the error in flight (a Ctrl-C inside a lazy import, a bad checkpoint) is what the caller sees; a clean-up
+        # step that fails meanwhile (e.g. on a module the interrupt left half-imported) must not replace it
+        with contextlib.suppress(Exception):
+            restore()
+        raise
+    restore()
+    return result

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, check_model_spec, load_checkpoint
 
 __all__ = ["load", "load_model_file", "Preprocess"]
 
@@ -102,7 +102,11 @@ def load_model_file(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any],
     spec = ck.get("model_spec")
     if not isinstance(spec, dict) or "model" not in ck:
         raise CheckpointError(f"{path} has no model (missing model_spec or model state)")
-    model = build_from_spec(spec)
+    check_model_spec(spec, str(path))   # a file edited by hand: its fields, named, before they are used
+    try:
+        model = build_from_spec(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model_spec cannot build a network: {' '.join(str(e).split())}") from None
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:

@@ -47,6 +47,21 @@ def _first_blocker(path: str) -> str | None:
         p = parent
 
 
+def _what_blocks(blocker: str) -> str:
+    """What a path that is not a directory is: a file, a symbolic-link loop, a dangling link, something else."""
+    if os.path.islink(blocker):
+        try:
+            os.stat(blocker)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "is a symbolic link loop"
+            return f"is a symbolic link to a missing target ({os.readlink(blocker)})"
+        return "is a symbolic link to a file, not to a directory"
+    if os.path.isfile(blocker):
+        return "is a file, not a directory"
+    return "is not a directory"
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> str:
     """Raise a one-line ``ValueError`` unless ``path`` is a directory or can be created as one (no part of it is a
     file). Returns the absolute path. Creates nothing."""
@@ -56,8 +71,10 @@ def check_output_dir(path: str | os.PathLike, what: str = "output directory") ->
     blocker = _first_blocker(path)
     if blocker is not None:
         if os.path.abspath(blocker) == os.path.abspath(path):
-            raise ValueError(f"{what} {path} exists and is not a directory")
-        raise ValueError(f"cannot create {what} {path}: {blocker} is a file, not a directory")
+            kind = _what_blocks(blocker)
+            raise ValueError(f"{what} {path} exists and is not a directory" if kind.endswith("a directory") else
+                             f"{what} {path} {kind}")
+        raise ValueError(f"cannot create {what} {path}: {blocker} {_what_blocks(blocker)}")
     return os.path.abspath(path)
 
 
@@ -72,11 +89,12 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> str
     if path.endswith(os.sep):
         raise ValueError(f"{what} {path} ends with {os.sep!r}; give a file path")
     if os.path.lexists(path) and not os.path.isfile(path):
-        raise ValueError(f"{what} {path} exists and is not a regular file")
+        raise ValueError(f"{what} {path} exists and is not a regular file" if not os.path.islink(path) else
+                         f"{what} {path} {_what_blocks(path)}")
     parent = os.path.dirname(os.path.abspath(path))
     blocker = _first_blocker(parent)
     if blocker is not None:
-        raise ValueError(f"cannot write {what} {path}: {blocker} is a file, not a directory")
+        raise ValueError(f"cannot write {what} {path}: {blocker} {_what_blocks(blocker)}")
     return os.path.abspath(path)
 
 
