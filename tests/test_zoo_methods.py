@@ -415,7 +415,7 @@ def test_unknown_options_are_refused():
 
 
 @pytest.mark.parametrize("method,opts,needle", [
-    ("pws", {"gamma": -1.0}, "gamma must be a finite number ≥ 0 or 'auto', got -1.0"),
+    ("pws", {"gamma": 0.0}, "gamma must be a finite number > 0 or 'auto', got 0.0"),
     ("pws", {"gamma": "automatic"}, "gamma must be"),
     ("pws", {"use_alpha": "maybe"}, "use_alpha must be true/false"),
     ("pws", {"fan_mode": "fan_avg"}, "fan_mode must be one of 'fan_in', 'fan_out'"),

@@ -26,7 +26,7 @@ METHOD = Method(
     transposed=by_dim({1: PWSConvTranspose1d, 2: PWSConvTranspose2d, 3: PWSConvTranspose3d}),
     lazy=by_dim({1: LazyPWSConv1d, 2: LazyPWSConv2d, 3: LazyPWSConv3d}),
     conv_options=(
-        Option("gamma", float | Literal["auto"], low=0,
+        Option("gamma", float | Literal["auto"], low=0, low_open=True,
                doc='γ of eq. 12 (1e-3), or "auto": γ relative to the He-init variance plus unit-wise clipping'),
         Option("use_alpha", bool, doc="the learnable per-filter α (True)"),
         Option("use_gain", bool, doc="the sqrt(2/n_l) factor of eq. 12 (True)"),
