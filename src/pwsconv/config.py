@@ -261,36 +261,13 @@ THREADS_LIMIT = 65536
 
 
 # ---------------------------------------------------------------------------------------- option type checks
-def _option_hints(builder: Any) -> dict[str, Any]:
-    """{option: type hint} of a model builder's keyword-capable parameters (the default's type where a parameter has
-    no annotation; ``Any`` where its annotation cannot be resolved: the builder checks those itself)."""
-    import inspect
-
-    try:
-        params = inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return {}
-    try:
-        hints = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
-    except Exception:   # an annotation naming something not importable here
-        hints = {}
-    out: dict[str, Any] = {}
-    for n, p in params.items():
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            d = p.default
-            out[n] = hints.get(n, type(d) if isinstance(d, (bool, int, float, str)) else Any)
-    return out
-
-
 def _check_model_opts(opts: Mapping[str, Any], builder: Any) -> None:
-    from .methods._options import OptionValueError, check_value
+    from .methods._options import OptionValueError, check_kwargs
 
-    hints = _option_hints(builder)
-    for k, v in opts.items():
-        try:
-            check_value(f"model_opts.{k}", v, hints.get(k, Any))
-        except OptionValueError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        check_kwargs("model_opts", opts, builder)
+    except OptionValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_method_opts(method: str, opts: Mapping[str, Any]) -> None:

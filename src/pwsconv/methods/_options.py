@@ -9,9 +9,9 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
-__all__ = ["Option", "check_value", "describe", "OptionValueError"]
+__all__ = ["Option", "check_value", "check_kwargs", "describe", "OptionValueError"]
 
 
 class OptionValueError(ValueError):
@@ -90,6 +90,34 @@ def check_value(where: str, value: Any, hint: Any) -> None:
     value of ``hint``."""
     if not matches(value, hint):
         raise OptionValueError(f"{where} must be {describe(hint)}, got {value!r}")
+
+
+def parameter_hints(fn: Any) -> dict[str, Any]:
+    """{parameter: type hint} of a callable's (a class: its constructor's) keyword-capable parameters: the default's
+    type where a parameter has no annotation, ``Any`` where its annotation cannot be resolved (``fn`` checks those)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    try:
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except Exception:   # an annotation naming something not importable here
+        hints = {}
+    out: dict[str, Any] = {}
+    for n, p in params.items():
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            d = p.default
+            out[n] = hints.get(n, type(d) if isinstance(d, (bool, int, float, str)) else Any)
+    return out
+
+
+def check_kwargs(where: str, kwargs: Mapping[str, Any], fn: Any) -> None:
+    """:func:`check_value` of each keyword argument for ``fn`` against its parameter's type hint (``where.name``)."""
+    hints = parameter_hints(fn)
+    for k, v in kwargs.items():
+        check_value(f"{where}.{k}", v, hints.get(k, Any))
 
 
 @dataclass(frozen=True)
