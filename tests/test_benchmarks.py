@@ -55,3 +55,17 @@ def test_ab_eval_before_after_runs(tmp_path):
                     "--repeats", "1", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert {"pws before", "pws after", "pws folded"} <= set(row) and row["none_ms"] > 0
+
+
+def test_count_ops_counts_a_training_step(tmp_path):
+    """benchmarks/count_ops.py: ops of one engine step per method, views excluded; auto's clipping adds ops."""
+    mod = _script("count_ops")
+    out = tmp_path / "ops.json"
+    assert mod.main(["--model", "resnet_cifar_small", "--json", str(out)]) == 0
+    counts = {k: v["total"] for k, v in json.loads(out.read_text())["counts"].items()}
+    assert set(counts) == {"plain conv", "BN", "PWS fused", "auto fused"}
+    assert 0 < counts["plain conv"] < counts["PWS fused"] < counts["auto fused"]
+    t, c = torch.ones(3), mod.OpCounter()
+    with c:
+        t.view(3, 1).t()                      # views only: nothing counted
+    assert c.total == 0

@@ -40,11 +40,13 @@ def _fold_norm(m: nn.Module) -> FoldStats | None:
 METHOD = Method(
     "mabn", "filters centred (CenConv) + outputs ÷ sqrt(moving-average 2nd moment), moving-average backward",
     by_dim({1: CenConv1d, 2: CenConv2d, 3: CenConv3d}), _norm, False,
-    norm_options=(Option("batch_size", int, low=1, doc="the real batch size per device (2)"),
-                  Option("real_batch_size", int, low=1, doc="the batch size to simulate, a multiple of batch_size (32)"),
+    norm_options=(Option("batch_size", int, low=1, doc="B, the real batch size per device (2)"),
+                  Option("real_batch_size", int, low=1,
+                         doc="real_B, the batch size to simulate, a multiple of B; buffer_size = real_B // B (32)"),
                   Option("eps", float, low=0, low_open=True, doc="ε added to the variance (1e-5)"),
-                  Option("momentum", float, low=0, high=1, doc="running variance's momentum (0.98)"),
-                  Option("warmup_iters", int, low=0, doc="iterations on the current batch's statistics (100)")),
+                  Option("momentum", float, low=0, high=1,
+                         doc="running_var ← momentum·running_var + (1 − momentum)·var (0.98)"),
+                  Option("warmup_iters", int, low=0, doc="iterations that use the current batch statistics (100)")),
     check_together=_check, fold_norm=_fold_norm,
     batch_dependent=True, extra_params="γ, β per channel; running var; 2 ring buffers",
     reference="Yan et al. 2020 (ICLR)")

@@ -8,10 +8,12 @@ _SN = {1: SwitchNorm1d, 2: SwitchNorm2d, 3: SwitchNorm3d}
 METHOD = Method(
     "sn", "outputs: learned softmax mixtures of IN/LN/BN means and (separately) variances", plain_conv,
     lambda c, dim, **kw: _SN[dim](c, **kw), False,
-    norm_options=(Option("eps", float, low=0, low_open=True, doc="ε added to the variances (1e-5)"),
-                  Option("momentum", float, low=0, high=1, doc="BN running statistics' momentum (0.9)"),
-                  Option("using_moving_average", bool, doc="BN running statistics by moving average (True)"),
-                  Option("using_bn", bool, doc="BN statistics among the mixed ones (True)"),
-                  Option("last_gamma", bool, doc="γ initialized to 0 (False)")),
+    norm_options=(Option("eps", float, low=0, low_open=True, doc="added to the mixed variance (1e-5)"),
+                  Option("momentum", float, low=0, high=1,
+                         doc="running ← momentum·running + (1 − momentum)·batch, BN component only (0.9)"),
+                  Option("using_moving_average", bool, doc='False: "batch average" — accumulate raw sums, calibrate '
+                                                           'with sn_batch_average (True)'),
+                  Option("using_bn", bool, doc="False: mix IN and LN only (2+2 logits, no running statistics) (True)"),
+                  Option("last_gamma", bool, doc="initialise the scale γ to 0 (False)")),
     batch_dependent=True, foldable=False, extra_params="γ, β per channel; 3+3 mixture logits; BN running mean/var",
     reference="Luo et al. 2019 (ICLR)")

@@ -16,9 +16,10 @@ def _check(opts: Mapping[str, Any]) -> None:
 METHOD = Method("sws", "filters: gain_o·γ_act·(W_o − μ)/sqrt(n·Var + ε) (NF-Nets scaled WS)",
                 by_dim({1: SWSConv1d, 2: SWSConv2d, 3: SWSConv3d}), None, True,
                 linear=lambda i, o, b, **kw: SWSLinear(i, o, bias=b, **kw),
-                conv_options=(Option("gamma_act", float, low=0, low_open=True, doc="γ of the activation (sqrt 2: ReLU)"),
-                              Option("eps", float, low=0, doc="ε of sqrt(n·Var + ε) (1e-4)"),
-                              Option("floor", bool, doc="DeepMind's sqrt(max(n·Var, ε)) (False)"),
-                              Option("use_gain", bool, doc="the learnable per-filter gain (True)")),
+                conv_options=(
+                    Option("gamma_act", float, low=0, low_open=True, doc="γ_act, the activation gain (√2 for ReLU)"),
+                    Option("eps", float, low=0, doc="ε in sqrt(n·Var + ε), or the floor with floor=True (1e-4)"),
+                    Option("floor", bool, doc="True: DeepMind's sqrt(max(n·Var, ε)) (False)"),
+                    Option("use_gain", bool, doc="trainable per-filter gain, exempt from weight decay (True)")),
                 check_together=_check,
                 extra_params="gain per filter (no weight decay)", reference="Brock et al. 2021 (NF-Nets)")
