@@ -6,7 +6,7 @@ which is as large as the effects being measured. This script imports the older p
 after unfused (per-layer), PWS after with ``recompute=True`` and PWS after with ``gamma="auto"`` round-robin (order rotated every round), as ratios to plain conv.
 
     git worktree add /tmp/before 49014f9          # any commit that has pwsconv.experiments.speed
-    python benchmarks/ab_before_after.py --before /tmp/before/src/pwsconv --out benchmarks/results_ab
+    python benchmarks/ab_before_after.py --before /tmp/before/src/pwsconv --out results/benchmarks/ab
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 8, 32, 128])
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results_ab"))
+    p.add_argument("--out", type=Path, default=Path("results/benchmarks/ab"))
     p.add_argument("--cpu-time", action="store_true",
                    help="one torch thread, timed by this thread's CPU time (for a machine busy with other work)")
     a = p.parse_args(argv)
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             fns = {"none": make(build_model, "none", train_step_fn), "bn": make(build_model, "bn", train_step_fn),
                    "pws before": make(before_build, "pws", before_step),
                    "pws after": make(build_model, "pws", train_step_fn),
-                   # issue 13: the per-layer path (one layer_norm per layer, no fused node) decides whether fusion pays
+                   # the per-layer path (one layer_norm per layer, no fused node) decides whether fusion pays
                    "pws after (unfused)": make(build_model, "pws", train_step_fn, fuse=False),
                    "pws after (recompute)": make(build_model, "pws", train_step_fn, recompute=True),
-                   # issue 12: the stabilized layer (same forward, clipped gradients) against paper PWS
+                   # the stabilized layer (same forward, clipped gradients) against paper PWS
                    "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"}),
                    "pws before (gamma=auto)": make(before_build, "pws", before_step, {"gamma": "auto"})}
             t = timed_interleaved(fns, "cpu", a.repeats, a.warmup, clock=clock)

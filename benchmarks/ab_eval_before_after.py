@@ -2,7 +2,7 @@
 (both through their eval cache), and this tree's folded PWS net, round-robin, as ratios to plain conv.
 
     git worktree add /tmp/before 9567877
-    python benchmarks/ab_eval_before_after.py --before /tmp/before/src/pwsconv --out benchmarks/results_ab_issue13_eval.json
+    python benchmarks/ab_eval_before_after.py --before /tmp/before/src/pwsconv --out results/benchmarks/ab_round4_eval.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["resnet_cifar_small", "convpool_cnn_c_small", "resnet50_small"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 32])
     p.add_argument("--repeats", type=int, default=40)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results_ab_eval.json"))
+    p.add_argument("--out", type=Path, default=Path("results/benchmarks/ab_eval.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)   # timed by this thread's CPU time: other processes barely disturb it
     before = load_package("pwsconv_before", a.before.resolve())

@@ -18,7 +18,7 @@ machine load hit every method alike):
 
 Usage::
 
-    python benchmarks/bench_methods.py --suite all --out benchmarks/results   # writes results.json / results.md
+    python benchmarks/bench_methods.py --suite all --out results/benchmarks/all   # writes results.json / results.md
     python benchmarks/bench_methods.py --suite train --models resnet_cifar_small --batch-sizes 2 32 128
 """
 
@@ -94,26 +94,10 @@ def bench_train(models, methods, batch_sizes, image, device, repeats, warmup, un
 
 
 def _fuse_bn(model: nn.Module) -> nn.Module:
-    """Fuse every BatchNorm into the conv that feeds it (eval), via torch's fuse_conv_bn_eval."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    """Every eval BatchNorm merged into the conv that feeds it: :func:`pwsconv.fold` on an eval copy."""
+    import pwsconv
 
-    model = copy.deepcopy(model).eval()
-    mods = list(model.named_modules())
-    prev: tuple[str, nn.Module] | None = None
-    for name, mod in mods:
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and prev is not None \
-                and isinstance(prev[1], nn.modules.conv._ConvNd) and prev[1].out_channels == mod.num_features:
-            fused = fuse_conv_bn_eval(prev[1], mod)
-            _set(model, prev[0], fused)
-            _set(model, name, nn.Identity())
-        if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
-            prev = (name, mod)
-    return model
-
-
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    return pwsconv.fold(copy.deepcopy(model).eval())
 
 
 def _time_inference(nets: dict, x: torch.Tensor, suite: str, model: str, device, repeats: int,
@@ -336,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="results/benchmarks/latest")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     suites = {"train", "infer", "fold", "memory", "probe", "scaling", "floor"} if "all" in a.suite else set(a.suite)

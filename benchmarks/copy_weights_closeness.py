@@ -1,4 +1,4 @@
-"""How close a converted BN model starts to the original with ``convert(..., copy_weights=True)`` (issue 15).
+"""How close a converted BN model starts to the original with ``convert(..., copy_weights=True)``.
 
 A torchvision / timm model with random init is made "pretrained-like" by BN-statistics warm-up (train-mode forwards
 on 512 real CIFAR-10 test images, cumulative averages), then converted. On 2,000 other CIFAR-10 test images it
@@ -73,13 +73,13 @@ def measure(name: str, model: torch.nn.Module, images: torch.Tensor) -> list[tup
 def per_layer(model: torch.nn.Module, images: torch.Tensor) -> list[float]:
     """Relative error of each copied PWS layer against its conv+BN on the *original* model's inputs to that conv
     (so no error is passed on): what PWS cannot represent, layer by layer."""
-    from pwsconv.convert import _conv_bn_pairs
+    from pwsconv.calibration import conv_bn_pairs
 
     model = pretrained_like(model, images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pws = pwsconv.convert(model, copy_weights=True)
-    pairs = _conv_bn_pairs(model)
+    pairs = conv_bn_pairs(model)
     names = {id(m): n for n, m in model.named_modules()}
     inputs: dict[int, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, inp: inputs.__setitem__(id(mod), inp[0].detach()))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one call, inside a hard wall-clock budget (start-up included): builds and warms every case,
 # then interleaved rounds, a `pwsconv train` epoch timing, and torch.compile last (benchmarks/gpu_bench.py says what
-# it measures). Results are written as it goes to $OUT (else benchmarks/results_gpu): gpu_bench.json, gpu_bench.md
+# it measures). Results are written as it goes to $OUT (else results/benchmarks/gpu): gpu_bench.json, gpu_bench.md
 # (tables of ratios), gpu_bench.log.
 #   bash benchmarks/gpu.sh                 # 480 s budget on a CUDA machine
 #   bash benchmarks/gpu.sh 300 --skip compile
@@ -11,7 +11,7 @@ START=$(date +%s.%N)
 cd "$(dirname "$0")/.."
 BUDGET=480
 if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then BUDGET=$1; shift; fi
-DEST=${OUT:-benchmarks/results_gpu}
+DEST=${OUT:-results/benchmarks/gpu}
 mkdir -p "$DEST"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}

@@ -26,7 +26,7 @@ Groups (ResNet-50 = torchvision's, 224², batch 64; one training step = forward,
 torchvision / timm missing: their cases are skipped with a note. ``--dry`` runs everything on the CPU with tiny sizes
 in seconds (the test suite runs it).
 
-    python benchmarks/gpu_bench.py --out benchmarks/results_gpu            # on a GPU machine (budget 480 s)
+    python benchmarks/gpu_bench.py --out results/benchmarks/gpu            # on a GPU machine (budget 480 s)
     python benchmarks/gpu_bench.py --dry --out /tmp/gpu_dry                # CPU, tiny, seconds
 """
 
@@ -560,7 +560,7 @@ def _f(v: Any, d: int) -> str:
 # ---------------------------------------------------------------------------------------------------- main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results_gpu")
+    p.add_argument("--out", default=os.environ.get("OUT") or "results/benchmarks/gpu")
     p.add_argument("--budget", type=float, default=480.0, help="hard wall-clock budget in seconds, start-up included")
     p.add_argument("--started-at", type=float, default=None,
                    help="epoch seconds when the caller started (gpu.sh passes it, so start-up counts)")

@@ -15,13 +15,16 @@ ALLOWED = {
     "accel": {"functional"},
     "layers": {"functional", "accel"},
     "methods": {"layers", "accel", "functional"},
-    "_bnlike": {"layers", "accel", "functional"},
-    "convert": {"_bnlike", "methods", "layers", "accel", "functional"},
+    "_bnlike": set(),
+    "calibration": {"_bnlike", "layers", "accel", "functional"},
+    "folding": {"methods", "layers", "accel", "functional"},
+    "optim": set(),
+    "convert": {"_bnlike", "calibration", "folding", "optim", "methods", "layers", "accel", "functional"},
     "data": set(),
-    "models": {"methods", "convert", "layers", "accel", "functional"},
+    "models": {"methods", "convert", "folding", "optim", "layers", "accel", "functional"},
     "config": {"methods", "models", "data"},
-    "train": {"config", "models", "data", "methods", "convert", "layers", "accel", "functional"},
-    "diagnostics": {"convert", "layers", "accel", "functional"},
+    "train": {"config", "models", "data", "methods", "convert", "folding", "optim", "layers", "accel", "functional"},
+    "diagnostics": {"convert", "folding", "optim", "train", "layers", "accel", "functional"},
 }
 
 
@@ -85,3 +88,67 @@ def test_the_pws_layer_file_is_short_and_shows_eq_12():
     assert "Ŵ_o = sqrt(2/n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ)" in text
     for acceleration in ("_accel_cache", "ContextVar", "saved_tensors_hooks", "register_forward_pre_hook"):
         assert acceleration not in text
+
+
+def _module_imports(path: pathlib.Path) -> set[str]:
+    """The pwsconv modules (dotted, relative to the package) a file imports, module level or inside functions."""
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    pkg = list(rel[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+            parts = base + (node.module.split(".") if node.module else [])
+            for a in node.names:   # ``from .x import y``: y may be a submodule of x
+                sub = parts + [a.name]
+                as_module = ROOT.joinpath(*sub).with_suffix(".py").exists() or ROOT.joinpath(*sub).is_dir()
+                out.add(".".join(sub if as_module else parts))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pwsconv."):
+            out.add(node.module.split(".", 1)[1])
+    return {m for m in out if m}
+
+
+def test_no_two_modules_import_each_other():
+    """Modules (package ``__init__`` files aside, which gather their submodules) form no import cycle."""
+    files = {".".join(f.relative_to(ROOT).with_suffix("").parts): f for f in ROOT.rglob("*.py")
+             if f.name != "__init__.py"}
+    graph = {m: {i for i in _module_imports(f) if i in files and i != m} for m, f in files.items()}
+    cycles = sorted(f"{a} <-> {b}" for a in graph for b in graph[a] if a < b and a in graph.get(b, ()))
+    assert cycles == []
+
+
+def test_code_lives_in_src_or_benchmarks_and_results_in_results():
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    code = sorted(str(p.relative_to(repo)) for p in (repo / "results").rglob("*") if p.suffix in (".py", ".sh"))
+    assert code == []
+    assert sorted(p.name for p in (repo / "benchmarks").iterdir() if p.name.startswith("results")) == []
+
+
+def test_no_code_outside_the_registry_branches_on_a_method_name():
+    """``method == "pws"`` and the like live only in ``methods/`` (and the paper's tables): the rest asks the method
+    what it declares (``keeps_batchnorm``, ``fold_norm``, ``ln_io``, ``lazy``, ``spatial_stats``, options)."""
+    names = set(pwsconv.available_methods())
+    bad = []
+    for f in sorted(ROOT.rglob("*.py")):
+        rel = f.relative_to(ROOT)
+        if rel.parts[0] == "methods" or rel.parts[:2] == ("experiments", "tables") or rel.as_posix() == \
+                "experiments/table.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Compare) or "method" not in ast.unparse(node).lower():
+                continue
+            for side in (node.left, *node.comparators):
+                elts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                hits = [e.value for e in elts if isinstance(e, ast.Constant) and e.value in names]
+                if hits:
+                    bad.append(f"{rel}:{node.lineno} compares with {hits}")
+    assert bad == []
+
+
+def test_backward_is_called_only_by_the_one_training_step():
+    calls = []
+    for f in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "backward":
+                calls.append(f"{f.relative_to(ROOT).as_posix()}:{node.lineno}")
+    assert calls and {c.partition(":")[0] for c in calls} == {"train/step.py"}, calls

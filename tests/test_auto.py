@@ -1,4 +1,4 @@
-"""gamma="auto" (issue 12): the stabilized PWS layer — γ relative to the He-init filter variance plus unit-wise
+"""gamma="auto": the stabilized PWS layer — γ relative to the He-init filter variance plus unit-wise
 adaptive gradient clipping of W, α and β inside the layer. Its forward is eq. 12 (so it folds, is batch-independent
 and round-trips through state_dict); only the gradients reaching the parameters are clipped."""
 
@@ -330,7 +330,12 @@ def test_auto_reads_its_lr_once_from_param_groups():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     for m in _pws_layers(clone) + _pws_layers(loaded):
-        assert m.__dict__["_opt_group"].group is None
+        assert m.__dict__["_opt_group"].groups == []
+    # a second param_groups call that never reaches an optimizer (logging, inspection) does not unlink the first
+    third = _auto_net()
+    opt3 = torch.optim.SGD(pwsconv.param_groups(third, 5e-4), lr=0.4, momentum=0.9)
+    pwsconv.param_groups(third, 5e-4)
+    assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(third)) and opt3
 
 
 def test_auto_lr_rule_is_the_same_after_resume():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -161,6 +163,26 @@ def test_convert_exclude():
     assert all(type(m) is nn.Conv2d for m in convs_of(pws3.layer1).values())
     assert type(pws3.layer2[0].conv1) is PWSConv2d
     assert pws(x).shape == pws2(x).shape == pws3(x).shape == (2, 5)
+
+
+def test_convert_exclude_that_matches_nothing_warns_or_raises():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['layer4\.\*', '7'\] match no module"):
+        out = pwsconv.convert(model, exclude=["layer4.*", "7", "0"])
+    assert type(out[0]) is nn.Conv2d and type(out[1]) is nn.Identity
+    with pytest.raises(ValueError, match="match no module"):
+        pwsconv.convert(model, exclude="conv1", strict=True, inplace=True)
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.BatchNorm2d   # nothing changed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pwsconv.convert(model, exclude="1", strict=True)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_convert_torchscript_module_is_refused():
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    with pytest.raises(TypeError, match=r"torch\.jit \(TorchScript\) modules cannot be converted"):
+        pwsconv.convert(scripted)
 
 
 def test_convert_shared_layers_and_string_exclude():

@@ -1,4 +1,4 @@
-"""convert() on every BatchNorm-like and conv-like layer (issue 15), with stand-ins for the torchvision/timm classes
+"""convert() on every BatchNorm-like and conv-like layer, with stand-ins for the torchvision/timm classes
 (the real ones are exercised by tests/integration/), and copy_weights carrying a pretrained conv+BN unit over."""
 
 from __future__ import annotations

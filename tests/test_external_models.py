@@ -1,4 +1,4 @@
-"""Models by name from outside the zoo (issue 15): ``module.path:callable`` here; ``torchvision:`` / ``timm:`` where
+"""Models by name from outside the zoo: ``module.path:callable`` here; ``torchvision:`` / ``timm:`` where
 installed (the integration environment runs them; the main environment has neither, so they skip)."""
 
 from __future__ import annotations

@@ -416,3 +416,56 @@ def test_fold_every_method_as_the_registry_says(method):
         assert "cannot be folded" in str(w[0].message)
     else:
         assert all(type(m).__module__.startswith("torch.") for m in folded.modules() if not list(m.children()))
+
+
+def test_fold_report_counts_what_was_folded():
+    from pwsconv.folding import fold_report
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), pwsconv.PWSConv2d(4, 4, 3),
+                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    folded, report = fold_report(net)
+    assert report.plain == ["3"] and report.merged == ["1", "5"] and report.left == []
+    assert report.summary() == "1 layer(s) made plain, 2 norm layer(s) merged into their conv"
+    assert isinstance(folded[1], nn.Identity) and type(folded[3]) is nn.Conv2d
+    assert isinstance(net[1], nn.BatchNorm2d)   # a copy, as fold
+
+
+def test_a_registered_method_declares_how_its_norm_folds():
+    """fold names no method: a norm from outside the package folds once its method says how."""
+    from pwsconv.methods import Method, _REGISTRY, plain_conv, register_method
+
+    class Scale(nn.Module):       # y = x·s + b per channel: a BatchNorm of mean 0 and variance 1 − eps
+        def __init__(self, c):
+            super().__init__()
+            self.s, self.b = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c))
+
+        def forward(self, x):
+            return x * self.s.view(1, -1, 1, 1) + self.b.view(1, -1, 1, 1)
+
+    def fold_norm(m):
+        if isinstance(m, Scale):
+            return torch.zeros_like(m.s), torch.full_like(m.s, 1.0 - 1e-5), 1e-5, m.s, m.b
+        return None
+
+    register_method(Method("scale_test", "outputs × s + b", plain_conv, lambda c, dim: Scale(c), False,
+                           fold_norm=fold_norm))
+    try:
+        from pwsconv.models import build_model
+
+        net = build_model("tiny_cnn", "scale_test", num_classes=10, in_channels=1).eval()
+        x = torch.randn(2, 1, 8, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            folded = pwsconv.fold(net)
+        assert not any(isinstance(m, Scale) for m in folded.modules())
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+        # ... and the rest takes it by name: convert, the training and detection configs
+        from pwsconv.config import TrainConfig
+        from pwsconv.detection.train import DetConfig
+
+        conv_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        assert isinstance(pwsconv.convert(conv_bn, "scale_test")[1], Scale)
+        TrainConfig(method="scale_test").validate()
+        DetConfig(method="scale_test").validate()
+    finally:
+        _REGISTRY.pop("scale_test")

@@ -1,4 +1,4 @@
-"""PWS layers behave like their torch parents (issue 15): call forms, memory format, gradient layout, dtypes,
+"""PWS layers behave like their torch parents: call forms, memory format, gradient layout, dtypes,
 scripting, loading a plain layer's state_dict."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 14 — nothing silently wrong: checkpoint integrity, run-directory ownership and locking, a full disk, bad input.
+"""Nothing silently wrong: checkpoint integrity, run-directory ownership and locking, a full disk, bad input.
 
 Every item of the issue has a test here (``test_item01_*`` … ``test_item13_*``), plus a table-driven test that feeds
 more than 200 bad command lines to the CLI in-process and checks: exit code 2, one stderr line, no traceback, and no
@@ -89,7 +89,7 @@ def flip_member(path, member_suffix: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Two finished tiny runs (pws ``R``, bn ``X``) and a folded model, trained once for this module."""
-    root = tmp_path_factory.mktemp("issue14")
+    root = tmp_path_factory.mktemp("robust")
     assert main(["train", "--out-dir", str(root / "R"), "--method", "pws", *TINY]) == 0
     assert main(["train", "--out-dir", str(root / "X"), "--method", "bn", *TINY]) == 0
     assert main(["fold", str(root / "R"), str(root / "F.pt")]) == 0

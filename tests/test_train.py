@@ -240,3 +240,21 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     shutil.copy(tmp_path / "trunc.pt", tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(CheckpointError):
         train(small(tmp_path, epochs=1), resume=True)
+
+
+def test_metrics_log_takes_a_tasks_columns(tmp_path):
+    """The detection loop's metrics go through the same log (its own CSV columns; every key in the JSONL)."""
+    from pwsconv.train.metrics import MetricsLog
+
+    cols = ("epoch", "step", "train_loss", "mAP", "status")
+    log = MetricsLog(str(tmp_path), columns=cols)
+    log.log({"epoch": 1.0, "step": 4, "train_loss": 0.5, "mAP": float("nan"), "status": "running",
+             "per_class": {"cat": 12.5}})
+    log.log({"epoch": 2.0, "step": 8, "train_loss": 0.25, "mAP": 31.0, "status": "ok"})
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines == ["epoch,step,train_loss,mAP,status", "1.0,4,0.5,nan,running", "2.0,8,0.25,31.0,ok"]
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["per_class"] == {"cat": 12.5} and first["mAP"] is None
+    again = MetricsLog(str(tmp_path), resume_step=4, columns=cols)   # resumed at step 4: the later row is redone
+    assert [r["step"] for r in again.rows] == [4] and len((tmp_path / "metrics.csv").read_text().splitlines()) == 2
+    assert MetricsLog(str(tmp_path / "other"), enabled=False).rows == []   # a non-main process keeps no rows

@@ -4,9 +4,11 @@ fold, and the weight-method layers (WN, WS, scaled WS) against their formulas.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 import pathlib
+import re
 import warnings
 
 import pytest
@@ -29,7 +31,8 @@ from pwsconv.layers import (
     WNLinear,
     WSConv2d,
 )
-from pwsconv.methods import methods_table
+from pwsconv.methods import get_method, methods_table
+from pwsconv.models import build_model
 
 METHODS = pwsconv.available_methods()
 PAPER_METHODS = ("none", "bn", "gn", "in", "ln", "pws", "sn", "wn", "ws", "sws", "mabn")
@@ -409,6 +412,61 @@ def test_unknown_options_are_refused():
         pwsconv.build_norm("mabn", 8, real_b=4)
     with pytest.raises(ValueError, match="takes no option"):
         pwsconv.build_conv("wn", 2, 3, 4, 3, gamma=1e-3)
+
+
+@pytest.mark.parametrize("method,opts,needle", [
+    ("pws", {"gamma": 0.0}, "gamma must be a finite number > 0 or 'auto', got 0.0"),
+    ("pws", {"gamma": "automatic"}, "gamma must be"),
+    ("pws", {"use_alpha": "maybe"}, "use_alpha must be true/false"),
+    ("pws", {"fan_mode": "fan_avg"}, "fan_mode must be one of 'fan_in', 'fan_out'"),
+    ("pws", {"clip": float("nan")}, "clip must be a finite number ≥ 0 or null"),
+    ("gn", {"groups": 0}, "groups must be an integer ≥ 1"),
+    ("bn", {"momentum": 1.5}, "momentum must be a finite number in [0, 1] or null"),
+    ("mabn", {"batch_size": 3}, "real_batch_size (32, the batch size to simulate) must be divisible by batch_size (3"),
+    ("sws", {"floor": True, "eps": 0.0}, "floor=True needs eps > 0"),
+])
+def test_options_are_checked_once_against_the_declaration_at_every_entry(method, opts, needle):
+    """One declaration per option (type, range), one check, the same one-line message from every entry point."""
+    from pwsconv.config import ConfigError, TrainConfig
+    from pwsconv.detection.train import DetConfig
+    from pwsconv.methods import MethodOptionError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    entries = [lambda: pwsconv.convert(model, method, **opts), lambda: build_model("tiny_cnn", method, **opts),
+               lambda: pwsconv.build_conv(method, 2, 3, 8, 3, **opts) if set(opts) <= get_method(method).conv_options
+               else pwsconv.build_norm(method, 8, **opts)]
+    for entry in entries:
+        with pytest.raises(MethodOptionError, match=re.escape(needle)):
+            entry()
+    for config in (TrainConfig, DetConfig):   # the classification and the detection configs
+        with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+            config(method=method, method_opts=opts).validate()
+        assert len(str(e.value).splitlines()) == 1 and str(e.value).startswith("method_opts")
+
+
+def test_declared_options_take_what_they_say():
+    from pwsconv.methods import Method, Option, plain_conv
+
+    net = build_model("tiny_cnn", "mabn", batch_size=4.0, real_batch_size=16)   # a whole float is an integer
+    assert {m.B for m in net.modules() if hasattr(m, "real_B")} == {4}
+    assert build_model("tiny_cnn", "bn", momentum=None) is not None
+    assert type(pwsconv.build_conv("pws", 2, 3, 4, 3, gamma="auto", clip=None)) is pwsconv.PWSConv2d
+    with pytest.raises(pwsconv.methods.MethodError, match="declares option 'eps' twice"):
+        Method("twice", "x", plain_conv, conv_options=(Option("eps", float),), norm_options=("eps",))
+    variant = dataclasses.replace(get_method("pws"), name="pws_variant")   # a variant keeps the declarations
+    for m in (variant, copy.deepcopy(get_method("pws"))):
+        assert m.conv_options == get_method("pws").conv_options
+        with pytest.raises(pwsconv.methods.MethodOptionError, match="gamma must be a finite number"):
+            m.check_options({"gamma": -1})
+    bare = Method("bare", "x", plain_conv, conv_options=frozenset({"anything"}))   # a bare name: any value
+    assert bare.conv_options == frozenset({"anything"}) and bare.check_options({"anything": object()})
+
+
+def test_docs_list_every_declared_option():
+    from pwsconv.methods import options_table
+
+    assert options_table() in DOCS.read_text(encoding="utf-8"), \
+        "docs/methods.md: regenerate the options table from pwsconv.methods.options_table()"
 
 
 def test_docs_table_lists_every_method():

@@ -18,27 +18,28 @@ from typing import TYPE_CHECKING, Any
 # loads is then the command's one-line "interrupted" (exit 130), and ``pwsconv --version`` is instant.
 _LAZY = {
     "pws_weight": ".functional",
-    "fold": ".convert", "is_norm_layer": ".convert", "param_groups": ".convert",
+    "fold": ".folding", "is_norm_layer": ".optim", "param_groups": ".optim",
     **{name: ".layers.pws" for name in ("PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d",
                                         "PWSConvTranspose2d", "PWSConvTranspose3d", "PWSLinear", "PWSMixin",
                                         "fuse_standardization")},
     **{name: ".layers.lazy" for name in ("LazyPWSConv1d", "LazyPWSConv2d", "LazyPWSConv3d")},
     "Conv2dSame": ".layers.same", "PWSConv2dSame": ".layers.same",
-    **{name: ".methods" for name in ("Method", "NormMethod", "available_methods", "build_conv", "build_linear",
-                                     "build_norm", "get_method", "register_method")},
+    **{name: ".methods" for name in ("Method", "available_methods", "build_conv", "build_linear", "build_norm",
+                                     "get_method", "register_method")},
     "load": ".train.loading",
 }
 
 if TYPE_CHECKING:  # what static tools see: the eager imports
     from . import functional
-    from .convert import convert, fold, is_norm_layer, param_groups
+    from .convert import convert
+    from .folding import fold
     from .functional import pws_weight
     from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
     from .layers.pws import (PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose1d, PWSConvTranspose2d,
                              PWSConvTranspose3d, PWSLinear, PWSMixin, fuse_standardization)
     from .layers.same import Conv2dSame, PWSConv2dSame
-    from .methods import (Method, NormMethod, available_methods, build_conv, build_linear, build_norm, get_method,
-                          register_method)
+    from .methods import Method, available_methods, build_conv, build_linear, build_norm, get_method, register_method
+    from .optim import is_norm_layer, param_groups
     from .train.loading import load
 
 
@@ -103,7 +104,6 @@ __all__ = [
     "param_groups",
     "is_norm_layer",
     "Method",
-    "NormMethod",
     "available_methods",
     "get_method",
     "register_method",

@@ -2,8 +2,8 @@
 table: BatchNorm-like layers (torch's BatchNorm1d/2d/3d, SyncBatchNorm and lazy BN, torchvision's and timm's
 FrozenBatchNorm2d, timm's BatchNormAct2d / SyncBatchNormAct / FrozenBatchNormAct2d with their drop path and activation)
 and convolutions (every ``nn.Conv*d`` / ``nn.ConvTranspose*d`` subclass: plain ones, dynamically "SAME"-padded ones,
-weight-standardized ones such as timm's ``StdConv2d`` / ``ScaledStdConv2d``), plus the arithmetic that carries a
-pretrained conv+BN unit over to its replacement with ``copy_weights=True``.
+weight-standardized ones such as timm's ``StdConv2d`` / ``ScaledStdConv2d``). What carries a pretrained conv+BN
+unit over to its replacement with ``copy_weights=True`` is in :mod:`pwsconv.calibration`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from .accel import clear_cache
-
-__all__ = ["BNInfo", "ConvInfo", "bn_info", "bn_stats", "conv_info", "with_drop_act", "effective_weight",
-           "fold_bn", "init_from"]
+__all__ = ["BNInfo", "ConvInfo", "bn_info", "bn_stats", "conv_info", "with_drop_act"]
 
 _TORCH_CONVS: tuple[tuple[type[nn.Module], int, bool], ...] = (
     (nn.Conv1d, 1, False), (nn.Conv2d, 2, False), (nn.Conv3d, 3, False),
@@ -131,66 +125,3 @@ def conv_info(m: nn.Module) -> ConvInfo | None:
 def _pad_tuple(m: nn.Module) -> tuple:
     p = m.padding
     return p if isinstance(p, tuple) else (p,) if not isinstance(p, str) else (1,)
-
-
-def effective_weight(conv: nn.Module, info: ConvInfo) -> Tensor:
-    """The weight ``conv`` actually convolves with (weight-standardized convs standardize theirs in forward)."""
-    w = conv.weight
-    if info.std is None:
-        return w.detach().clone()
-    out = w.shape[0]
-    scale = (conv.gain * conv.scale).reshape(-1) if info.std == "scaled" else None
-    return F.batch_norm(w.detach().reshape(1, out, -1), None, None, weight=None if scale is None else scale.detach(),
-                        training=True, momentum=0.0, eps=conv.eps).reshape_as(w)
-
-
-def fold_bn(weight: Tensor, bias: Tensor | None, bn: nn.Module, *, transposed: bool = False,
-            linear: bool = False) -> tuple[Tensor, Tensor] | None:
-    """``weight``/``bias`` of the layer that computes layer → ``bn`` (eval statistics), with torch's fusion
-    utilities; ``None`` when ``bn`` has no running statistics."""
-    st = bn_stats(bn)
-    if st is None:
-        return None
-    rm, rv, eps, bw, bb = st
-    bw = torch.ones_like(rm) if bw is None else bw.detach()
-    bb = torch.zeros_like(rm) if bb is None else bb.detach()
-    rm, rv = rm.to(weight.dtype), rv.to(weight.dtype)
-    if linear:
-        b = torch.zeros_like(rm) if bias is None else bias
-        w, b = fuse_linear_bn_weights(weight, b, rm, rv, eps, bw.to(weight.dtype), bb.to(weight.dtype))
-    else:
-        w, b = fuse_conv_bn_weights(weight, bias, rm, rv, eps, bw.to(weight.dtype), bb.to(weight.dtype),
-                                    transpose=transposed)
-    return w.detach(), b.detach()
-
-
-@torch.no_grad()
-def init_from(new: nn.Module, raw: Tensor, eff: Tensor, bias: Tensor | None) -> None:
-    """Initialize ``new`` so that it computes (as nearly as it can) the layer whose effective weight is ``eff`` and
-    bias ``bias``; ``raw`` is the raw weight the original layer stored.
-
-    A PWS layer keeps ``raw`` and fits α per filter by least squares, α_o = ⟨eff_o, Ŵ_o⟩ / ⟨Ŵ_o, Ŵ_o⟩ with Ŵ the
-    standardized raw weight: for eff = s·W (a folded BN scale s) that is α_o = s_o·sqrt(Var[W_o] + γ)/gain, and
-    α_o·Ŵ_o = eff_o − E[eff_o] — exact but for the filter mean that PWS removes. Any other layer gets ``eff``
-    itself as its weight (plain convs: exact)."""
-    if hasattr(new, "alpha") and hasattr(new, "compute_weight") and hasattr(new, "_layout"):
-        new.weight.copy_(raw)
-        if new.alpha is not None:
-            new.alpha.fill_(1.0)
-            s = new.compute_weight().double()
-            view, reduce, _ = new._layout()
-            e = eff.double()
-            if view is not None:
-                s, e = s.reshape(view), e.reshape(view)
-            num, den = (s * e).sum(reduce), (s * s).sum(reduce)
-            a = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
-            new.alpha.copy_(a.reshape(-1).to(new.alpha.dtype))
-        clear_cache(new)
-    else:
-        new.weight.copy_(eff)
-    if getattr(new, "bias", None) is not None:
-        if bias is None:
-            new.bias.zero_()
-        else:
-            new.bias.copy_(bias)
-

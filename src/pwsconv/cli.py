@@ -262,7 +262,9 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
     def run(args: argparse.Namespace) -> int:
-        from . import fold
+        from collections import Counter
+
+        from .folding import fold_report
         from .train.checkpoint import MODEL_FORMAT, atomic_save
 
         from .train.checkpoint import verify_checkpoint
@@ -282,17 +284,8 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
             raise UsageError(f"OUT {args.out} is the training checkpoint of a run directory; replacing it would "
                              "make the run impossible to resume — choose another OUT")
         model, spec, ck = _load_model(src)
-        from collections import Counter
-
-        from . import is_norm_layer
-
-        def foldable(net: Any) -> Counter:   # reparameterized layers and norm layers, by class
-            return Counter(type(m).__name__ for m in net.modules()
-                           if callable(getattr(m, "to_plain", None)) or is_norm_layer(m))
-
-        before = foldable(model)
-        folded = fold(model.eval())
-        merged = before - foldable(folded)
+        folded, report = fold_report(model.eval())   # a copy: ``model`` still holds what was folded
+        merged = Counter(type(model.get_submodule(n)).__name__ for n in report.plain + report.merged)
         spec = {**spec, "folded": True}
         atomic_save({"format": MODEL_FORMAT, "version": 1, "model_spec": spec, "model": folded.state_dict(),
                      "config": ck.get("config") or {}, "source": os.path.abspath(args.checkpoint)}, args.out)

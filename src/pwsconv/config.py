@@ -228,12 +228,7 @@ class TrainConfig:
                                   f"choose one of {', '.join(models)}")
         if available_models is not None:
             from .models import model_info
-            from .models.common import MethodSpec
 
-            try:
-                MethodSpec(self.method, self.method_opts)
-            except ValueError as e:
-                raise ConfigError(f"method_opts: {e}") from None
             check_method_opts(self.method, self.method_opts)
             allowed = set(self.model_opts) if external else model_info(self.model).model_options()
             unknown = sorted(set(self.model_opts) - allowed)   # an external builder's options: its own business
@@ -241,7 +236,7 @@ class TrainConfig:
                 raise ConfigError(f"model {self.model!r} takes no option(s) {unknown}; it accepts "
                                   f"{sorted(allowed) or 'none'}")
             if not external:
-                _check_types("model_opts", self.model_opts, _signature_params(model_info(self.model).builder))
+                _check_model_opts(self.model_opts, model_info(self.model).builder)
         try:
             from .data import available_datasets
         except ImportError:  # pragma: no cover
@@ -266,117 +261,24 @@ THREADS_LIMIT = 65536
 
 
 # ---------------------------------------------------------------------------------------- option type checks
-def _signature_params(fn: Any) -> dict[str, Any]:
-    """{name: inspect.Parameter} of a callable's keyword-capable parameters ({} when it has no signature)."""
-    import inspect
+def _check_model_opts(opts: Mapping[str, Any], builder: Any) -> None:
+    from .methods._options import OptionValueError, check_kwargs
 
     try:
-        return {n: p for n, p in inspect.signature(fn).parameters.items()
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    except (TypeError, ValueError):
-        return {}
-
-
-def _kinds(param: Any) -> set[str]:
-    """The value kinds a parameter takes, from its annotation (a string under ``from __future__ import
-    annotations``) or else its default: a subset of {bool, int, float, str, none, seq}; empty = unknown (any)."""
-    import inspect
-
-    ann = param.annotation
-    text = ann if isinstance(ann, str) else ("" if ann is inspect.Parameter.empty else
-                                              getattr(ann, "__name__", None) or str(ann))
-    kinds: set[str] = set()
-    if text:
-        if "Any" in text or "object" in text or "Callable" in text:
-            return set()
-        for word, kind in (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "str"), ("None", "none"),
-                           ("Optional", "none"), ("Sequence", "seq"), ("tuple", "seq"), ("list", "seq"),
-                           ("Tuple", "seq"), ("List", "seq")):
-            if word in text:
-                kinds.add(kind)
-        if not kinds:
-            return set()   # a class or another type: not checked here
-    d = param.default
-    if not kinds and d is not inspect.Parameter.empty:
-        if isinstance(d, bool):
-            kinds = {"bool"}
-        elif isinstance(d, int):
-            kinds = {"int"}
-        elif isinstance(d, float):
-            kinds = {"float"}
-        elif isinstance(d, str):
-            kinds = {"str"}
-        elif isinstance(d, (list, tuple)):
-            kinds = {"seq"}
-    if d is None:
-        kinds.add("none")
-    return kinds
-
-
-_KIND_WORDS = {"bool": "true/false", "int": "an integer", "float": "a finite number", "str": "a string", "none": "null",
-               "seq": "a list"}
-
-
-def _value_ok(v: Any, kinds: set[str]) -> bool:
-    if not kinds:
-        return True
-    if v is None:
-        return "none" in kinds
-    if isinstance(v, bool):
-        return "bool" in kinds
-    if isinstance(v, int):
-        return bool(kinds & {"int", "float"})
-    if isinstance(v, float):
-        return "float" in kinds and math.isfinite(v) or ("int" in kinds and v.is_integer())
-    if isinstance(v, str):
-        return "str" in kinds
-    if isinstance(v, (list, tuple)):
-        return "seq" in kinds
-    return False
-
-
-def _check_types(where: str, opts: Mapping[str, Any], params: Mapping[str, Any]) -> None:
-    for k, v in opts.items():
-        if k not in params:
-            continue
-        kinds = _kinds(params[k])
-        if not _value_ok(v, kinds):
-            want = " or ".join(_KIND_WORDS[x] for x in ("bool", "int", "float", "str", "seq", "none") if x in kinds)
-            raise ConfigError(f"{where}.{k} must be {want}, got {v!r}")
+        check_kwargs("model_opts", opts, builder)
+    except OptionValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_method_opts(method: str, opts: Mapping[str, Any]) -> None:
-    """Type-check a method's options against its layers' signatures and let its layers validate their values (one
-    tiny conv and norm are built, without touching the global RNG). A one-line :class:`ConfigError` naming the
-    option if anything is wrong."""
-    if not opts:
-        return
-    import torch
-
-    from .models.common import MethodSpec
+    """Check a method's options against what the method declares (:meth:`pwsconv.methods.Method.check_options`:
+    names, types, ranges); a one-line :class:`ConfigError` naming the option (``method_opts.gamma must be ...``)."""
+    from .methods import MethodError, get_method
 
     try:
-        spec = MethodSpec(method, opts)   # unknown options: ValueError (reported by the caller)
-    except ValueError:
-        return
-    base = MethodSpec(method, {})
-    with torch.random.fork_rng(devices=[]):
-        try:   # the method's layers as built without options: their signatures say what the options take
-            layers = {"conv": base.conv(64, 64, 3, padding=1), "norm": base.norm(64)}
-        except Exception:   # pragma: no cover - a method that cannot build this probe layer: checked at build time
-            return
-        for part, factory, part_opts in (("conv", spec.method.conv, spec.conv_opts),
-                                         ("norm", spec.method.norm, spec.norm_opts)):
-            params: dict[str, Any] = {}
-            for fn in (factory, type(layers[part]).__init__):
-                if fn is not None:
-                    params.update({k: v for k, v in _signature_params(fn).items() if k not in params})
-            _check_types("method_opts", part_opts, params)
-        try:   # the layers' own checks (e.g. gamma ≥ 0, fan_mode); they built without the options just above, so a
-            spec.conv(64, 64, 3, padding=1)   # failure here is the options' (no message is inspected)
-            spec.norm(64)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"method_opts {dict(opts)}: {' '.join(str(e).split())}") from None
+        get_method(method).check_options(dict(opts), prefix="method_opts.")
+    except MethodError as e:
+        raise ConfigError(str(e) if str(e).startswith("method_opts") else f"method_opts: {e}") from None
 
 
 def prepare_options(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""Whole-model operations: :func:`convert` a network to a normalization method, :func:`fold` reparameterized layers
-into plain torch layers, and :func:`param_groups` for the optimizer (α without weight decay)."""
+"""Whole-model conversion: :func:`convert` a network to a normalization method.
+
+Neighbours: :mod:`pwsconv.calibration` (``copy_weights`` / ``example_inputs``), :mod:`pwsconv.folding`
+(:func:`fold`, deployment) and :mod:`pwsconv.optim` (:func:`param_groups`), re-exported here as before."""
 
 from __future__ import annotations
 
@@ -9,33 +11,23 @@ import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedTensorMixin
 
-from ._bnlike import bn_info, bn_stats, conv_info, effective_weight, fold_bn, init_from, with_drop_act
-from .accel import clear_cache
-from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
+from ._bnlike import bn_info, bn_stats, conv_info, with_drop_act
+from .calibration import WeightCopy
+from .folding import fold
 from .layers.same import Conv2dSame, same_padded
 from .layers._reparam import FilterTooSmallError
 from .methods import Method, build_norm, get_method, plain_conv
+from .optim import NORM_TYPES, is_norm_layer, param_groups
 
 __all__ = ["convert", "fold", "param_groups", "is_norm_layer", "NORM_TYPES"]
 
-_LAZY_PWS = {1: LazyPWSConv1d, 2: LazyPWSConv2d, 3: LazyPWSConv3d}
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-
-#: Module types whose parameters count as "norm affine" in :func:`param_groups`.
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
-                                           nn.LocalResponseNorm)
-
-
-def is_norm_layer(m: nn.Module) -> bool:
-    """True for torch's norm layers and for zoo layers that declare ``is_norm_layer = True``."""
-    return isinstance(m, NORM_TYPES) or bool(getattr(m, "is_norm_layer", False))
-
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
@@ -100,7 +92,9 @@ def convert(
             raw weight is copied and α_o = s_o·sqrt(Var[W_o] + γ)/gain (s_o = γ_bn/sqrt(var + ε)), β = the folded
             shift, so α·Ŵ equals the BN-scaled weight up to its per-filter mean, which standardization removes (the
             one part that cannot be exact). BN statistics that cannot be carried over are listed in a warning.
-        exclude: module names or fnmatch patterns (e.g. ``"conv1"``, ``"fc"``, ``"layer4.*"``) left untouched.
+        exclude: module names or fnmatch patterns (e.g. ``"conv1"``, ``"fc"``, ``"layer4.*"``) left untouched. A
+            pattern that matches no module is warned about (``strict=True``: ``ValueError``), since a typo would
+            convert the layer meant to be kept.
         bias: give converted convs a bias (``None``: the method's default; "pws" adds β_o since BN's shift is gone).
         convert_linear: also convert ``nn.Linear`` (PWSLinear for "pws"); the paper keeps the classifier plain.
         convert_transposed: also convert ``nn.ConvTranspose*d`` when the method has a transposed layer.
@@ -110,7 +104,8 @@ def convert(
             name of the module before whose input to insert it. Together these are the paper's ImageNet setting.
             A module that gets a norm is wrapped in ``nn.Sequential`` (its state_dict keys gain ``.0``/``.1``).
         inplace: modify ``model`` itself; by default a deep copy is converted and ``model`` is left unchanged.
-        strict: raise ``ValueError`` (before anything is changed) instead of warning about layers left unconverted.
+        strict: raise ``ValueError`` (before anything is changed) instead of warning about layers left unconverted
+            or ``exclude`` patterns that match nothing.
         example_inputs: with ``copy_weights``, a batch (a tensor, or a tuple of positional inputs) of typical data
             to calibrate on: the converted model runs on it once in eval mode and, layer after layer in forward
             order, each copied PWS layer's α_o and β_o become the least-squares fit of the original conv(+BN)
@@ -120,19 +115,29 @@ def convert(
 
     Returns:
         The converted model (``model`` itself when ``inplace=True``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or is a ``torch.jit`` (TorchScript) module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("convert: torch.jit (TorchScript) modules cannot be converted; convert the Python model, "
+                        "then script the result")
     if not isinstance(method, (str, Method)):
         raise TypeError(f"convert: method must be a method name (str), got {type(method).__name__}")
     m = get_method(method)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # "conv1" is one pattern, not five
     if not inplace:
         model = _deepcopy(model)
     # every path to every module: a layer shared by several parents is converted once and stays shared
     targets: list[tuple[str, nn.Module]] = [(n, mod) for n, mod in model.named_modules(remove_duplicate=False) if n]
+    unmatched = [p for p in exclude if not any(_matches(n, (p,)) for n, _ in targets)]
+    if unmatched:   # a typo would convert the layer meant to be kept
+        msg = f"convert: exclude pattern(s) {unmatched} match no module of the model, so they exclude nothing"
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=2)
 
     # resolve the LayerNorm positions before anything is replaced
     first_conv = next((n for n, mod in targets if isinstance(mod, nn.modules.conv._ConvNd)), None)
@@ -162,11 +167,12 @@ def convert(
     # method options go to the factories that take them (e.g. "gn": groups/eps to the GroupNorm, not the conv)
     m.split_options(dict(method_opts))   # an undeclared option: MethodOptionError before anything changes
     opts = dict(method_opts)
-    ctx = _Ctx(m, bias, copy_weights, opts, _conv_bn_pairs(model) if copy_weights else {})
+    if example_inputs is not None and not copy_weights:
+        raise ValueError("convert: example_inputs is used with copy_weights=True only")
+    weights = WeightCopy(model, fold_norms=m.norm is None, calibrate=example_inputs is not None) if copy_weights \
+        else None
+    ctx = _Ctx(m, bias, weights, opts)
     if example_inputs is not None:
-        if not copy_weights:
-            raise ValueError("convert: example_inputs is used with copy_weights=True only")
-        ctx.calibrate = True
         example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     converted: dict[int, nn.Module] = {}
     plan: list[tuple[str, nn.Module, nn.Module]] = []
@@ -201,7 +207,7 @@ def convert(
     for _, _, new in plan:
         new.__dict__.pop("_pws_placed", None)
     if example_inputs is not None:
-        _calibrate(ctx, model, example_inputs)
+        weights.calibrate(model, example_inputs)
 
     if in_name:
         mod = model.get_submodule(in_name)
@@ -230,14 +236,11 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 class _Ctx:
     """What one :func:`convert` call knows and collects."""
 
-    def __init__(self, m, bias, copy_weights: bool, opts: dict, pairs: dict[int, tuple[str, nn.Module]]) -> None:
-        self.m, self.bias, self.copy_weights, self.opts, self.pairs = m, bias, copy_weights, opts, pairs
+    def __init__(self, m: Method, bias: bool | None, copy: WeightCopy | None, opts: dict) -> None:
+        self.m, self.bias, self.copy, self.opts = m, bias, copy, opts
         self.conv_opts, self.norm_opts = m.split_options(opts)
         self.left: list[str] = []      # "name (Type): why" of every conv/norm left as it is
         self.lost: list[str] = []      # BN layers whose statistics copy_weights could not carry
-        self.folded: set[int] = set()  # BN layers folded into the conv before them
-        self.calibrate = False                       # example_inputs given: keep a reference of each copied layer
-        self.refs: dict[int, nn.Module] = {}         # new PWS layer → plain layer computing the original conv(+BN)
 
     def leave(self, name: str, mod: nn.Module, why: str) -> nn.Module:
         self.left.append(f"{name} ({type(mod).__name__}: {why})")
@@ -273,143 +276,9 @@ def _convert_one(ctx: _Ctx, name: str, mod: nn.Module, convert_linear: bool, con
     return mod
 
 
-def _conv_bn_pairs(model: nn.Module) -> dict[int, tuple[str, nn.Module]]:
-    """conv/linear → the BN registered right after it in the same parent, with as many features as it has outputs
-    (the conv→BN unit of torchvision and timm), for ``copy_weights``."""
-    mods = list(model.named_modules())
-    pairs: dict[int, tuple[str, nn.Module]] = {}
-    for (n1, a), (n2, b) in zip(mods, mods[1:]):
-        ci = conv_info(a)
-        if ci is None and not isinstance(a, nn.Linear):
-            continue
-        if ci is not None and ci.lazy or bn_info(b) is None or bn_stats(b) is None:
-            continue
-        if not _feeds(model, n1, n2):
-            continue
-        outs = a.out_channels if ci is not None else a.out_features
-        if bn_stats(b)[0].numel() == outs:
-            pairs[id(a)] = (n2, b)
-    return pairs
-
-
-def _eval_forward(model: nn.Module, args: tuple, hooks: list) -> None:
-    modes = {mod: mod.training for mod in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in hooks:
-            h.remove()
-        for mod, mode in modes.items():
-            mod.training = mode
-
-
-def _calibrate(ctx: _Ctx, model: nn.Module, args: tuple) -> None:
-    """Fit α and β of every copied PWS layer on ``args``, in forward order: per output channel, the least-squares
-    line from the layer's standardized output z_o (α = 1, β = 0) to the output of the layer it replaces (conv with
-    the BN after it folded in), y_o ≈ α_o·z_o + β_o, on the inputs the layer actually receives (which already come
-    from calibrated layers)."""
-    if not args or not all(isinstance(a, Tensor) for a in args):
-        raise TypeError("convert: example_inputs must be a tensor or a tuple of tensors")
-    refs = {i: r for i, r in ctx.refs.items()}
-    layers = {id(mod): mod for mod in model.modules() if id(mod) in refs}
-
-    def pre(mod: nn.Module, inp: tuple) -> None:
-        ref = refs.pop(id(mod), None)
-        if ref is None:
-            return
-        y = ref(*inp)
-        alpha, bias = mod.alpha, getattr(mod, "bias", None)
-        saved = (None if alpha is None else alpha.detach().clone(), None if bias is None else bias.detach().clone())
-        if alpha is not None:
-            alpha.fill_(1.0)
-        if bias is not None:
-            bias.zero_()
-        clear_cache(mod)
-        z = mod.forward(*inp)
-        if not (isinstance(z, Tensor) and isinstance(y, Tensor)) or z.shape != y.shape or z.dim() < 2:
-            _restore(mod, saved)
-            return
-        ch = 1 if z.dim() > 2 else z.dim() - 1
-        zc = z.detach().double().movedim(ch, 0).reshape(z.shape[ch], -1)
-        yc = y.detach().double().movedim(ch, 0).reshape(y.shape[ch], -1)
-        zm, ym = zc.mean(1), yc.mean(1)
-        if alpha is not None:
-            var = (zc - zm[:, None]).square().mean(1)
-            cov = ((zc - zm[:, None]) * (yc - ym[:, None])).mean(1)
-            a = torch.where(var > 1e-12 * var.max().clamp_min(1e-300), cov / var.clamp_min(1e-300),
-                            saved[0].double())
-            alpha.copy_(a.to(alpha.dtype))
-        else:
-            a = torch.ones_like(zm)
-        if bias is not None:
-            bias.copy_((ym - a * zm).to(bias.dtype))
-        clear_cache(mod)
-
-    hooks = [mod.register_forward_pre_hook(pre) for mod in layers.values()]
-    _eval_forward(model, args, hooks)
-
-
-def _restore(mod: nn.Module, saved: tuple) -> None:
-    if saved[0] is not None:
-        mod.alpha.copy_(saved[0])
-    if saved[1] is not None:
-        mod.bias.copy_(saved[1])
-    clear_cache(mod)
-
-
-def _feeds(model: nn.Module, conv_name: str, bn_name: str) -> bool:
-    """Whether the output of ``conv_name`` is what ``bn_name`` (the next module in registration order) normalizes:
-    both in the same parent, or the conv ends a chain of ``nn.Sequential``s that sits in the BN's parent (timm's
-    ``stem`` Sequential ending with a conv, followed by ``bn1``)."""
-    bn_parent = bn_name.rpartition(".")[0]
-    path = conv_name
-    while True:
-        parent = path.rpartition(".")[0]
-        if parent == bn_parent:
-            return True
-        if not parent or not (bn_parent == "" or parent.startswith(bn_parent + ".")):
-            return False
-        seq = model.get_submodule(parent)
-        if not isinstance(seq, nn.Sequential) or not len(seq) or seq[-1] is not model.get_submodule(path):
-            return False
-        path = parent
-
-
-def _carry(ctx: _Ctx, mod: nn.Module, new: nn.Module, ci: Any, *, linear: bool = False) -> None:
-    """copy_weights: the original layer's function (with the BN after it folded in where the method drops BN)."""
-    if not ctx.copy_weights or _is_lazy(mod):
-        return
-    raw = mod.weight.detach()
-    eff = effective_weight(mod, ci) if ci is not None else raw.clone()
-    b = None if mod.bias is None else mod.bias.detach().clone()
-    pair = ctx.pairs.get(id(mod))
-    takes_fold = hasattr(new, "alpha") or type(new).__module__.startswith("torch.") or type(new) is Conv2dSame
-    if pair is not None and ctx.m.norm is None and takes_fold:
-        fused = fold_bn(eff, b, pair[1], transposed=bool(ci is not None and ci.transposed), linear=linear)
-        if fused is not None:
-            eff, b = fused
-            ctx.folded.add(id(pair[1]))
-    with torch.no_grad():
-        init_from(new, raw.to(new.weight.dtype), eff.to(new.weight.dtype),
-                  None if b is None else b.to(new.weight.dtype))
-        if ctx.calibrate and hasattr(new, "alpha") and hasattr(new, "to_plain"):
-            ref = new.to_plain()     # the same geometry and padding, holding the original (BN-folded) weights
-            ref.weight.copy_(eff.to(ref.weight.dtype))
-            if ref.bias is not None:
-                ref.bias.copy_(0.0 if b is None else b.to(ref.bias.dtype))
-            elif b is not None:
-                ref.register_forward_hook(_add_bias(b))
-            ctx.refs[id(new)] = ref
-
-
-class _add_bias:
-    def __init__(self, b: Tensor) -> None:
-        self.b = b
-
-    def __call__(self, mod: nn.Module, inp: Any, out: Tensor) -> Tensor:
-        return out + self.b.view(-1, *([1] * (out.dim() - 2))) if out.dim() > 2 else out + self.b
+def _carry(copy: WeightCopy | None, mod: nn.Module, new: nn.Module, ci: Any, *, linear: bool = False) -> None:
+    if copy is not None:
+        copy.carry(mod, new, ci, linear=linear)
 
 
 def _try(ctx: _Ctx, name: str, mod: nn.Module, build) -> nn.Module:
@@ -423,7 +292,7 @@ def _convert_conv(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
     m = ctx.m
     want_bias = (m.conv_bias or conv.bias is not None) if ctx.bias is None else ctx.bias
     plain_method = m.conv is plain_conv
-    fold_needed = ctx.copy_weights and id(conv) in ctx.pairs and m.norm is None
+    fold_needed = ctx.copy is not None and ctx.copy.folds(conv)
     if ci.custom:
         if plain_method and want_bias == (conv.bias is not None):
             return conv
@@ -436,26 +305,25 @@ def _convert_conv(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
         cls = same_padded(ci.base) if ci.same_pad else ci.base
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   dilation=conv.dilation, groups=conv.groups, bias=want_bias, padding_mode=conv.padding_mode)
-        if not ctx.copy_weights:
+        if ctx.copy is None:
             nn.init.kaiming_normal_(new.weight, mode="fan_in", nonlinearity="relu")
             if new.bias is not None:
                 nn.init.zeros_(new.bias)
-        _carry(ctx, conv, new, ci)
+        _carry(ctx.copy, conv, new, ci)
         return new
-    is_pws = m.name == "pws" or m.conv.__name__ == "_pws_conv"
     kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=want_bias,
               padding_mode=conv.padding_mode)
     if ci.lazy:
-        if not is_pws:
+        if m.lazy is None:
             return ctx.leave(name, conv, f"uninitialized lazy conv: method {m.name!r} has no lazy conv; run one "
                                          "forward first")
-        return _LAZY_PWS[ci.dim](conv.out_channels, conv.kernel_size, **kw, **ctx.conv_opts)
+        return m.lazy(ci.dim, conv.out_channels, conv.kernel_size, **kw, **ctx.conv_opts)
     new = _try(ctx, name, conv, lambda: m.conv(ci.dim, conv.in_channels, conv.out_channels, conv.kernel_size,
                                                **kw, **ctx.conv_opts))
     if ci.same_pad and new is not conv:
         new.__class__ = same_padded(type(new))   # the method's conv, padding the input as the original did
     if new is not conv:
-        _carry(ctx, conv, new, ci)
+        _carry(ctx.copy, conv, new, ci)
     return new
 
 
@@ -464,7 +332,7 @@ def _convert_linear(ctx: _Ctx, name: str, lin: nn.Linear) -> nn.Module:
     b = lin.bias is not None if ctx.bias is None else ctx.bias
     new = _try(ctx, name, lin, lambda: m.linear(lin.in_features, lin.out_features, b, **ctx.conv_opts))
     if new is not lin:
-        _carry(ctx, lin, new, None, linear=True)
+        _carry(ctx.copy, lin, new, None, linear=True)
     return new
 
 
@@ -479,19 +347,19 @@ def _convert_convt(ctx: _Ctx, name: str, conv: nn.Module, ci: Any) -> nn.Module:
         dilation=conv.dilation, padding_mode=conv.padding_mode, **ctx.conv_opts,
     ))
     if new is not conv:
-        _carry(ctx, conv, new, ci)
+        _carry(ctx.copy, conv, new, ci)
     return new
 
 
 def _convert_bn(ctx: _Ctx, name: str, bn: nn.Module, info: Any) -> nn.Module:
     m = ctx.m
-    if m.name == "bn":
+    if m.keeps_batchnorm:
         return bn
     if not info.ok:
         return ctx.leave(name, bn, "children other than a drop path and an activation")
     if m.norm is None:
         norm: nn.Module = nn.Identity()
-        if ctx.copy_weights and id(bn) not in ctx.folded and not info.lazy and bn_stats(bn) is not None:
+        if ctx.copy is not None and id(bn) not in ctx.copy.folded and not info.lazy and bn_stats(bn) is not None:
             ctx.lost.append(name)
     else:
         if info.lazy:
@@ -499,7 +367,7 @@ def _convert_bn(ctx: _Ctx, name: str, bn: nn.Module, info: Any) -> nn.Module:
                                        "forward first")
         c = bn_stats(bn)[0].numel() if bn_stats(bn) is not None else int(bn.num_features)
         norm = build_norm(m, c, info.dim, **ctx.norm_opts)
-        if ctx.copy_weights and bn_stats(bn) is not None:
+        if ctx.copy is not None and bn_stats(bn) is not None:
             ctx.lost.append(name)
     return with_drop_act(bn, info, norm)
 
@@ -525,180 +393,3 @@ def _dtype_of(mod: nn.Module) -> torch.dtype | None:
         if p.is_floating_point():
             return p.dtype
     return None
-
-
-def fold(model: nn.Module, inplace: bool = False, *, batchnorm: bool = True) -> nn.Module:
-    """Replace every reparameterized layer (anything with a ``to_plain()`` method: the PWS family and the zoo's
-    weight-normalized convs) by the plain torch layer that computes the same function, and fold every eval-mode
-    BatchNorm that directly follows a conv into that conv.
-
-    PWS layers become ``nn.Conv*d`` / ``nn.ConvTranspose*d`` / ``nn.Linear`` holding α·Ŵ (eq. 12) and the bias; outputs
-    match the unfolded model to float rounding, and no pwsconv class is left. By default ``model`` is deep-copied and
-    left unchanged; with ``inplace=True`` it is modified and returned. Hooks registered on a folded layer are not
-    carried over to its replacement. The folded layers keep the train/eval mode of the originals.
-
-    ``batchnorm`` (default True): a BatchNorm in eval mode (running statistics) whose only input is the output of a
-    plain conv used nowhere else is merged into that conv with torch's ``fuse_conv_bn_eval`` and replaced by
-    ``nn.Identity`` — the conv+BN pairs are found by tracing the model with ``torch.fx`` (module calls as leaves), so
-    only real data flow counts. A BatchNorm in training mode, after something other than a conv, or in a model fx
-    cannot trace stays as it is; every one left is named in one warning. MABN's eval form (a per-channel scale and
-    shift after its CenConv) is folded the same way. SwitchNorm mixes per-sample statistics and cannot be folded: such
-    layers (a class attribute ``cannot_fold`` says why) stay and are named in one warning.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not inplace:
-        model = copy.deepcopy(model)
-    if hasattr(model, "to_plain") and callable(model.to_plain):
-        return model.to_plain()
-    folded: dict[int, nn.Module] = {}  # a layer shared by several parents is folded once and stays shared
-    for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if name and hasattr(mod, "to_plain") and callable(mod.to_plain):
-            try:
-                if model.get_submodule(name) is not mod:
-                    continue
-            except AttributeError:
-                continue  # inside a module already folded
-            if id(mod) not in folded:
-                folded[id(mod)] = mod.to_plain()
-            _set_submodule(model, name, folded[id(mod)])
-    if batchnorm:
-        _fold_batchnorms(model)
-    left = [f"{n} ({type(m).__name__}: {m.cannot_fold})" for n, m in model.named_modules()
-            if isinstance(getattr(type(m), "cannot_fold", None), str)]
-    if left:
-        warnings.warn(f"fold: {len(left)} layer(s) cannot be folded and stay as they are: " + "; ".join(left),
-                      stacklevel=2)
-    return model
-
-
-_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _foldable_bn(m: nn.Module) -> bool:
-    """An eval-mode per-channel affine after a conv: torch's BatchNorm with running statistics, or MABN (its eval
-    form is x·γ/sqrt(running_var + ε) + β, the CenConv before it already folded to a plain conv)."""
-    from .layers.mabn import _MABNNd
-
-    if isinstance(m, _MABNNd):
-        return not m.training
-    return (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and not m.training
-            and m.running_mean is not None and m.running_var is not None)
-
-
-def _fold_batchnorms(model: nn.Module) -> list[str]:
-    """Merge eval-mode conv → BatchNorm pairs of ``model`` in place (see :func:`fold`); returns the names of the
-    BatchNorm layers left unfolded (also warned about)."""
-    import torch.fx as fx
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    bns = [n for n, m in model.named_modules() if _foldable_bn(m)]
-    if not bns:
-        return []
-
-    class _Leaves(fx.Tracer):   # every module without children is a call, so the graph shows module-level data flow
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return not any(True for _ in m.children()) or super().is_leaf_module(m, qualname)
-
-    try:
-        graph = _Leaves().trace(model)
-    except Exception as e:  # dynamic control flow, unsupported ops: leave the BatchNorms alone
-        left = bns
-        reason = f"the model cannot be traced by torch.fx ({type(e).__name__})"
-    else:
-        calls: dict[str, int] = {}
-        for node in graph.nodes:
-            if node.op == "call_module":
-                calls[node.target] = calls.get(node.target, 0) + 1
-        done = set()
-        for node in graph.nodes:
-            if node.op != "call_module" or node.target not in bns or calls[node.target] != 1:
-                continue
-            prev = node.args[0] if node.args else None
-            if not (isinstance(prev, fx.Node) and prev.op == "call_module" and calls.get(prev.target) == 1
-                    and len(prev.users) == 1 and len(node.args) == 1 and not node.kwargs):
-                continue
-            conv, bn = model.get_submodule(prev.target), model.get_submodule(node.target)
-            if not isinstance(conv, _PLAIN_CONVS) or conv.training or conv.out_channels != bn.num_features:
-                continue
-            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                fused = fuse_conv_bn_eval(conv, bn)   # torch's own conv-BN fusion
-                with torch.no_grad():
-                    conv.weight, conv.bias = fused.weight, fused.bias
-            else:   # MABN in eval: per-channel scale γ/sqrt(running_var + ε) and shift β
-                with torch.no_grad():
-                    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                    shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-                    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
-                    conv.weight = nn.Parameter(conv.weight * scale.view(shape).to(conv.weight.dtype))
-                    conv.bias = nn.Parameter((b * scale + bn.bias).to(conv.weight.dtype))
-            _set_submodule(model, node.target, nn.Identity())
-            done.add(node.target)
-        left = [n for n in bns if n not in done]
-        reason = "each does not directly follow a plain conv used only there"
-    if left:
-        warnings.warn(f"fold: {len(left)} eval-mode BatchNorm layer(s) left unfolded ({reason}): "
-                      + ", ".join(left[:8]) + (" ..." if len(left) > 8 else ""), stacklevel=3)
-    return left
-
-
-def param_groups(
-    model: nn.Module,
-    weight_decay: float,
-    *,
-    bias_weight_decay: float | None = None,
-    norm_weight_decay: float | None = None,
-    no_decay_weight_decay: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Optimizer parameter groups in which α (and every parameter a layer lists in ``no_weight_decay_params``) has
-    weight decay 0, as the paper sets ("Weight decay for α_o is set as 0").
-
-    ``bias_weight_decay`` / ``norm_weight_decay``: weight decay for biases and for the affine parameters of norm
-    layers (``None``: the same as ``weight_decay``, which is what the paper's code does). Parameters that do not
-    require grad are left out; shared parameters appear once. Empty groups are dropped. Each group has a ``"name"``.
-
-    Layers with ``gamma="auto"`` are told which group holds their weight: once an SGD optimizer built from these
-    groups has filled in its learning rate, they set their clipping from it (:func:`pwsconv.functional.auto_clip_w`).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}")
-    if weight_decay is None:
-        raise TypeError("param_groups: weight_decay must be a finite number ≥ 0, got None")
-    for label, v in (("weight_decay", weight_decay), ("bias_weight_decay", bias_weight_decay),
-                     ("norm_weight_decay", norm_weight_decay), ("no_decay_weight_decay", no_decay_weight_decay)):
-        if isinstance(v, bool):
-            raise TypeError(f"param_groups: {label} must be a number, got {v!r}")
-        if v is not None and (not isinstance(v, (int, float)) or v < 0 or v != v or v == float("inf")):
-            raise ValueError(f"{label} must be a finite number ≥ 0, got {v!r}")
-    wd_bias = weight_decay if bias_weight_decay is None else bias_weight_decay
-    wd_norm = weight_decay if norm_weight_decay is None else norm_weight_decay
-    groups: dict[str, tuple[float, list[nn.Parameter]]] = {
-        "decay": (weight_decay, []), "bias": (wd_bias, []), "norm": (wd_norm, []), "no_decay": (no_decay_weight_decay, []),
-    }
-    seen: set[int] = set()
-    for mod in model.modules():
-        exempt = set(getattr(mod, "no_weight_decay_params", ()))
-        if hasattr(mod, "alpha") and isinstance(getattr(mod, "alpha"), nn.Parameter):
-            exempt.add("alpha")
-        for pname, p in mod.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            if pname in exempt:
-                key = "no_decay"
-            elif is_norm_layer(mod):
-                key = "norm"
-            elif pname == "bias":
-                key = "bias"
-            else:
-                key = "decay"
-            groups[key][1].append(p)
-    out = [{"params": ps, "weight_decay": float(wd), "name": k} for k, (wd, ps) in groups.items() if ps]
-    # layers that adapt to their optimizer (gamma="auto" reads the SGD settings of its weight's group once)
-    owner = {id(p): g for g in out for p in g["params"]}
-    for mod in model.modules():
-        link, w = getattr(mod, "link_optimizer_group", None), getattr(mod, "weight", None)
-        if link is not None and isinstance(w, nn.Parameter) and id(w) in owner:
-            link(owner[id(w)])
-    return out
-

@@ -11,7 +11,8 @@ Everything is held in memory as uint8 tensors; batches are gathered, augmented (
 vectorized) and normalized on the fly. Problems with files raise :class:`DataError` (a ``ValueError``).
 """
 
-from .core import DataError, DatasetBundle, ImageSet, channel_stats, stratified_split
+from .bundle import DatasetBundle
+from .core import DataError, ImageSet, channel_stats, stratified_split
 from .datasets import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, available_datasets, find_data_root, load_dataset
 from .loader import AUGMENTATIONS, Loader, cifar_augment, cifar_params, epoch_seed
 from .readers import (

@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .core import DataError, DatasetBundle, ImageSet, channel_stats, stratified_split, to_labels, to_nchw
+from .bundle import DatasetBundle
+from .core import DataError, ImageSet, channel_stats, stratified_split, to_labels, to_nchw
 from .readers import decode_jpeg_archive, read_cifar_batch, read_cifar_meta, read_idx, read_image_folder, read_npz
 
 __all__ = ["load_dataset", "available_datasets", "find_data_root", "DATASETS", "CIFAR10_CLASSES",

@@ -14,7 +14,8 @@ import dataclasses
 
 import torch
 
-from .core import DatasetBundle, ImageSet
+from .bundle import DatasetBundle
+from .core import ImageSet
 
 __all__ = ["resident", "resident_bytes", "fits_on_device", "MAX_DEVICE_FRACTION"]
 

@@ -35,12 +35,11 @@ import torch
 from torch import nn
 
 from ..convert import convert
+from ..methods import available_methods, get_method
 
 __all__ = ["DETECTORS", "build_detector", "backbone_of", "DetectorError"]
 
 DETECTORS = ("ssd_vgg16", "ssd_resnet50", "ssd_tiny", "maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn")
-#: the methods the detectors are built with (pwsconv.convert's names)
-DETECTOR_METHODS = ("bn", "gn", "in", "ln", "sn", "wn", "ws", "sws", "mabn", "pws", "none")
 
 
 class DetectorError(ValueError):
@@ -72,8 +71,8 @@ def _norm_after_every_conv(module: nn.Module) -> None:
 
 def _convert_backbone(backbone: nn.Module, method: str, method_opts: Mapping[str, Any], copy_weights: bool,
                       exclude: tuple[str, ...] = ()) -> nn.Module:
-    m = method.lower()
-    if m == "bn":
+    m = get_method(method.lower())
+    if m.keeps_batchnorm:   # the backbone is built with (frozen) BatchNorm already
         return backbone
     return convert(backbone, m, copy_weights=copy_weights, exclude=exclude, **dict(method_opts))
 
@@ -100,7 +99,7 @@ def _ssd_vgg16(num_classes: int, size: int, method: str, method_opts: Mapping[st
     extractor = SSDFeatureExtractorVGG(vgg.features, highres=False)
     _norm_after_every_conv(extractor.extra)          # fc6/fc7 and conv8_2…conv11_2 normalized too
     last = "extra.4.4"                                # the norm after conv11_2, whose map is 1×1
-    one_by_one = method.lower() in ("in",)            # per-instance spatial statistics of one pixel are undefined
+    one_by_one = get_method(method.lower()).spatial_stats   # per-instance statistics of one pixel are undefined
     extractor = _convert_backbone(extractor, method, method_opts, copy_weights=False,
                                   exclude=(last,) if one_by_one else ())
     if one_by_one:
@@ -152,7 +151,7 @@ def _ssd_resnet50(num_classes: int, size: int, method: str, method_opts: Mapping
     if size < 257:
         raise DetectorError(f"ssd_resnet50 needs size ≥ 257 (its 3×3 valid last extra conv), got {size}")
     ext = _convert_backbone(SSDFeatureExtractorResNet(tv.models.resnet50(weights=None)), method, method_opts, False)
-    if method.lower() == "pws":
+    if get_method(method.lower()).ln_io:   # LayerNorm on the backbone's outputs, as the method's ImageNet setting
         ext.add_output_norms()
     return SSD(ext, _anchors(6, size), (size, size), num_classes, **{**_SSD_DEFAULTS, **kw})
 
@@ -225,7 +224,7 @@ def _rcnn(kind: str, num_classes: int, size: int, method: str, method_opts: Mapp
     from torchvision.ops import misc as misc_nn_ops
 
     pretrained = weights is not None
-    frozen_bn = pretrained and method.lower() == "bn"
+    frozen_bn = pretrained and get_method(method.lower()).keeps_batchnorm
     resnet = tv.models.resnet50(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
     if pretrained:
         _load_backbone_weights(resnet, weights)   # type: ignore[arg-type]
@@ -255,8 +254,8 @@ def build_detector(name: str, method: str = "pws", *, num_classes: int, size: in
     key = str(name).lower()
     if key not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
-    if not isinstance(method, str) or method.lower() not in DETECTOR_METHODS:
-        raise DetectorError(f"unknown method {method!r}; choose one of {', '.join(DETECTOR_METHODS)}")
+    if not isinstance(method, str) or method.lower() not in available_methods():
+        raise DetectorError(f"unknown method {method!r}; choose one of {', '.join(available_methods())}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise DetectorError(f"num_classes must be an int ≥ 2 (background included), got {num_classes!r}")
     opts = dict(method_opts or {})

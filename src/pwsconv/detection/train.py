@@ -6,14 +6,16 @@
                                    out_dir="runs/voc_pws_b8"))
     res.status, res.metrics["mAP"]          # "ok" | "nan" (collapsed), VOC07 mAP (%)
 
-Why not :func:`pwsconv.train.train` itself: its step is classification (``model(x)`` → cross-entropy on one tensor,
-accuracy sums, ``evaluate`` by CE/accuracy, data from ``load_dataset``); a detector takes lists of images *and*
-targets, returns a dict of losses and is scored by mAP over the whole set. Forcing that through the engine would mean
-a task abstraction around every line of its loop. So this loop keeps only the detection-specific parts (loss dict,
-warm-up, mAP) and reuses the engine's pieces: torchrun/DDP setup (:mod:`pwsconv.train.distributed`), atomic
-checkpoints with verified loads and RNG states (:mod:`pwsconv.train.checkpoint`), the run-directory lock and checks
-(:mod:`pwsconv.train.rundir`), :class:`~pwsconv.train.engine.RunResult` (``result.json``), ``param_groups`` (no weight
-decay on PWS's α), and the seeded, resumable, sharded loader of :mod:`pwsconv.data.streaming`.
+Each step is the one training step, :func:`pwsconv.train.step.train_step`, with the task's loss
+(:func:`detection_loss`: a detector takes lists of images *and* targets and returns a dict of losses) and gradient
+clipping in its ``before_step``. The loop around it is still this module's own (the engine's loop is a classifier's:
+accuracy sums, ``evaluate`` by CE/accuracy, data from ``load_dataset``, MultiStepLR; a detector is scored by mAP over
+the whole set and warms its LR up); it reuses the engine's pieces: torchrun/DDP setup
+(:mod:`pwsconv.train.distributed`), atomic checkpoints with verified loads and RNG states
+(:mod:`pwsconv.train.checkpoint`), the run-directory lock and checks (:mod:`pwsconv.train.rundir`), the metrics log
+(:class:`~pwsconv.train.metrics.MetricsLog`), :class:`~pwsconv.train.engine.RunResult` (``result.json``),
+``param_groups`` (no weight decay on PWS's α), and the seeded, resumable, sharded loader of
+:mod:`pwsconv.data.streaming`.
 
 Behaviour as the engine: SGD + step LR (×``lr_decay`` at ``milestones`` epochs) with an optional linear warm-up,
 a checkpoint every ``ckpt_every`` steps and at every epoch end holding everything needed to continue bit-exactly
@@ -24,7 +26,6 @@ run as ``status="nan"`` with NaN mAP (the paper's tables report collapses as NaN
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import math
 import os
@@ -37,14 +38,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..convert import param_groups
-from ..config import ConfigError
+from ..optim import param_groups
+from ..config import ConfigError, check_method_opts
 from ..train import distributed as D
 from ..train.checkpoint import atomic_save, atomic_write_text, dumps, load_checkpoint, rng_state, set_rng_state
 from ..train.engine import RunResult, check_device, resolve_device
+from ..train.metrics import MetricsLog
 from ..train.rundir import check_output_dir, lock_run_dir, remove_stale_temps
+from ..train.step import train_step
 
-__all__ = ["DetConfig", "train_detector", "DET_CHECKPOINT_FORMAT", "DATASETS"]
+__all__ = ["DetConfig", "train_detector", "detection_loss", "DET_CHECKPOINT_FORMAT", "DATASETS"]
 
 DET_CHECKPOINT_FORMAT = "pwsconv-detection-checkpoint"
 DATASETS = ("voc", "coco")
@@ -116,15 +119,17 @@ class DetConfig:
         return self.name or os.path.basename(os.path.normpath(self.out_dir))
 
     def validate(self) -> "DetConfig":
-        from .models import DETECTOR_METHODS, DETECTORS
+        from ..methods import available_methods
+        from .models import DETECTORS
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(msg)
 
         need(self.model in DETECTORS, f"unknown detector {self.model!r}; choose one of {', '.join(DETECTORS)}")
-        need(self.method in DETECTOR_METHODS, f"unknown method {self.method!r}; choose one of "
-                                              f"{', '.join(DETECTOR_METHODS)}")
+        need(self.method in available_methods(), f"unknown method {self.method!r}; choose one of "
+                                                 f"{', '.join(available_methods())}")
+        check_method_opts(self.method, self.method_opts)   # against the method's declarations, before any work
         need(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
@@ -149,6 +154,13 @@ class DetConfig:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def detection_loss(model: nn.Module, images: Any, targets: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The detection task's loss for :func:`pwsconv.train.step.train_step`: torchvision's detectors return a dict
+    of losses in training mode; their sum is minimized. Returns (the sum, the dict)."""
+    losses = model(images, targets)
+    return sum(losses.values()), losses
+
+
 def _lr_at(cfg: DetConfig, epoch: int, step: int) -> float:
     lr = cfg.lr * cfg.lr_decay ** sum(1 for m in cfg.milestones if epoch >= m)
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -164,43 +176,6 @@ def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 _COLUMNS = ("epoch", "step", "lr", "train_loss", "mAP", "AP", "AP50", "AP75", "segm_AP", "images_per_s",
             "epoch_time", "wall_time", "status")
-
-
-class _Log:
-    """metrics.jsonl (every key) and metrics.csv (:data:`_COLUMNS`), rewritten atomically per row; on resume, rows
-    after the checkpoint's step are dropped (they are redone)."""
-
-    def __init__(self, out_dir: str, enabled: bool, resume_step: int | None) -> None:
-        import json
-
-        self.enabled, self.rows = enabled, []
-        self.jsonl, self.csv = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "metrics.csv")
-        if enabled and resume_step is not None and os.path.isfile(self.jsonl):
-            with open(self.jsonl, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except ValueError:
-                        break
-                    if r.get("step", 0) <= resume_step:
-                        self.rows.append(r)
-        if enabled:
-            self._write()
-
-    def _write(self) -> None:
-        atomic_write_text("".join(dumps(r) + "\n" for r in self.rows), self.jsonl)
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(_COLUMNS)
-        for r in self.rows:
-            w.writerow(["" if r.get(c) is None else ("nan" if isinstance(r.get(c), float) and math.isnan(r[c])
-                                                     else r[c]) for c in _COLUMNS])
-        atomic_write_text(buf.getvalue(), self.csv)
-
-    def log(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            self.rows.append(row)
-            self._write()
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -370,7 +345,7 @@ def _run(cfg: DetConfig, out_dir: str, dist: D.DistInfo, device: torch.device, r
         import yaml
 
         atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), paths["config"])
-    log = _Log(out_dir, dist.is_main, step if ckpt is not None else None)
+    log = MetricsLog(out_dir, enabled=dist.is_main, resume_step=step if ckpt is not None else None, columns=_COLUMNS)
     show = cfg.progress and dist.is_main
     if show:
         try:
@@ -378,6 +353,12 @@ def _run(cfg: DetConfig, out_dir: str, dist: D.DistInfo, device: torch.device, r
         except ImportError:
             show = False
     final: dict[str, Any] = {}
+    amp = torch.bfloat16 if cfg.amp == "bf16" else None
+
+    def clip() -> None:
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+
     while status == "running" and step < max_steps:
         train_loader.set_epoch(epoch)
         if batch:
@@ -391,14 +372,8 @@ def _run(cfg: DetConfig, out_dir: str, dist: D.DistInfo, device: torch.device, r
             lr = _lr_at(cfg, epoch, step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else contextlib.nullcontext():
-                losses = model(images, targets)
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            opt.step()
+            loss, _ = train_step(model, opt, images, targets, loss_fn=detection_loss, amp=amp,
+                                 device_type=device.type, before_step=clip)
             step, batch = step + 1, i + 1
             lv = float(loss.detach())
             loss_sum, loss_n = loss_sum + lv * len(images), loss_n + len(images)

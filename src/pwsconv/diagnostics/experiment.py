@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from ..train.step import train_step
 from .plots import has_clipping, plot_clipping, plot_figure1, plot_figure2, plot_figure6, plot_variance_transmission
 from .probe import VarianceProbe
 from .records import Record, layer_profile, write_csv, write_jsonl
@@ -109,6 +110,7 @@ def measure_without_update(
     saved_bufs = [b.detach().clone() for b in bufs] if restore else []
     if probe is None:
         probe = VarianceProbe(model, optimizer=optimizer, lr=lr, every=every)
+    task_loss, record = _probed(probe, loss_fn, logit_scale=False)
     try:
         probe.attach()
         it = _batch_iter(batches)
@@ -116,13 +118,10 @@ def measure_without_update(
             if steps is not None and i >= steps:
                 break
             x, y = _to(batch[0], device), _to(batch[1], device)
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            probe.log("loss", float(loss.detach()))
+            loss, _ = train_step(model, None, x, y, loss_fn=task_loss, after_forward=record)   # gradients only
             if not _is_finite(loss):
                 probe.step()
                 continue
-            loss.backward()
             if optimizer is not None:
                 before = [p.detach().clone() for p in params]
                 state = copy.deepcopy(optimizer.state_dict())
@@ -151,6 +150,7 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
     device = _model_device(model)
     probe = VarianceProbe(model, optimizer=optimizer, every=every)
     collapsed_at: int | None = None
+    task_loss, record = _probed(probe, loss_fn, logit_scale=True)
     with probe:
         it = _batch_iter(batches)
         for step in _progress(range(steps), steps, desc, progress):
@@ -161,19 +161,28 @@ def _training_run(model: nn.Module, loss_fn: Callable, batches: Batches, steps: 
                 if batch is None:
                     break
             x, y = _to(batch[0], device), _to(batch[1], device)
-            optimizer.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = loss_fn(out, y)
-            probe.log("loss", float(loss.detach()))
-            if isinstance(out, torch.Tensor) and out.is_floating_point():
-                probe.log("logit_std", float(out.detach().float().std()))   # the logit scale (issue 12)
+            loss, _ = train_step(model, optimizer, x, y, loss_fn=task_loss, after_forward=record)
             if not _is_finite(loss):
                 collapsed_at = step
                 probe.step()  # keep this step's forward statistics (NaN/inf recorded as NaN)
                 break
-            loss.backward()
-            optimizer.step()
     return probe, collapsed_at
+
+
+def _probed(probe: VarianceProbe, loss_fn: Callable, logit_scale: bool) -> tuple[Callable, Callable]:
+    """For the training step: the task loss ``(model, x, y) -> (loss_fn(model(x), y), output)`` and the hook that
+    records between forward and backward (the loss, the logit scale; ``False`` for a non-finite loss: no backward)."""
+    def task(model: nn.Module, x: Any, y: Any) -> tuple[Tensor, Any]:
+        out = model(x)
+        return loss_fn(out, y), out
+
+    def record(loss: Tensor, out: Any) -> bool:
+        probe.log("loss", float(loss.detach()))
+        if logit_scale and isinstance(out, torch.Tensor) and out.is_floating_point():
+            probe.log("logit_std", float(out.detach().float().std()))   # the logit scale
+        return _is_finite(loss)
+
+    return task, record
 
 
 def _reusable(batches: Batches, steps: int | None) -> Batches:
@@ -422,7 +431,7 @@ def run_probe_experiment(
         raise ValueError("methods must name at least one normalization method")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    from ..convert import param_groups
+    from ..optim import param_groups
     from .records import summarize
 
     loss_fn = loss_fn or F.cross_entropy

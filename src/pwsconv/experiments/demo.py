@@ -9,7 +9,7 @@ and PWS are trained once more with batch size 2. The settings were chosen by mea
   2×2 maps at this width; the paper also finds GN weak when layers have few channels).
 * LR 0.2: plain conv collapses — the loss becomes NaN (2 of 5 seeds) or the network dies and stays at chance level
   (10 %) — while PWS (96–98 %), BN and GN train.
-* LR 0.5: paper PWS (γ = 1e-3) collapses where BN still trains; ``gamma="auto"`` (issue 12: γ relative to the
+* LR 0.5: paper PWS (γ = 1e-3) collapses where BN still trains; ``gamma="auto"`` (γ relative to the
   He-init filter variance plus unit-wise gradient clipping inside the layer) trains there too.
 * batch 2 (LR 0.005, 5 epochs): both train; BN's *training* loss stays higher, because it normalizes with the
   statistics of two images (its eval mode then uses the running averages), whereas PWS does not depend on the batch.

@@ -299,7 +299,7 @@ def reproduce_extra(name: str, preset: str = "smoke", out_dir: str | None = None
                 c = r.config
                 log(f"  {r.name}: " + ", ".join(f"{k}={v}" for k, v in r.labels.items()) +
                     f" | {c.model}, batch {c.batch_size}, lr {c.lr:g}, epochs {c.epochs}, milestones {c.milestones}"
-                    + (f", γ {c.method_opts.get('gamma')}" if c.method == "pws" else ""))
+                    + (f", γ {c.method_opts['gamma']}" if "gamma" in c.method_opts else ""))
             log(f"{name} [{preset}]: {len(runs)} runs" + (
                 f", about {est / 3600:.0f} GPU-hours on one GPU (paper's 2080Ti speeds for SSD; ~10 img/s Mask R-CNN, "
                 f"~400 img/s ResNet-50); divide by the torchrun processes" if est else "") + f" → {out_dir}")

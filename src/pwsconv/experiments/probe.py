@@ -68,14 +68,19 @@ def probe(
         raise ValueError(f"--mode must be 'train' or 'measure', got {mode!r}")
     if not methods:
         raise ValueError("--methods must name at least one normalization method")
+    def opts_of(label: str) -> tuple[str, dict[str, Any]]:
+        """A method's options: the shared ones it declares (``--gamma`` goes to methods with a γ), then its own."""
+        name, opts = _split_method(label)
+        declared = get_method(name).options
+        return name, {**{k: v for k, v in method_opts.items() if k in declared}, **opts}
+
     for m in methods:
-        name, opts = _split_method(m)
-        get_method(name)
-        if name == "pws":
-            try:
-                check_method_opts("pws", {**method_opts, **opts})
-            except ConfigError as e:
-                raise ValueError(str(e).replace("method_opts.", "--").replace("method_opts ", "PWS options ")) from None
+        name, opts = opts_of(m)
+        try:
+            check_method_opts(name, opts)
+        except ConfigError as e:
+            raise ValueError(str(e).replace("method_opts.", "--").replace("method_opts ", f"{name} options ")) \
+                from None
     check_output_dir(out_dir, "--out directory")
     held = [f for f in OUTPUT_FILES if os.path.lexists(os.path.join(out_dir, f))]
     if held and not force:
@@ -97,9 +102,7 @@ def probe(
         return iter(loader)
 
     def model_fn(label: str) -> torch.nn.Module:
-        method, opts = _split_method(label)
-        if method == "pws":
-            opts = {**method_opts, **opts}
+        method, opts = opts_of(label)
         return build_model(model, method=method, num_classes=data.num_classes, in_channels=data.in_channels,
                            method_opts=opts or None)
 

@@ -86,7 +86,7 @@ def train_step_fn(net: nn.Module, x: Any, y: Any, lr: float = 1e-3,
     ``recompute``, and ``extra()`` called between backward and the optimizer step. ``loss_fn``: see
     :func:`~pwsconv.train.step.train_step` (detectors); ``compile``: the prepared network under ``torch.compile``
     (compiled on the first call)."""
-    from ..convert import param_groups
+    from ..optim import param_groups
 
     net.train()
     _prepare_model(net, fuse, recompute)

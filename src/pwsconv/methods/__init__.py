@@ -18,15 +18,13 @@ from typing import Any
 
 from torch import nn
 
-from ._base import (CONV_CLASSES, Method, MethodError, MethodOptionError, UnknownMethodError, gn_groups,
+from ._base import (CONV_CLASSES, FoldStats, Method, MethodError, MethodOptionError, UnknownMethodError, gn_groups,
                     plain_conv)
+from ._options import Option
 
-__all__ = ["Method", "NormMethod", "MethodError", "UnknownMethodError", "MethodOptionError", "register_method",
+__all__ = ["Method", "Option", "MethodError", "UnknownMethodError", "MethodOptionError", "register_method",
            "get_method", "available_methods", "build_conv", "build_norm", "build_linear", "prepare_for_training",
-           "methods_table", "gn_groups", "plain_conv", "CONV_CLASSES"]
-
-#: the name of :class:`Method` in earlier releases
-NormMethod = Method
+           "norm_fold_stats", "methods_table", "options_table", "gn_groups", "plain_conv", "CONV_CLASSES"]
 
 #: the built-in methods, one module each, in the order of the docs' table
 _BUILTIN = ("none", "bn", "gn", "instance", "ln", "pws", "sn", "wn", "ws", "sws", "mabn")
@@ -103,6 +101,17 @@ def prepare_for_training(model: nn.Module, method: str | Method | None = None, *
             m.prepare(model, fuse=fuse, recompute=recompute)
 
 
+def norm_fold_stats(layer: nn.Module) -> FoldStats | None:
+    """How ``layer`` folds into the conv before it, as the method whose output norm it is declares
+    (:attr:`Method.fold_norm`); ``None`` when no registered method's norm folds it (now)."""
+    for m in _REGISTRY.values():
+        if m.fold_norm is not None:
+            stats = m.fold_norm(layer)
+            if stats is not None:
+                return stats
+    return None
+
+
 def methods_table() -> str:
     """The registry as a Markdown table: name, what it normalizes, batch dependence, foldability, extra parameters,
     reference (the table of ``docs/methods.md``)."""
@@ -112,4 +121,16 @@ def methods_table() -> str:
         cells = [f"`{m.name}`", m.summary, "yes" if m.batch_dependent else "no", "yes" if m.foldable else "no",
                  m.extra_params or "—", m.reference or "—"]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def options_table() -> str:
+    """Every method's declared options as a Markdown table: method, option, the factory it goes to, the values it
+    takes, what it is (the options table of ``docs/methods.md``)."""
+    rows = ["| method | option | goes to | values | what it is |", "|---|---|---|---|---|"]
+    for m in _REGISTRY.values():
+        for name, o in m.option_specs.items():
+            cells = [f"`{m.name}`", f"`{name}`", "conv" if name in m.conv_options else "norm", o.describe(),
+                     o.doc or "—"]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
-from torch import nn
+from torch import Tensor, nn
+
+from ._options import Option, OptionValueError
 
 __all__ = ["Method", "MethodError", "UnknownMethodError", "MethodOptionError", "plain_conv", "gn_groups",
-           "CONV_CLASSES", "by_dim"]
+           "CONV_CLASSES", "by_dim", "FoldStats", "Option", "EPS", "MOMENTUM"]
+
+#: what :attr:`Method.fold_norm` returns: (mean, var, eps, weight, bias) of an eval-mode per-channel norm
+FoldStats = tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]
 
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -22,7 +27,21 @@ class UnknownMethodError(MethodError):
 
 
 class MethodOptionError(MethodError):
-    """An option the method does not declare."""
+    """An option the method does not declare, or a value of the wrong type or range for it."""
+
+
+class _OptionNames(frozenset):
+    """The names of a method's options (a frozenset of str) that keeps their declarations (``specs``)."""
+
+    specs: dict[str, Option]
+
+    def __new__(cls, options: list[Option]) -> "_OptionNames":
+        names = super().__new__(cls, (o.name for o in options))
+        names.specs = {o.name: o for o in options}
+        return names
+
+    def __reduce__(self) -> tuple:   # copy, deepcopy, pickle: rebuilt from the declarations
+        return _OptionNames, (list(self.specs.values()),)
 
 
 @dataclass(frozen=True)
@@ -38,7 +57,25 @@ class Method:
         conv_bias: whether the conv of a unit carries a bias (False when the output norm has its own shift).
         linear: optional ``linear(in_features, out_features, bias, **conv_options)`` for classifier heads.
         transposed: optional factory for transposed convs (the ``conv`` arguments plus ``output_padding``).
-        conv_options / norm_options: the options the method declares, and the factory each one goes to.
+        lazy: optional ``lazy(dim, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            **conv_options)`` → a conv that takes its input channels from the first batch (what
+            :func:`pwsconv.convert` makes of an uninitialized ``nn.LazyConv*d``).
+        conv_options / norm_options: the options the method takes, and the factory each one goes to: each an
+            :class:`~pwsconv.methods.Option` (name, type, range; the one declaration every entry point validates
+            against) or a bare name (any value, left to the factory to check). Read back as frozensets of names;
+            :attr:`option_specs` holds the declarations.
+        check_together: optional ``check_together(options)`` raising ``ValueError`` for a combination of valid
+            values that the method cannot take (MABN: real_batch_size a multiple of batch_size).
+        keeps_batchnorm: :func:`pwsconv.convert` leaves a model's BatchNorm layers as they are (the method's output
+            norm is BatchNorm itself: statistics, affine and timm's BN+activation layers are kept).
+        ln_io: the paper's ImageNet setting for this method: the ImageNet ResNet gets LayerNorm after its stem and
+            before its global pooling (``ln_io=None`` of :func:`pwsconv.models.resnet.imagenet_resnet`; PWS, Table 5).
+        spatial_stats: the output norm's statistics are per sample and channel over the spatial positions (undefined on
+            a 1×1 map: the SSD backbone leaves its last norm, after a 1×1 map, as it is).
+        fold_norm: optional ``fold_norm(layer)`` → how a layer of this method's output norm folds into the conv
+            before it at inference: its eval statistics ``(mean, var, eps, weight, bias)`` (the layer computes
+            ``(x − mean) / sqrt(var + eps) · weight + bias``), or ``None`` when ``layer`` is not such a norm or
+            cannot fold now (training mode, no running statistics). :func:`pwsconv.fold` merges it into that conv.
         prepare: optional ``prepare(model, fuse=..., recompute=...)`` the training engine calls before training
             (PWS: :func:`pwsconv.fuse_standardization`).
         batch_dependent / foldable / extra_params / reference: documentation (``foldable``: :func:`pwsconv.fold`
@@ -52,27 +89,70 @@ class Method:
     conv_bias: bool = True
     linear: Callable[..., nn.Module] | None = None
     transposed: Callable[..., nn.Module] | None = None
-    conv_options: frozenset[str] = field(default_factory=frozenset)
-    norm_options: frozenset[str] = field(default_factory=frozenset)
+    lazy: Callable[..., nn.Module] | None = None
+    conv_options: Collection[str | Option] = field(default_factory=frozenset)
+    norm_options: Collection[str | Option] = field(default_factory=frozenset)
+    check_together: Callable[[Mapping[str, Any]], None] | None = None
+    keeps_batchnorm: bool = False
+    fold_norm: Callable[[nn.Module], FoldStats | None] | None = None
+    ln_io: bool = False
+    spatial_stats: bool = False
     prepare: Callable[..., Any] | None = None
     batch_dependent: bool = False
     foldable: bool = True
     extra_params: str = ""
     reference: str = ""
+    option_specs: dict[str, Option] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        specs: dict[str, Option] = {}
+        parts: dict[str, list[Option]] = {"conv": [], "norm": []}
+        for part, given in (("conv", self.conv_options), ("norm", self.norm_options)):
+            for o in ([given] if isinstance(given, (str, Option)) else given):
+                if isinstance(o, str):   # a bare name, or the name of a declaration kept through dataclasses.replace
+                    o = given.specs[o] if isinstance(given, _OptionNames) else Option(o)
+                if o.name in specs:
+                    raise MethodError(f"method {self.name!r} declares option {o.name!r} twice")
+                specs[o.name] = o
+                parts[part].append(o)
+        object.__setattr__(self, "conv_options", _OptionNames(parts["conv"]))
+        object.__setattr__(self, "norm_options", _OptionNames(parts["norm"]))
+        object.__setattr__(self, "option_specs", specs)
 
     @property
     def options(self) -> frozenset[str]:
         """Every option the method takes."""
         return self.conv_options | self.norm_options
 
-    def split_options(self, opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(conv options, norm options) of ``opts``; an undeclared option raises :class:`MethodOptionError`."""
+    def check_options(self, opts: Mapping[str, Any], *, prefix: str | None = None) -> dict[str, Any]:
+        """``opts`` validated against the declarations (names, types, ranges, :attr:`check_together`); a
+        :class:`MethodOptionError` otherwise, naming the option as ``prefix + name`` (default: ``"method 'pws':
+        gamma"``). Returns the options (a whole float as an int where the option is an integer)."""
         unknown = set(opts) - self.options
         if unknown:
             raise MethodOptionError(f"method {self.name!r} takes no option(s) {sorted(unknown)}; it accepts "
                                     f"{sorted(self.options) or 'none'}")
+        pre = f"method {self.name!r}: " if prefix is None else prefix
+        try:
+            out = {k: self.option_specs[k].check(v, pre + k) for k, v in opts.items()}
+            if self.check_together is not None:
+                self.check_together(out)
+        except OptionValueError as e:
+            raise MethodOptionError(str(e)) from None
+        except ValueError as e:
+            raise MethodOptionError(f"{pre.rstrip(': .')}: {e}" if pre else str(e)) from None
+        return out
+
+    def split_options(self, opts: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(conv options, norm options) of ``opts``, validated (:meth:`check_options`)."""
+        opts = self.check_options(opts)
         return ({k: v for k, v in opts.items() if k in self.conv_options},
                 {k: v for k, v in opts.items() if k in self.norm_options})
+
+
+#: the ``eps`` and ``momentum`` of torch's norm layers, as the norm methods declare them
+EPS = Option("eps", float, low=0, doc="ε added to the variance")
+MOMENTUM = Option("momentum", float | None, low=0, high=1, doc="running statistics' momentum (None: cumulative)")
 
 
 def plain_conv(dim: int, in_channels: int, out_channels: int, kernel_size: Any, **kw: Any) -> nn.Module:

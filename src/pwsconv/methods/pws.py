@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
 
 from torch import nn
 
 from ..accel import fuse_standardization
+from ..layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
 from ..layers.pws import (PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose1d, PWSConvTranspose2d,
                           PWSConvTranspose3d, PWSLinear)
-from ._base import Method, by_dim
+from ._base import Method, Option, by_dim
 
 
 def _prepare(model: nn.Module, *, fuse: bool = True, recompute: bool = False) -> None:
@@ -22,5 +24,20 @@ METHOD = Method(
     by_dim({1: PWSConv1d, 2: PWSConv2d, 3: PWSConv3d}), None, True,
     linear=lambda i, o, b, **kw: PWSLinear(i, o, bias=b, **kw),
     transposed=by_dim({1: PWSConvTranspose1d, 2: PWSConvTranspose2d, 3: PWSConvTranspose3d}),
-    conv_options=frozenset({"gamma", "use_alpha", "use_gain", "fan_mode", "equiv", "data_init_alpha", "clip", "clip_w"}),
-    prepare=_prepare, extra_params="α per filter", reference="Liu et al. 2021 (this paper)")
+    lazy=by_dim({1: LazyPWSConv1d, 2: LazyPWSConv2d, 3: LazyPWSConv3d}),
+    conv_options=(
+        Option("gamma", float | Literal["auto"], low=0, low_open=True,
+               doc='γ of eq. 12 (1e-3), or "auto": γ·2/n_l relative to the He-init filter variance plus unit-wise '
+                   'gradient clipping in the backward — α and β at λ = 0.01, each filter of W at λ_W = 0.16·(1 − '
+                   'momentum)/LR from the optimizer\'s SGD group (RESULTS.md, "gamma=auto")'),
+        Option("use_alpha", bool, doc="the learnable per-filter α (True; Table 2's switch)"),
+        Option("use_gain", bool, doc="the sqrt(2/n_l) factor of eq. 12 (True; Table 2's switch)"),
+        Option("fan_mode", Literal["fan_in", "fan_out"], doc='the n of sqrt(2/n) ("fan_in": the paper\'s n_l)'),
+        Option("equiv", bool, doc='the authors\' "equiv" option: γ → 2γ/n_l (False)'),
+        Option("data_init_alpha", bool, doc="α from the first training batch's output scale (False)"),
+        Option("clip", float | None, low=0, doc='the clipping λ of α and β (None: 0.01 under gamma="auto", off '
+               'otherwise; 0: off); also of W when clip_w is not given'),
+        Option("clip_w", float | None, low=0, doc='the clipping λ of W\'s filters (None: from the optimizer under '
+               'gamma="auto" — 0.01 without a param_groups SGD group —, else clip; 0: off)'),
+    ),
+    prepare=_prepare, ln_io=True, extra_params="α per filter", reference="Liu et al. 2021 (this paper)")

@@ -178,6 +178,6 @@ def build_external(name: str, method: Any = "pws", *, num_classes: int = 10, in_
         if not takes_classes:
             model = _adapt_classes(model, num_classes, name)
     spec = method if isinstance(method, MethodSpec) else MethodSpec(method, dict(method_opts or {}))
-    if spec.name != "bn":   # "bn" is what these models are built with
+    if not spec.method.keeps_batchnorm:   # BatchNorm is what these models are built with
         model = convert(model, spec.name, inplace=True, **convert_opts, **dict(spec.opts))
     return model.train()

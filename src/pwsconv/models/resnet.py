@@ -185,15 +185,15 @@ def imagenet_resnet(method: str | MethodSpec = "pws", num_classes: int = 1000, i
 
     Args:
         ln_io: GroupNorm(1) (= LayerNorm) after the stem conv and before the global pooling — the paper's ImageNet
-            setting for PWS ("we use LN to normalize the input and the output of ResNet-50", Table 5). ``None`` = on
-            for method "pws" (and for ``pws_variant``), off otherwise.
+            setting for PWS ("we use LN to normalize the input and the output of ResNet-50", Table 5). ``None`` = as
+            the method declares (:attr:`pwsconv.methods.Method.ln_io`: on for "pws"), and on for ``pws_variant``.
         width: multiplies every channel count (``width=0.25``: 16-channel stem).
         pws_variant: the authors' PWS block variant (module docstring).
     """
     spec = MethodSpec(method, method_opts)
     shortcut = _check_shortcut(shortcut)
     if ln_io is None:
-        ln_io = spec.name == "pws" or pws_variant
+        ln_io = spec.method.ln_io or pws_variant
     stem_w = scaled(64, width)
     widths = [scaled(c, width) for c in (64, 128, 256, 512)]
     stages, out_ch = _make_stages(spec, Bottleneck, stem_w, widths, list(layers), [1, 2, 2, 2][: len(layers)],

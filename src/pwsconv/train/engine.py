@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..convert import param_groups
+from ..optim import param_groups
 from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig, fields_with
 from . import distributed as D
 from .checkpoint import (
@@ -161,7 +161,7 @@ def _plain(v: Any) -> Any:
 
 def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     """The network of a :func:`model_spec` (folded to plain layers when ``spec["folded"]``), in eval mode."""
-    from ..convert import fold
+    from ..folding import fold
     from ..models import build_model
 
     model = build_model(spec["model"], spec["method"], num_classes=spec["num_classes"],

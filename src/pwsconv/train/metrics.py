@@ -31,13 +31,13 @@ def _csv_cell(v: Any) -> str:
     return str(v)
 
 
-def _csv_text(rows: list[dict[str, Any]], header: bool) -> str:
+def _csv_text(rows: list[dict[str, Any]], header: bool, columns: tuple[str, ...] = COLUMNS) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if header:
-        w.writerow(COLUMNS)
+        w.writerow(columns)
     for r in rows:
-        w.writerow([_csv_cell(r.get(c)) for c in COLUMNS])
+        w.writerow([_csv_cell(r.get(c)) for c in columns])
     return buf.getvalue()
 
 
@@ -84,19 +84,24 @@ def _append(path: str, data: bytes, size: int) -> None:
 
 
 class MetricsLog:
-    """Append-only metrics files; on resume, rows written after the checkpoint's step are dropped (they are redone)."""
+    """Append-only metrics files; on resume, rows written after the checkpoint's step are dropped (they are redone).
+
+    ``columns``: the CSV's columns (default :data:`COLUMNS`, a classifier's; the detection loop passes its own); the
+    JSONL rows hold every key of a row."""
 
     def __init__(self, out_dir: str, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = False) -> None:
+                 tensorboard: bool = False, columns: tuple[str, ...] = COLUMNS) -> None:
         self.out_dir = out_dir
         self.enabled = enabled
+        self.columns = tuple(columns)
         self.csv_path = os.path.join(out_dir, "metrics.csv")
         self.jsonl_path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
+        self.rows: list[dict[str, Any]] = []
         if not enabled:
             return
         keep = [r for r in read_metrics(out_dir) if resume_step is not None and r.get("step", 0) <= resume_step]
-        atomic_write_text(_csv_text(keep, header=True), self.csv_path)
+        atomic_write_text(_csv_text(keep, header=True, columns=self.columns), self.csv_path)
         atomic_write_text("".join(dumps(r) + "\n" for r in keep), self.jsonl_path)
         self.rows = keep
         if tensorboard:
@@ -112,7 +117,8 @@ class MetricsLog:
         if not self.enabled:
             return
         # both files get the row or neither does: a failed append (a full disk) is cut back to the previous rows
-        lines = ((self.csv_path, _csv_text([row], header=False)), (self.jsonl_path, dumps(row) + "\n"))
+        lines = ((self.csv_path, _csv_text([row], header=False, columns=self.columns)),
+                 (self.jsonl_path, dumps(row) + "\n"))
         sizes = [os.path.getsize(p) if os.path.exists(p) else 0 for p, _ in lines]
         done: list[int] = []
         for i, (path, text) in enumerate(lines):
@@ -129,7 +135,7 @@ class MetricsLog:
             done.append(i)
         self.rows.append(dict(row))
         if self.tb is not None:
-            for k in COLUMNS:
+            for k in self.columns:
                 v = row.get(k)
                 if k not in ("epoch", "step", "status") and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, row["step"])

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Longer-schedule check of Table 4's BN-vs-PWS gap (plain net): 10k CIFAR-10 images, 30 epochs, 2000 test images.
-# Usage: bash results/longer/run.sh   (resumable: re-running continues unfinished runs, skips finished ones)
-cd "$(dirname "$0")/../.."
+# Usage: bash benchmarks/longer_schedule.sh   (resumable: re-running continues unfinished runs, skips finished ones)
+cd "$(dirname "$0")/.."
 run() {  # method lr
   d=results/longer/$1_lr$2
   [ -f $d/result.json ] && return 0

@@ -1,4 +1,4 @@
-"""Issue 12, step 1: what blows up first at a collapsing LR? Reads the probe records written by
+"""What blows up first at a collapsing LR? Reads the probe records written by
 
     pwsconv probe --model convpool_cnn_c_small --dataset cifar10 --methods bn pws pws:gamma=auto \
         --lr LR --steps 45 --batch-size 128 --out results/mechanism/lrLR          (LR = 0.4 and 1.6)
@@ -6,7 +6,10 @@
 and writes results/mechanism/mechanism.png (the committed records are trimmed to the statistics used here and
 gzipped: records.csv.gz) (per step: loss, logit scale, and per conv layer α, |β|, Var[Y_l],
 max 1/sqrt(Var[W_o]+γ), ‖∇W‖, ‖∇α‖, ‖∇β‖) and mechanism.md (for each quantity, the first step at which it exceeds
-10× its step-0 value, per method and LR)."""
+10× its step-0 value, per method and LR).
+
+Usage: python benchmarks/mechanism_analyze.py [DIR]   (DIR: default results/mechanism; it reads DIR/lrLR/ and writes
+DIR/mechanism.png and DIR/mechanism.md)"""
 import csv, gzip, math, os, sys
 from collections import defaultdict
 
@@ -14,7 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
+                                                           "mechanism")
 LRS = ("0.4", "1.6")
 LAYER_STATS = [("alpha_absmax", "max |α|"), ("bias_absmax", "max |β|"), ("y_var", "Var[Y_l]"),
                ("inv_std_max", "max 1/sqrt(Var[W_o]+γ)"), ("grad_norm", "‖∇W‖"), ("alpha_grad_norm", "‖∇α‖"),

@@ -1,6 +1,6 @@
-"""Exploration runs for gamma="auto" (issue 12): plain ConvPool-C (w=0.125) on CIFAR-10, the collapse-scan cpu
+"""Exploration runs for gamma="auto" (results/robust_explore/README.md): plain ConvPool-C (w=0.125) on CIFAR-10, the collapse-scan cpu
 setting (2000 train / 1000 test images, 4 epochs, LR x0.1 after 2 and 3, batch 128, SGD 0.9, wd 5e-4), 1 seed.
-Usage: python results/robust_explore/explore.py OUTDIR VARIANT:LR [VARIANT:LR ...]"""
+Usage: python benchmarks/robust_explore.py OUTDIR VARIANT:LR [VARIANT:LR ...]"""
 import json, sys
 from pwsconv.config import TrainConfig
 from pwsconv.experiments.sweep import RunSpec, run_sweep, results_table

@@ -1,0 +1,80 @@
+"""What the optimizer sees: :func:`param_groups` (α and declared parameters without weight decay, as the paper sets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["param_groups", "is_norm_layer", "NORM_TYPES"]
+
+#: Module types whose parameters count as "norm affine" in :func:`param_groups`.
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                                           nn.LocalResponseNorm)
+
+
+def is_norm_layer(m: nn.Module) -> bool:
+    """True for torch's norm layers and for zoo layers that declare ``is_norm_layer = True``."""
+    return isinstance(m, NORM_TYPES) or bool(getattr(m, "is_norm_layer", False))
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    bias_weight_decay: float | None = None,
+    norm_weight_decay: float | None = None,
+    no_decay_weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups in which α (and every parameter a layer lists in ``no_weight_decay_params``) has
+    weight decay 0, as the paper sets ("Weight decay for α_o is set as 0").
+
+    ``bias_weight_decay`` / ``norm_weight_decay``: weight decay for biases and for the affine parameters of norm
+    layers (``None``: the same as ``weight_decay``, which is what the paper's code does). Parameters that do not
+    require grad are left out; shared parameters appear once. Empty groups are dropped. Each group has a ``"name"``.
+
+    Layers with ``gamma="auto"`` are told which group holds their weight: once an SGD optimizer built from these
+    groups has filled in its learning rate, they set their clipping from it (:func:`pwsconv.functional.auto_clip_w`).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}")
+    if weight_decay is None:
+        raise TypeError("param_groups: weight_decay must be a finite number ≥ 0, got None")
+    for label, v in (("weight_decay", weight_decay), ("bias_weight_decay", bias_weight_decay),
+                     ("norm_weight_decay", norm_weight_decay), ("no_decay_weight_decay", no_decay_weight_decay)):
+        if isinstance(v, bool):
+            raise TypeError(f"param_groups: {label} must be a number, got {v!r}")
+        if v is not None and (not isinstance(v, (int, float)) or v < 0 or v != v or v == float("inf")):
+            raise ValueError(f"{label} must be a finite number ≥ 0, got {v!r}")
+    wd_bias = weight_decay if bias_weight_decay is None else bias_weight_decay
+    wd_norm = weight_decay if norm_weight_decay is None else norm_weight_decay
+    groups: dict[str, tuple[float, list[nn.Parameter]]] = {
+        "decay": (weight_decay, []), "bias": (wd_bias, []), "norm": (wd_norm, []), "no_decay": (no_decay_weight_decay, []),
+    }
+    seen: set[int] = set()
+    for mod in model.modules():
+        exempt = set(getattr(mod, "no_weight_decay_params", ()))
+        if hasattr(mod, "alpha") and isinstance(getattr(mod, "alpha"), nn.Parameter):
+            exempt.add("alpha")
+        for pname, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if pname in exempt:
+                key = "no_decay"
+            elif is_norm_layer(mod):
+                key = "norm"
+            elif pname == "bias":
+                key = "bias"
+            else:
+                key = "decay"
+            groups[key][1].append(p)
+    out = [{"params": ps, "weight_decay": float(wd), "name": k} for k, (wd, ps) in groups.items() if ps]
+    # layers that adapt to their optimizer (gamma="auto" reads the SGD settings of its weight's group once)
+    owner = {id(p): g for g in out for p in g["params"]}
+    for mod in model.modules():
+        link, w = getattr(mod, "link_optimizer_group", None), getattr(mod, "weight", None)
+        if link is not None and isinstance(w, nn.Parameter) and id(w) in owner:
+            link(owner[id(w)])
+    return out
+
