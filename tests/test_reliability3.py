@@ -322,10 +322,11 @@ def test_item06_gamma_must_be_positive(tmp_path, capsys, gamma):
 
 # --------------------------------------------------------------------------------------------- 7. too large a model
 def test_item07_model_too_large_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
+    import pwsconv.train.devices as DV
     import pwsconv.train.engine as E
 
     real = torch.empty
-    monkeypatch.setattr(E, "_available_memory", lambda device: 8 * 2**30)   # an 8 GiB machine
+    monkeypatch.setattr(DV, "_available_memory", lambda device: 8 * 2**30)   # an 8 GiB machine
     rc, _, err = cli(capsys, "train", "--out-dir", tmp_path / "o", *TINY, "--model-opt", "widths=[50000,50000]")
     one_line_error(rc, err, "parameters", "GiB", "8.0 GiB available")
     assert not (tmp_path / "o").exists()

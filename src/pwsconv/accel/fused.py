@@ -3,7 +3,7 @@ node itself (:func:`pws_weights_fused`).
 
 A step of a network with many small layers is dominated by per-op dispatch and autograd bookkeeping, not by
 arithmetic; computing every layer's α·Ŵ together costs a handful of native ops per group of same-shaped layers
-instead of several per layer. Measured in BENCHMARKS.md (issue 13: the fused node against the per-layer path).
+instead of several per layer. Measured in BENCHMARKS.md (the fused node against the per-layer path).
 
 How it reaches the layers: a forward pre-hook on the model computes the weights of the layers that will need a
 fresh one and puts them in a per-forward table held by a :class:`contextvars.ContextVar` (so threads and nested

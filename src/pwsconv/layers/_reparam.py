@@ -215,7 +215,7 @@ class ReparamConvNd(ReparamMixin):
 
     def forward(self, input: Tensor) -> Tensor:
         # ReparamMixin.forward with the conv called directly: one Python call less per layer and forward, measured
-        # at ≈1 µs (BENCHMARKS.md, issue 13), which is a few % of an eval forward at batch 2
+        # at ≈1 µs (BENCHMARKS.md), which is a few % of an eval forward at batch 2
         if self._data_init:
             self._maybe_data_init(input)
         w, b = accel.weight_and_bias(self)

@@ -13,10 +13,9 @@ epoch's running sums). A resumed run restarts the loader in the same epoch at th
 loader's order and augmentation depend only on (seed, epoch)), so on CPU its final weights equal an uninterrupted
 run's.
 
-A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends), or a non-finite output of the
-evaluation (finite weights whose logits overflow), ends the run with status ``"nan"`` and NaN metrics, as the
-paper's tables report a collapse — it is a result, not an exception.
-"""
+A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends), or a non-finite evaluation
+output, ends the run with status ``"nan"`` and NaN metrics (a collapse is a result, not an exception). Helpers:
+``devices``, ``evaluate``, ``spec`` (model spec, saved-config checks), ``result``."""
 
 from __future__ import annotations
 
@@ -25,16 +24,14 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..optim import param_groups
-from ..config import RESUME_MUTABLE_FIELDS, ConfigError, TrainConfig, fields_with
+from ..config import ConfigError, TrainConfig
 from . import distributed as D
 from .checkpoint import (
     CHECKPOINT_FORMAT,
@@ -49,266 +46,18 @@ from .checkpoint import (
     scheduler_state,
     set_rng_state,
 )
+from .devices import (_AMP_DTYPES, DEVICE_TYPES, _available_memory, _check_model_fits, _grad_scaler,  # noqa: F401
+                      _is_oom, check_device, resolve_device)
+from .evaluate import evaluate
 from .metrics import MetricsLog, read_metrics
-from .rundir import check_output_dir, is_run_file, lock_run_dir, remove_stale_temps
+from .result import FINAL_METRICS, NAN, RunDirError, RunResult
+from .spec import (_COSMETIC_FIELDS, ConfigMismatchError, _as_config, _config_diff, _nonempty_dir,  # noqa: F401
+                   _saved_configs, build_from_spec, model_spec)
+from .rundir import check_output_dir, lock_run_dir, remove_stale_temps
 from .step import train_step
 
 __all__ = ["train", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec", "model_spec",
            "resolve_device", "check_device", "FINAL_METRICS", "DEVICE_TYPES"]
-
-FINAL_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "images_per_s")
-NAN = float("nan")
-
-
-class RunDirError(ValueError):
-    """The output directory cannot be used (it holds another run and ``resume`` was not asked for)."""
-
-
-@dataclass
-class RunResult:
-    """What a run produced: ``status`` ("ok" or "nan" = collapsed), final ``metrics`` (NaN where missing or collapsed),
-    progress counters, and the paths of its files."""
-
-    status: str
-    metrics: dict[str, float]
-    epoch: float
-    step: int
-    wall_time: float
-    out_dir: str
-    config: dict[str, Any]
-    paths: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.config.get("name") or os.path.basename(os.path.normpath(self.out_dir))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunResult":
-        metrics = {k: (NAN if v is None else float(v)) for k, v in dict(d.get("metrics", {})).items()}
-        return cls(status=d["status"], metrics=metrics, epoch=float(d.get("epoch", 0)), step=int(d.get("step", 0)),
-                   wall_time=float(d.get("wall_time") or 0.0), out_dir=d.get("out_dir", ""),
-                   config=dict(d.get("config", {})), paths=dict(d.get("paths", {})))
-
-    @classmethod
-    def load(cls, out_dir: str | os.PathLike) -> "RunResult":
-        import json
-
-        with open(os.path.join(out_dir, "result.json"), encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
-
-# ------------------------------------------------------------------------------------------------------------ helpers
-#: Device types pwsconv trains and evaluates on ("meta" has no data, "quantum" does not exist).
-DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
-
-
-def check_device(name: Any, what: str = "device") -> torch.device | None:
-    """A one-line :class:`~pwsconv.config.ConfigError` unless ``name`` is "auto" or a device pwsconv can compute on
-    and that exists here (CUDA available, index < device count). Returns the device (``None`` for "auto")."""
-    if not isinstance(name, str):
-        raise ConfigError(f"{what} must be a string such as 'auto', 'cpu' or 'cuda:0', got {name!r}")
-    if name == "auto":
-        return None
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"{what} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
-    if dev.type not in DEVICE_TYPES:
-        raise ConfigError(f"{what} {name!r} cannot run pwsconv; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {name!r} requested but MPS is not available")
-    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise ConfigError(f"device {name!r} requested but XPU is not available")
-    return dev
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" → ``cuda:LOCAL_RANK`` if CUDA is available, else cpu; a bare "cuda" also gets the local rank.
-    An unknown, unusable ("meta") or absent device is a one-line :class:`~pwsconv.config.ConfigError`."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = check_device(name)
-    assert dev is not None
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
-
-def model_spec(cfg: TrainConfig, bundle: Any) -> dict[str, Any]:
-    """Everything needed to rebuild the network (and its input normalization) without the training data."""
-    return {
-        "model": cfg.model, "method": cfg.method, "method_opts": dict(cfg.method_opts),
-        "model_opts": dict(cfg.model_opts),
-        "num_classes": int(bundle.num_classes), "in_channels": int(bundle.in_channels),
-        "image_size": _plain(bundle.image_size), "mean": [float(v) for v in bundle.mean],
-        "std": [float(v) for v in bundle.std], "dataset": cfg.dataset, "folded": False,
-    }
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [int(x) for x in v]
-    return int(v) if v is not None else None
-
-
-def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
-    """The network of a :func:`model_spec` (folded to plain layers when ``spec["folded"]``), in eval mode."""
-    from ..folding import fold
-    from ..models import build_model
-
-    model = build_model(spec["model"], spec["method"], num_classes=spec["num_classes"],
-                        in_channels=spec["in_channels"], **dict(spec.get("model_opts") or {}),
-                        method_opts=dict(spec.get("method_opts") or {}))
-    if spec.get("folded"):
-        model = fold(model.eval())
-    return model.eval()
-
-
-#: ``TrainConfig.amp`` → the autocast dtype.
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(device: torch.device, amp: str | None):
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
-
-
-def _grad_scaler(device: torch.device, amp: str | None):
-    if amp != "fp16":
-        return None
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type)
-    return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")  # pragma: no cover - torch < 2.3
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device | str | None = None, amp: str | None = None,
-             distributed: bool | None = None) -> dict[str, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` over ``loader`` (in eval mode; the mode is restored).
-
-    Under torch.distributed with a sharded loader (``world_size > 1``) the sums are all-reduced, so every process
-    gets the metrics of the whole set. Returns ``{"loss", "acc", "acc5", "n", "nonfinite"}`` (``acc5``: top-5
-    accuracy, NaN with fewer than 5 classes; ``nonfinite``: how many images got a NaN or infinite output — their
-    "accuracy" is meaningless, and the training loop counts any as a collapse).
-    """
-    model = _unwrap(model)
-    was_training = model.training
-    model.eval()
-    dev = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    sums = torch.zeros(5, dtype=torch.float64, device=dev)
-    k5 = True
-    try:
-        for x, y in loader:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with _autocast(dev, amp):
-                out = model(x)
-            out = out.float()
-            sums[0] += F.cross_entropy(out, y, reduction="sum").double()
-            sums[1] += (out.argmax(1) == y).sum()
-            sums[2] += y.numel()
-            k5 = k5 and out.shape[1] >= 5
-            if k5 and len(y):
-                sums[3] += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-            sums[4] += (~torch.isfinite(out).reshape(len(out), -1).all(1)).sum()
-    finally:
-        model.train(was_training)
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            getattr(loader, "world_size", 1) > 1
-    if distributed:
-        torch.distributed.all_reduce(sums)
-    loss, correct, n, correct5, nonfinite = sums.tolist()
-    return {"loss": loss / n if n else NAN, "acc": correct / n if n else NAN,
-            "acc5": correct5 / n if n and k5 else NAN, "n": int(n), "nonfinite": int(nonfinite)}
-
-
-def _as_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike) -> TrainConfig:
-    if isinstance(config, TrainConfig):
-        return TrainConfig.from_dict(config.to_dict())
-    if isinstance(config, Mapping):
-        return TrainConfig.from_dict(config)
-    from ..config import load_config
-
-    return load_config(config)
-
-
-def _nonempty_dir(path: str) -> bool:
-    return os.path.isdir(path) and any(is_run_file(e.name) for e in os.scandir(path))
-
-
-def _normalized(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved config as the current code reads it: missing keys (fields added since) get their defaults."""
-    try:
-        return TrainConfig.from_dict(cfg, validate=False).to_dict()
-    except (ConfigError, TypeError, ValueError):   # a key of another version: compare what is there
-        return {**TrainConfig().to_dict(), **dict(cfg)}
-
-
-def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
-                 ignore: frozenset[str] | set[str] = RESUME_MUTABLE_FIELDS) -> list[str]:
-    old, new = _normalized(old), _normalized(new)
-    out = []
-    for k in sorted(set(old) | set(new)):
-        if k in ignore:
-            continue
-        if old.get(k) != new.get(k):
-            out.append(f"{k} {old.get(k)!r} → {new.get(k)!r}")
-    return out
-
-
-#: Fields that leave a run the same run (a finished run with other values here is still the one asked for).
-_COSMETIC_FIELDS = fields_with("cosmetic")
-
-
-class ConfigMismatchError(ConfigError):
-    """``resume`` into a directory holding a run made with other settings (``diff``: "key old → new" items)."""
-
-    def __init__(self, message: str, diff: list[str]) -> None:
-        super().__init__(message)
-        self.diff = diff
-
-
-def _saved_configs(paths: Mapping[str, str]) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
-    """(file name, config, result or None) for config.yaml and result.json where they exist and can be read.
-    A file that exists but cannot be read is a one-line error (it is not silently replaced)."""
-    import json
-
-    import yaml
-
-    out: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
-    if os.path.isfile(paths["config"]):
-        try:
-            with open(paths["config"], encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise RunDirError(f"cannot resume: {paths['config']} cannot be read ({type(e).__name__}); it holds the "
-                              "settings of the run there, so nothing was changed") from None
-        if not isinstance(data, dict):
-            raise RunDirError(f"cannot resume: {paths['config']} is not a config mapping; nothing was changed")
-        out.append(("config.yaml", data, None))
-    if os.path.isfile(paths["result"]):
-        try:
-            with open(paths["result"], encoding="utf-8") as f:
-                res = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError):
-            res = None    # a result is rebuilt from the metrics; config.yaml still tells the settings
-        if isinstance(res, dict) and isinstance(res.get("config"), dict):
-            out.append(("result.json", res["config"], res))
-    return out
 
 
 def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
@@ -319,64 +68,6 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
     prepare_for_training(model, cfg.method, **prepare_options(cfg))
 
 
-def _is_oom(e: BaseException) -> bool:
-    """An allocator's out-of-memory error (CPU: "can't allocate memory"; CUDA: OutOfMemoryError)."""
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    text = str(e).lower()
-    return isinstance(e, oom) or "out of memory" in text or "can't allocate memory" in text
-
-
-def _available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated on ``device`` (free GPU memory; on CPU the kernel's MemAvailable, or the
-    container's memory limit less its usage if that is smaller), or None where it cannot be told."""
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except (RuntimeError, AssertionError):
-            return None
-    if device.type != "cpu":
-        return None
-    found: list[int] = []
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:   # cgroup v2 limit of a container
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            found.append(max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
-
-
-def _check_model_fits(build: Callable[[], nn.Module], cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse, in one line and before allocating anything, a network whose weights, gradients and momentum alone
-    need more memory than ``device`` has. The size comes from building it on the meta device (no memory); a
-    network that cannot be built there is not estimated (its real build reports an allocation failure itself)."""
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            meta = build()
-        numel = sum(p.numel() for p in meta.parameters())
-        bytes_each = max((p.element_size() for p in meta.parameters()), default=4)
-    except Exception:   # noqa: BLE001 - a builder that needs real tensors: not estimated
-        return
-    copies = 2 + (cfg.momentum > 0)           # weights, gradients, SGD momentum
-    need = numel * bytes_each * copies
-    avail = _available_memory(device)
-    if avail is not None and need > avail:
-        raise ConfigError(f"model {cfg.model!r} with model_opts {dict(cfg.model_opts)} has {numel:,} parameters: "
-                          f"training needs at least {need / 2**30:,.1f} GiB (weights, gradients and momentum), "
-                          f"more than the {avail / 2**30:,.1f} GiB available on {device}")
-
-
-# ---------------------------------------------------------------------------------------------------------- the run
 class _Run:
     """State of one training run: built by ``__init__``, advanced by :meth:`loop`."""
 
