@@ -143,11 +143,12 @@ def _targets(sub: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _ablation(abl: list[dict[str, Any]], lr_agg: list[dict[str, Any]]) -> str:
     arch = abl[0]["arch"]
+    lrs = sorted({a["LR"] for a in abl})
     cell = {(a["method"], a["LR"]): collapse._marked(a) for a in abl + [a for a in lr_agg if a["arch"] == arch]}
     labels = ["bn", "pws", "pws auto"] + list(dict.fromkeys(a["method"] for a in abl))
-    rows = [[m] + [cell.get((m, lr), "—") for lr in ABLATION_LRS] for m in labels]
+    rows = [[m] + [cell.get((m, lr), "—") for lr in lrs] for m in labels]
     return f"### Ablation of gamma=\"auto\", {arch} net\n\n" + \
-        md_table(["variant"] + [f"LR {lr:g}" for lr in ABLATION_LRS], rows)
+        md_table(["variant"] + [f"LR {lr:g}" for lr in lrs], rows)
 
 
 def _batch(bat: list[dict[str, Any]]) -> str:
@@ -185,8 +186,8 @@ def summary(ctx: Context) -> str:
         sub = [a for a in part["lr"] if a["arch"] == arch]
         parts.append(f"### LR scan, {arch} net (batch 128)\n\n" + collapse.lr_scan(sub)[0])
         targets[arch] = _targets(sub)
-    if part["ablation"]:
-        parts.append(_ablation(part["ablation"], part["lr"]))
+    for arch in dict.fromkeys(a["arch"] for a in part["ablation"]):
+        parts.append(_ablation([a for a in part["ablation"] if a["arch"] == arch], part["lr"]))
     if part["batch"]:
         parts.append(_batch(part["batch"]))
         cell = {(a["method"], a["batch"]): a for a in part["batch"]}
