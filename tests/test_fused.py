@@ -810,3 +810,35 @@ def test_keyboard_interrupt_in_forward_leaves_a_table_the_next_forward_drops(rec
     ref(x).sum().backward()
     torch.testing.assert_close(net.a.weight.grad, ref.a.weight.grad)
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None   # no saved-tensor hooks left
+
+
+@pytest.mark.parametrize("gamma", [1e-3, "auto"])
+def test_channels_last_model_is_fused_with_the_per_layer_values(gamma, monkeypatch):
+    """A channels_last model (``model.to(memory_format=torch.channels_last)``: every 4-d weight strided) is served by
+    the fused node through the weights' [O, kh, kw, C] views — no layer falls back to computing its own weight —
+    with the per-layer path's gradients (values and layout). With ``recompute=True``
+    those layers compute their own weights (the same values)."""
+    torch.manual_seed(0)
+    ref = build_model("resnet_cifar_small", "pws", method_opts={"gamma": gamma}, width=0.25)
+    net = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    ref = ref.to(memory_format=torch.channels_last)
+    handle = pwsconv.fuse_standardization(net)
+    x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (4,))
+    calls = []
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: calls.append(self) or orig(self))
+    for m in (ref, net):
+        m.train()
+        (torch.nn.functional.cross_entropy(m(x), y) * 1e3).backward()
+    assert calls and all(any(c is r for r in ref.modules()) for c in calls)   # only the unfused net computed its own
+    for (k, p), (_, q) in zip(ref.named_parameters(), net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5,    # float rounding of other conv layouts
+                                   msg=lambda m: f"{k}: {m}")
+        assert q.grad.stride() == p.grad.stride(), (k, q.grad.stride(), p.grad.stride(), q.stride())
+    handle.remove()
+    handle = pwsconv.fuse_standardization(net, recompute=True)
+    calls.clear()
+    net(x).sum().backward()
+    assert calls                                  # the strided weights were left to their layers
+    handle.remove()

@@ -342,9 +342,18 @@ class _FusePre:
                 args_.append(spec)
         if not layers:
             return
+        if self.recompute:   # recompute rebuilds α·Ŵ from the [filters, n] view of a contiguous weight only
+            keep = [i for i, sp in enumerate(args_) if sp[0].is_contiguous()]
+            layers, args_ = [layers[i] for i in keep], [args_[i] for i in keep]
+            if not layers:
+                return
         ws, als, gammas, gains, lams, biases = zip(*args_)
+        # a channels_last weight is standardized through its contiguous [O, kh, kw, C] view (per-filter statistics do
+        # not depend on the order of a filter's elements); its α·Ŵ is handed back in the weight's own layout
+        cl = [not w.is_contiguous() for w in ws]
+        rows = [w.permute(0, 2, 3, 1) if c else w for w, c in zip(ws, cl)]
         # gamma="auto" / clip: the node clips ∂L/∂W per filter (λ_W) and ∂L/∂α per entry (λ) in its backward
-        outs = pws_weights_fused(ws, als, gammas, gains, lams)
+        outs = [o.permute(0, 3, 1, 2) if c else o for o, c in zip(pws_weights_fused(rows, als, gammas, gains, lams), cl)]
         # β of the clipped layers: one clipping node for all of them, not one per layer
         bias_out = list(biases)
         clipped = [i for i, b in enumerate(biases) if lams[i][1] and b is not None and b.requires_grad and grad]

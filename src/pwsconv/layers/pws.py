@@ -135,14 +135,14 @@ class PWSMixin(ReparamMixin):
         return unit_clip(b, self.clip_lambda)          # b itself without λ, a gradient or autograd
 
     def fused_args(self) -> tuple | None:
-        """(W, α, γ, gain, (λ_W, λ), β) for :func:`pwsconv.fuse_standardization`, or ``None`` when the fused node cannot
-        standardize this layer (transposed layout, low precision, non-contiguous, α data-init still to run, a lazy
-        layer before its first input, a weight taken over by ``nn.utils.parametrize``)."""
+        """(W, α, γ, gain, (λ_W, λ), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
+        (transposed, low precision, strided, α data-init to run, lazy before its first input, parametrized)."""
         p = self._parameters
         if "weight" not in p or "alpha" not in p:
             return None
         w, a = p["weight"], p["alpha"]
-        if self._transposed_layout or w.dtype not in _FUSE_DTYPES or not w.is_contiguous() or w.is_inference() \
+        if self._transposed_layout or w.dtype not in _FUSE_DTYPES or w.is_inference() or not (w.is_contiguous() or (
+                w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))) \
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \
                 or (self.data_init_alpha and a is not None and not bool(self.alpha_initialized)):
             return None
