@@ -345,7 +345,8 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
                      "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds, digits).")
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}, or (GPU tables, the detection "
                                                 "extra) voc_table1, voc_table2, coco_table3, imagenet_table5")
-    p.add_argument("--preset", default=None, help="cpu (default), full or smoke; robust also has medium (CPU, longer) and gpu (one GPU, all of CIFAR-10; use --jobs)")
+    p.add_argument("--preset", default=None, help="cpu (default), full or smoke; robust also has medium (CPU, "
+                                                  "longer) and gpu (one GPU, all of CIFAR-10; use --jobs)")
     p.add_argument("--full", action="store_true", help="same as --preset full")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default results/reproduce/NAME_PRESET; finished runs there are skipped)")
