@@ -28,17 +28,19 @@ ALLOWED = {
 }
 
 
+def _relative(path: pathlib.Path, node: ast.ImportFrom) -> list[str]:
+    """The dotted parts (relative to the package) that ``from <dots><module> import ...`` in ``path`` names."""
+    pkg = list(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+    return base + (node.module.split(".") if node.module else [])
+
+
 def _imports(path: pathlib.Path) -> set[str]:
     """The pwsconv top-level names a file imports (module level or inside functions)."""
-    rel = path.relative_to(ROOT).with_suffix("").parts
-    pkg = list(rel[:-1]) if rel[-1] != "__init__" else list(rel[:-1])
-    if rel[-1] == "__init__" and len(rel) > 1:
-        pkg = list(rel[:-1])
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
-            parts = base + (node.module.split(".") if node.module else [])
+            parts = _relative(path, node)
             if parts:
                 out.add(parts[0])
             else:   # ``from .. import x``: a submodule x, or a name of the package root
@@ -92,13 +94,10 @@ def test_the_pws_layer_file_is_short_and_shows_eq_12():
 
 def _module_imports(path: pathlib.Path) -> set[str]:
     """The pwsconv modules (dotted, relative to the package) a file imports, module level or inside functions."""
-    rel = path.relative_to(ROOT).with_suffix("").parts
-    pkg = list(rel[:-1])
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
-            parts = base + (node.module.split(".") if node.module else [])
+            parts = _relative(path, node)
             for a in node.names:   # ``from .x import y``: y may be a submodule of x
                 sub = parts + [a.name]
                 as_module = ROOT.joinpath(*sub).with_suffix(".py").exists() or ROOT.joinpath(*sub).is_dir()
