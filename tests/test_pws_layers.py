@@ -859,3 +859,20 @@ def test_pws_weight_low_precision_weights():
     layer = PWSConv2d(4, 6, 3).to(torch.bfloat16)
     y = layer(torch.randn(1, 4, 5, 5, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_the_engine_evaluation_computes_each_weight_once_and_leaves_no_cache(monkeypatch):
+    from pwsconv.models import build_model
+    from pwsconv import PWSMixin
+    from pwsconv.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    net = build_model("resnet_cifar_small", "pws", num_classes=10, in_channels=3)
+    layers = [m for m in net.modules() if isinstance(m, PWSMixin)]
+    calls = []
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: (calls.append(1), orig(self))[1])
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    res = evaluate(net, loader)
+    assert res["n"] == 12 and len(calls) == len(layers) > 0 and net.training
+    assert not any(is_cached(m) or "_weight_source" in m.__dict__ for m in layers)
