@@ -96,6 +96,10 @@ class _PWSMany(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         needs = ctx.needs_input_grad
         res: list[Tensor | None] = [None] * len(needs)
+        # unit-wise clipping (gamma="auto", clip=) of all groups at once, with foreach ops after the loop: W's filters
+        # (rows) to ‖∂L/∂W_o‖ ≤ λ_W·max(‖W_o‖, 1e-3), each α entry to |∂L/∂α| ≤ λ·max(|α|, 1e-3) — unit_clip's bounds
+        cw: list[tuple] = []     # (gw as [rows, n], per-row ‖gw‖, λ_W, n, γ, mean, rstd) per clipped group
+        ca: list[tuple] = []     # (∂L/∂α of one layer, its α, λ) per clipped layer
         for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd) in zip(
                 ctx.spec, ctx.groups):
             gl = [grads[k] for k in layers]
@@ -122,10 +126,9 @@ class _PWSMany(torch.autograd.Function):
                                      True, gamma, [need_w, need_a, False])
             clip_w, clip_a = clip
             if need_w:
-                if clip_w:   # unit-wise gradient clipping per filter (the rows), as unit_clip does per layer
-                    pn = torch.linalg.vector_norm(w.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-3)
-                    gn = torch.linalg.vector_norm(gw.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-30)
-                    gw = gw.view(r_all, n) * (pn.mul_(clip_w) / gn).clamp_(max=1.0)
+                gw = gw.view(r_all, n)
+                if clip_w:
+                    cw.append((gw, torch.linalg.vector_norm(gw, dim=1), clip_w, n, gamma, mean, rstd))
                 gw = gw.view(shape)
                 parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
                 for i, gi, p in zip(w_pos, gl, parts):
@@ -134,14 +137,33 @@ class _PWSMany(torch.autograd.Function):
             if need_a:
                 if gain != 1.0:
                     gs = gs.mul_(gain)
-                if clip_a:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
-                    a_all = al[0] if len(al) == 1 else torch.cat(al)
-                    bound = a_all.abs().clamp_min(1e-3).mul_(clip_a)
-                    gs = torch.clamp(gs, -bound, bound)
                 parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
-                for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
+                for i, gi, p, a in zip(a_pos, gl, parts, al):   # α is 1-d here (pws_weights_fused)
                     if gi is not None:
                         res[i + 2] = p
+                        if clip_a:
+                            ca.append((p, a, clip_a))
+        if cw:
+            gws, gns, lams, ns, gammas, means, rstds = zip(*cw)
+            # ‖W_o‖ from the saved statistics: ‖W_o‖² = n·(Var + E²) with Var = 1/rstd² − γ (no pass over W)
+            pn = torch._foreach_pow(rstds, -2.0)
+            torch._foreach_add_(pn, [-g for g in gammas])
+            torch._foreach_addcmul_(pn, means, means)
+            torch._foreach_clamp_min_(pn, 0.0)        # a constant filter: Var = 0 up to rounding, never below
+            torch._foreach_mul_(pn, list(ns))
+            torch._foreach_sqrt_(pn)
+            torch._foreach_clamp_min_(pn, 1e-3)
+            torch._foreach_mul_(pn, list(lams))
+            torch._foreach_div_(pn, torch._foreach_clamp_min(gns, 1e-30))
+            torch._foreach_clamp_max_(pn, 1.0)
+            torch._foreach_mul_(gws, [q.unsqueeze(1) for q in pn])   # in place: res holds views of these
+        if ca:
+            gas, alphas, lams = zip(*ca)
+            bound = torch._foreach_abs(alphas)
+            torch._foreach_clamp_min_(bound, 1e-3)
+            torch._foreach_mul_(bound, list(lams))
+            torch._foreach_maximum_(gas, torch._foreach_neg(bound))
+            torch._foreach_minimum_(gas, bound)
         return tuple(res)
 
 
