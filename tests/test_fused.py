@@ -843,3 +843,32 @@ def test_channels_last_model_is_fused_with_the_per_layer_values(gamma, monkeypat
     net(x).sum().backward()
     assert calls                                  # the strided weights were left to their layers
     handle.remove()
+
+
+def test_large_weights_are_not_concatenated_on_a_cpu(monkeypatch):
+    """Weights above ``CPU_CAT_LIMIT`` elements form their own group (no copy into a concatenation), with the same
+    values and gradients as the per-layer computation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pwsconv.accel import fused as fused_module
+
+    class Cats(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Cats.n += func is torch.ops.aten.cat.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    ws = [torch.randn(8, 3, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    ws.append(torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True))
+    als = [torch.rand(w.shape[0], dtype=torch.float64, requires_grad=True) for w in ws]
+    for limit, cats in ((1 << 62, 2), (100, 0)):    # 216 and 108 elements: one group of three, or three groups
+        monkeypatch.setattr(fused_module, "CPU_CAT_LIMIT", limit)
+        Cats.n = 0
+        with Cats():
+            outs = pws_weights_fused(ws, als, [1e-3] * 3, [0.5] * 3)
+        assert Cats.n == cats
+        for o, w, a in zip(outs, ws, als):
+            torch.testing.assert_close(o, pws_weight(w, 1e-3, a.view(-1, 1, 1, 1), gain=0.5))
+        assert gradcheck(lambda *t: pws_weights_fused(t[:3], t[3:], [1e-3] * 3, [0.5] * 3), (*ws, *als))

@@ -29,6 +29,8 @@ from .source import _ACTIVE, _Forward, needs_fresh, uninstall_source, weight_sou
 __all__ = ["pws_weights_fused", "fuse_standardization", "FuseHandle"]
 
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+#: weights with more elements than this are not concatenated with other layers' on a CPU (their own group)
+CPU_CAT_LIMIT = 1 << 14
 
 
 class _PWSMany(torch.autograd.Function):
@@ -194,7 +196,10 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
         if a is not None and a.numel() != rows:
             raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
         clip = (float(clip[0] or 0.0), float(clip[1] or 0.0)) if isinstance(clip, tuple) else (float(clip or 0.0),) * 2
-        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None, clip)
+        # a large weight is not concatenated with others (its own group): on a CPU copying it costs more than the
+        # dispatch it would save (measured on torchvision's ResNet-50, BENCHMARKS.md); on a GPU copies are cheap
+        alone = k if w.device.type == "cpu" and w.numel() > CPU_CAT_LIMIT else None
+        key = (w.shape[1:], w.dtype, w.device, float(gamma), float(gain), a is not None, clip, alone)
         grp = groups.get(key)
         if grp is None:
             grp = groups[key] = ([], [], [] if a is not None else None, [])
