@@ -23,7 +23,6 @@ output, ends the run with status ``"nan"`` and NaN metrics (a collapse is a resu
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -52,7 +51,7 @@ from .devices import (_AMP_DTYPES, DEVICE_TYPES, _available_memory, _check_model
                       _is_oom, check_device, resolve_device)
 from .evaluate import evaluate
 from .metrics import MetricsLog, read_metrics
-from .result import FINAL_METRICS, NAN, RunDirError, RunResult
+from .result import FINAL_METRICS, RunDirError, RunResult
 from .spec import (_COSMETIC_FIELDS, ConfigMismatchError, _as_config, _config_diff, _nonempty_dir,  # noqa: F401
                    build_from_spec, check_saved_run, model_spec)
 from .rundir import check_output_dir, lock_run_dir, remove_stale_temps
@@ -61,14 +60,6 @@ from .task import ClassificationTask, Task, to_device
 
 __all__ = ["train", "run_task", "Task", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec", "model_spec",
            "resolve_device", "check_device", "FINAL_METRICS", "DEVICE_TYPES"]
-
-
-def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
-    """The method's acceleration of a built network before it trains (same values and gradients; BENCHMARKS.md)."""
-    from ..config import prepare_options
-    from ..methods import prepare_for_training
-
-    prepare_for_training(model, cfg.method, **prepare_options(cfg))
 
 
 class _Run:
@@ -135,7 +126,7 @@ class _Run:
                               f"memory of {device}: {' '.join(str(e).split())[:160]}") from None
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        _prepare_model(model, cfg)
+        task.prepare(model)
         self.spec = task.spec()
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)
@@ -223,9 +214,9 @@ class _Run:
         return self.wall_before + (time.perf_counter() - self.t_start)
 
     def collapsed(self) -> bool:
-        """Non-finite parameter or running loss, on any process. Under fp16 the GradScaler skips steps with a
+        """Non-finite parameter (unless the task says otherwise) or running loss, on any process. Under fp16 the GradScaler skips steps with a
         non-finite loss, so there a collapse is a loss scale driven below 1 (even unscaled gradients overflow)."""
-        flags = [torch.isfinite(p).all() for p in self.raw_model.parameters()]
+        flags = [torch.isfinite(p).all() for p in self.raw_model.parameters()] if self.task.check_weights else []
         if self.scaler is None:
             flags.append(torch.isfinite(self.sums[0]))
         else:

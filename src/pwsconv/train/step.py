@@ -13,7 +13,6 @@ backward and the optimizer step (gradient clipping, a probe of the gradients).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch

@@ -57,6 +57,7 @@ class Task:
         warmup_steps, warmup_factor: the LR rises linearly from ``warmup_factor``·LR to the LR over the first
             ``warmup_steps`` steps (0: no warm-up).
         files: write the run directory (config, metrics, checkpoints, ``result.json``); ``False``: an in-memory run.
+        check_weights: a non-finite weight is a collapse (``False``: only a non-finite loss is).
         after_forward, before_step: the training step's hooks (None: none).
     """
 
@@ -66,6 +67,7 @@ class Task:
     warmup_steps: int = 0
     warmup_factor: float = 1.0
     files: bool = True
+    check_weights: bool = True
     after_forward: Callable[[torch.Tensor, Any], bool | None] | None = None
     before_step: Callable[[], None] | None = None
     train_loader: Any = None
@@ -89,6 +91,14 @@ class Task:
     def check_spec(self, spec: Any, path: str) -> None:
         """Refuse a checkpoint's damaged ``model_spec`` (one line naming ``path``)."""
         check_model_spec(spec, path)
+
+    def prepare(self, model: nn.Module) -> None:
+        """The method's acceleration of the built network (on its device) before it trains (same values and
+        gradients; BENCHMARKS.md), with the options its config fields declare."""
+        from ..config import prepare_options
+        from ..methods import prepare_for_training
+
+        prepare_for_training(model, self.cfg.method, **prepare_options(self.cfg))
 
     def bind(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         """Called with the network (unwrapped) and its optimizer before the first step (hooks attach here)."""
