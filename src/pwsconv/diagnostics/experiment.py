@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import TrainConfig
+from ..train import TrainConfig
 from ..train.engine import run_task
 from ..train.step import train_step
 from ..train.task import Task
