@@ -128,7 +128,8 @@ class DetConfig(TrainConfig):
         need(self.amp in (None, "bf16"), f"amp must be null or 'bf16', got {self.amp!r}")
         need(self.warmup_steps >= 0 and 0 < self.warmup_factor <= 1, "warmup_steps ≥ 0 and warmup_factor in (0, 1]")
         need(self.eval_every >= 0, f"eval_every must be ≥ 0, got {self.eval_every}")
-        need(self.size is None or (isinstance(self.size, int) and self.size >= 32), f"size must be ≥ 32, got {self.size}")
+        need(self.size is None or (isinstance(self.size, int) and self.size >= 32),
+             f"size must be ≥ 32, got {self.size}")
         need(not self.masks or self.model.startswith("maskrcnn"), "masks: true needs a maskrcnn_* model")
         need(self.weights is None or self.model.endswith("_fpn"), "weights is for the R-CNN models (SSD: from scratch)")
         if self.weights is not None:
@@ -152,7 +153,8 @@ def _same(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 class DetectionTask(Task):
     """A detector (:mod:`pwsconv.detection.models`) on VOC or COCO (:mod:`pwsconv.detection.data`): the loss is the
-    sum of the detector's loss dict, the score the test set's mAP (:func:`~pwsconv.detection.evaluate.evaluate_detector`)."""
+    sum of the detector's loss dict, the score the test set's mAP
+    (:func:`~pwsconv.detection.evaluate.evaluate_detector`)."""
 
     checkpoint_format = DET_CHECKPOINT_FORMAT
     columns = _COLUMNS

@@ -173,8 +173,8 @@ class _Cycle:
 
 
 class ProbeTask(Task):
-    """One method's run of the Figure 1 experiment as a task of the engine's loop (:func:`pwsconv.train.engine.run_task`):
-    ``steps`` SGD steps of ``model_fn(method)`` (built under ``seed``; α exempt from weight decay) on ``batches``, an
+    """One method's run of the Figure 1 experiment as a task of the engine's loop
+    (:func:`pwsconv.train.engine.run_task`): ``steps`` SGD steps of ``model_fn(method)`` (built under ``seed``; α exempt from weight decay) on ``batches``, an
     in-memory run (no files) with a :class:`VarianceProbe` on the network and its optimizer, recording between
     forward and backward (the loss, the logit scale) in ``after_forward``. The first non-finite loss ends the run
     there (no backward; its forward statistics are kept): ``collapsed_at`` is that step (0-based)."""

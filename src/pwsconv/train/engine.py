@@ -58,7 +58,8 @@ from .rundir import check_output_dir, lock_run_dir, remove_stale_temps
 from .step import train_step
 from .task import ClassificationTask, Task, to_device
 
-__all__ = ["train", "run_task", "Task", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec", "model_spec",
+__all__ = ["train", "run_task", "Task", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec",
+           "model_spec",
            "resolve_device", "check_device", "FINAL_METRICS", "DEVICE_TYPES"]
 
 
@@ -214,8 +215,8 @@ class _Run:
         return self.wall_before + (time.perf_counter() - self.t_start)
 
     def collapsed(self) -> bool:
-        """Non-finite parameter (unless the task says otherwise) or running loss, on any process. Under fp16 the GradScaler skips steps with a
-        non-finite loss, so there a collapse is a loss scale driven below 1 (even unscaled gradients overflow)."""
+        """Non-finite parameter (unless the task says otherwise) or running loss, on any process. Under fp16 the
+        GradScaler skips steps with a non-finite loss, so there a collapse is a loss scale driven below 1 (even unscaled gradients overflow)."""
         flags = [torch.isfinite(p).all() for p in self.raw_model.parameters()] if self.task.check_weights else []
         if self.scaler is None:
             flags.append(torch.isfinite(self.sums[0]))

@@ -75,8 +75,8 @@ def _normalized(cfg: Mapping[str, Any], cls: type = TrainConfig) -> dict[str, An
 
 def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] | set[str] | None = None,
                  cls: type = TrainConfig) -> list[str]:
-    """"key old → new" for every field of ``cls`` that differs (``ignore``: default the length and cosmetic ones, which
-    a resumed run may change)."""
+    """"key old → new" for every field of ``cls`` that differs (``ignore``: default the length and cosmetic ones,
+    which a resumed run may change)."""
     ignore = roles_of(cls, "length", "cosmetic") if ignore is None else ignore
     old, new = _normalized(old, cls), _normalized(new, cls)
     out = []

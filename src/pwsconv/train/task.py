@@ -77,7 +77,7 @@ class Task:
 
     # ------------------------------------------------------------------ setup
     def setup(self, dist: Any, device: torch.device) -> None:
-        """Load the data and set ``train_loader`` — before anything is written (a missing data set leaves no trace)."""
+        """Load the data and set ``train_loader`` — before anything is written (missing data leave no trace)."""
         raise NotImplementedError
 
     def build(self) -> nn.Module:
