@@ -4,8 +4,8 @@
   the update would be, do not apply it — so that a network that would collapse at a large LR can be measured on all
   the data.
 - :func:`run_probe_experiment`: the Figure 1 experiment — the same network built for each normalization method
-  ("none", "bn", "pws", ...), trained (or measured without update) at a large LR with SGD (momentum 0.9), a
-  :class:`~pwsconv.diagnostics.VarianceProbe` on each; writes CSV + JSON lines + the PNG plots of Figures 1, 2, 6 and
+  ("none", "bn", "pws", ...), trained (the engine's loop with a :class:`ProbeTask`) or measured without update at a
+  large LR with SGD (momentum 0.9), a :class:`~pwsconv.diagnostics.VarianceProbe` on each; writes CSV + JSON lines + the PNG plots of Figures 1, 2, 6 and
   of Var[Y_l] vs eq. 5, and returns a short Markdown summary: the shift of the average gradient per layer for each
   method and whether the plain network's Var[Y_l] grows with depth as eq. 6 predicts.
 """
@@ -174,9 +174,10 @@ class _Cycle:
 
 class ProbeTask(Task):
     """One method's run of the Figure 1 experiment as a task of the engine's loop
-    (:func:`pwsconv.train.engine.run_task`): ``steps`` SGD steps of ``model_fn(method)`` (built under ``seed``; α exempt from weight decay) on ``batches``, an
-    in-memory run (no files) with a :class:`VarianceProbe` on the network and its optimizer, recording between
-    forward and backward (the loss, the logit scale) in ``after_forward``. The first non-finite loss ends the run
+    (:func:`pwsconv.train.engine.run_task`): ``steps`` SGD steps of ``model_fn(method)`` (built under ``seed``; α
+    exempt from weight decay) on ``batches``, an in-memory run (no files) with a :class:`VarianceProbe` on the
+    network and its optimizer, recording between forward and backward (the loss, the logit scale) in
+    ``after_forward``. The first non-finite loss ends the run
     there (no backward; its forward statistics are kept): ``collapsed_at`` is that step (0-based)."""
 
     files = False
@@ -299,7 +300,8 @@ def run_probe_experiment(
 
     For each method, ``torch.manual_seed(seed)`` then ``model_fn(method)`` builds the network (e.g.
     ``lambda m: pwsconv.convert(base(), method=m)``). ``mode="train"``: ``steps`` SGD steps (``lr``, ``momentum``
-    0.9, ``weight_decay`` with α exempt, as the paper sets), ΔW = the optimizer's actual update; a method whose loss
+    0.9, ``weight_decay`` with α exempt, as the paper sets) — the engine's training loop, :class:`ProbeTask`, on
+    ``device`` (default the CPU) —, ΔW = the optimizer's actual update; a method whose loss
     becomes NaN/inf is stopped there (its NaN statistics are kept) and the others go on. ``mode="measure"``:
     :func:`measure_without_update` on ``steps`` batches (ΔW = lr·∇W, nothing applied; Figure 6 caption).
 

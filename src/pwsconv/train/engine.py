@@ -392,7 +392,7 @@ def run_task(task: Task, *, resume: bool = False, on_step: Callable[[int], None]
             check_output_dir(cfg.out_dir)
         except ValueError as e:
             raise RunDirError(str(e)) from None
-    dist = D.setup_distributed(device_type)
+    dist = D.setup_distributed(device_type) if task.files else D.DistInfo()   # an in-memory run: this process's
     det_before = torch.are_deterministic_algorithms_enabled()
     threads_before = torch.get_num_threads()
     cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)

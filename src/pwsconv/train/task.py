@@ -56,7 +56,8 @@ class Task:
         eval_every: evaluate every this many epochs (0: only at the end of the run).
         warmup_steps, warmup_factor: the LR rises linearly from ``warmup_factor``·LR to the LR over the first
             ``warmup_steps`` steps (0: no warm-up).
-        files: write the run directory (config, metrics, checkpoints, ``result.json``); ``False``: an in-memory run.
+        files: write the run directory (config, metrics, checkpoints, ``result.json``); ``False``: an in-memory run
+            of this process alone (no torchrun/DDP).
         check_weights: a non-finite weight is a collapse (``False``: only a non-finite loss is).
         after_forward, before_step: the training step's hooks (None: none).
     """
