@@ -1,5 +1,6 @@
 """Eval forward (``no_grad``) before/after in ONE process: plain conv, PWS of an older checkout and of this tree
-(both through their eval cache), and this tree's folded PWS net, round-robin, as ratios to plain conv.
+(both through their eval cache: ``pwsconv.cached`` where the tree has that scope, automatic before it), this tree's
+PWS without the cache, and its folded PWS net, round-robin, as ratios to plain conv.
 
     git worktree add /tmp/before 9567877
     python benchmarks/ab_eval_before_after.py --before /tmp/before/src/pwsconv --out results/benchmarks/ab_round4_eval.json
@@ -8,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import sys
 import time
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.manual_seed(0)
                 nets[tag] = pkg.models.build_model(model, method, num_classes=10, in_channels=3).eval()
             nets["pws folded"] = pwsconv.fold(nets["pws after"])
+            nets["pws after, no cache"] = copy.deepcopy(nets["pws after"])
 
             def fn(net):
                 def f() -> None:
@@ -52,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
                         net(x)
                 return f
 
-            t = timed_interleaved({k: fn(n) for k, n in nets.items()}, "cpu", a.repeats, 3, clock=time.thread_time)
+            with contextlib.ExitStack() as scopes:   # one cache scope around all rounds, as an evaluation holds it
+                scopes.enter_context(pwsconv.cached(nets["pws after"]))
+                if hasattr(before, "cached"):
+                    scopes.enter_context(before.cached(nets["pws before"]))
+                t = timed_interleaved({k: fn(n) for k, n in nets.items()}, "cpu", a.repeats, 3, clock=time.thread_time)
             row = dict(model=model, batch=b, none_ms=t["none"] * 1e3, **{k: t[k] / t["none"] for k in t if k != "none"})
             rows.append(row)
             print(f"| {model} | {b} | {row['none_ms']:.2f} ms | " + " | ".join(
-                f"×{row[k]:.3f}" for k in ("pws before", "pws after", "pws folded")) + " |", flush=True)
+                f"×{row[k]:.3f}" for k in ("pws before", "pws after", "pws after, no cache", "pws folded")) + " |",
+                flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(rows, indent=1))
     return 0

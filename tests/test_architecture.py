@@ -13,7 +13,7 @@ ROOT = pathlib.Path(pwsconv.__file__).parent
 ALLOWED = {
     "functional": set(),
     "accel": {"functional"},
-    "layers": {"functional", "accel"},
+    "layers": {"functional"},
     "methods": {"layers", "accel", "functional"},
     "_bnlike": set(),
     "calibration": {"_bnlike", "layers", "accel", "functional"},

@@ -360,3 +360,25 @@ def test_auto_lr_rule_is_the_same_after_resume():
     assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.8, 0.9)) for m in _pws_layers(net2))
     for (k, p), (_, q) in zip(net.state_dict().items(), net2.state_dict().items()):
         assert torch.equal(p, q), k
+
+
+def test_auto_fused_clips_many_groups_at_once_and_a_constant_filter():
+    """The fused backward clips every group with foreach ops after its loop: on a residual net (several groups of
+    same-shaped layers, two of them with their own λ_W) it matches the per-layer path, and a constant (all-zero)
+    filter, whose norm comes out of the saved statistics as 0, gets finite gradients."""
+    torch.manual_seed(0)
+    net = build_model("resnet_cifar_small", method="pws", method_opts={"gamma": "auto"}, in_channels=3, num_classes=10)
+    layers = [m for m in net.modules() if isinstance(m, PWSConv2d)]
+    assert len({tuple(m.weight.shape[1:]) for m in layers}) >= 3
+    with torch.no_grad():
+        layers[0].weight[0].zero_()
+    layers[1].clip_w = layers[2].clip_w = 0.004
+    fused = copy.deepcopy(net)
+    handle = pwsconv.fuse_standardization(fused)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for m in (net, fused):
+        (torch.nn.functional.cross_entropy(m(x), y) * 1e3).backward()
+    for (k, p), (_, q) in zip(net.named_parameters(), fused.named_parameters()):
+        assert torch.isfinite(q.grad).all(), k
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    handle.remove()

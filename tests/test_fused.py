@@ -142,15 +142,15 @@ def test_shared_layer_called_twice():
     torch.testing.assert_close(conv.weight.grad, ref.weight.grad)
 
 
-def test_eval_mode_keeps_cache_and_remove():
+def test_eval_mode_uses_the_cache_scope_and_remove():
     a, b, handle = _pair()
     a.eval()
     b.eval()
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
     layer = next(m for m in b.modules() if isinstance(m, PWSMixin))
-    assert is_cached(layer) and _ACTIVE.get() is None
+    with torch.no_grad(), pwsconv.cached(b):
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+        assert is_cached(layer) and _ACTIVE.get() is None
     assert pwsconv.fuse_standardization(b) is handle     # idempotent
     handle.remove()
     handle.remove()
@@ -749,8 +749,9 @@ def test_grad_mode_changes_inside_the_forward_and_eval_with_grad():
     net.eval()
     ref.zero_grad()
     net.zero_grad()
-    _same_values_and_grads(ref, net, lambda: ref(x), lambda: net(x))
-    assert all(is_cached(m) for m in net.modules() if isinstance(m, PWSMixin))   # from the no_grad region
+    with pwsconv.cached(net):
+        _same_values_and_grads(ref, net, lambda: ref(x), lambda: net(x))
+        assert all(is_cached(m) for m in net.modules() if isinstance(m, PWSMixin))   # from the no_grad region
 
 
 def test_no_pws_layer_shared_layer_and_tied_weights():

@@ -464,12 +464,43 @@ def counted(monkeypatch):
         return orig()
 
     monkeypatch.setattr(layer, "compute_weight", wrapped)
-    return layer, calls, torch.randn(2, 3, 5, 5)
+    with pwsconv.cached(layer):
+        yield layer, calls, torch.randn(2, 3, 5, 5)
 
 
 def expected(layer, x):
     w = reference_weight(layer).to(layer.weight.dtype)
     return plain_forward(layer, x.to(layer.weight.dtype), w, layer.bias.detach())
+
+
+def test_no_cache_outside_a_scope_and_the_scope_leaves_nothing_behind():
+    """Outside ``pwsconv.cached`` every forward computes the weight; inside, eval + no_grad computes it once; leaving
+    the scope drops the entry, the installed source and the optimizer-step hook (no process-wide side effect)."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    torch.manual_seed(7)
+    layer = PWSConv2d(3, 4, 3).eval()
+    net = nn.Sequential(layer, nn.ReLU())
+    calls, orig = [], layer.compute_weight
+    layer.compute_weight = lambda: (calls.append(1), orig())[1]
+    x = torch.randn(1, 3, 6, 6)
+    hooks = len(_global_optimizer_post_hooks)
+    with torch.no_grad():
+        net(x), net(x)
+        assert len(calls) == 2
+        with pwsconv.cached(net) as same:
+            assert same is net and len(_global_optimizer_post_hooks) == hooks + 1
+            with pwsconv.cached(layer):          # nested: the outer scope owns the layer
+                y1 = net(x)
+            y2 = net(x)
+            assert len(calls) == 3 and is_cached(layer) and torch.equal(y1, y2)
+        assert not is_cached(layer) and "_weight_source" not in layer.__dict__
+        assert len(_global_optimizer_post_hooks) == hooks
+        net(x)
+        assert len(calls) == 4
+    with pytest.raises(TypeError, match="nn.Module"):
+        with pwsconv.cached("net"):
+            pass
 
 
 def test_cache_computed_once_in_eval_no_grad(counted):
@@ -604,20 +635,22 @@ def test_cache_sees_every_optimizer_step(opt_kw):
     layer = PWSConv2d(4, 4, 3).eval()
     x = torch.randn(1, 4, 6, 6)
     opt = torch.optim.Adam(layer.parameters(), lr=0.1, **opt_kw)
-    with torch.no_grad():
-        layer(x)
-    for p in layer.parameters():
-        p.grad = torch.randn_like(p)
-    opt.step()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected(layer, x))
+    with pwsconv.cached(layer):
+        with torch.no_grad():
+            layer(x)
+        assert is_cached(layer)
+        for p in layer.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected(layer, x))
 
 
 def test_cache_sees_data_reassignment_even_at_a_reused_address():
     torch.manual_seed(0)
     layer = PWSConv2d(4, 4, 3).eval()
     x = torch.randn(1, 4, 6, 6)
-    with torch.no_grad():
+    with torch.no_grad(), pwsconv.cached(layer):
         layer(x)
         for _ in range(3):        # the allocator would hand the freed block back; the cache keeps it alive
             layer.weight.data = torch.randn_like(layer.weight)
@@ -632,7 +665,7 @@ def test_cache_sees_data_reassignment_when_the_freed_block_is_handed_back():
     torch.manual_seed(0)
     layer = PWSConv2d(64, 64, 3).eval()      # 147 KB: the CPU allocator hands a freed block of that size back
     x = torch.randn(1, 64, 5, 5)
-    with torch.no_grad():
+    with torch.no_grad(), pwsconv.cached(layer):
         for _ in range(8):
             layer(x)
             layer.weight.data = torch.zeros(1)
@@ -645,8 +678,9 @@ def test_parameters_made_in_inference_mode_and_parametrized_bias():
     with torch.inference_mode():
         layer = PWSConv2d(3, 4, 3).eval()
         x = torch.randn(1, 3, 6, 6)
-        torch.testing.assert_close(layer(x), layer(x))       # no version counter: computed, never cached
-        assert not is_cached(layer)
+        with pwsconv.cached(layer):
+            torch.testing.assert_close(layer(x), layer(x))       # no version counter: computed, never cached
+            assert not is_cached(layer)
 
     class Twice(nn.Module):
         def forward(self, t):
@@ -666,16 +700,17 @@ def test_cache_then_parameters_replaced_by_inference_tensors():
     torch.manual_seed(0)
     layer = PWSConv2d(3, 4, 3).eval()
     x = torch.randn(1, 3, 6, 6)
-    with torch.no_grad():
-        layer(x)
-    assert is_cached(layer)
-    with torch.inference_mode():
-        state = {k: v.clone() * 2 if k == "weight" else v.clone() for k, v in layer.state_dict().items()}
-        layer.load_state_dict(state, assign=True)
-        assert layer.weight.is_inference()
-        torch.testing.assert_close(layer(x), expected(layer, x))
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected(layer, x))
+    with pwsconv.cached(layer):
+        with torch.no_grad():
+            layer(x)
+        assert is_cached(layer)
+        with torch.inference_mode():
+            state = {k: v.clone() * 2 if k == "weight" else v.clone() for k, v in layer.state_dict().items()}
+            layer.load_state_dict(state, assign=True)
+            assert layer.weight.is_inference()
+            torch.testing.assert_close(layer(x), expected(layer, x))
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected(layer, x))
     layer.train()
     net = nn.Sequential(layer)
     pwsconv.fuse_standardization(net)
@@ -702,14 +737,15 @@ def test_cache_train_eval_toggle_and_to_dtype(counted):
     with torch.no_grad():
         layer(x)
         layer.train()
+        layer(x)                      # a training forward computes its weight and drops the cached one
         assert not is_cached(layer)
         layer.eval()
         layer(x)
-        assert calls["n"] == 2
+        assert calls["n"] == 3
         layer.to(F64)
         y = layer(x.double())
     assert y.dtype == F64
-    assert calls["n"] == 3
+    assert calls["n"] == 4
     torch.testing.assert_close(y, expected(layer, x.double()))
 
 
@@ -717,13 +753,14 @@ def test_cache_dropped_on_copy_and_pickle():
     torch.manual_seed(9)
     layer = PWSConv2d(3, 4, 3).eval()
     x = torch.randn(1, 3, 5, 5)
-    with torch.no_grad():
-        y = layer(x)
-    assert is_cached(layer)
-    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert not is_cached(clone)
+    with pwsconv.cached(layer):
         with torch.no_grad():
-            torch.testing.assert_close(clone(x), y)
+            y = layer(x)
+        assert is_cached(layer)
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert not is_cached(clone) and "_weight_source" not in clone.__dict__
+            with torch.no_grad():
+                torch.testing.assert_close(clone(x), y)
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
@@ -736,11 +773,12 @@ def test_cache_inference_mode():
     torch.manual_seed(10)
     layer = PWSConv2d(3, 4, 3).eval()
     x = torch.randn(1, 3, 5, 5)
-    with torch.inference_mode():
-        y = layer(x)
-    layer.requires_grad_(False)
-    xg = x.clone().requires_grad_(True)
-    out = layer(xg)  # must not reuse an inference tensor in a graph
+    with pwsconv.cached(layer):
+        with torch.inference_mode():
+            y = layer(x)
+        layer.requires_grad_(False)
+        xg = x.clone().requires_grad_(True)
+        out = layer(xg)  # must not reuse an inference tensor in a graph
     out.sum().backward()
     torch.testing.assert_close(out.detach(), y)
     assert xg.grad is not None
@@ -821,3 +859,20 @@ def test_pws_weight_low_precision_weights():
     layer = PWSConv2d(4, 6, 3).to(torch.bfloat16)
     y = layer(torch.randn(1, 4, 5, 5, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_the_engine_evaluation_computes_each_weight_once_and_leaves_no_cache(monkeypatch):
+    from pwsconv.models import build_model
+    from pwsconv import PWSMixin
+    from pwsconv.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    net = build_model("resnet_cifar_small", "pws", num_classes=10, in_channels=3)
+    layers = [m for m in net.modules() if isinstance(m, PWSMixin)]
+    calls = []
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: (calls.append(1), orig(self))[1])
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    res = evaluate(net, loader)
+    assert res["n"] == 12 and len(calls) == len(layers) > 0 and net.training
+    assert not any(is_cached(m) or "_weight_source" in m.__dict__ for m in layers)

@@ -519,8 +519,9 @@ def test_parametrized_weight_forward_to_and_fold(cls):
     (CenConv2d, {}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "")
 def test_zoo_eval_cache_settings_inplace_and_load(cls, settings, monkeypatch):
-    """The eval cache of WS/SWS/WN/CenConv: computed once per state; assigning a setting, an in-place change of
-    any parameter the weight is computed from, reset_parameters() and load_state_dict() all drop it."""
+    """The eval cache of WS/SWS/WN/CenConv (a ``pwsconv.cached`` scope): computed once per state; assigning a
+    setting, an in-place change of any parameter the weight is computed from, reset_parameters() and
+    load_state_dict() all make it compute anew."""
     torch.manual_seed(0)
     layer = cls(3, 4, 3).eval()
     calls = []
@@ -531,14 +532,15 @@ def test_zoo_eval_cache_settings_inplace_and_load(cls, settings, monkeypatch):
     def check():
         torch.testing.assert_close(layer(x), F.conv2d(x, orig(), layer.bias), rtol=0, atol=0)
 
-    with torch.no_grad():
+    with torch.no_grad(), pwsconv.cached(layer):
         check()
         check()
         assert len(calls) == 1 and pwsconv.accel.is_cached(layer)
         for k, v in settings.items():
+            n = len(calls)
             setattr(layer, k, v)
-            assert not pwsconv.accel.is_cached(layer), k
             check()
+            assert len(calls) == n + 1, k
         assert all(getattr(layer, k) == v for k, v in settings.items())
         for name in layer.weight_params:
             p = getattr(layer, name)

@@ -20,8 +20,8 @@ _LAZY = {
     "pws_weight": ".functional",
     "fold": ".folding", "is_norm_layer": ".optim", "param_groups": ".optim",
     **{name: ".layers.pws" for name in ("PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d",
-                                        "PWSConvTranspose2d", "PWSConvTranspose3d", "PWSLinear", "PWSMixin",
-                                        "fuse_standardization")},
+                                        "PWSConvTranspose2d", "PWSConvTranspose3d", "PWSLinear", "PWSMixin")},
+    "fuse_standardization": ".accel", "cached": ".accel",
     **{name: ".layers.lazy" for name in ("LazyPWSConv1d", "LazyPWSConv2d", "LazyPWSConv3d")},
     "Conv2dSame": ".layers.same", "PWSConv2dSame": ".layers.same",
     **{name: ".methods" for name in ("Method", "available_methods", "build_conv", "build_linear", "build_norm",
@@ -31,12 +31,13 @@ _LAZY = {
 
 if TYPE_CHECKING:  # what static tools see: the eager imports
     from . import functional
+    from .accel import cached, fuse_standardization
     from .convert import convert
     from .folding import fold
     from .functional import pws_weight
     from .layers.lazy import LazyPWSConv1d, LazyPWSConv2d, LazyPWSConv3d
     from .layers.pws import (PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose1d, PWSConvTranspose2d,
-                             PWSConvTranspose3d, PWSLinear, PWSMixin, fuse_standardization)
+                             PWSConvTranspose3d, PWSLinear, PWSMixin)
     from .layers.same import Conv2dSame, PWSConv2dSame
     from .methods import Method, available_methods, build_conv, build_linear, build_norm, get_method, register_method
     from .optim import is_norm_layer, param_groups
@@ -98,6 +99,7 @@ __all__ = [
     "LazyPWSConv2d",
     "LazyPWSConv3d",
     "fuse_standardization",
+    "cached",
     "convert",
     "fold",
     "load",

@@ -1,9 +1,12 @@
-"""The eval cache of the reparameterized layers: in eval mode, with no gradient wanted, a layer's weight is computed
-once and reused until one of the tensors it is computed from changes.
+"""The entries of the eval cache, while a ``with pwsconv.cached(model):`` scope is open (:mod:`.source`): each
+reparameterized layer in eval mode, with no gradient wanted, computes its weight once per state of its parameters.
 
-The key is the tensors themselves (identity, version counter, storage address) plus the number of optimizer steps
-taken in this process; the layer's settings drop the cache when assigned (``layers._reparam.setting``). Nothing is
-kept in training mode or when gradients are wanted: the first such forward drops the cached tensor.
+An entry is keyed on the tensors it was computed from (identity, version counter, storage address), the layer's
+settings version (assigning ``gamma``, ``eps``, ... bumps it) and the number of optimizer steps taken while a scope
+is open: ``SGD/Adam/AdamW(fused=True)`` update parameters without bumping their version counters (measured, torch
+2.13), so a step counter is kept through torch's optimizer-step hook — registered when the first scope opens and
+removed when the last one closes. A training forward, or one that wants gradients, drops the layer's entry and
+computes the weight in the graph. Entries are never stale: a test changes every input of the key.
 """
 
 from __future__ import annotations
@@ -13,58 +16,59 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["cached_weight", "clear_cache", "is_cached"]
+__all__ = ["cached_weight", "clear_cache", "is_cached", "in_scope"]
 
-#: Optimizer steps taken in this process. Measured (torch 2.13, CPU): ``SGD(fused=True)``, ``Adam(fused=True)`` and
-#: ``AdamW(fused=True)`` update parameters without bumping their version counters (``foreach`` and the default
-#: for-loop do bump them), so the version counters alone would let a fused optimizer's step go unseen by the cache.
-#: Counting steps needs torch's process-wide optimizer-step hook; it is registered when the first weight is cached,
-#: only counts, and is the one process-wide side effect of pwsconv.
-_STEPS = [0]
-_HOOK: list[Any] = []
+#: layer id → the open scope's entry for it (``None`` until its first cached forward)
+_ENTRIES: dict[int, "_Entry | None"] = {}
+_STEPS = [0]            # optimizer steps taken while a scope is open (counted by pwsconv.accel.source)
 
 
-def _count_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    _STEPS[0] += 1
+class _Entry:
+    """One layer's cached weight and what it was computed from. It holds the tensors (their ids cannot be reused
+    while it lives) and detached views of them, which keep their storage alive: after ``weight.data = other`` the old
+    block cannot be handed to a new tensor at the same address, so the address check cannot be fooled."""
+
+    __slots__ = ("w", "w_version", "w_ptr", "a", "a_version", "a_ptr", "settings", "steps", "out", "keep")
+
+    def __init__(self, layer: Any, w: Tensor, a: Tensor | None, out: Tensor) -> None:
+        self.w, self.w_version, self.w_ptr = w, w._version, w.data_ptr()
+        self.a = a
+        self.a_version, self.a_ptr = (None, None) if a is None else (a._version, a.data_ptr())
+        self.settings, self.steps, self.out = layer._settings_version, _STEPS[0], out
+        self.keep = (w.detach(), None if a is None else a.detach())
+
+    def valid(self, layer: Any, w: Tensor, a: Tensor | None) -> bool:
+        return (self.w is w and self.w_version == w._version and self.w_ptr == w.data_ptr() and self.a is a
+                and (a is None or (self.a_version == a._version and self.a_ptr == a.data_ptr()))
+                and self.settings == layer._settings_version and self.steps == _STEPS[0])
 
 
-def _watch_optimizer_steps() -> None:
-    if not _HOOK:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _HOOK.append(register_optimizer_step_post_hook(_count_step))
+def in_scope(layer: Any) -> bool:
+    """Whether ``layer`` is inside an open :func:`cached` scope."""
+    return id(layer) in _ENTRIES
 
 
 def cached_weight(layer: Any, w: Tensor, a: Tensor | None) -> Tensor:
-    """``layer.compute_weight()``, computed once per state of ``w`` and ``a`` (the parameters it reads): the same
-    tensors (the cache holds them, so their ids cannot be reused), at the same version and storage, and no optimizer
-    step since."""
-    c = layer.__dict__.get("_accel_cache")
-    if c is not None and c[0] is w and c[1] == w._version and c[2] == w.data_ptr() and c[3] is a \
-            and (a is None or (c[4] == a._version and c[5] == a.data_ptr())) and c[6] == _STEPS[0]:
-        return c[7]
+    """``layer.compute_weight()`` for a layer inside a scope, in eval mode, no gradient wanted: computed once per
+    state of ``w`` and ``a`` (the parameters it reads) and of the layer's settings."""
+    e = _ENTRIES.get(id(layer))
+    if e is not None and e.valid(layer, w, a):
+        return e.out
     # outside inference mode even when called inside it: the cached tensor must stay usable in a later graph
     # (eval with frozen weights but an input that wants gradients)
     with torch.inference_mode(False), torch.no_grad():
         out = layer.compute_weight()
-    if w.is_inference() or (a is not None and a.is_inference()):
-        return out   # made under inference_mode: no version counter to key a cache on
-    _watch_optimizer_steps()
-    # the cache holds the tensors (their ids cannot be reused while it lives) and detached views of them, which keep
-    # their storage alive: after ``weight.data = other`` the old block cannot be handed to a new tensor at the same
-    # address, so the address check cannot be fooled. (An inference tensor put in place of a cached one fails the
-    # identity test before its missing version counter is read.)
-    layer.__dict__["_accel_cache"] = (w, w._version, w.data_ptr(), a, None if a is None else a._version,
-                                      None if a is None else a.data_ptr(), _STEPS[0], out, w.detach(),
-                                      None if a is None else a.detach())
+    if not (w.is_inference() or (a is not None and a.is_inference())):   # inference tensors: no version to key on
+        _ENTRIES[id(layer)] = _Entry(layer, w, a, out)
     return out
 
 
 def clear_cache(layer: Any) -> None:
-    """Drop ``layer``'s cached weight (settings do this when assigned; writes through ``.data`` need it)."""
-    layer.__dict__.pop("_accel_cache", None)
+    """Drop ``layer``'s cached weight, if any (writes through ``.data`` inside a scope need it)."""
+    if _ENTRIES.get(id(layer)) is not None:
+        _ENTRIES[id(layer)] = None
 
 
 def is_cached(layer: Any) -> bool:
     """Whether ``layer`` holds a cached weight."""
-    return "_accel_cache" in layer.__dict__
+    return _ENTRIES.get(id(layer)) is not None

@@ -7,13 +7,14 @@ instead of several per layer. Measured in BENCHMARKS.md (the fused node against 
 
 How it reaches the layers: a forward pre-hook on the model computes the weights of the layers that will need a
 fresh one and puts them in a per-forward table held by a :class:`contextvars.ContextVar` (so threads and nested
-forwards never see another forward's table); :func:`pwsconv.accel.weight_and_bias` looks a layer up there. A layer
-takes part by defining ``fused_args()`` (see :class:`pwsconv.layers.PWSMixin`).
+forwards never see another forward's table). It also installs :func:`weight_source` on each layer it walks (the
+layers' one hook for weights computed elsewhere, ``layer._weight_source``), which looks the layer up there — or in
+the eval cache of an open :func:`pwsconv.cached` scope. A layer takes part by defining ``fused_args()`` (see
+:class:`pwsconv.layers.PWSMixin`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 from typing import Any, Sequence
 
@@ -22,8 +23,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..functional import _LOW_PRECISION, unit_clip_many
+from .cache import _ENTRIES
+from .source import _ACTIVE, _Forward, needs_fresh, uninstall_source, weight_source
 
-__all__ = ["pws_weights_fused", "fuse_standardization", "FuseHandle", "fused_slot", "needs_fresh"]
+__all__ = ["pws_weights_fused", "fuse_standardization", "FuseHandle"]
 
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
@@ -47,9 +50,10 @@ class _PWSMany(torch.autograd.Function):
     arrive for a changed tensor raises the usual "modified by an inplace operation" error. Differentiable once
     (no double backward, e.g. gradient penalties: use the per-layer path there).
 
-    ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape)``: the layers' output
+    ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip)``: the layers' output
     indices, the positions of their weights (and α, 1-d, or ``None``) among ``tensors``, their filter counts, n_l,
-    γ, the gain and the shape of the concatenated weight.
+    γ, the gain, the shape of the concatenated weight and the pair (λ_W, λ_α) of unit-wise gradient clipping applied
+    in backward (0: none).
     """
 
     @staticmethod
@@ -92,6 +96,10 @@ class _PWSMany(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         needs = ctx.needs_input_grad
         res: list[Tensor | None] = [None] * len(needs)
+        # unit-wise clipping (gamma="auto", clip=) of all groups at once, with foreach ops after the loop: W's filters
+        # (rows) to ‖∂L/∂W_o‖ ≤ λ_W·max(‖W_o‖, 1e-3), each α entry to |∂L/∂α| ≤ λ·max(|α|, 1e-3) — unit_clip's bounds
+        cw: list[tuple] = []     # (gw as [rows, n], per-row ‖gw‖, λ_W, n, γ, mean, rstd) per clipped group
+        ca: list[tuple] = []     # (∂L/∂α of one layer, its α, λ) per clipped layer
         for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd) in zip(
                 ctx.spec, ctx.groups):
             gl = [grads[k] for k in layers]
@@ -118,10 +126,9 @@ class _PWSMany(torch.autograd.Function):
                                      True, gamma, [need_w, need_a, False])
             clip_w, clip_a = clip
             if need_w:
-                if clip_w:   # unit-wise gradient clipping per filter (the rows), as unit_clip does per layer
-                    pn = torch.linalg.vector_norm(w.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-3)
-                    gn = torch.linalg.vector_norm(gw.view(r_all, n), dim=1, keepdim=True).clamp_min_(1e-30)
-                    gw = gw.view(r_all, n) * (pn.mul_(clip_w) / gn).clamp_(max=1.0)
+                gw = gw.view(r_all, n)
+                if clip_w:
+                    cw.append((gw, torch.linalg.vector_norm(gw, dim=1), clip_w, n, gamma, mean, rstd))
                 gw = gw.view(shape)
                 parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
                 for i, gi, p in zip(w_pos, gl, parts):
@@ -130,14 +137,33 @@ class _PWSMany(torch.autograd.Function):
             if need_a:
                 if gain != 1.0:
                     gs = gs.mul_(gain)
-                if clip_a:   # per entry: |∂L/∂α| ≤ λ·max(|α|, 1e-3)
-                    a_all = al[0] if len(al) == 1 else torch.cat(al)
-                    bound = a_all.abs().clamp_min(1e-3).mul_(clip_a)
-                    gs = torch.clamp(gs, -bound, bound)
                 parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
-                for i, gi, p in zip(a_pos, gl, parts):   # α is 1-d here (pws_weights_fused)
+                for i, gi, p, a in zip(a_pos, gl, parts, al):   # α is 1-d here (pws_weights_fused)
                     if gi is not None:
                         res[i + 2] = p
+                        if clip_a:
+                            ca.append((p, a, clip_a))
+        if cw:
+            gws, gns, lams, ns, gammas, means, rstds = zip(*cw)
+            # ‖W_o‖ from the saved statistics: ‖W_o‖² = n·(Var + E²) with Var = 1/rstd² − γ (no pass over W)
+            pn = torch._foreach_pow(rstds, -2.0)
+            torch._foreach_add_(pn, [-g for g in gammas])
+            torch._foreach_addcmul_(pn, means, means)
+            torch._foreach_clamp_min_(pn, 0.0)        # a constant filter: Var = 0 up to rounding, never below
+            torch._foreach_mul_(pn, list(ns))
+            torch._foreach_sqrt_(pn)
+            torch._foreach_clamp_min_(pn, 1e-3)
+            torch._foreach_mul_(pn, list(lams))
+            torch._foreach_div_(pn, torch._foreach_clamp_min(gns, 1e-30))
+            torch._foreach_clamp_max_(pn, 1.0)
+            torch._foreach_mul_(gws, [q.unsqueeze(1) for q in pn])   # in place: res holds views of these
+        if ca:
+            gas, alphas, lams = zip(*ca)
+            bound = torch._foreach_abs(alphas)
+            torch._foreach_clamp_min_(bound, 1e-3)
+            torch._foreach_mul_(bound, list(lams))
+            torch._foreach_maximum_(gas, torch._foreach_neg(bound))
+            torch._foreach_minimum_(gas, bound)
         return tuple(res)
 
 
@@ -190,47 +216,6 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
 
 
 # ------------------------------------------------------------------------------------------ the model-level hooks
-def needs_fresh(layer: Any, w: Tensor, a: Tensor | None = None) -> bool:
-    """Whether ``layer`` computes its weight anew, in the graph: training, or gradients wanted for ``w`` or ``a``
-    (the parameters its weight is computed from). Otherwise the eval cache may serve it. (``weight_and_bias``
-    inlines this test.)"""
-    return layer.training or (torch.is_grad_enabled() and (w.requires_grad or (a is not None and a.requires_grad)))
-
-
-class _Forward:
-    """One fused forward: the weights made by its pre-hook, per layer, and what the post-hook must undo."""
-
-    __slots__ = ("owner", "grad", "slots", "depth", "hooks")
-
-    def __init__(self, owner: Any, grad: bool) -> None:
-        self.owner, self.grad, self.slots, self.depth, self.hooks = owner, grad, {}, 0, None
-
-    def close(self) -> None:
-        if self.hooks is not None:
-            self.hooks.close()
-            self.hooks = None
-        _ACTIVE.set(None)
-
-
-#: the fused forward running in this thread / context, if any
-_ACTIVE: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("pwsconv_fused_forward", default=None)
-
-
-def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
-               fwd: _Forward | None = None) -> tuple[Tensor, Tensor | None] | None:
-    """(α·Ŵ, β) computed for ``layer`` by the running fused forward (``fwd``, default: the active one), if it made
-    them for these very tensors (same objects, same versions) and the grad mode has not changed since; else ``None``."""
-    if fwd is None:
-        fwd = _ACTIVE.get()
-        if fwd is None:
-            return None
-    s = fwd.slots.get(id(layer))
-    if s is None or s[0] is not w or s[1] != w._version or s[2] is not a or fwd.grad != torch.is_grad_enabled() \
-            or (a is not None and s[3] != a._version):
-        return None
-    return s[4], s[5]
-
-
 class _Recompute:
     """What autograd keeps instead of a layer's α·Ŵ under ``recompute=True``: the raw weight and α (alive anyway as
     parameters), their versions and the layer's γ and gain."""
@@ -336,6 +321,8 @@ class _FusePre:
             return
         layers, args_ = [], []
         for m in _layers(module):   # walked every forward (≈15–35 µs), so layers added in any way are seen
+            if m.__dict__.get("_weight_source") is not weight_source:
+                m.__dict__["_weight_source"] = weight_source
             spec = m.fused_args()
             if spec is not None and needs_fresh(m, spec[0], spec[1]):
                 layers.append(m)
@@ -402,6 +389,9 @@ class FuseHandle:
             del self._model._pws_fuse_handle
         for h in self._handles:
             h.remove()
+        for m in _layers(self._model):
+            if id(m) not in _ENTRIES:   # (a layer in an open cached() scope keeps the source until it closes)
+                uninstall_source(m)
 
 
 def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> FuseHandle:
@@ -424,7 +414,7 @@ def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> FuseHa
     the same thread, the same grad mode and only while its ``weight``/``alpha`` are the same tensors at the same
     version (an in-place change makes it compute its own); layers called outside that forward, transposed /
     low-precision layers, α data-init before its first batch, and ``torch.compile`` tracing compute their weight as
-    usual; eval mode keeps the cache; unused layers get no gradient. The hooks are picklable (``torch.save(model)``,
+    usual; :func:`pwsconv.cached` still serves eval; unused layers get no gradient. The hooks are picklable (``torch.save(model)``,
     ``copy.deepcopy``). Not supported: double backward (gradient penalties), non-reentrant activation checkpointing
     inside the model and ``torch.func`` transforms — call ``handle.remove()`` (or ``fuse_pws: false``) there.
     The training engine turns this on for PWS models (``TrainConfig.fuse_pws``, ``TrainConfig.pws_recompute``).

@@ -10,7 +10,6 @@ from .pws import (
     PWSConvTranspose3d,
     PWSLinear,
     PWSMixin,
-    fuse_standardization,
 )
 
 __all__ = [
@@ -23,7 +22,6 @@ __all__ = [
     "PWSConvTranspose3d",
     "PWSLinear",
     "PWSMixin",
-    "fuse_standardization",
 ]
 
 # The rest of the normalization zoo (registered by name in :mod:`pwsconv.methods`).

@@ -3,10 +3,11 @@
 A reparameterized layer subclasses a torch layer (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose*d`` or ``nn.Linear``),
 keeps its constructor and its ``weight`` / ``bias`` state_dict keys, and says what it computes:
 ``compute_weight()`` (the weight it convolves with, from the raw ``weight`` and its own parameters, named in
-``weight_params``) and ``compute_bias()``. Where those values come from in a forward — computed, the eval cache or
-a fused forward — is decided behind one seam, :func:`pwsconv.accel.weight_and_bias`. ``to_plain()`` returns the
-parent torch layer holding the computed weight (what :func:`pwsconv.fold` uses). The raw weights get the paper's He
-init (kaiming normal, ReLU), biases 0.
+``weight_params``) and ``compute_bias()``; its forward applies them with the parent's conv / linear. One hook lets
+acceleration installed from outside serve the same values faster (``_weight_source``, set by
+:mod:`pwsconv.accel`: the fused forward and the scoped eval cache); nothing here knows what it is. ``to_plain()``
+returns the parent torch layer holding the computed weight (what :func:`pwsconv.fold` uses). The raw weights get the
+paper's He init (kaiming normal, ReLU), biases 0.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import accel
 from ..functional import _LOW_PRECISION as LOW_PRECISION   # one definition (functional.py)
 from ..functional import he_std
 
@@ -37,10 +37,12 @@ def filter_dims(weight: Tensor) -> tuple[int, ...]:
 
 
 def setting(field: str, convert: Callable[[Any], Any], doc: str) -> property:
-    """A layer setting stored in ``field``: assignment converts/validates the value and drops the eval cache."""
+    """A layer setting stored in ``field``: assignment converts/validates the value and bumps the layer's
+    ``_settings_version`` (what a cache of the computed weight keys on)."""
     def set_(self: Any, value: Any) -> None:
-        self.__dict__[field] = convert(value)
-        accel.clear_cache(self)
+        d = self.__dict__
+        d[field] = convert(value)
+        d["_settings_version"] = d.get("_settings_version", 0) + 1
 
     return property(lambda self: self.__dict__[field], set_, doc=doc)
 
@@ -58,6 +60,9 @@ class ReparamMixin:
     _data_init = False             # a data-dependent init runs on the first training forward
     _memory_format: Any = None     # torch.channels_last(_3d) when the raw weight has that layout
     _ready = False
+    _settings_version = 0          # bumped by every assignment of a setting
+    #: ``(layer) -> (weight, bias) | None``: values computed elsewhere (installed per instance by pwsconv.accel)
+    _weight_source: Callable[[Any], "tuple[Tensor, Tensor | None] | None"] | None = None
 
     # ------------------------------------------------------------------ what the concrete layer computes
     def compute_weight(self) -> Tensor:  # pragma: no cover - abstract
@@ -75,16 +80,25 @@ class ReparamMixin:
     def _maybe_data_init(self, x: Tensor) -> None:
         """The data-dependent init, on the first training forward (layers with ``_data_init``)."""
 
-    # ------------------------------------------------------------------ the seam
+    # ------------------------------------------------------------------ the forward
+    def weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias this forward applies: ``compute_weight()`` and ``compute_bias()``, unless an installed
+        ``_weight_source`` serves them (the same values)."""
+        source = self._weight_source
+        if source is not None:
+            hit = source(self)
+            if hit is not None:
+                return hit
+        return self.compute_weight(), self.compute_bias()
+
     def reparam_weight(self) -> Tensor:
-        """The weight the layer applies in this forward: :meth:`compute_weight`'s value, possibly from the eval
-        cache or a fused forward (:mod:`pwsconv.accel`)."""
-        return accel.weight_and_bias(self)[0]
+        """The weight the layer applies in this forward (:meth:`weight_and_bias`)."""
+        return self.weight_and_bias()[0]
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:   # the parent's call forms (input=)
         if self._data_init:
             self._maybe_data_init(input)
-        w, b = accel.weight_and_bias(self)
+        w, b = self.weight_and_bias()
         if self._memory_format is not None:
             w = w.contiguous(memory_format=self._memory_format)
         return self._forward_with(input, w, b, *args, **kwargs)
@@ -134,7 +148,6 @@ class ReparamMixin:
             if self.bias is not None:
                 self.bias.zero_()
         self._reset_extra()
-        accel.clear_cache(self)
 
     def _update_layout(self) -> None:
         """Remember whether the raw weight is channels_last: the computed (and the folded) weight then follow it, as
@@ -147,12 +160,7 @@ class ReparamMixin:
                 fmt = cl
         self._memory_format = fmt
 
-    def train(self, mode: bool = True):  # type: ignore[override]
-        accel.clear_cache(self)   # the cached weight is dead weight while training
-        return super().train(mode)  # type: ignore[misc]
-
     def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): the new tensors' dtype and layout
-        accel.clear_cache(self)
         out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
         if self._ready and self._raw_weight().dtype.is_complex:
             raise TypeError(f"{type(self).__name__}: complex dtypes are not supported; use a real floating dtype")
@@ -174,11 +182,10 @@ class ReparamMixin:
             missing_keys.remove(k)
         if params and params <= set(missing):   # none of the layer's own parameters given: all at their init
             self._reset_extra()
-        accel.clear_cache(self)
 
-    def __getstate__(self) -> dict:  # pickling / deepcopy: the cache is derived data, never saved
+    def __getstate__(self) -> dict:  # pickling / deepcopy: an installed weight source is not part of the layer
         state = super().__getstate__()  # type: ignore[misc]
-        state.pop("_accel_cache", None)
+        state.pop("_weight_source", None)
         return state
 
     def __prepare_scriptable__(self):  # called by torch.jit.script before it compiles a module
@@ -212,16 +219,6 @@ class ReparamMixin:
 
 class ReparamConvNd(ReparamMixin):
     """Mixin for ``nn.ConvNd`` subclasses: the conv forward with the computed weight."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        # ReparamMixin.forward with the conv called directly: one Python call less per layer and forward, measured
-        # at ≈1 µs (BENCHMARKS.md), which is a few % of an eval forward at batch 2
-        if self._data_init:
-            self._maybe_data_init(input)
-        w, b = accel.weight_and_bias(self)
-        if self._memory_format is not None:
-            w = w.contiguous(memory_format=self._memory_format)
-        return self._conv_forward(input, w, b)  # type: ignore[attr-defined]
 
     def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]

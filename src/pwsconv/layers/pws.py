@@ -2,9 +2,10 @@
 
     Ŵ_o = sqrt(2/n_l) · (W_o − E[W_o]) / sqrt(Var[W_o] + γ),        Y_o = α_o · (X ⊛ Ŵ_o) + β_o
 
-Each class keeps its torch parent's constructor and ``weight`` / ``bias`` state_dict keys and adds ``alpha``.
-:meth:`PWSMixin.compute_weight` is eq. 12 (:func:`pwsconv.functional.pws_weight`); ``layer.to_plain()`` is the parent
-torch layer holding α·Ŵ and the bias (exact folding). Caching and fusion: :mod:`pwsconv.accel`."""
+Each class keeps its torch parent's constructor and ``weight`` / ``bias`` state_dict keys and adds ``alpha``. A forward
+is :meth:`PWSMixin.compute_weight` (eq. 12, :func:`pwsconv.functional.pws_weight`), then the parent's conv; fusion
+and the eval cache are installed from outside (:func:`pwsconv.fuse_standardization`, :func:`pwsconv.cached`) and
+serve the same values. ``layer.to_plain()`` is the parent torch layer holding α·Ŵ and the bias (exact folding)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..accel import fuse_standardization
 from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
 from ._auto import auto_clip_w_of, link_optimizer_group
 from ._reparam import ReparamConvNd, ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
-           "PWSConvTranspose3d", "PWSLinear", "FAN_MODES", "fuse_standardization"]
+           "PWSConvTranspose3d", "PWSLinear", "FAN_MODES"]
 
 FAN_MODES = ("fan_in", "fan_out")
 _FUSE_DTYPES = (torch.float32, torch.float64)
@@ -68,7 +68,7 @@ class PWSMixin(ReparamMixin):
             self.register_buffer("alpha_initialized", torch.zeros((), dtype=torch.bool, device=w.device))
         self._finish_setup()
 
-    # the settings compute_weight reads: assigning one validates it and drops the eval cache
+    # the settings compute_weight reads: assigning one validates it (and bumps _settings_version)
     gamma = setting("_gamma", lambda v: v if isinstance(v, str) and v == "auto" else check_gamma(v),
                     'γ of eq. 12 (validated on assignment), or "auto".')
     clip = setting("_clip", check_clip, "Gradient clipping λ of α and β (None: the default rule).")
