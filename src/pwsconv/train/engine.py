@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..accel import cached
 from ..optim import param_groups
 from ..config import ConfigError, TrainConfig
 from . import distributed as D
@@ -331,7 +332,8 @@ class _Run:
             if not collapsed:   # end of an epoch (or of the run, mid-epoch, at max_steps)
                 tot = D.all_reduce_sum(self.sums.clone(), self.dist).tolist()
                 if done or (task.eval_every and complete and (self.epoch + 1) % task.eval_every == 0):
-                    ev, why = task.evaluate(self.raw_model, self.device, self.dist.enabled)
+                    with cached(self.raw_model):   # each reparameterized weight computed once while scoring
+                        ev, why = task.evaluate(self.raw_model, self.device, self.dist.enabled)
                 final = task.metrics(tot, ev, ips)
             lr = opt.param_groups[0]["lr"]
             if why:
