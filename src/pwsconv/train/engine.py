@@ -235,8 +235,8 @@ class _Run:
 
     def write_result(self, metrics: dict[str, float]) -> "RunResult":
         res = RunResult(status=self.status, metrics=metrics, epoch=self.epoch + self.batch / self.steps_per_epoch,
-                        step=self.step, wall_time=self.wall_time(), out_dir=self.out_dir, config=self.cfg.to_dict(),
-                        paths=dict(self.paths) if self.task.files else {})
+                        step=self.step, wall_time=self.wall_time(), out_dir=self.out_dir if self.task.files else "",
+                        config=self.cfg.to_dict(), paths=dict(self.paths) if self.task.files else {})
         if self.dist.is_main and self.task.files:
             atomic_write_text(dumps(res.to_dict()) + "\n", self.paths["result"])
         return res
