@@ -151,3 +151,27 @@ def test_backward_is_called_only_by_the_one_training_step():
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "backward":
                 calls.append(f"{f.relative_to(ROOT).as_posix()}:{node.lineno}")
     assert calls and {c.partition(":")[0] for c in calls} == {"train/step.py"}, calls
+
+
+def test_one_training_loop():
+    """The loop — epochs, LR schedule, metrics log, checkpoints — exists once, in the engine; detection and the probe
+    are tasks of it (train/task.py), and every training step is ``train_step`` (the speed benchmark times it, the
+    probe's measurement without update takes gradients with it)."""
+    found: dict[str, set[str]] = {}
+    for f in sorted(ROOT.rglob("*.py")):
+        rel = f.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name in ("MultiStepLR", "MetricsLog", "atomic_save", "train_step", "SGD"):
+                    found.setdefault(name, set()).add(rel)
+    assert found["MultiStepLR"] == found["MetricsLog"] == {"train/engine.py"}
+    assert found["train_step"] == {"train/engine.py", "diagnostics/experiment.py", "experiments/speed.py"}
+    assert "detection/train.py" not in found["atomic_save"] | found["SGD"]
+    assert "diagnostics/experiment.py" not in found["SGD"]
+
+
+def test_no_source_file_is_over_500_lines():
+    long = {f.relative_to(ROOT).as_posix(): n for f in ROOT.rglob("*.py")
+            if (n := len(f.read_text().splitlines())) > 500}
+    assert long == {}

@@ -85,3 +85,87 @@ def test_detection_loop_collapse_is_a_result_and_options_are_checked(fake, tmp_p
     with pytest.raises(ValueError, match="method_opts.gamma must be"):
         train_detector(_cfg(tmp_path / "x", method_opts={"gamma": -1}))
     assert not (tmp_path / "x").exists()
+
+
+def test_detconfig_is_a_trainconfig_with_detection_defaults_and_fields():
+    import dataclasses
+
+    from pwsconv.config import ConfigError, TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert issubclass(DetConfig, TrainConfig)
+    own = [f.name for f in dataclasses.fields(DetConfig) if f.name not in shared]
+    assert own == ["size", "weights", "train_sets", "test_sets", "classes", "masks", "warmup_steps", "warmup_factor",
+                   "grad_clip", "eval_every"]
+    d, t = DetConfig(), TrainConfig()
+    assert (d.model, d.dataset, d.epochs, d.batch_size, d.eval_batch_size, d.lr, d.num_workers, d.ckpt_every) == \
+        ("ssd_vgg16", "voc", 240, 8, 8, 1e-2, 4, 500)
+    assert d.momentum == t.momentum and d.weight_decay == t.weight_decay and d.seed == t.seed
+    help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+    assert all(f.metadata["help"] == help_of[f.name] for f in dataclasses.fields(DetConfig) if f.name in shared)
+    for bad, msg in [({"val_fraction": 0.1}, "val_fraction is not used by detection"),
+                     ({"amp": "fp16"}, "amp must be null or 'bf16'"), ({"lr": -1.0}, "lr must be"),
+                     ({"model": "resnet18"}, "unknown detector"), ({"shuffle": True}, "unknown detection config key")]:
+        with pytest.raises(ConfigError, match=msg):
+            DetConfig.from_dict({"data_root": "x", **bad})
+    assert DetConfig.from_dict({"data_root": "x"}).replace(lr=0.5).lr == 0.5
+
+
+def test_a_saved_detection_config_of_the_former_loop_is_the_same_run():
+    """config.yaml / result.json written before DetConfig took TrainConfig's keys: missing keys are the defaults, so
+    the sweep still skips the committed runs and compares only what a run computes."""
+    old = DetConfig(data_root="d", classes=["a"], max_steps=300, batch_size=4).to_dict()
+    for k in ("val_fraction", "augment", "drop_last", "nesterov", "deterministic", "channels_last", "fuse_pws",
+              "pws_recompute", "data_on_device", "compile", "sync_bn", "tensorboard"):
+        old.pop(k)
+    new = DetConfig(data_root="elsewhere", classes=["a"], max_steps=300, batch_size=4, progress=False).to_dict()
+    assert det_train._same(old, new) == []
+    assert det_train._same(old, {**new, "max_steps": 600, "eval_batch_size": 2}) == []   # length, cosmetic
+    assert det_train._same(old, {**new, "batch_size": 8}) == ["batch_size 4 → 8"]
+    assert det_train._same(old, {**new, "nesterov": True}) == ["nesterov False → True"]
+
+
+def test_detection_schedule_warmup_clipping_and_eval_cadence(fake, monkeypatch, tmp_path):
+    """The engine's LR schedule with the task's warm-up (per step) and milestones (per epoch), clipping in
+    before_step, evaluation every eval_every epochs and at the end; per-class AP only in metrics.jsonl."""
+    import pwsconv.train.engine as E
+
+    seen, norms = [], []
+    real = E.train_step
+
+    def spy(model, opt, x, y, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        clip = kw["before_step"]
+
+        def before_step():
+            clip()
+            norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
+                                                                      if p.grad is not None]))))
+        return real(model, opt, x, y, **{**kw, "before_step": before_step})
+
+    monkeypatch.setattr(E, "train_step", spy)
+    res = train_detector(_cfg(tmp_path / "w", epochs=3, milestones=[2], warmup_steps=4, warmup_factor=0.1,
+                              eval_every=2, grad_clip=0.5, ckpt_every=0))
+    lr = 0.05
+    want = [lr * (0.1 * (1 - s / 4) + s / 4) for s in range(4)] + [lr, lr] + [lr * 0.1] * 3
+    assert seen == pytest.approx(want, rel=1e-12) and seen[0] == pytest.approx(0.005)
+    assert len(norms) == 9 and max(norms) <= 0.5 + 1e-6 and norms[0] == pytest.approx(0.5, rel=1e-4)   # clipped
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([want[2], want[5], want[8]], rel=1e-12)
+    assert ["mAP" in r for r in rows] == [False, True, True]
+    assert res.status == "ok" and res.metrics["mAP"] == rows[-1]["mAP"] and set(res.metrics) == \
+        {"train_loss", "images_per_s", "mAP"}
+    cfg = json.loads((tmp_path / "w" / "result.json").read_text())["config"]
+    assert cfg["warmup_steps"] == 4 and cfg["lr"] == lr and cfg["fuse_pws"] is False
+
+
+def test_detection_resume_checks_are_the_engines(fake, tmp_path):
+    from pwsconv.train import ConfigMismatchError, RunDirError
+
+    train_detector(_cfg(tmp_path / "r", max_steps=2))
+    with pytest.raises(RunDirError, match="already holds files"):
+        train_detector(_cfg(tmp_path / "r", max_steps=2))
+    with pytest.raises(ConfigMismatchError, match="lr 0.05 → 0.1"):
+        train_detector(_cfg(tmp_path / "r", max_steps=2, lr=0.1), resume=True)
+    more = train_detector(_cfg(tmp_path / "r", max_steps=4, progress=True), resume=True)   # length: continues
+    assert more.step == 4 and more.status == "ok"

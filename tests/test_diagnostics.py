@@ -552,6 +552,49 @@ def test_run_probe_experiment(tmp_path):
     assert (tmp_path / "collapse" / "records.jsonl").exists()
 
 
+def test_probe_training_runs_are_the_engines_loop(monkeypatch, tmp_path):
+    """The Figure 1 training runs go through the engine's loop (run_task with a ProbeTask: an in-memory run, no
+    files): the same records as a probe on SGD stepped by hand, cycling over the batches; empty batches refused."""
+    import pwsconv.diagnostics.experiment as X
+    from pwsconv.optim import param_groups
+    from pwsconv.train.step import train_step
+
+    def model_fn(method: str) -> nn.Module:
+        base = nn.Sequential(he_conv(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 3))
+        return pwsconv.convert(base, method=method, copy_weights=True).to(D)
+
+    batches = data(2)
+    tasks = []
+    real = X.run_task
+    monkeypatch.setattr(X, "run_task", lambda task: (tasks.append(task), real(task))[1])
+    monkeypatch.chdir(tmp_path)
+    res = run_probe_experiment(model_fn, batches, methods=("pws",), lr=0.5, steps=3, plots=False)
+    assert [type(t).__name__ for t in tasks] == ["ProbeTask"] and list(tmp_path.iterdir()) == []
+
+    torch.manual_seed(0)   # the reference: the probe on SGD stepped by hand
+    model = model_fn("pws")
+    opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.5, momentum=0.9)
+    def loss_fn(model, x, y):   # the probe's default: cross-entropy of the (float64) output
+        out = model(x)
+        return F.cross_entropy(out, y), out
+
+    with VarianceProbe(model, optimizer=opt) as probe:
+        def record(loss, out):
+            probe.log("loss", float(loss.detach()))
+            probe.log("logit_std", float(out.detach().float().std()))
+
+        for x, y in (batches * 2)[:3]:   # 3 steps over 2 batches: cycled
+            train_step(model, opt, x, y, loss_fn=loss_fn, after_forward=record)
+    got = res["records"]["pws"]
+    assert len(got) == len(probe.records) > 0 and max(r["step"] for r in got) == 2
+    same = [a == b or ({**a, "value": 0} == {**b, "value": 0} and a["value"] != a["value"] and b["value"] != b["value"])
+            for a, b in zip(got, probe.records)]
+    assert all(same)
+    with pytest.raises(ValueError, match="batches are empty"):
+        run_probe_experiment(model_fn, [], methods=("pws",), steps=2, plots=False)
+
+
 def test_plots_stay_readable_when_a_run_collapses(monkeypatch, tmp_path):
     """A run blowing up must not flatten every other curve: log scale (positive data over decades) or an axis
     clipped to the bulk that says so; Figure 1's raw and effective versions have different titles."""

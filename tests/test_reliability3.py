@@ -323,7 +323,6 @@ def test_item06_gamma_must_be_positive(tmp_path, capsys, gamma):
 # --------------------------------------------------------------------------------------------- 7. too large a model
 def test_item07_model_too_large_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
     import pwsconv.train.devices as DV
-    import pwsconv.train.engine as E
 
     real = torch.empty
     monkeypatch.setattr(DV, "_available_memory", lambda device: 8 * 2**30)   # an 8 GiB machine
@@ -332,7 +331,7 @@ def test_item07_model_too_large_is_refused_before_allocating(tmp_path, capsys, m
     assert not (tmp_path / "o").exists()
     assert torch.empty is real
     # an allocator failure the estimate could not foresee is one line too
-    monkeypatch.setattr(E, "_check_model_fits", lambda *a: None)
+    monkeypatch.setattr(DV, "_check_model_fits", lambda *a: None)
 
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "

@@ -131,7 +131,7 @@ def test_mid_epoch_resume_is_exact_and_collapse_is_a_result(synth, tmp_path):
     assert res.metrics["mAP"] == pytest.approx(ref.metrics["mAP"])
     again = train_detector(_voc_cfg(synth, tmp_path / "c", **kw), resume=True)   # finished: returns at once
     assert again.step == 6
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(ValueError, match="already holds files"):
         train_detector(_voc_cfg(synth, tmp_path / "c", **kw))
     # the paper's "cannot be trained" rows: plain convs at a huge LR collapse → status nan, NaN mAP
     bad = train_detector(_voc_cfg(synth, tmp_path / "nan", method="none", method_opts={}, lr=50.0, max_steps=10,

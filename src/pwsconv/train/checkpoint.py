@@ -27,7 +27,7 @@ import threading
 import warnings
 import zipfile
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -307,10 +307,12 @@ def _rng_ok(s: Any) -> bool:
             and (p.get("gauss_next") is None or _is_number(p.get("gauss_next"))))
 
 
-def check_training_state(ck: dict[str, Any], path: str) -> dict[str, Any]:
+def check_training_state(ck: dict[str, Any], path: str,
+                         check_spec: Callable[[Any, str], Any] | None = None) -> dict[str, Any]:
     """``ck`` if it holds everything a resumed run reads, of the right kinds (counters ≥ 0, a known status, RNG
     states, optimizer state...); else a one-line :class:`CheckpointError` naming ``path`` and the field. Whether the
-    states fit the run's model and optimizer is checked when they are loaded into them."""
+    states fit the run's model and optimizer is checked when they are loaded into them. ``check_spec``: how its
+    ``model_spec`` is checked (default :func:`check_model_spec`, a classifier's)."""
     for field, ok, want in _TRAINING_FIELDS:
         if field not in ck:
             raise CheckpointError(f"cannot resume from {path}: it has no {field} (the file was edited or is not a "
@@ -320,7 +322,7 @@ def check_training_state(ck: dict[str, Any], path: str) -> dict[str, Any]:
             shown = repr(got) if not isinstance(got, (dict, list, tuple)) else type(got).__name__
             raise CheckpointError(f"cannot resume from {path}: its {field} must be {want}, got {shown[:80]} (the "
                                   "file was edited or is damaged); nothing was changed")
-    check_model_spec(ck.get("model_spec"), path)   # rewritten by the resumed run: a damaged one is not hidden
+    (check_spec or check_model_spec)(ck.get("model_spec"), path)   # rewritten by the resumed run: not hidden
     return ck
 
 

@@ -1,12 +1,15 @@
-"""The training loop (the only one in pwsconv): SGD + MultiStepLR, AMP, DDP, step-exact checkpoints, collapse = result.
+"""The training loop (the only one in pwsconv): SGD + MultiStepLR (+ warm-up), AMP, DDP, step-exact checkpoints,
+collapse = result — for every kind of run: a classifier (``pwsconv train``), a detector, the variance probe.
 
     from pwsconv.config import TrainConfig
     from pwsconv.train import train
     result = train(TrainConfig(model="tiny_cnn", method="pws", lr=0.5, epochs=5, out_dir="runs/x"))
     result.status, result.metrics["test_acc"]          # "ok" | "nan", final test accuracy (NaN if collapsed)
 
-Reading order: :func:`train` sets up a :class:`_Run` (data, model, optimizer, resume state) and calls its ``loop``,
-whose every step is :func:`pwsconv.train.step.train_step`. Each epoch: the loader's order is fixed by (seed, epoch);
+Reading order: :func:`train` wraps its config in a :class:`~pwsconv.train.task.ClassificationTask` and calls
+:func:`run_task`, which sets up a :class:`_Run` (the task's data and model, optimizer, resume state) and calls its
+``loop``, whose every step is :func:`pwsconv.train.step.train_step` with the task's loss and hooks (a task:
+:mod:`pwsconv.train.task` — how a batch becomes a loss, how a model is scored). Each epoch: the loader's order is fixed by (seed, epoch);
 after every ``ckpt_every`` optimizer steps and at the end of every epoch a checkpoint is written atomically, holding
 everything needed to continue bit-exactly (model, optimizer, scheduler, scaler, RNG states, position in the epoch, the
 epoch's running sums). A resumed run restarts the loader in the same epoch at the first batch not yet consumed (the
@@ -15,12 +18,11 @@ run's.
 
 A non-finite loss or parameter (checked every ``log_every`` steps and at epoch ends), or a non-finite evaluation
 output, ends the run with status ``"nan"`` and NaN metrics (a collapse is a result, not an exception). Helpers:
-``devices``, ``evaluate``, ``spec`` (model spec, saved-config checks), ``result``."""
+``task``, ``devices``, ``evaluate``, ``spec`` (model spec, saved-config checks), ``result``."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -30,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..accel import cached
 from ..optim import param_groups
 from ..config import ConfigError, TrainConfig
 from . import distributed as D
 from .checkpoint import (
-    CHECKPOINT_FORMAT,
     CheckpointError,
     atomic_save,
     check_training_state,
@@ -50,118 +52,71 @@ from .devices import (_AMP_DTYPES, DEVICE_TYPES, _available_memory, _check_model
                       _is_oom, check_device, resolve_device)
 from .evaluate import evaluate
 from .metrics import MetricsLog, read_metrics
-from .result import FINAL_METRICS, NAN, RunDirError, RunResult
+from .result import FINAL_METRICS, RunDirError, RunResult
 from .spec import (_COSMETIC_FIELDS, ConfigMismatchError, _as_config, _config_diff, _nonempty_dir,  # noqa: F401
-                   _saved_configs, build_from_spec, model_spec)
+                   build_from_spec, check_saved_run, model_spec)
 from .rundir import check_output_dir, lock_run_dir, remove_stale_temps
 from .step import train_step
+from .task import ClassificationTask, Task, to_device
 
-__all__ = ["train", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec", "model_spec",
+__all__ = ["train", "run_task", "Task", "evaluate", "RunResult", "RunDirError", "ConfigMismatchError", "build_from_spec",
+           "model_spec",
            "resolve_device", "check_device", "FINAL_METRICS", "DEVICE_TYPES"]
 
 
-def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
-    """The method's acceleration of a built network before it trains (same values and gradients; BENCHMARKS.md)."""
-    from ..config import prepare_options
-    from ..methods import prepare_for_training
-
-    prepare_for_training(model, cfg.method, **prepare_options(cfg))
-
-
 class _Run:
-    """State of one training run: built by ``__init__``, advanced by :meth:`loop`."""
+    """State of one training run of a :class:`~pwsconv.train.task.Task`: built by ``__init__``, advanced by
+    :meth:`loop`."""
 
-    def __init__(self, cfg: TrainConfig, dist: D.DistInfo, device: torch.device, resume: bool,
+    def __init__(self, task: Task, dist: D.DistInfo, device: torch.device, resume: bool,
                  on_step: Callable[[int], None] | None) -> None:
-        from ..data import Loader, load_dataset
-        from ..models import build_model
-
-        self.cfg, self.dist, self.device, self.on_step = cfg, dist, device, on_step
+        cfg = task.cfg
+        self.task, self.cfg, self.dist, self.device, self.on_step = task, cfg, dist, device, on_step
         self.out_dir = os.path.abspath(cfg.out_dir)
         self.paths = {k: os.path.join(self.out_dir, f) for k, f in (
             ("config", "config.yaml"), ("metrics_csv", "metrics.csv"), ("metrics_jsonl", "metrics.jsonl"),
             ("checkpoint", "checkpoint.pt"), ("result", "result.json"))}
 
-        # -- the output directory: a new run never touches another run's files (train() holds its lock)
-        try:
-            check_output_dir(self.out_dir)
-        except ValueError as e:
-            raise RunDirError(str(e)) from None
-        for key, p in self.paths.items():
-            if os.path.lexists(p) and not os.path.isfile(p):
-                raise RunDirError(f"{p} exists and is not a regular file; the run directory {cfg.out_dir} is not "
-                                  "usable (remove or rename it)")
-        if dist.is_main:
-            remove_stale_temps(self.out_dir)   # left by a writer killed mid-write; we hold the lock
-        ckpt = None
+        # -- the output directory: a new run never touches another run's files (run_task() holds its lock)
+        self.ckpt = ckpt = None
         self.saved_result: RunResult | None = None
-        if resume:
-            if os.path.isfile(self.paths["checkpoint"]):
-                ckpt = check_training_state(load_checkpoint(self.paths["checkpoint"], formats=(CHECKPOINT_FORMAT,)),
-                                            self.paths["checkpoint"])
-                diff = _config_diff(ckpt["config"], cfg.to_dict())
-                if diff:
-                    raise ConfigMismatchError(f"cannot resume {cfg.out_dir}: the config differs from the "
-                                              f"checkpoint's in " + "; ".join(diff), diff)
-            saved = _saved_configs(self.paths)
-            for fname, old, _ in saved:
-                diff = _config_diff(old, cfg.to_dict())
-                if diff:
-                    raise ConfigMismatchError(f"cannot resume {cfg.out_dir}: it holds a run with other settings "
-                                              f"(its {fname} differs in " + "; ".join(diff) + "); nothing was "
-                                              "changed — choose another out_dir", diff)
-            if ckpt is None:
-                finished = [(f, old, r) for f, old, r in saved if r is not None and r.get("status") in ("ok", "nan")]
-                if finished:
-                    fname, old, res = finished[0]
-                    diff = _config_diff(old, cfg.to_dict(), _COSMETIC_FIELDS)
-                    if diff:
-                        raise ConfigMismatchError(
-                            f"cannot resume {cfg.out_dir}: its run finished and has no checkpoint.pt to continue "
-                            f"from (" + "; ".join(diff) + "); nothing was changed — choose another out_dir", diff)
-                    self.saved_result = RunResult.from_dict(res)
-                elif not saved and any(os.path.isfile(self.paths[k]) for k in ("metrics_csv", "metrics_jsonl")):
-                    raise RunDirError(f"cannot resume {cfg.out_dir}: it holds metrics of a run whose settings are "
-                                      "unknown (no checkpoint.pt, config.yaml or result.json); nothing was changed "
-                                      "— choose another out_dir")
-        elif _nonempty_dir(self.out_dir):
-            raise RunDirError(f"output directory {cfg.out_dir} already holds files; resume that run (--resume) or "
-                              f"choose another out_dir")
+        if task.files:
+            try:
+                check_output_dir(self.out_dir)
+            except ValueError as e:
+                raise RunDirError(str(e)) from None
+            for key, p in self.paths.items():
+                if os.path.lexists(p) and not os.path.isfile(p):
+                    raise RunDirError(f"{p} exists and is not a regular file; the run directory {cfg.out_dir} is "
+                                      "not usable (remove or rename it)")
+            if dist.is_main:
+                remove_stale_temps(self.out_dir)   # left by a writer killed mid-write; we hold the lock
+            if resume:
+                path = self.paths["checkpoint"]
+                if os.path.isfile(path):
+                    ckpt = check_training_state(load_checkpoint(path, formats=(task.checkpoint_format,)), path,
+                                                task.check_spec)
+                saved = check_saved_run(self.paths, cfg, ckpt)
+                if saved is not None:   # a finished run without a checkpoint, same settings: nothing to do
+                    self.saved_result = RunResult.from_dict(saved)
+                    return
+            elif _nonempty_dir(self.out_dir):
+                raise RunDirError(f"output directory {cfg.out_dir} already holds files; resume that run (--resume) "
+                                  "or choose another out_dir")
         self.ckpt = ckpt
-        if self.saved_result is not None:
-            return   # a finished run without a checkpoint, same settings: nothing to do (run() returns its result)
 
         # -- data (before anything is written: a missing data set leaves no trace)
-        from ..data.streaming import STREAMING_DATASETS, build_streaming
-
-        if cfg.dataset in STREAMING_DATASETS:   # too big for memory: decoded by worker processes as it trains
-            self.bundle, self.train_loader, self.eval_loaders = build_streaming(cfg, dist, device)
-            self.steps_per_epoch = len(self.train_loader)
-            if self.steps_per_epoch == 0:
-                raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
-                                  f"({self.train_loader.num_samples} images) with drop_last: true")
-        else:
-            self._in_memory_data(cfg, dist, device, Loader, load_dataset)
-        bundle = self.bundle
+        task.setup(dist, device)
+        self.train_loader = task.train_loader
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set")
 
         # -- model, optimizer, schedule (the model's init depends on the seed only)
-        build = lambda: build_model(cfg.model, cfg.method, num_classes=bundle.num_classes,  # noqa: E731
-                                    in_channels=bundle.in_channels, **cfg.model_opts,
-                                    method_opts=dict(cfg.method_opts))
-        _check_model_fits(build, cfg, device)   # a network too large for this machine: one line, nothing allocated
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
-        try:
-            model = build()
-        except (TypeError, ValueError) as e:   # e.g. a depth the builder does not take: before anything is written
-            raise ConfigError(f"cannot build model {cfg.model!r} with model_opts {dict(cfg.model_opts)} and "
-                              f"method_opts {dict(cfg.method_opts)}: {' '.join(str(e).split())}") from None
-        except (MemoryError, RuntimeError) as e:   # the estimate could not be made, or was too low
-            if not isinstance(e, MemoryError) and not _is_oom(e):
-                raise
-            raise ConfigError(f"model {cfg.model!r} with model_opts {dict(cfg.model_opts)} does not fit in memory: "
-                              f"{' '.join(str(e).split())[:160]}") from None
+        model = task.build()
         if cfg.sync_bn and dist.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         try:
@@ -173,8 +128,8 @@ class _Run:
                               f"memory of {device}: {' '.join(str(e).split())[:160]}") from None
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        _prepare_model(model, cfg)
-        self.spec = model_spec(cfg, bundle)
+        task.prepare(model)
+        self.spec = task.spec()
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=list(cfg.milestones),
@@ -183,12 +138,13 @@ class _Run:
 
         # -- position: (epoch, batch within epoch, global step), the epoch's running sums, time
         self.epoch, self.batch, self.step = 0, 0, 0
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)   # loss·n, correct, n of this epoch (local)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)   # task.batch_sums of this epoch (local)
         self.wall_before = 0.0
         self.status = "running"
         torch.manual_seed(cfg.seed + 1000003 * dist.rank)  # per-process stream for dropout etc.
         if ckpt is not None:
             self._load_state(ckpt, model)
+        task.bind(model, self.opt)
         self.raw_model = model
         self.model: nn.Module = model
         if dist.enabled:
@@ -196,7 +152,6 @@ class _Run:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:   # the training forward and backward; evaluation and checkpoints use the raw model
             self.model = torch.compile(self.model)
-
 
     def _load_state(self, ckpt: dict[str, Any], model: nn.Module) -> None:
         """Continue from a checkpoint whose fields :func:`check_training_state` accepted. A state that does not fit
@@ -228,29 +183,6 @@ class _Run:
         self.wall_before = float(ckpt["wall_time"])
         self.status = ckpt["status"]
 
-    def _in_memory_data(self, cfg: TrainConfig, dist: D.DistInfo, device: torch.device, Loader: Any,
-                        load_dataset: Any) -> None:
-        """The small data sets: loaded into memory and batched by :class:`pwsconv.data.Loader`."""
-        from ..data.device import resident
-
-        bundle = load_dataset(cfg.dataset, cfg.data_root, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                              limit=cfg.limit, test_limit=cfg.test_limit)
-        # on a GPU (auto: if it fits) the images live there: batches are gathered and augmented without the host
-        bundle, self.data_on_device = resident(bundle, device, cfg.data_on_device)
-        self.bundle = bundle
-        common = dict(mean=bundle.mean, std=bundle.std, device=device, channels_last=cfg.channels_last,
-                      rank=dist.rank, world_size=dist.world_size)
-        self.train_loader = Loader(bundle.train, cfg.batch_size, shuffle=True,
-                                   augment=bundle.augment if cfg.augment else None, drop_last=cfg.drop_last,
-                                   generator=torch.Generator().manual_seed(cfg.seed), **common)
-        self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
-                              f"({len(bundle.train.y)} images) with drop_last: true")
-        self.eval_loaders = {split: Loader(getattr(bundle, split), cfg.eval_batch_size, shuffle=False, augment=None,
-                                           drop_last=False, **common)
-                             for split in ("val", "test") if getattr(bundle, split, None) is not None}
-
     # ------------------------------------------------------------------ bookkeeping
     @property
     def max_steps(self) -> int:
@@ -261,6 +193,8 @@ class _Run:
         return self.status == "nan" or self.step >= self.max_steps or self.epoch >= self.cfg.epochs
 
     def save_checkpoint(self) -> None:
+        if not self.task.files:
+            return
         rngs = [rng_state()]
         if self.dist.enabled:
             gathered: list[Any] = [None] * self.dist.world_size
@@ -269,8 +203,8 @@ class _Run:
         if not self.dist.is_main:
             return
         atomic_save({
-            "format": CHECKPOINT_FORMAT, "version": 1, "config": self.cfg.to_dict(), "model_spec": self.spec,
-            "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
+            "format": self.task.checkpoint_format, "version": 1, "config": self.cfg.to_dict(),
+            "model_spec": self.spec, "model": self.raw_model.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": scheduler_state(self.sched),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": self.sums.tolist(),
@@ -282,9 +216,9 @@ class _Run:
         return self.wall_before + (time.perf_counter() - self.t_start)
 
     def collapsed(self) -> bool:
-        """Non-finite parameter or running loss, on any process. Under fp16 the GradScaler skips steps with a
-        non-finite loss, so there a collapse is a loss scale driven below 1 (even unscaled gradients overflow)."""
-        flags = [torch.isfinite(p).all() for p in self.raw_model.parameters()]
+        """Non-finite parameter (unless the task says otherwise) or running loss, on any process. Under fp16 the
+        GradScaler skips steps with a non-finite loss, so there a collapse is a loss scale driven below 1 (even unscaled gradients overflow)."""
+        flags = [torch.isfinite(p).all() for p in self.raw_model.parameters()] if self.task.check_weights else []
         if self.scaler is None:
             flags.append(torch.isfinite(self.sums[0]))
         else:
@@ -292,11 +226,18 @@ class _Run:
         bad = (~torch.stack(flags).all()).to(torch.float32).reshape(1)
         return D.all_reduce_sum(bad, self.dist).item() > 0
 
+    def warm_up(self, restore: bool = False) -> None:
+        """The LR of the next step: the schedule's × the linear warm-up factor (``restore``: the schedule's alone)."""
+        a = 1.0 if restore else min(self.step / self.task.warmup_steps, 1.0)
+        f = self.task.warmup_factor * (1 - a) + a
+        for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr()):
+            group["lr"] = lr * f
+
     def write_result(self, metrics: dict[str, float]) -> "RunResult":
         res = RunResult(status=self.status, metrics=metrics, epoch=self.epoch + self.batch / self.steps_per_epoch,
-                        step=self.step, wall_time=self.wall_time(), out_dir=self.out_dir, config=self.cfg.to_dict(),
-                        paths=dict(self.paths))
-        if self.dist.is_main:
+                        step=self.step, wall_time=self.wall_time(), out_dir=self.out_dir if self.task.files else "",
+                        config=self.cfg.to_dict(), paths=dict(self.paths) if self.task.files else {})
+        if self.dist.is_main and self.task.files:
             atomic_write_text(dumps(res.to_dict()) + "\n", self.paths["result"])
         return res
 
@@ -307,9 +248,7 @@ class _Run:
             except (ValueError, KeyError, OSError):
                 pass  # rebuilt below
         rows = read_metrics(self.out_dir)
-        last = rows[-1] if rows else {}
-        metrics = {k: float(last.get(k, NAN)) if last.get(k) is not None else NAN for k in FINAL_METRICS}
-        return self.write_result(metrics)
+        return self.write_result(self.task.metrics_from_row(rows[-1] if rows else {}))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> "RunResult":
@@ -320,12 +259,13 @@ class _Run:
             return self.saved_result
         if self.ckpt is not None and self.finished():
             return self.result_from_files()   # nothing left to do (a finished or collapsed run)
-        if dist.is_main:
+        files = dist.is_main and self.task.files
+        if files:
             os.makedirs(self.out_dir, exist_ok=True)
             import yaml
 
             atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.paths["config"])
-        log = MetricsLog(self.out_dir, enabled=dist.is_main, tensorboard=cfg.tensorboard,
+        log = MetricsLog(self.out_dir, enabled=files, tensorboard=cfg.tensorboard, columns=self.task.columns,
                          resume_step=self.step if self.ckpt is not None else None)
         D.barrier(dist)
         try:
@@ -334,7 +274,7 @@ class _Run:
             log.close()
 
     def loop(self, log: MetricsLog) -> "RunResult":
-        cfg, model, opt, scaler = self.cfg, self.model, self.opt, self.scaler
+        cfg, task, model, opt, scaler = self.cfg, self.task, self.model, self.opt, self.scaler
         device_type = self.device.type
         amp = None if cfg.amp is None else _AMP_DTYPES[cfg.amp]   # the autocast dtype (None: float32)
         show = cfg.progress and self.dist.is_main
@@ -349,20 +289,19 @@ class _Run:
             if self.batch:  # resumed mid-epoch: the same order, from the first batch not yet consumed
                 self.train_loader.load_state_dict({"epoch": self.epoch, "batch": self.batch})
             model.train()
-            seg_images, seg_t0 = 0, time.perf_counter()
+            seg_n0, seg_t0 = float(self.sums[2]), time.perf_counter()   # images so far this epoch (resumed: > 0)
             bar = tqdm(total=self.steps_per_epoch, initial=self.batch, leave=False, dynamic_ncols=True,
                        desc=f"{cfg.run_name} epoch {self.epoch + 1}/{cfg.epochs}") if show else None
             collapsed = False
             for i, (x, y) in enumerate(self.train_loader, start=self.batch):
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                loss, out = train_step(model, opt, x, y, amp=amp, device_type=device_type, scaler=scaler)
+                x, y = to_device(x, self.device), to_device(y, self.device)
+                if task.warmup_steps:
+                    self.warm_up()
+                loss, out = train_step(model, opt, x, y, loss_fn=task.loss_fn, amp=amp, device_type=device_type,
+                                       scaler=scaler, after_forward=task.after_forward, before_step=task.before_step)
                 self.step += 1
                 self.batch = i + 1
-                n = y.numel()
-                seg_images += n
-                # on the device, no host sync: read at log points and epoch ends
-                self.sums[:2] += torch.stack([loss.detach().double() * n, (out.argmax(1) == y).sum().double()])
-                self.sums[2] += n
+                self.sums += task.batch_sums(loss, out, x, y)   # on the device, no host sync: read at log points
                 if self.on_step is not None:
                     self.on_step(self.step)
                 last = self.batch == self.steps_per_epoch or self.step >= self.max_steps
@@ -372,9 +311,9 @@ class _Run:
                         break
                     if bar is not None:
                         s = self.sums.tolist()
-                        ips = seg_images * self.dist.world_size / max(time.perf_counter() - seg_t0, 1e-9)
-                        bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{s[1] / s[2]:.3f}", img_s=f"{ips:.0f}",
-                                        refresh=False)
+                        ips = (s[2] - seg_n0) * self.dist.world_size / max(time.perf_counter() - seg_t0, 1e-9)
+                        bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", img_s=f"{ips:.0f}",
+                                        lr=f"{opt.param_groups[0]['lr']:.3g}", refresh=False)
                 if bar is not None:
                     bar.update(1)
                 if self.step >= self.max_steps:
@@ -384,57 +323,45 @@ class _Run:
             if bar is not None:
                 bar.close()
             seg_time = time.perf_counter() - seg_t0
-            ips = seg_images * self.dist.world_size / max(seg_time, 1e-9)
+            ips = (float(self.sums[2]) - seg_n0) * self.dist.world_size / max(seg_time, 1e-9)
 
             why = "non-finite loss or weights" if collapsed else ""
-            if not collapsed:
-                # end of an epoch (or of the run, mid-epoch, at max_steps)
+            ev = None
+            complete = self.batch == self.steps_per_epoch   # a complete epoch: next epoch, next LR
+            done = self.step >= self.max_steps or self.epoch + complete >= cfg.epochs
+            if not collapsed:   # end of an epoch (or of the run, mid-epoch, at max_steps)
                 tot = D.all_reduce_sum(self.sums.clone(), self.dist).tolist()
-                final = {"train_loss": tot[0] / tot[2], "train_acc": tot[1] / tot[2], "val_loss": NAN,
-                         "val_acc": NAN, "test_loss": NAN, "test_acc": NAN, "images_per_s": ips}
-                for split, loader in self.eval_loaders.items():
-                    ev = evaluate(self.raw_model, loader, device=self.device, amp=cfg.amp,
-                                  distributed=self.dist.enabled)
-                    if ev["nonfinite"] or not math.isfinite(ev["loss"]):
-                        # finite weights whose outputs overflow (a very large LR): a collapse, not an accuracy
-                        why = f"non-finite outputs on the {split} set"
-                        break
-                    final[f"{split}_loss"], final[f"{split}_acc"] = ev["loss"], ev["acc"]
-                    if ev["acc5"] == ev["acc5"]:   # top-5 (ImageNet, Table 5): in result.json, not in metrics.csv
-                        final[f"{split}_acc5"] = ev["acc5"]
+                if done or (task.eval_every and complete and (self.epoch + 1) % task.eval_every == 0):
+                    with cached(self.raw_model):   # each reparameterized weight computed once while scoring
+                        ev, why = task.evaluate(self.raw_model, self.device, self.dist.enabled)
+                final = task.metrics(tot, ev, ips)
+            lr = opt.param_groups[0]["lr"]
             if why:
                 self.status = "nan"
-                final = {k: NAN for k in FINAL_METRICS}
-                final["images_per_s"] = ips
-                self._log_row(log, final, seg_time)
+                final = task.nan_metrics(ips)
+                self._log_row(log, task.row(final, None, seg_time), lr)
                 self.save_checkpoint()
                 if show:
                     tqdm.write(f"{cfg.run_name}: collapsed ({why}) at step {self.step}, epoch {self.epoch + 1}")
                 break
-            lr = opt.param_groups[0]["lr"]
-            if self.batch == self.steps_per_epoch:   # a complete epoch: next epoch, next LR
+            if complete:
+                if task.warmup_steps:
+                    self.warm_up(restore=True)   # the schedule steps from its own LR, not a warmed-up one
                 self.sched.step()
                 self.epoch, self.batch = self.epoch + 1, 0
                 self.sums.zero_()
-            done = self.step >= self.max_steps or self.epoch >= cfg.epochs
             self.status = "ok" if done else "running"
-            self._log_row(log, final, seg_time, lr=lr)
+            self._log_row(log, task.row(final, ev, seg_time), lr)
             self.save_checkpoint()
             if show:
                 tqdm.write(f"{cfg.run_name} epoch {self.epoch if self.batch == 0 else self.epoch + 1}: "
-                           f"loss {final['train_loss']:.4f} acc {final['train_acc']:.4f} | "
-                           + (f"val acc {final['val_acc']:.4f} | " if "val" in self.eval_loaders else "")
-                           + f"test loss {final['test_loss']:.4f} acc {final['test_acc']:.4f} | "
-                           f"{ips:.0f} img/s | lr {lr:g}")
+                           f"{task.summary(final)} | {ips:.0f} img/s | lr {lr:g}")
         D.barrier(self.dist)
         return self.write_result(final)
 
-    def _log_row(self, log: MetricsLog, m: dict[str, float], seg_time: float, lr: float | None = None) -> None:
-        row = {"epoch": self.epoch + self.batch / self.steps_per_epoch, "step": self.step,
-               "lr": self.opt.param_groups[0]["lr"] if lr is None else lr}
-        row.update({k: m.get(k, NAN) for k in FINAL_METRICS})
-        row.update({"epoch_time": seg_time, "wall_time": self.wall_time(), "status": self.status})
-        log.log(row)
+    def _log_row(self, log: MetricsLog, values: dict[str, Any], lr: float) -> None:
+        log.log({"epoch": self.epoch + self.batch / self.steps_per_epoch, "step": self.step, "lr": lr, **values,
+                 "wall_time": self.wall_time(), "status": self.status})
 
 
 def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume: bool = False,
@@ -453,13 +380,21 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
     checkpoint :class:`~pwsconv.train.checkpoint.CheckpointError`, missing data ``pwsconv.data.DataError`` — all
     ``ValueError`` s with one-line messages.
     """
-    cfg = _as_config(config)
+    return run_task(ClassificationTask(_as_config(config)), resume=resume, on_step=on_step)
+
+
+def run_task(task: Task, *, resume: bool = False, on_step: Callable[[int], None] | None = None) -> RunResult:
+    """Run the engine's loop on ``task`` (a :class:`~pwsconv.train.task.Task` holding a validated config): what
+    :func:`train` does for a classifier, for any kind of run (a detector, the variance probe); same arguments,
+    errors and result."""
+    cfg = task.cfg
     device_type = resolve_device(cfg.device).type
-    try:
-        check_output_dir(cfg.out_dir)
-    except ValueError as e:
-        raise RunDirError(str(e)) from None
-    dist = D.setup_distributed(device_type)
+    if task.files:
+        try:
+            check_output_dir(cfg.out_dir)
+        except ValueError as e:
+            raise RunDirError(str(e)) from None
+    dist = D.setup_distributed(device_type) if task.files else D.DistInfo()   # an in-memory run: this process's
     det_before = torch.are_deterministic_algorithms_enabled()
     threads_before = torch.get_num_threads()
     cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
@@ -488,8 +423,8 @@ def train(config: TrainConfig | Mapping[str, Any] | str | os.PathLike, *, resume
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         elif device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        with lock_run_dir(cfg.out_dir) if dist.is_main else contextlib.nullcontext():
-            result = _Run(cfg, dist, device, resume, on_step).run()
+        with lock_run_dir(cfg.out_dir) if dist.is_main and task.files else contextlib.nullcontext():
+            result = _Run(task, dist, device, resume, on_step).run()
     except BaseException:
         # the error in flight (a Ctrl-C inside a lazy import, a bad checkpoint) is what the caller sees; a clean-up
         # step that fails meanwhile (e.g. on a module the interrupt left half-imported) must not replace it

@@ -1,5 +1,6 @@
-"""The one training step: the step of the training engine, of the detection loop, of the variance probe's runs, and
-the step the speed measurements time. Nothing else in pwsconv calls ``.backward()``.
+"""The one training step: the step of the engine's loop (for every task: a classifier, a detector, the variance
+probe's runs), of the probe's measurement without update, and the step the speed measurements time. Nothing else in
+pwsconv calls ``.backward()``.
 
     loss, out = train_step(model, opt, x, y)                                   # classifier, fp32
     loss, out = train_step(model, opt, x, y, amp=torch.float16, device_type="cuda", scaler=torch.amp.GradScaler())
@@ -13,7 +14,6 @@ backward and the optimizer step (gradient clipping, a probe of the gradients).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch
