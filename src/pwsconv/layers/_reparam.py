@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..functional import _LOW_PRECISION as LOW_PRECISION   # one definition (functional.py)
 from ..functional import he_std
 
-__all__ = ["FilterTooSmallError", "ReparamMixin", "ReparamConvNd", "ReparamLinear", "filter_dims", "setting", "LOW_PRECISION"]
+__all__ = ["FilterTooSmallError", "ReparamMixin", "ReparamLinear", "filter_dims", "setting", "LOW_PRECISION"]
 
 
 class FilterTooSmallError(ValueError):
@@ -103,8 +103,10 @@ class ReparamMixin:
             w = w.contiguous(memory_format=self._memory_format)
         return self._forward_with(input, w, b, *args, **kwargs)
 
-    def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError   # abstract: ReparamConvNd, ReparamLinear, the transposed PWS convs
+    def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The parent's computation with this weight and bias: ``nn.ConvNd``'s conv (padding modes included);
+        ``ReparamLinear`` and the transposed PWS convs override it."""
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ geometry and init
     def _finish_setup(self) -> None:
@@ -215,13 +217,6 @@ class ReparamMixin:
         kw = {n: getattr(self, n) for n in names if n != "bias"}
         kw["bias"] = self.bias is not None
         return kw
-
-
-class ReparamConvNd(ReparamMixin):
-    """Mixin for ``nn.ConvNd`` subclasses: the conv forward with the computed weight."""
-
-    def _forward_with(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
 
 class ReparamLinear(ReparamMixin):

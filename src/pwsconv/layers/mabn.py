@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ._checks import check_norm_input
 
-from ._reparam import LOW_PRECISION, ReparamConvNd, filter_dims
+from ._reparam import LOW_PRECISION, ReparamMixin, filter_dims
 
 __all__ = ["CenConv1d", "CenConv2d", "CenConv3d", "MABN1d", "MABN2d", "MABN3d", "centered_weight"]
 
@@ -51,7 +51,7 @@ def centered_weight(weight: Tensor) -> Tensor:
     return weight - weight.mean(dim=filter_dims(weight), keepdim=True)
 
 
-class _CenConvNd(ReparamConvNd):
+class _CenConvNd(ReparamMixin):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
                  dilation: Any = 1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
                  device: Any = None, dtype: Any = None) -> None:

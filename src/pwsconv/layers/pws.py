@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
 from ._auto import auto_clip_w_of, link_optimizer_group
-from ._reparam import ReparamConvNd, ReparamLinear, ReparamMixin, check_layer_args, setting
+from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
            "PWSConvTranspose3d", "PWSLinear", "FAN_MODES"]
@@ -186,7 +186,7 @@ _PWS_DOC = """
 """
 
 
-class _PWSConvNd(PWSMixin, ReparamConvNd):
+class _PWSConvNd(PWSMixin):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
                  stride: int | Sequence[int] = 1, padding: int | str | Sequence[int] = 0,
                  dilation: int | Sequence[int] = 1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",

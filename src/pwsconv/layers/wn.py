@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._reparam import LOW_PRECISION, ReparamConvNd, ReparamLinear, filter_dims
+from ._reparam import LOW_PRECISION, ReparamMixin, ReparamLinear, filter_dims
 
 __all__ = ["wn_weight", "WNConv1d", "WNConv2d", "WNConv3d", "WNLinear"]
 
@@ -76,7 +76,7 @@ class _WNMixin:
         return s + (", data_init=True" if self.data_init else "")
 
 
-class _WNConvNd(_WNMixin, ReparamConvNd):
+class _WNConvNd(_WNMixin, ReparamMixin):
     def __init__(self, *args, data_init: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._wn_setup(data_init)

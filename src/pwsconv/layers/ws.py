@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import pws_weight
-from ._reparam import LOW_PRECISION, ReparamConvNd, ReparamLinear, filter_dims, setting
+from ._reparam import LOW_PRECISION, ReparamMixin, ReparamLinear, filter_dims, setting
 
 __all__ = [
     "ws_weight",
@@ -83,7 +83,7 @@ def _check_gamma_act(value: float, name: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------- WS
-class _WSConvNd(ReparamConvNd):
+class _WSConvNd(ReparamMixin):
     eps = setting("_eps", lambda v: _check_eps(v, "WSConv"), "ε inside the root (validated on assignment).")
     original_std = setting("_original_std", bool, "The original code's (W − μ)/(std_unbiased + ε).")
 
@@ -167,7 +167,7 @@ class _SWSMixin:
         return s
 
 
-class _SWSConvNd(_SWSMixin, ReparamConvNd):
+class _SWSConvNd(_SWSMixin, ReparamMixin):
     def __init__(self, *args, gamma_act: float = math.sqrt(2.0), eps: float = 1e-4, floor: bool = False,
                  use_gain: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
