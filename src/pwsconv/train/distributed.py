@@ -66,8 +66,13 @@ def setup_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, local, True)
 
 
-def cleanup_distributed(info: DistInfo) -> None:
+def cleanup_distributed(info: DistInfo, *, synchronize: bool = False) -> None:
+    """Tear down the process group this process made. ``synchronize`` (a run that ended normally): wait for every
+    process first, so that none destroys its gloo connections while another still uses them (a rank could otherwise
+    abort at exit: "terminate called without an active exception")."""
     if info.initialized_here and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -399,12 +399,12 @@ def run_task(task: Task, *, resume: bool = False, on_step: Callable[[int], None]
     threads_before = torch.get_num_threads()
     cudnn_before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
 
-    def restore() -> None:
+    def restore(ok: bool = False) -> None:
         torch.use_deterministic_algorithms(det_before)
         if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_before
-        D.cleanup_distributed(dist)
+        D.cleanup_distributed(dist, synchronize=ok)
 
     try:
         device = resolve_device(cfg.device, dist.local_rank)
@@ -431,5 +431,5 @@ def run_task(task: Task, *, resume: bool = False, on_step: Callable[[int], None]
         with contextlib.suppress(Exception):
             restore()
         raise
-    restore()
+    restore(ok=True)
     return result
