@@ -3,6 +3,8 @@
 One engine training step (:func:`pwsconv.train.step.train_step`: forward, cross-entropy, backward, SGD with momentum,
 PWS prepared as the engine prepares it) is run under a ``TorchDispatchMode`` that counts every aten op except
 views and aliases (they launch no kernel). A warm-up step first, so lazily created optimizer state is not counted.
+The fused node groups layers as it does on a GPU (no CPU concatenation limit; ``--cpu-grouping`` keeps the CPU's);
+``--foreach`` uses SGD's foreach implementation (torch's default on a GPU; on a CPU the default is a loop).
 
     python benchmarks/count_ops.py                          # resnet50_small, batch 2
     python benchmarks/count_ops.py --model resnet_cifar_small --amp bf16 --channels-last
@@ -17,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pwsconv
+from pwsconv.accel import fused as fused_module
 from pwsconv.methods import prepare_for_training
 from pwsconv.models import build_model
 from pwsconv.train.step import train_step
@@ -39,13 +42,14 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(model: str, method: str, opts: dict, batch: int, amp: torch.dtype | None, channels_last: bool) -> OpCounter:
+def count(model: str, method: str, opts: dict, batch: int, amp: torch.dtype | None, channels_last: bool,
+          foreach: bool = False) -> OpCounter:
     torch.manual_seed(0)
     net = build_model(model, method=method, method_opts=opts, num_classes=10)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     prepare_for_training(net, method)
-    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9, foreach=foreach)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -62,18 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--amp", choices=["bf16"], default=None)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--foreach", action="store_true", help="SGD(foreach=True), the GPU default")
+    p.add_argument("--cpu-grouping", action="store_true", help="the fused node's CPU concatenation limit")
     p.add_argument("--json", default=None, help="also write the counts here")
     a = p.parse_args(argv)
+    if not a.cpu_grouping:
+        fused_module.CPU_CAT_LIMIT = 1 << 62
     amp = torch.bfloat16 if a.amp == "bf16" else None
     out = {}
     for label, (method, opts) in CASES.items():
-        c = count(a.model, method, opts, a.batch, amp, a.channels_last)
+        c = count(a.model, method, opts, a.batch, amp, a.channels_last, a.foreach)
         out[label] = {"total": c.total, "by_op": dict(sorted(c.by_op.items(), key=lambda kv: -kv[1]))}
         top = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in list(out[label]["by_op"].items())[:5])
         print(f"{label:12s} {c.total:6d}   ({top})")
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump({"model": a.model, "batch": a.batch, "amp": a.amp, "channels_last": a.channels_last,
+                       "foreach": a.foreach, "cpu_grouping": a.cpu_grouping,
                        "counts": out}, f, indent=1)
     return 0
 
