@@ -268,13 +268,15 @@ def test_clip_w_defaults_and_validation():
 
 # ------------------------------------------------------------------------------------------------ λ of W from the SGD settings
 def test_auto_clip_w_formula():
-    from pwsconv.functional import AUTO_STEP, auto_clip_w
+    from pwsconv.functional import AUTO_CLIP_W_MIN, AUTO_STEP, auto_clip_w
 
-    # a bound on the update: lr·λ/(1 − m) = AUTO_STEP, so λ ∝ (1 − m)/lr
-    assert auto_clip_w(0.1, 0.9) == pytest.approx(AUTO_STEP * 0.1 / 0.1)
-    assert auto_clip_w(1.6, 0.9) == pytest.approx(AUTO_CLIP_W)        # the fixed λ is the rule at LR 1.6
+    # a bound on the update: lr·λ/(1 − m) = AUTO_STEP, so λ ∝ (1 − m)/lr, and never below AUTO_CLIP_W_MIN
+    assert AUTO_STEP == 0.08 and AUTO_CLIP_W_MIN == 0.005
+    assert auto_clip_w(0.1, 0.9) == pytest.approx(0.08)
+    assert auto_clip_w(0.4, 0.9) == pytest.approx(0.02)
+    assert auto_clip_w(1.6, 0.9) == auto_clip_w(3.2, 0.9) == pytest.approx(AUTO_CLIP_W_MIN)
     assert auto_clip_w(0.4, 0.0) == pytest.approx(AUTO_STEP / 0.4)
-    assert auto_clip_w(0.8, 0.9, step=0.08) == pytest.approx(0.01)
+    assert auto_clip_w(0.8, 0.9, step=0.16, floor=0.0) == pytest.approx(0.02)
     for bad in ((0.0, 0.9), (0.1, 1.0), (float("nan"), 0.9), ("x", 0), (-1, 0.5)):
         assert auto_clip_w(*bad) is None
 

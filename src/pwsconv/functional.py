@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
-           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "auto_clip_w"]
+           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_CLIP_W_MIN", "auto_clip_w"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -34,8 +34,11 @@ AUTO_CLIP = 0.01
 #: optimizer's settings (a weight not in a :func:`pwsconv.param_groups` group of SGD): the value that trains at LR 1.6
 AUTO_CLIP_W = 0.01
 #: ``gamma="auto"`` under SGD: the largest step of a filter, relative to its norm, momentum included
-#: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr; 0.01 at LR 1.6 with momentum 0.9, the value of AUTO_CLIP_W)
-AUTO_STEP = 0.16
+#: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr, 0.08 at LR 0.1 and 0.02 at LR 0.4 with momentum 0.9)
+AUTO_STEP = 0.08
+#: ``gamma="auto"`` under SGD: λ of W never below this (reached from LR 1.6 with momentum 0.9; below it the plain CIFAR
+#: net could not learn at LR 3.2, RESULTS.md)
+AUTO_CLIP_W_MIN = 0.005
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -133,23 +136,25 @@ class _UnitClipMany(torch.autograd.Function):
         return tuple(out)
 
 
-def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP) -> float | None:
-    """λ of W's filters for ``gamma="auto"`` under SGD: ``step · (1 − m) / lr``, or ``None`` where it is not defined
-    (lr ≤ 0 or not finite, m outside [0, 1)).
+def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
+                floor: float = AUTO_CLIP_W_MIN) -> float | None:
+    """λ of W's filters for ``gamma="auto"`` under SGD: ``max(step · (1 − m) / lr, floor)``, or ``None`` where it is
+    not defined (lr ≤ 0 or not finite, m outside [0, 1)).
 
     A bound on the *update*, not on the gradient: with ‖∂L/∂W_o‖ ≤ λ·‖W_o‖, one SGD step moves a filter by at most
-    lr·λ/(1 − m) = ``step`` of its norm, momentum included (16 %). That is the throttle a large LR needs in its first
+    lr·λ/(1 − m) = ``step`` of its norm, momentum included (8 %). That is the throttle a large LR needs in its first
     steps, where unbounded steps kill the network (RESULTS.md), and it leaves ordinary steps alone: Ŵ (eq. 12) does
     not change with the scale of W, so under SGD with weight decay wd a filter settles at
-    ‖∂L/∂W_o‖/‖W_o‖ ≈ sqrt(2·wd·(1 − m)/lr) (spherical motion dynamics), which is below the bound for every
-    LR under ≈ 2.5 with wd 5e-4 and m 0.9 (5× below it at LR 0.1)."""
+    ‖∂L/∂W_o‖/‖W_o‖ ≈ sqrt(2·wd·(1 − m)/lr) (spherical motion dynamics), 0.032 at LR 0.1 with wd 5e-4 and m 0.9,
+    below the bound (0.08) there. From LR 1.6 (m 0.9) the floor holds λ at 0.005: tighter, the plain CIFAR net
+    stopped learning at LR 3.2 (measured, RESULTS.md)."""
     try:
         lr, m = float(lr), float(momentum)
     except (TypeError, ValueError):
         return None
     if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
         return None
-    return step * (1.0 - m) / lr
+    return max(step * (1.0 - m) / lr, floor)
 
 
 def unit_clip_many(ps: Sequence[Tensor], lams: Sequence[float]) -> list[Tensor]:
