@@ -182,6 +182,7 @@ class ProbeTask(Task):
 
     files = False
     check_weights = False   # a non-finite loss ends the run, as the probe's records show it
+    rate_unit = "it"        # batch_sums counts steps (the loss is the mean over steps)
     eval_every = 0
 
     def __init__(self, model_fn: Callable[[str], nn.Module], method: str, batches: Batches, loss_fn: Callable, *,

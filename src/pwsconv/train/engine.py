@@ -312,7 +312,7 @@ class _Run:
                     if bar is not None:
                         s = self.sums.tolist()
                         ips = (s[2] - seg_n0) * self.dist.world_size / max(time.perf_counter() - seg_t0, 1e-9)
-                        bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", img_s=f"{ips:.0f}",
+                        bar.set_postfix({"loss": f"{s[0] / s[2]:.4f}", f"{task.rate_unit}_s": f"{ips:.0f}"},
                                         lr=f"{opt.param_groups[0]['lr']:.3g}", refresh=False)
                 if bar is not None:
                     bar.update(1)

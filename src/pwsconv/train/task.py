@@ -69,6 +69,7 @@ class Task:
     warmup_factor: float = 1.0
     files: bool = True
     check_weights: bool = True
+    rate_unit: str = "img"   # what batch_sums' third number counts (the progress bar shows it per second)
     after_forward: Callable[[torch.Tensor, Any], bool | None] | None = None
     before_step: Callable[[], None] | None = None
     train_loader: Any = None
