@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--same-as-base-at", nargs="*", default=["3.2"],
                    help="LRs where the candidate's λ_W equals round 3's (the base's auto runs are its runs)")
     a = p.parse_args(argv)
-    rows, md = [], [f"| net | method | " + " | ".join(f"LR {lr}" for lr in LRS) + " |",
+    rows, md = [], ["| net | method | " + " | ".join(f"LR {lr}" for lr in LRS) + " |",
                     "|---|---|" + "---:|" * len(LRS)]
     for net in ("residual", "plain"):
         for label, pattern in (("BN", "lr_{net}_bn_lr{lr}_s{s}"), ("paper PWS", "lr_{net}_pws_lr{lr}_s{s}"),

@@ -70,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-grouping", action="store_true", help="the fused node's CPU concatenation limit")
     p.add_argument("--json", default=None, help="also write the counts here")
     a = p.parse_args(argv)
-    if not a.cpu_grouping:
-        fused_module.CPU_CAT_LIMIT = 1 << 62
     amp = torch.bfloat16 if a.amp == "bf16" else None
     out = {}
+    limit = fused_module.CPU_CAT_LIMIT
     for label, (method, opts) in CASES.items():
-        c = count(a.model, method, opts, a.batch, amp, a.channels_last, a.foreach)
+        if not a.cpu_grouping:
+            fused_module.CPU_CAT_LIMIT = 1 << 62
+        try:
+            c = count(a.model, method, opts, a.batch, amp, a.channels_last, a.foreach)
+        finally:
+            fused_module.CPU_CAT_LIMIT = limit
         out[label] = {"total": c.total, "by_op": dict(sorted(c.by_op.items(), key=lambda kv: -kv[1]))}
         top = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in list(out[label]["by_op"].items())[:5])
         print(f"{label:12s} {c.total:6d}   ({top})")

@@ -69,3 +69,24 @@ def test_count_ops_counts_a_training_step(tmp_path):
     with c:
         t.view(3, 1).t()                      # views only: nothing counted
     assert c.total == 0
+
+
+def test_fused_cat_limit_and_auto_step_table(tmp_path, capsys):
+    """benchmarks/fused_cat_limit.py times the per-layer path against the fused node at several limits (and puts the
+    library's limit back); benchmarks/auto_step_table.py summarizes a screen against the preset's cells."""
+    from pwsconv.accel import fused as fused_module
+
+    limit = fused_module.CPU_CAT_LIMIT
+    assert _script("fused_cat_limit").main(["--model", "tiny_cnn", "--image", "8", "--repeats", "1",
+                                           "--limits", "0", "inf"]) == 0
+    assert fused_module.CPU_CAT_LIMIT == limit
+    assert capsys.readouterr().out.startswith("| tiny_cnn | 2 |")
+    base, screen = tmp_path / "base", tmp_path / "screen"
+    for folder, name, acc in ((base, "lr_plain_bn_lr0.1_s0", 0.6), (screen, "plain_lr0.1_s0", 0.55),
+                              (screen, "plain_lr0.1_s1", None)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "result.json").write_text(json.dumps({"metrics": {"test_acc": acc}}))
+    assert _script("auto_step_table").main([str(screen), "--base", str(base), "--label", "cand"]) == 0
+    md = (screen / "summary.md").read_text()
+    assert "| plain | BN | — | 40.00 (1 seed) |" in md
+    assert "| plain | cand | — | 45.00 ✗1/2 (2 seeds) |" in md
