@@ -36,8 +36,9 @@ AUTO_CLIP_W = 0.01
 #: ``gamma="auto"`` under SGD: the largest step of a filter, relative to its norm, momentum included
 #: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr, 0.08 at LR 0.1 and 0.02 at LR 0.4 with momentum 0.9)
 AUTO_STEP = 0.08
-#: ``gamma="auto"`` under SGD: λ of W never below this (reached from LR 1.6 with momentum 0.9; below it the plain CIFAR
-#: net could not learn at LR 3.2, RESULTS.md)
+#: ``gamma="auto"`` under SGD: λ of W never below this (reached from LR 1.6 with momentum 0.9). Below it weight decay
+#: outpaces the filters' (orthogonal) gradient steps — they balance near sqrt(2·wd·(1 − m)/lr), 0.0056 at LR 3.2 with
+#: wd 5e-4 — and the filters shrink: at LR 3.2 the plain CIFAR net then sat at chance (RESULTS.md)
 AUTO_CLIP_W_MIN = 0.005
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
