@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["cached_weight", "clear_cache", "is_cached", "in_scope"]
+__all__ = ["cached_weight", "clear_cache", "is_cached"]
 
 #: layer id → the open scope's entry for it (``None`` until its first cached forward)
 _ENTRIES: dict[int, "_Entry | None"] = {}
@@ -41,11 +41,6 @@ class _Entry:
         return (self.w is w and self.w_version == w._version and self.w_ptr == w.data_ptr() and self.a is a
                 and (a is None or (self.a_version == a._version and self.a_ptr == a.data_ptr()))
                 and self.settings == layer._settings_version and self.steps == _STEPS[0])
-
-
-def in_scope(layer: Any) -> bool:
-    """Whether ``layer`` is inside an open :func:`cached` scope."""
-    return id(layer) in _ENTRIES
 
 
 def cached_weight(layer: Any, w: Tensor, a: Tensor | None) -> Tensor:
