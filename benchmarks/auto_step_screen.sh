@@ -7,7 +7,7 @@
 #   LRS="0.05 0.1 0.4 1.6" bash benchmarks/auto_step_screen.sh 0.08 results/auto_round4_step008 0.005
 set -u
 step=${1:?step bound, e.g. 0.08}; out_root=${2:?output folder}; floor=${3:-0}
-base=${BASE:-results/reproduce/robust_medium}
+base=${BASE:-results/reproduce/robust_medium_10k}
 # a run of an earlier invocation still going: wait for it (it writes its own result.json)
 while pgrep -f "pwsconv train .*--out-dir $out_root/" > /dev/null; do sleep 10; done
 mkdir -p "$out_root"

@@ -38,7 +38,7 @@ def _cell(errs: list[float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("screen", type=Path)
-    p.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
+    p.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium_10k"))
     p.add_argument("--label", default="candidate")
     p.add_argument("--same-as-base-at", nargs="*", default=["3.2"],
                    help="LRs where the candidate's λ_W equals round 3's (the base's auto runs are its runs)")

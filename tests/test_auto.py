@@ -234,6 +234,37 @@ def test_gradcheck_fused_node_with_inactive_clipping():
     assert gradcheck(fn, (ws[0], als[0], ws[1], als[1]), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+def test_fused_node_passes_biases_through_and_clips_them_like_alpha():
+    """The biases of clipped layers go through the fused node: identity forward (float64 gradcheck with inactive
+    clipping), and with active clipping the same gradients as :func:`unit_clip` per layer, α's bound for β."""
+    from pwsconv.accel.fused import _fused
+    from pwsconv.functional import pws_weight, unit_clip
+
+    torch.manual_seed(0)
+    ws = [torch.randn(3, 2, 2, 2, dtype=F64, requires_grad=True), torch.randn(2, 2, 2, 2, dtype=F64, requires_grad=True)]
+    als = [torch.rand(3, dtype=F64).add_(0.5).requires_grad_(True), torch.rand(2, dtype=F64).add_(0.5).requires_grad_(True)]
+    bs = [torch.randn(3, dtype=F64, requires_grad=True), torch.randn(2, dtype=F64, requires_grad=True)]
+
+    def fn(w0, a0, b0, w1, a1, b1, lam=(1e12, 1e12)):
+        out, bias = _fused([w0, w1], [a0, a1], [1e-3, 1e-3], [0.5, 0.5], [lam, lam], [b0, b1])
+        return (*out, *bias)
+
+    args = (ws[0], als[0], bs[0], ws[1], als[1], bs[1])
+    assert gradcheck(fn, args, eps=1e-6, atol=1e-6, rtol=1e-4)
+    outs = fn(*args, lam=(0.01, 0.02))
+    assert all(torch.equal(o, b) for o, b in zip(outs[2:], bs))
+    gs = [torch.randn_like(o) * 10 for o in outs]
+    g_in = [g.clone() for g in gs]
+    got = torch.autograd.grad(outs, args, gs)
+    assert all(torch.equal(a, b) for a, b in zip(gs, g_in))        # the incoming gradients are left as they were
+    ref = [pws_weight(unit_clip(w, 0.01), 1e-3, unit_clip(a, 0.02), gain=0.5) for w, a in zip(ws, als)]
+    ref += [unit_clip(b, 0.02) for b in bs]
+    want = torch.autograd.grad(ref, [ws[0], ws[1], als[0], als[1], bs[0], bs[1]], gs)
+    order = (0, 3, 1, 4, 2, 5)   # where w0, w1, a0, a1, b0, b1 are in args (w0 a0 b0 w1 a1 b1)
+    for k, g in zip(order, want):
+        torch.testing.assert_close(got[k], g)
+
+
 # ------------------------------------------------------------------------------------------------ λ of W apart from α, β
 @pytest.mark.parametrize("name", LAYERS)
 def test_clip_w_clips_filters_apart_from_alpha_and_beta(name):

@@ -872,3 +872,76 @@ def test_large_weights_are_not_concatenated_on_a_cpu(monkeypatch):
         for o, w, a in zip(outs, ws, als):
             torch.testing.assert_close(o, pws_weight(w, 1e-3, a.view(-1, 1, 1, 1), gain=0.5))
         assert gradcheck(lambda *t: pws_weights_fused(t[:3], t[3:], [1e-3] * 3, [0.5] * 3), (*ws, *als))
+
+
+class _Casts(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    """Counts the dtype casts (``aten._to_copy``) dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("gamma", [1e-3, "auto"])
+def test_autocast_weights_and_biases_are_cast_by_the_node(gamma):
+    """Under autocast the fused node hands out α·Ŵ and β in autocast's dtype — one cast per group and one for all
+    biases, in forward and in backward, instead of autocast's one per layer and tensor — with the values of the
+    per-layer path under autocast (a cast is elementwise) and its gradients up to float rounding."""
+    torch.manual_seed(0)
+    ref = build_model("resnet_cifar_small", "pws", method_opts={"gamma": gamma}, width=0.25)
+    net = copy.deepcopy(ref)
+    handle = pwsconv.fuse_standardization(net)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    casts, outs = {}, {}
+    for name, m in (("ref", ref), ("fused", net)):
+        m.train()
+        rec = _Casts()
+        with rec:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            outs[name] = out
+            (torch.nn.functional.cross_entropy(out.float(), y) * 1e3).backward()
+        casts[name] = rec.n
+    assert torch.equal(outs["fused"], outs["ref"])
+    n_layers = sum(isinstance(m, PWSMixin) for m in ref.modules())
+    # per layer: W and β forward and back (4 casts); the node: one per group and one for all biases, each way
+    assert casts["ref"] - casts["fused"] >= 2 * n_layers
+    for (k, p), (_, q) in zip(ref.named_parameters(), net.named_parameters()):
+        assert q.grad.dtype == p.grad.dtype == torch.float32
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    handle.remove()
+
+
+def test_autocast_turned_off_inside_the_model_makes_those_layers_compute_their_own():
+    """A layer that runs where autocast is off (or set to another dtype) does not get the node's bf16 weight: it
+    computes its own in float32 (the values of the unfused model) and the rest of the model still trains."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = pwsconv.PWSConv2d(3, 4, 3, padding=1)
+            self.b = pwsconv.PWSConv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            x = self.a(x)
+            with torch.autocast("cpu", enabled=False):
+                return self.b(x.float())
+
+    torch.manual_seed(0)
+    ref = Net()
+    net = copy.deepcopy(ref)
+    handle = pwsconv.fuse_standardization(net)
+    x = torch.randn(2, 3, 8, 8)
+    for m in (ref, net):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        assert out.dtype == torch.float32
+        out.square().sum().backward()
+    assert torch.equal(net(x), ref(x))
+    for (k, p), (_, q) in zip(ref.named_parameters(), net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    handle.remove()

@@ -108,7 +108,7 @@ def test_robust_long_presets_train_small_lrs_long_and_large_lrs_short():
         size = robust.SIZES[preset]
         for r in runs:
             long = r.labels["LR"] in robust.LONG_LRS
-            assert r.config.epochs == (size.epochs if long else robust.SHORT_EPOCHS[preset])
+            assert r.config.epochs == (size.epochs if long else robust.SHORT[preset]["epochs"])
         assert {r.labels["arch"] for r in runs} == {"plain", "residual"}
         assert {r.labels["method"] for r in runs if r.labels["part"] == "lr"} == {"bn", "pws", "pws auto"}
         assert {r.labels["LR"] for r in runs} == set(robust.LONG_LRS + robust.SHORT_LRS)

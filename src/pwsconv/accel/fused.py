@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..functional import _LOW_PRECISION, unit_clip_many
+from ..functional import _LOW_PRECISION
+from .foreach import bias_grads, bias_views, clip_entries, clip_filters_
 from .cache import _ENTRIES
 from .source import _ACTIVE, _Forward, needs_fresh, uninstall_source, weight_source
 
@@ -31,6 +32,8 @@ __all__ = ["pws_weights_fused", "fuse_standardization", "FuseHandle"]
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 #: weights with more elements than this are not concatenated with other layers' on a CPU (their own group)
 CPU_CAT_LIMIT = 1 << 14
+#: the devices whose autocast casts a conv's / linear's weight and bias to its dtype (so the node may do it instead)
+_CAST_DEVICES = ("cuda", "cpu")
 
 
 class _PWSMany(torch.autograd.Function):
@@ -43,8 +46,9 @@ class _PWSMany(torch.autograd.Function):
     batch, the layer norm's per-row E[w] and 1/sqrt(Var + γ) as the saved batch statistics and α·gain as the affine
     weight: training-mode batch norm of that batch *is* eq. 12, so its closed-form backward gives ∂L/∂W (eq. 13)
     and ∂L/∂(α·gain) = Σ g·x̂ per filter in one kernel, two passes over the weight (the layer-norm backward plus a
-    separate Σ g·x̂ took five). Keeps only those per-filter statistics and α·gain (the weights are alive anyway and
-    are re-concatenated in backward; no weight-sized x̂).
+    separate Σ g·x̂ took five). Keeps those per-filter statistics, α·gain and the concatenated weight of a group of
+    2 or more layers (one copy of the weights; re-concatenating them in backward cost one op per group), no
+    weight-sized x̂.
 
     The weights and α are kept as references with their version counters rather than through ``save_for_backward``:
     a layer whose weight changes in place after this node ran (α data-init on the first forward) computes its own
@@ -55,11 +59,17 @@ class _PWSMany(torch.autograd.Function):
     ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip)``: the layers' output
     indices, the positions of their weights (and α, 1-d, or ``None``) among ``tensors``, their filter counts, n_l,
     γ, the gain, the shape of the concatenated weight and the pair (λ_W, λ_α) of unit-wise gradient clipping applied
-    in backward (0: none).
+    in backward (0: none). ``bias_spec`` is a tuple of ``(position, λ)``: biases passed through after the ``n_out``
+    weights, their gradients clipped like α's (λ > 0; one set of foreach ops for all α and β).
+
+    ``cast`` (autocast's dtype, or ``None``): the float32 weights and biases are handed out in that dtype, one cast
+    per group and one for all biases instead of autocast's one per layer and tensor in forward and again in backward
+    (the same values: a cast is elementwise).
     """
 
     @staticmethod
-    def forward(ctx, spec: tuple, n_out: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, spec: tuple, bias_spec: tuple, cast: torch.dtype | None, n_out: int,  # type: ignore[override]
+                *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)      # layers that were not used get None, not zeros
         outs: list[Tensor | None] = [None] * n_out
         saved = []
@@ -81,6 +91,8 @@ class _PWSMany(torch.autograd.Function):
             out, mean, rstd = torch.native_layer_norm(w.view(r_all, n), (n,), None, None, gamma)
             if s is not None:
                 out.mul_(s.view(r_all, 1))
+            if cast is not None and w.dtype == torch.float32:
+                out = out.to(cast)
             out = out.view(shape)        # shapes as tuples of ints: a torch.Size argument costs 3× more
             mean, rstd = mean.view(r_all), rstd.view(r_all)
             if len(rows) == 1:
@@ -88,9 +100,14 @@ class _PWSMany(torch.autograd.Function):
             else:
                 for k, o in zip(layers, out.split_with_sizes(rows)):
                     outs[k] = o
-            saved.append((ws, al, versions, s, mean, rstd))
-        ctx.spec = spec
+            # the concatenated weight is kept for backward (a weight-sized copy per group of 2+ layers): re-concatenating
+            # it there cost one more op per group
+            saved.append((ws, al, versions, s, mean, rstd, w))
+        outs += bias_views([tensors[i] for i, _ in bias_spec], cast)
+        ctx.spec, ctx.bias_spec, ctx.cast = spec, bias_spec, cast
         ctx.groups = saved
+        if bias_spec:
+            ctx.biases = [tensors[i] for i, _ in bias_spec]
         return tuple(outs)  # type: ignore[arg-type]
 
     @staticmethod
@@ -101,14 +118,14 @@ class _PWSMany(torch.autograd.Function):
         # unit-wise clipping (gamma="auto", clip=) of all groups at once, with foreach ops after the loop: W's filters
         # (rows) to ‖∂L/∂W_o‖ ≤ λ_W·max(‖W_o‖, 1e-3), each α entry to |∂L/∂α| ≤ λ·max(|α|, 1e-3) — unit_clip's bounds
         cw: list[tuple] = []     # (gw as [rows, n], per-row ‖gw‖, λ_W, n, γ, mean, rstd) per clipped group
-        ca: list[tuple] = []     # (∂L/∂α of one layer, its α, λ) per clipped layer
-        for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd) in zip(
+        ca: list[tuple] = []     # (index in res, ∂L/∂α of one layer or ∂L/∂β, the α or β, λ) per clipped vector
+        for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd, w) in zip(
                 ctx.spec, ctx.groups):
             gl = [grads[k] for k in layers]
             if all(g is None for g in gl):
                 continue
-            need_w = any(needs[i + 2] for i in w_pos)
-            need_a = a_pos is not None and any(needs[i + 2] for i in a_pos)
+            need_w = any(needs[i + _NARGS] for i in w_pos)
+            need_a = a_pos is not None and any(needs[i + _NARGS] for i in a_pos)
             if not (need_w or need_a):
                 continue
             # only the layers that send a gradient need their tensors unchanged: a layer changed in place after
@@ -119,10 +136,12 @@ class _PWSMany(torch.autograd.Function):
                     raise RuntimeError("pws_weights_fused: a weight or alpha needed for gradient computation has "
                                        "been modified by an inplace operation after the forward pass")
             if len(gl) == 1:
-                g, w = gl[0], ws[0]
+                g = gl[0]
             else:
-                g = torch.cat([x if x is not None else torch.zeros_like(t) for x, t in zip(gl, ws)])
-                w = torch.cat(ws)
+                gdt = next(x for x in gl if x is not None).dtype
+                g = torch.cat([x if x is not None else torch.zeros_like(t, dtype=gdt) for x, t in zip(gl, ws)])
+            if g.dtype != w.dtype:
+                g = g.to(w.dtype)
             r_all = shape[0]
             gw, gs, _ = _BN_BACKWARD(g.reshape(1, r_all, n), w.view(1, r_all, n), s, None, None, mean, rstd,
                                      True, gamma, [need_w, need_a, False])
@@ -135,38 +154,34 @@ class _PWSMany(torch.autograd.Function):
                 parts = (gw,) if len(rows) == 1 else gw.split_with_sizes(rows)
                 for i, gi, p in zip(w_pos, gl, parts):
                     if gi is not None:
-                        res[i + 2] = p
+                        res[i + _NARGS] = p
             if need_a:
                 if gain != 1.0:
                     gs = gs.mul_(gain)
                 parts = (gs,) if len(rows) == 1 else gs.split_with_sizes(rows)
                 for i, gi, p, a in zip(a_pos, gl, parts, al):   # α is 1-d here (pws_weights_fused)
                     if gi is not None:
-                        res[i + 2] = p
+                        res[i + _NARGS] = p
                         if clip_a:
-                            ca.append((p, a, clip_a))
+                            ca.append((i + _NARGS, p, a, clip_a))
         if cw:
-            gws, gns, lams, ns, gammas, means, rstds = zip(*cw)
-            # ‖W_o‖ from the saved statistics: ‖W_o‖² = n·(Var + E²) with Var = 1/rstd² − γ (no pass over W)
-            pn = torch._foreach_pow(rstds, -2.0)
-            torch._foreach_add_(pn, [-g for g in gammas])
-            torch._foreach_addcmul_(pn, means, means)
-            torch._foreach_clamp_min_(pn, 0.0)        # a constant filter: Var = 0 up to rounding, never below
-            torch._foreach_mul_(pn, list(ns))
-            torch._foreach_sqrt_(pn)
-            torch._foreach_clamp_min_(pn, 1e-3)
-            torch._foreach_mul_(pn, list(lams))
-            torch._foreach_div_(pn, torch._foreach_clamp_min(gns, 1e-30))
-            torch._foreach_clamp_max_(pn, 1.0)
-            torch._foreach_mul_(gws, [q.unsqueeze(1) for q in pn])   # in place: res holds views of these
+            clip_filters_(cw)
+        if ctx.bias_spec:
+            gb = bias_grads(grads[len(grads) - len(ctx.bias_spec):], ctx.biases, ctx.cast)
+            for (i, lam), b, g in zip(ctx.bias_spec, ctx.biases, gb):
+                if g is not None and needs[i + _NARGS]:
+                    if lam:     # clipped out of place: an incoming gradient is not ours to change
+                        ca.append((i + _NARGS, g, b, lam))
+                    else:
+                        res[i + _NARGS] = g
         if ca:
-            gas, alphas, lams = zip(*ca)
-            bound = torch._foreach_abs(alphas)
-            torch._foreach_clamp_min_(bound, 1e-3)
-            torch._foreach_mul_(bound, list(lams))
-            torch._foreach_maximum_(gas, torch._foreach_neg(bound))
-            torch._foreach_minimum_(gas, bound)
+            for i, c in zip((c[0] for c in ca), clip_entries([c[1:] for c in ca])):
+                res[i] = c
         return tuple(res)
+
+
+#: the leading non-tensor arguments of _PWSMany.forward (spec, bias_spec, cast, n_out)
+_NARGS = 4
 
 
 def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
@@ -182,6 +197,17 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
     gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry) in the node's
     backward — one λ for both or a pair (λ_W, λ_α) (0 = none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
     """
+    return _fused(weights, alphas, gammas, gains, clips)[0]
+
+
+def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
+           gains: Sequence[float], clips: Sequence[float | tuple[float, float]] | None = None,
+           biases: Sequence[Tensor | None] = (), cast: torch.dtype | None = None
+           ) -> tuple[list[Tensor], list[Tensor | None]]:
+    """:func:`pws_weights_fused`, and the layers' biases (β) passed through the same node: a bias whose layer clips
+    α (λ_α > 0) and that needs a gradient gets its gradient clipped per entry like α (:func:`unit_clip`'s bound
+    λ_α·max(|β|, 1e-3)), with α's foreach ops. ``cast`` (autocast's lower-precision dtype, or ``None``): the float32
+    weights and biases come out in that dtype (autocast then casts nothing). Another bias is returned as it is."""
     if clips is None:
         clips = [0.0] * len(weights)
     if not (len(weights) == len(alphas) == len(gammas) == len(gains) == len(clips)):
@@ -217,7 +243,21 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
     spec = tuple((tuple(layers), tuple(w_pos), None if a_pos is None else tuple(a_pos), tuple(rows),
                   math.prod(key[0]), key[3], key[4], (sum(rows), *key[0]), key[6])
                  for key, (layers, w_pos, a_pos, rows) in groups.items())
-    return list(_PWSMany.apply(spec, len(weights), *tensors))
+    bias_out = list(biases) if biases else [None] * len(weights)
+    bias_spec, clipped = [], []
+    for k, b in enumerate(biases):
+        if b is None:
+            continue
+        lam = clips[k][1] if isinstance(clips[k], tuple) else clips[k]
+        lam = float(lam or 0.0) if b.requires_grad and torch.is_grad_enabled() else 0.0
+        if lam or (cast is not None and b.dtype == torch.float32):
+            bias_spec.append((len(tensors), lam))
+            clipped.append(k)
+            tensors.append(b)
+    out = _PWSMany.apply(spec, tuple(bias_spec), cast, len(weights), *tensors)
+    for k, v in zip(clipped, out[len(weights):]):
+        bias_out[k] = v
+    return list(out[:len(weights)]), bias_out
 
 
 # ------------------------------------------------------------------------------------------ the model-level hooks
@@ -345,14 +385,17 @@ class _FusePre:
         cl = [not w.is_contiguous() for w in ws]
         rows = [w.permute(0, 2, 3, 1) if c else w for w, c in zip(ws, cl)]
         # gamma="auto" / clip: the node clips ∂L/∂W per filter (λ_W) and ∂L/∂α per entry (λ) in its backward
-        outs = [o.permute(0, 3, 1, 2) if c else o for o, c in zip(pws_weights_fused(rows, als, gammas, gains, lams), cl)]
-        # β of the clipped layers: one clipping node for all of them, not one per layer
-        bias_out = list(biases)
-        clipped = [i for i, b in enumerate(biases) if lams[i][1] and b is not None and b.requires_grad and grad]
-        if clipped:
-            for i, v in zip(clipped, unit_clip_many([biases[i] for i in clipped], [lams[i][1] for i in clipped])):
-                bias_out[i] = v
-        fwd = _Forward(self, grad)
+        # and ∂L/∂β of the clipped layers per entry (λ) — all in the same node. Under autocast the node hands out the
+        # weights and biases in autocast's dtype (one cast per group, not autocast's one per layer and tensor); a
+        # layer that runs where autocast is off or set otherwise computes its own (fused_slot checks)
+        cast = None
+        if not self.recompute:
+            dev = ws[0].device.type
+            if dev in _CAST_DEVICES and torch.is_autocast_enabled(dev):
+                cast = torch.get_autocast_dtype(dev)
+        outs, bias_out = _fused(rows, als, gammas, gains, lams, biases, cast)
+        outs = [o.permute(0, 3, 1, 2) if c else o for o, c in zip(outs, cl)]
+        fwd = _Forward(self, grad, None if cast is None else (dev, cast))
         for m, w, a, o, b in zip(layers, ws, als, outs, bias_out):
             fwd.slots[id(m)] = (w, w._version, a, None if a is None else a._version, o, b)
         if self.recompute and grad:

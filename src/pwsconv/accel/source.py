@@ -74,10 +74,10 @@ def needs_fresh(layer: Any, w: Tensor, a: Tensor | None = None) -> bool:
 class _Forward:
     """One fused forward: the weights made by its pre-hook, per layer, and what the post-hook must undo."""
 
-    __slots__ = ("owner", "grad", "slots", "depth", "hooks")
+    __slots__ = ("owner", "grad", "cast", "slots", "depth", "hooks")
 
-    def __init__(self, owner: Any, grad: bool) -> None:
-        self.owner, self.grad, self.slots, self.depth, self.hooks = owner, grad, {}, 0, None
+    def __init__(self, owner: Any, grad: bool, cast: tuple[str, torch.dtype] | None = None) -> None:
+        self.owner, self.grad, self.cast, self.slots, self.depth, self.hooks = owner, grad, cast, {}, 0, None
 
     def close(self) -> None:
         if self.hooks is not None:
@@ -93,7 +93,8 @@ _ACTIVE: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("pwsco
 def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
                fwd: _Forward | None = None) -> tuple[Tensor, Tensor | None] | None:
     """(α·Ŵ, β) computed for ``layer`` by the running fused forward (``fwd``, default: the active one), if it made
-    them for these very tensors (same objects, same versions) and the grad mode has not changed since; else ``None``."""
+    them for these very tensors (same objects, same versions), the grad mode has not changed since and, where they
+    were cast to autocast's dtype, autocast is still on with that dtype; else ``None``."""
     if fwd is None:
         fwd = _ACTIVE.get()
         if fwd is None:
@@ -101,6 +102,10 @@ def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
     s = fwd.slots.get(id(layer))
     if s is None or s[0] is not w or s[1] != w._version or s[2] is not a or fwd.grad != torch.is_grad_enabled() \
             or (a is not None and s[3] != a._version):
+        return None
+    cast = fwd.cast
+    if cast is not None and s[4].dtype == cast[1] and not (
+            torch.is_autocast_enabled(cast[0]) and torch.get_autocast_dtype(cast[0]) == cast[1]):
         return None
     return s[4], s[5]
 
