@@ -925,9 +925,12 @@ def test_autocast_turned_off_inside_the_model_makes_those_layers_compute_their_o
             super().__init__()
             self.a = pwsconv.PWSConv2d(3, 4, 3, padding=1)
             self.b = pwsconv.PWSConv2d(4, 4, 3, padding=1)
+            self.c = pwsconv.PWSConv2d(4, 4, 3, padding=1)
 
         def forward(self, x):
             x = self.a(x)
+            with torch.autocast("cpu", dtype=torch.float16):
+                x = self.c(x)
             with torch.autocast("cpu", enabled=False):
                 return self.b(x.float())
 

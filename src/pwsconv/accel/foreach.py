@@ -39,24 +39,32 @@ def clip_entries(ca: Sequence[tuple]) -> list[Tensor]:
     return clipped
 
 
-def bias_views(bs: list[Tensor], cast: torch.dtype | None) -> list[Tensor]:
-    """The biases handed out by the node: views of themselves, or with ``cast`` the float32 ones in that dtype (one
-    concatenation and one cast for all of them)."""
+def bias_views(bs: list[Tensor], cast: tuple[str, torch.dtype] | None) -> list[Tensor]:
+    """The biases handed out by the node: views of themselves, or with ``cast`` (device type, dtype) the float32 ones
+    on that device type in that dtype (one concatenation and one cast for all of them)."""
     out = [b.view_as(b) for b in bs]
-    idx = [j for j, b in enumerate(bs) if cast is not None and b.dtype == torch.float32]
+    idx = _cast_idx(bs, cast)
     if idx:
-        c = (bs[idx[0]] if len(idx) == 1 else torch.cat([bs[j] for j in idx])).to(cast)
+        c = (bs[idx[0]] if len(idx) == 1 else torch.cat([bs[j] for j in idx])).to(cast[1])  # type: ignore[index]
         for j, v in zip(idx, c.split_with_sizes([bs[j].numel() for j in idx])):
             out[j] = v
     return out
 
 
-def bias_grads(gs: Sequence[Tensor | None], bs: list[Tensor], cast: torch.dtype | None) -> list[Tensor | None]:
+def bias_grads(gs: Sequence[Tensor | None], bs: list[Tensor], cast: tuple[str, torch.dtype] | None
+               ) -> list[Tensor | None]:
     """The biases' gradients in their own dtype (the backward of :func:`bias_views`)."""
     out = list(gs)
-    idx = [j for j, b in enumerate(bs) if cast is not None and b.dtype == torch.float32 and gs[j] is not None]
+    idx = [j for j in _cast_idx(bs, cast) if gs[j] is not None]
     if idx:
         c = (gs[idx[0]] if len(idx) == 1 else torch.cat([gs[j] for j in idx])).to(torch.float32)
         for j, v in zip(idx, c.split_with_sizes([bs[j].numel() for j in idx])):
             out[j] = v
     return out
+
+
+def _cast_idx(bs: list[Tensor], cast: tuple[str, torch.dtype] | None) -> list[int]:
+    """Which biases the node casts: float32 ones on the device type of ``cast``."""
+    if cast is None:
+        return []
+    return [j for j, b in enumerate(bs) if b.dtype == torch.float32 and b.device.type == cast[0]]

@@ -62,13 +62,14 @@ class _PWSMany(torch.autograd.Function):
     in backward (0: none). ``bias_spec`` is a tuple of ``(position, λ)``: biases passed through after the ``n_out``
     weights, their gradients clipped like α's (λ > 0; one set of foreach ops for all α and β).
 
-    ``cast`` (autocast's dtype, or ``None``): the float32 weights and biases are handed out in that dtype, one cast
-    per group and one for all biases instead of autocast's one per layer and tensor in forward and again in backward
-    (the same values: a cast is elementwise).
+    ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the float32 weights and biases on that device type
+    are handed out in that dtype, one cast per group and one for all biases instead of autocast's one per layer and
+    tensor in forward and again in backward (the same values: a cast is elementwise).
     """
 
     @staticmethod
-    def forward(ctx, spec: tuple, bias_spec: tuple, cast: torch.dtype | None, n_out: int,  # type: ignore[override]
+    def forward(ctx, spec: tuple, bias_spec: tuple, cast: tuple[str, torch.dtype] | None,  # type: ignore[override]
+                n_out: int,
                 *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)      # layers that were not used get None, not zeros
         outs: list[Tensor | None] = [None] * n_out
@@ -91,8 +92,8 @@ class _PWSMany(torch.autograd.Function):
             out, mean, rstd = torch.native_layer_norm(w.view(r_all, n), (n,), None, None, gamma)
             if s is not None:
                 out.mul_(s.view(r_all, 1))
-            if cast is not None and w.dtype == torch.float32:
-                out = out.to(cast)
+            if cast is not None and w.dtype == torch.float32 and w.device.type == cast[0]:
+                out = out.to(cast[1])
             out = out.view(shape)        # shapes as tuples of ints: a torch.Size argument costs 3× more
             mean, rstd = mean.view(r_all), rstd.view(r_all)
             if len(rows) == 1:
@@ -202,12 +203,13 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
 
 def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
            gains: Sequence[float], clips: Sequence[float | tuple[float, float]] | None = None,
-           biases: Sequence[Tensor | None] = (), cast: torch.dtype | None = None
+           biases: Sequence[Tensor | None] = (), cast: tuple[str, torch.dtype] | None = None
            ) -> tuple[list[Tensor], list[Tensor | None]]:
     """:func:`pws_weights_fused`, and the layers' biases (β) passed through the same node: a bias whose layer clips
     α (λ_α > 0) and that needs a gradient gets its gradient clipped per entry like α (:func:`unit_clip`'s bound
-    λ_α·max(|β|, 1e-3)), with α's foreach ops. ``cast`` (autocast's lower-precision dtype, or ``None``): the float32
-    weights and biases come out in that dtype (autocast then casts nothing). Another bias is returned as it is."""
+    λ_α·max(|β|, 1e-3)), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
+    float32 weights and biases on that device type come out in that dtype (autocast then casts nothing). Another bias
+    is returned as it is."""
     if clips is None:
         clips = [0.0] * len(weights)
     if not (len(weights) == len(alphas) == len(gammas) == len(gains) == len(clips)):
@@ -250,7 +252,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
             continue
         lam = clips[k][1] if isinstance(clips[k], tuple) else clips[k]
         lam = float(lam or 0.0) if b.requires_grad and torch.is_grad_enabled() else 0.0
-        if lam or (cast is not None and b.dtype == torch.float32):
+        if lam or (cast is not None and b.dtype == torch.float32 and b.device.type == cast[0]):
             bias_spec.append((len(tensors), lam))
             clipped.append(k)
             tensors.append(b)
@@ -392,10 +394,10 @@ class _FusePre:
         if not self.recompute:
             dev = ws[0].device.type
             if dev in _CAST_DEVICES and torch.is_autocast_enabled(dev):
-                cast = torch.get_autocast_dtype(dev)
+                cast = (dev, torch.get_autocast_dtype(dev))
         outs, bias_out = _fused(rows, als, gammas, gains, lams, biases, cast)
         outs = [o.permute(0, 3, 1, 2) if c else o for o, c in zip(outs, cl)]
-        fwd = _Forward(self, grad, None if cast is None else (dev, cast))
+        fwd = _Forward(self, grad, cast)
         for m, w, a, o, b in zip(layers, ws, als, outs, bias_out):
             fwd.slots[id(m)] = (w, w._version, a, None if a is None else a._version, o, b)
         if self.recompute and grad:

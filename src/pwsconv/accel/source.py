@@ -104,7 +104,7 @@ def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
             or (a is not None and s[3] != a._version):
         return None
     cast = fwd.cast
-    if cast is not None and s[4].dtype == cast[1] and not (
+    if cast is not None and s[4].dtype == cast[1] and s[4].device.type == cast[0] and not (
             torch.is_autocast_enabled(cast[0]) and torch.get_autocast_dtype(cast[0]) == cast[1]):
         return None
     return s[4], s[5]
