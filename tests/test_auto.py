@@ -415,3 +415,30 @@ def test_auto_fused_clips_many_groups_at_once_and_a_constant_filter():
         assert torch.isfinite(q.grad).all(), k
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
     handle.remove()
+
+
+def test_bias_clip_floor_is_the_same_on_both_paths(monkeypatch):
+    """β's clipping bound is λ·max(|β|, CLIP_BIAS_FLOOR) on the per-layer path and in the fused node alike (read at
+    every forward); with a larger floor a bias at 0 gets a larger gradient."""
+    from pwsconv import functional
+
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    grads = {}
+    for floor in (1e-3, 0.1):
+        monkeypatch.setattr(functional, "CLIP_BIAS_FLOOR", floor)
+        for fused in (False, True):
+            m = copy.deepcopy(net)
+            handle = pwsconv.fuse_standardization(m) if fused else None
+            (torch.nn.functional.cross_entropy(m(x), y) * 1e3).backward()
+            grads[floor, fused] = {k: p.grad for k, p in m.named_parameters()}
+            if handle:
+                handle.remove()
+        for k, g in grads[floor, False].items():
+            torch.testing.assert_close(grads[floor, True][k], g, rtol=1e-5, atol=1e-7, msg=k)
+        b = dict(net.named_parameters())["features.0.conv.bias"]
+        lam = net.features[0].conv.clip_lambda
+        bound = b.detach().abs().clamp_min(floor) * lam
+        assert (grads[floor, False]["features.0.conv.bias"].abs() <= bound * (1 + 1e-6)).all()
+    assert grads[0.1, False]["features.0.conv.bias"].abs().max() > 10 * grads[1e-3, False]["features.0.conv.bias"].abs().max()

@@ -90,3 +90,21 @@ def test_fused_cat_limit_and_auto_step_table(tmp_path, capsys):
     md = (screen / "summary.md").read_text()
     assert "| plain | BN | — | 40.00 (1 seed) |" in md
     assert "| plain | cand | — | 45.00 ✗1/2 (2 seeds) |" in md
+
+
+def test_auto_bias_screen_report(tmp_path, capsys):
+    """benchmarks/auto_bias_screen.py --report: mean ± std of the screened auto cells beside the preset's BN, paper
+    PWS and auto cells; missing cells are dashes, a NaN run counts as NaN."""
+    mod = _script("auto_bias_screen")
+    base, out = tmp_path / "base", tmp_path / "screen"
+    rows = [(base, "lr_residual_bn_lr0.1_s0", 0.6), (base, "lr_residual_bn_lr0.1_s1", 0.7),
+            (out, "lr_residual_pws_auto_lr0.1_s0", 0.65), (out, "lr_residual_pws_auto_lr3.2_s0", None)]
+    for folder, name, acc in rows:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "result.json").write_text(json.dumps(
+            {"status": "ok" if acc is not None else "nan", "metrics": {"test_acc": acc}}))
+    (out / "floor.txt").write_text("0.1\n")
+    assert mod.main(["--floor", "0.1", "--out", str(out), "--base", str(base), "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "| residual | BN | – | 35.00 ± 7.07 (2 seeds) |" in text
+    assert "| residual | auto, β floor 0.1 | – | 35.00 (1 seed) | – | – | nan (1 seed) |" in text

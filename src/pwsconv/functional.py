@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
-           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_CLIP_W_MIN", "auto_clip_w"]
+           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -40,6 +40,9 @@ AUTO_STEP = 0.08
 #: outpaces the filters' (orthogonal) gradient steps — they balance near sqrt(2·wd·(1 − m)/lr), 0.0056 at LR 3.2 with
 #: wd 5e-4 — and the filters shrink: at LR 3.2 the plain CIFAR net then sat at chance (RESULTS.md)
 AUTO_CLIP_W_MIN = 0.005
+#: the floor of a bias's clipping bound, |∂L/∂β| ≤ λ·max(|β|, CLIP_BIAS_FLOOR) (α's is 1e-3, AGC's). A bias starts at
+#: 0, where a floor of 1e-3 keeps its gradient below 1e-5 (λ 0.01); read at every forward
+CLIP_BIAS_FLOOR = 1e-3
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -76,38 +79,46 @@ class _UnitClip(torch.autograd.Function):
     """Identity in forward; in backward the gradient is clipped unit-wise (see :func:`unit_clip`)."""
 
     @staticmethod
-    def forward(ctx, p: Tensor, lam: float, dims: tuple[int, ...] | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, p: Tensor, lam: float, dims: tuple[int, ...] | None,  # type: ignore[override]
+                floor: float = 1e-3) -> Tensor:
         ctx.save_for_backward(p)
-        ctx.lam, ctx.dims = lam, dims
+        ctx.lam, ctx.dims, ctx.floor = lam, dims, floor
         return p.view_as(p)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         (p,) = ctx.saved_tensors
         lam, dims = ctx.lam, ctx.dims
-        if dims is None:   # per entry: |g| ≤ λ·max(|p|, 1e-3)
-            bound = p.abs().clamp_min(1e-3).mul_(lam)
-            return torch.clamp(g, -bound, bound), None, None
+        if dims is None:   # per entry: |g| ≤ λ·max(|p|, floor)
+            bound = p.abs().clamp_min(ctx.floor).mul_(lam)
+            return torch.clamp(g, -bound, bound), None, None, None
         pf, gf = p.float(), g.float()
         pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min_(1e-3)
         gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min_(1e-30)
         scale = (pn.mul_(lam) / gn).clamp_(max=1.0)
-        return (gf * scale).to(g.dtype), None, None
+        return (gf * scale).to(g.dtype), None, None, None
 
 
-def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None) -> Tensor | None:
+def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None, floor: float = 1e-3
+              ) -> Tensor | None:
     """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, "High-performance large-scale image recognition
     without normalization"), as an identity op: the value is ``p``; the gradient flowing back through it is scaled
     so that ‖g_u‖ ≤ λ·max(‖p_u‖, 1e-3) for every unit u — a filter (the norm over ``dims``) for a weight, each entry
-    for a vector (α, β; ``dims=None``). A per-filter scale keeps eq. 13: the clipped ∂L/∂W_o still has zero mean.
+    for a vector (α, β; ``dims=None``; ``floor`` replaces 1e-3 there: β's is :data:`CLIP_BIAS_FLOOR`). A per-filter
+    scale keeps eq. 13: the clipped ∂L/∂W_o still has zero mean.
     ``None`` stays ``None``; without autograd (no grad mode, or ``p`` needs no gradient) ``p`` itself is returned."""
     if p is None or not lam or not (p.requires_grad and torch.is_grad_enabled()):
         return p
     if p.dim() <= 1:
-        return _UnitClip.apply(p, float(lam), None)
+        return _UnitClip.apply(p, float(lam), None, float(floor))
     nd = p.dim()
     d = tuple(range(1, nd)) if dims is None else tuple(sorted({int(x) % nd for x in dims}))
     return _UnitClip.apply(p, float(lam), d)
+
+
+def clip_bias(b: Tensor | None, lam: float) -> Tensor | None:
+    """:func:`unit_clip` of a bias, with the floor :data:`CLIP_BIAS_FLOOR` (read at every call)."""
+    return unit_clip(b, lam, floor=CLIP_BIAS_FLOOR)
 
 
 class _UnitClipMany(torch.autograd.Function):

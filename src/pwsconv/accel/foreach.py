@@ -28,11 +28,11 @@ def clip_filters_(cw: Sequence[tuple]) -> None:
 
 
 def clip_entries(ca: Sequence[tuple]) -> list[Tensor]:
-    """Each entry of each gradient clipped to |g| ≤ λ·max(|p|, 1e-3), out of place. ``ca``: (gradient, the α or β,
-    λ) per vector."""
-    gas, ps, lams = zip(*ca)
+    """Each entry of each gradient clipped to |g| ≤ λ·max(|p|, floor), out of place. ``ca``: (gradient, the α or β,
+    λ, floor) per vector."""
+    gas, ps, lams, floors = zip(*ca)
     bound = torch._foreach_abs(ps)
-    torch._foreach_clamp_min_(bound, 1e-3)
+    torch._foreach_clamp_min_(bound, list(floors))
     torch._foreach_mul_(bound, list(lams))
     clipped = torch._foreach_maximum(gas, torch._foreach_neg(bound))
     torch._foreach_minimum_(clipped, bound)

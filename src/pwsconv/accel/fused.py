@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .. import functional as _F
 from ..functional import _LOW_PRECISION
 from .foreach import bias_grads, bias_views, clip_entries, clip_filters_
 from .cache import _ENTRIES
@@ -105,7 +106,7 @@ class _PWSMany(torch.autograd.Function):
             # it there cost one more op per group
             saved.append((ws, al, versions, s, mean, rstd, w))
         outs += bias_views([tensors[i] for i, _ in bias_spec], cast)
-        ctx.spec, ctx.bias_spec, ctx.cast = spec, bias_spec, cast
+        ctx.spec, ctx.bias_spec, ctx.cast, ctx.bias_floor = spec, bias_spec, cast, _F.CLIP_BIAS_FLOOR
         ctx.groups = saved
         if bias_spec:
             ctx.biases = [tensors[i] for i, _ in bias_spec]
@@ -119,7 +120,7 @@ class _PWSMany(torch.autograd.Function):
         # unit-wise clipping (gamma="auto", clip=) of all groups at once, with foreach ops after the loop: W's filters
         # (rows) to ‖∂L/∂W_o‖ ≤ λ_W·max(‖W_o‖, 1e-3), each α entry to |∂L/∂α| ≤ λ·max(|α|, 1e-3) — unit_clip's bounds
         cw: list[tuple] = []     # (gw as [rows, n], per-row ‖gw‖, λ_W, n, γ, mean, rstd) per clipped group
-        ca: list[tuple] = []     # (index in res, ∂L/∂α of one layer or ∂L/∂β, the α or β, λ) per clipped vector
+        ca: list[tuple] = []     # (index in res, ∂L/∂α of one layer or ∂L/∂β, the α or β, λ, floor) per vector
         for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd, w) in zip(
                 ctx.spec, ctx.groups):
             gl = [grads[k] for k in layers]
@@ -164,7 +165,7 @@ class _PWSMany(torch.autograd.Function):
                     if gi is not None:
                         res[i + _NARGS] = p
                         if clip_a:
-                            ca.append((i + _NARGS, p, a, clip_a))
+                            ca.append((i + _NARGS, p, a, clip_a, 1e-3))
         if cw:
             clip_filters_(cw)
         if ctx.bias_spec:
@@ -172,7 +173,7 @@ class _PWSMany(torch.autograd.Function):
             for (i, lam), b, g in zip(ctx.bias_spec, ctx.biases, gb):
                 if g is not None and needs[i + _NARGS]:
                     if lam:     # clipped out of place: an incoming gradient is not ours to change
-                        ca.append((i + _NARGS, g, b, lam))
+                        ca.append((i + _NARGS, g, b, lam, ctx.bias_floor))
                     else:
                         res[i + _NARGS] = g
         if ca:

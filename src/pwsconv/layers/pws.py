@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
+from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip, clip_bias
 from ._auto import auto_clip_w_of, link_optimizer_group
 from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
 
@@ -132,7 +132,7 @@ class PWSMixin(ReparamMixin):
         """β, its gradient clipped by ``clip_lambda``."""
         p = self._parameters
         b = p["bias"] if "bias" in p else self.bias   # (ReparamMixin.compute_bias, inlined: once per forward)
-        return unit_clip(b, self.clip_lambda)          # b itself without λ, a gradient or autograd
+        return clip_bias(b, self.clip_lambda)          # b itself without λ, a gradient or autograd
 
     def fused_args(self) -> tuple | None:
         """(W, α, γ, gain, (λ_W, λ), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve

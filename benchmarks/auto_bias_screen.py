@@ -1,0 +1,78 @@
+"""Screen a floor for the biases' clipping bound of ``gamma="auto"`` on the robust medium preset's auto cells.
+
+Auto clips ∂L/∂β to λ·max(|β|, floor) with λ = 0.01. A bias starts at 0, so with the default floor of 1e-3 its
+gradient stays below 1e-5, and in the medium runs every bias ended below 2e-3 in magnitude (paper PWS: 0.1–0.7).
+Auto trains almost without biases. This trains the preset's own auto runs (same configs and names) with another
+floor, ``pwsconv.functional.CLIP_BIAS_FLOOR``, set in this process. The runs are trained one at a time here, so
+start several processes with other ``--nets`` / ``--lrs`` to use more cores. Then it prints the table against the
+preset's finished BN, paper PWS and auto cells.
+
+    python benchmarks/auto_bias_screen.py --floor 0.1 --out results/auto_bias_floor01 --nets residual --lrs 0.05 0.1
+    python benchmarks/auto_bias_screen.py --floor 0.1 --out results/auto_bias_floor01 --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from pwsconv import functional
+from pwsconv.experiments import paper
+from pwsconv.experiments.sweep import run_sweep
+
+
+def _err(run_dir: Path) -> float | None:
+    try:
+        r = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    acc = r["metrics"].get("test_acc")
+    return float("nan") if r["status"] == "nan" or acc is None else 100.0 * (1.0 - acc)
+
+
+def _cell(folder: Path, name: str, seeds: int) -> str:
+    errs = [e for s in range(seeds) if (e := _err(folder / f"{name}_s{s}")) is not None]
+    if not errs:
+        return "–"
+    if len(errs) == 1:
+        return f"{errs[0]:.2f} (1 seed)"
+    return f"{statistics.mean(errs):.2f} ± {statistics.stdev(errs):.2f}" + ("" if len(errs) == seeds else
+                                                                           f" ({len(errs)} seeds)")
+
+
+def report(out: Path, base: Path, seeds: int = 3) -> str:
+    lines = ["| net | method | LR 0.05 | LR 0.1 | LR 0.4 | LR 1.6 | LR 3.2 |", "|---|---|---:|---:|---:|---:|---:|"]
+    lrs = ("0.05", "0.1", "0.4", "1.6", "3.2")
+    floor = (out / "floor.txt").read_text().strip() if (out / "floor.txt").is_file() else "?"
+    for net in ("residual", "plain"):
+        for label, folder, method in (("BN", base, "bn"), ("paper PWS", base, "pws"), ("auto", base, "pws_auto"),
+                                      (f"auto, β floor {floor}", out, "pws_auto")):
+            cells = [_cell(folder, f"lr_{net}_{method}_lr{lr}", seeds) for lr in lrs]
+            lines.append(f"| {net} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--floor", type=float, required=True, help="the biases' clipping floor to screen")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--nets", nargs="+", default=["residual", "plain"])
+    p.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.1, 0.4, 1.6, 3.2])
+    p.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
+    p.add_argument("--report", action="store_true", help="only print the table of the finished runs")
+    a = p.parse_args(argv)
+    if not a.report:
+        functional.CLIP_BIAS_FLOOR = a.floor
+        runs = [r for r in paper.build_runs("robust", "medium") if r.labels["part"] == "lr"
+                and r.labels["method"] == "pws auto" and r.labels["arch"] in a.nets and r.labels["LR"] in a.lrs]
+        (a.out).mkdir(parents=True, exist_ok=True)
+        (a.out / "floor.txt").write_text(f"{a.floor}\n")
+        run_sweep(runs, a.out, jobs=1)
+    print(report(a.out, a.base))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
