@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -36,10 +37,16 @@ def _cell(folder: Path, name: str, seeds: int) -> str:
     errs = [e for s in range(seeds) if (e := _err(folder / f"{name}_s{s}")) is not None]
     if not errs:
         return "–"
-    if len(errs) == 1:
-        return f"{errs[0]:.2f} (1 seed)"
-    return f"{statistics.mean(errs):.2f} ± {statistics.stdev(errs):.2f}" + ("" if len(errs) == seeds else
-                                                                           f" ({len(errs)} seeds)")
+    ok = [e for e in errs if math.isfinite(e)]
+    if not ok:
+        text = "NaN"
+    elif len(ok) == 1:
+        text = f"{ok[0]:.2f}"
+    else:
+        text = f"{statistics.mean(ok):.2f} ± {statistics.stdev(ok):.2f}"
+    notes = ([f"{len(errs) - len(ok)} NaN"] if len(ok) < len(errs) and ok else []) + \
+        ([f"{len(errs)} seed{'s' if len(errs) > 1 else ''}"] if len(errs) < seeds else [])
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def report(out: Path, base: Path, seeds: int = 3) -> str:

@@ -15,7 +15,7 @@ from torch.func import functional_call
 import pwsconv
 from pwsconv import PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose2d, PWSLinear
 from pwsconv.models import build_model
-from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, check_clip, unit_clip
+from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, CLIP_BIAS_FLOOR, check_clip, unit_clip
 
 F64 = torch.float64
 
@@ -123,9 +123,9 @@ def test_auto_clips_every_parameter_unitwise(name):
     torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=1e-5)
     # eq. 13 survives clipping: zero mean per filter
     torch.testing.assert_close(gw.mean(1), torch.zeros(gw.shape[0]), rtol=0, atol=1e-7)
-    # α and β: per entry, |g| ≤ λ·max(|p|, 1e-3), and sign kept
-    for p, pr in ((layer.alpha, ref.alpha), (layer.bias, ref.bias)):
-        bound = lam * p.detach().abs().clamp_min(1e-3)
+    # α and β: per entry, |g| ≤ λ·max(|p|, floor) (α: 1e-3, β: CLIP_BIAS_FLOOR), and sign kept
+    for p, pr, floor in ((layer.alpha, ref.alpha, 1e-3), (layer.bias, ref.bias, CLIP_BIAS_FLOOR)):
+        bound = lam * p.detach().abs().clamp_min(floor)
         assert (p.grad.abs() <= bound * (1 + 1e-6)).all()
         assert torch.equal(torch.sign(p.grad), torch.sign(pr.grad))
         torch.testing.assert_close(p.grad, pr.grad.clamp(-bound, bound))
@@ -258,7 +258,7 @@ def test_fused_node_passes_biases_through_and_clips_them_like_alpha():
     got = torch.autograd.grad(outs, args, gs)
     assert all(torch.equal(a, b) for a, b in zip(gs, g_in))        # the incoming gradients are left as they were
     ref = [pws_weight(unit_clip(w, 0.01), 1e-3, unit_clip(a, 0.02), gain=0.5) for w, a in zip(ws, als)]
-    ref += [unit_clip(b, 0.02) for b in bs]
+    ref += [unit_clip(b, 0.02, floor=CLIP_BIAS_FLOOR) for b in bs]
     want = torch.autograd.grad(ref, [ws[0], ws[1], als[0], als[1], bs[0], bs[1]], gs)
     order = (0, 3, 1, 4, 2, 5)   # where w0, w1, a0, a1, b0, b1 are in args (w0 a0 b0 w1 a1 b1)
     for k, g in zip(order, want):
@@ -278,8 +278,8 @@ def test_clip_w_clips_filters_apart_from_alpha_and_beta(name):
     ratio = gw.norm(dim=1) / w.detach().norm(dim=1)
     assert (ratio <= 0.002 * (1 + 1e-4)).all() and (ratio > 0.002 * 0.999).any()
     torch.testing.assert_close(gw.mean(1), torch.zeros(gw.shape[0]), rtol=0, atol=1e-7)   # eq. 13
-    for p, pr in ((layer.alpha, ref.alpha), (layer.bias, ref.bias)):
-        bound = 0.05 * p.detach().abs().clamp_min(1e-3)
+    for p, pr, floor in ((layer.alpha, ref.alpha, 1e-3), (layer.bias, ref.bias, CLIP_BIAS_FLOOR)):
+        bound = 0.05 * p.detach().abs().clamp_min(floor)
         torch.testing.assert_close(p.grad, pr.grad.clamp(-bound, bound))
 
 

@@ -107,4 +107,4 @@ def test_auto_bias_screen_report(tmp_path, capsys):
     assert mod.main(["--floor", "0.1", "--out", str(out), "--base", str(base), "--report"]) == 0
     text = capsys.readouterr().out
     assert "| residual | BN | – | 35.00 ± 7.07 (2 seeds) |" in text
-    assert "| residual | auto, β floor 0.1 | – | 35.00 (1 seed) | – | – | nan (1 seed) |" in text
+    assert "| residual | auto, β floor 0.1 | – | 35.00 (1 seed) | – | – | NaN (1 seed) |" in text
