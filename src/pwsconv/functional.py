@@ -121,6 +121,18 @@ def clip_bias(b: Tensor | None, lam: float) -> Tensor | None:
     return unit_clip(b, lam, floor=CLIP_BIAS_FLOOR)
 
 
+def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
+                 ) -> list[Tensor]:
+    """Each entry of each gradient clipped to |g| ≤ λ·max(|p|, floor), out of place, with a handful of foreach ops
+    for all the vectors (:func:`unit_clip_many`, the fused node's α and β)."""
+    bound = torch._foreach_abs(list(ps))
+    torch._foreach_clamp_min_(bound, list(floors))
+    torch._foreach_mul_(bound, list(lams))
+    clipped = torch._foreach_maximum(list(gs), torch._foreach_neg(bound))
+    torch._foreach_minimum_(clipped, bound)
+    return clipped
+
+
 class _UnitClipMany(torch.autograd.Function):
     """Identity on several vectors at once; backward clips each entry as :func:`unit_clip` does (one node for all)."""
 
@@ -137,12 +149,8 @@ class _UnitClipMany(torch.autograd.Function):
         out: list[Tensor | None] = [None] * (len(ps) + 1)
         idx = [i for i, g in enumerate(gs) if g is not None]
         if idx:   # a handful of foreach ops for all the vectors, not five ops per vector
-            gg = [gs[i] for i in idx]
-            bound = torch._foreach_abs([ps[i] for i in idx])
-            torch._foreach_clamp_min_(bound, 1e-3)
-            torch._foreach_mul_(bound, [ctx.lams[i] for i in idx])
-            clipped = torch._foreach_maximum(gg, torch._foreach_neg(bound))
-            torch._foreach_minimum_(clipped, bound)
+            clipped = clip_entries([gs[i] for i in idx], [ps[i] for i in idx], [ctx.lams[i] for i in idx],
+                                   [1e-3] * len(idx))
             for i, c in zip(idx, clipped):
                 out[i + 1] = c
         return tuple(out)

@@ -1,6 +1,7 @@
 """The fused node's (:mod:`pwsconv.accel.fused`) work on many tensors at once, with foreach ops: ``gamma="auto"``'s
-unit-wise gradient clipping of every group's filters and of every α and β entry (:func:`pwsconv.functional.unit_clip`'s
-bounds), and the biases handed out through the node (cast to autocast's dtype all at once)."""
+unit-wise gradient clipping of every group's filters (:func:`pwsconv.functional.unit_clip`'s bound; α and β entries:
+:func:`pwsconv.functional.clip_entries`), and the biases handed out through the node (cast to autocast's dtype all
+at once)."""
 
 from __future__ import annotations
 
@@ -25,18 +26,6 @@ def clip_filters_(cw: Sequence[tuple]) -> None:
     torch._foreach_div_(pn, gns)               # ‖∂L/∂W_o‖ = 0: +inf, clamped to 1 below
     torch._foreach_clamp_max_(pn, 1.0)
     torch._foreach_mul_(gws, [q.unsqueeze(1) for q in pn])   # in place: res holds views of these
-
-
-def clip_entries(ca: Sequence[tuple]) -> list[Tensor]:
-    """Each entry of each gradient clipped to |g| ≤ λ·max(|p|, floor), out of place. ``ca``: (gradient, the α or β,
-    λ, floor) per vector."""
-    gas, ps, lams, floors = zip(*ca)
-    bound = torch._foreach_abs(ps)
-    torch._foreach_clamp_min_(bound, list(floors))
-    torch._foreach_mul_(bound, list(lams))
-    clipped = torch._foreach_maximum(gas, torch._foreach_neg(bound))
-    torch._foreach_minimum_(clipped, bound)
-    return clipped
 
 
 def bias_views(bs: list[Tensor], cast: tuple[str, torch.dtype] | None) -> list[Tensor]:

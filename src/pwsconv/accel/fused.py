@@ -24,7 +24,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import functional as _F
 from ..functional import _LOW_PRECISION
-from .foreach import bias_grads, bias_views, clip_entries, clip_filters_
+from ..functional import clip_entries
+from .foreach import bias_grads, bias_views, clip_filters_
 from .cache import _ENTRIES
 from .source import _ACTIVE, _Forward, needs_fresh, uninstall_source, weight_source
 
@@ -177,7 +178,8 @@ class _PWSMany(torch.autograd.Function):
                     else:
                         res[i + _NARGS] = g
         if ca:
-            for i, c in zip((c[0] for c in ca), clip_entries([c[1:] for c in ca])):
+            pos, gas, ps, lams, floors = zip(*ca)
+            for i, c in zip(pos, clip_entries(gas, ps, lams, floors)):
                 res[i] = c
         return tuple(res)
 
@@ -208,7 +210,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
            ) -> tuple[list[Tensor], list[Tensor | None]]:
     """:func:`pws_weights_fused`, and the layers' biases (β) passed through the same node: a bias whose layer clips
     α (λ_α > 0) and that needs a gradient gets its gradient clipped per entry like α (:func:`unit_clip`'s bound
-    λ_α·max(|β|, 1e-3)), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
+    λ_α·max(|β|, CLIP_BIAS_FLOOR)), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
     float32 weights and biases on that device type come out in that dtype (autocast then casts nothing). Another bias
     is returned as it is."""
     if clips is None:
@@ -247,7 +249,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
                   math.prod(key[0]), key[3], key[4], (sum(rows), *key[0]), key[6])
                  for key, (layers, w_pos, a_pos, rows) in groups.items())
     bias_out = list(biases) if biases else [None] * len(weights)
-    bias_spec, clipped = [], []
+    bias_spec, passed = [], []
     for k, b in enumerate(biases):
         if b is None:
             continue
@@ -255,10 +257,10 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
         lam = float(lam or 0.0) if b.requires_grad and torch.is_grad_enabled() else 0.0
         if lam or (cast is not None and b.dtype == torch.float32 and b.device.type == cast[0]):
             bias_spec.append((len(tensors), lam))
-            clipped.append(k)
+            passed.append(k)
             tensors.append(b)
     out = _PWSMany.apply(spec, tuple(bias_spec), cast, len(weights), *tensors)
-    for k, v in zip(clipped, out[len(weights):]):
+    for k, v in zip(passed, out[len(weights):]):
         bias_out[k] = v
     return list(out[:len(weights)]), bias_out
 
