@@ -2,8 +2,9 @@
 
 Auto clips ∂L/∂β to λ·max(|β|, floor) with λ = 0.01. A bias starts at 0, so with the default floor of 1e-3 its
 gradient stays below 1e-5, and in the medium runs every bias ended below 2e-3 in magnitude (paper PWS: 0.1–0.7).
-Auto trains almost without biases. This trains the preset's own auto runs (same configs and names) with another
-floor, ``pwsconv.functional.CLIP_BIAS_FLOOR``, set in this process. The runs are trained one at a time here, so
+Auto trained almost without biases. This trains the preset's own auto runs (same configs and names) with one
+floor at every LR (``pwsconv.functional.CLIP_BIAS_FLOOR`` and ``AUTO_BIAS_FLOOR`` set in this process; the default
+now is ``auto_bias_floor``, which falls with the LR, so a screen at its value for one LR is that LR's default run). The runs are trained one at a time here, so
 start several processes with other ``--nets`` / ``--lrs`` to use more cores. Then it prints the table against the
 preset's finished BN, paper PWS and auto cells.
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     a = p.parse_args(argv)
     if not a.report:
-        functional.CLIP_BIAS_FLOOR = a.floor
+        functional.CLIP_BIAS_FLOOR = functional.AUTO_BIAS_FLOOR = a.floor   # one floor at every LR
         runs = [r for r in paper.build_runs("robust", "medium") if r.labels["part"] == "lr"
                 and r.labels["method"] == "pws auto" and r.labels["arch"] in a.nets and r.labels["LR"] in a.lrs]
         (a.out).mkdir(parents=True, exist_ok=True)

@@ -442,3 +442,52 @@ def test_bias_clip_floor_is_the_same_on_both_paths(monkeypatch):
         bound = b.detach().abs().clamp_min(floor) * lam
         assert (grads[floor, False]["features.0.conv.bias"].abs() <= bound * (1 + 1e-6)).all()
     assert grads[0.1, False]["features.0.conv.bias"].abs().max() > 10 * grads[1e-3, False]["features.0.conv.bias"].abs().max()
+
+
+def test_auto_bias_floor_formula():
+    """β's floor under SGD: ((1 − m)/lr)² clamped to [CLIP_BIAS_FLOOR, AUTO_BIAS_FLOOR] — 1 (β free) up to an
+    effective LR lr/(1 − m) of 1, then falling with its inverse square to α's 1e-3 at LR 3.2 (m 0.9)."""
+    from pwsconv.functional import AUTO_BIAS_FLOOR, CLIP_BIAS_FLOOR, auto_bias_floor
+
+    assert AUTO_BIAS_FLOOR == 1.0 and CLIP_BIAS_FLOOR == 1e-3
+    assert auto_bias_floor(0.05, 0.9) == auto_bias_floor(0.1, 0.9) == 1.0
+    assert auto_bias_floor(0.4, 0.9) == pytest.approx(0.0625)
+    assert auto_bias_floor(1.6, 0.9) == pytest.approx(0.1 ** 2 / 1.6 ** 2)
+    assert auto_bias_floor(3.2, 0.9) == auto_bias_floor(10.0, 0.9) == CLIP_BIAS_FLOOR
+    assert auto_bias_floor(4.0, 0.0) == pytest.approx(1 / 16)          # the effective LR: no momentum, lr 4
+    assert auto_bias_floor(0.4, 0.9, top=0.01, bottom=0.0) == 0.01
+    for bad in ((0.0, 0.9), (0.1, 1.0), (float("inf"), 0.9), ("x", 0)):
+        assert auto_bias_floor(*bad) is None
+
+
+@pytest.mark.parametrize("lr", [0.1, 1.6])
+def test_auto_bias_floor_from_param_groups_on_both_paths(lr):
+    """The layer learns β's floor with λ_W from its SGD group; the per-layer path and the fused node clip ∂L/∂β to
+    λ·max(|β|, floor) alike, so at LR 0.1 a bias at 0 gets a gradient up to λ·1 (it moves), at LR 1.6 up to
+    λ·0.0039; without an SGD group the floor is CLIP_BIAS_FLOOR."""
+    from pwsconv.functional import CLIP_BIAS_FLOOR, auto_bias_floor
+
+    net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+    assert all(m.clip_bias_floor == CLIP_BIAS_FLOOR for m in _pws_layers(net))
+    torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
+    floor = auto_bias_floor(lr, 0.9)
+    assert all(m.clip_bias_floor == floor for m in _pws_layers(net))
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.02).clip_bias_floor == CLIP_BIAS_FLOOR   # explicit λ: as before
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    grads = []
+    for fused in (False, True):
+        m = copy.deepcopy(net)
+        torch.optim.SGD(pwsconv.param_groups(m, 5e-4), lr=lr, momentum=0.9)
+        handle = pwsconv.fuse_standardization(m) if fused else None
+        (torch.nn.functional.cross_entropy(m(x), y) * 1e3).backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+        if handle:
+            handle.remove()
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, rtol=1e-5, atol=1e-7, msg=k)
+    conv = net.features[0].conv
+    g = grads[0]["features.0.conv.bias"].abs()
+    bound = conv.bias.detach().abs().clamp_min(floor) * conv.clip_lambda
+    assert (g <= bound * (1 + 1e-6)).all()
+    assert g.max() > 0.5 * conv.clip_lambda * floor      # the scaled loss pushes β to its bound

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
-           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w"]
+           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
+           "auto_bias_floor"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -43,6 +44,9 @@ AUTO_CLIP_W_MIN = 0.005
 #: the floor of a bias's clipping bound, |∂L/∂β| ≤ λ·max(|β|, CLIP_BIAS_FLOOR) (α's is 1e-3, AGC's). A bias starts at
 #: 0, where a floor of 1e-3 keeps its gradient below 1e-5 (λ 0.01); read at every forward
 CLIP_BIAS_FLOOR = 1e-3
+#: ``gamma="auto"`` under SGD: the largest floor of β's clipping bound (:func:`auto_bias_floor`), in force up to an
+#: effective LR lr/(1 − m) of 1: β measured against the output's scale, which eq. 12's gain keeps near 1
+AUTO_BIAS_FLOOR = 1.0
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -175,6 +179,30 @@ def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
     if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
         return None
     return max(step * (1.0 - m) / lr, floor)
+
+
+def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,
+                    bottom: float | None = None) -> float | None:
+    """The floor of β's clipping bound for ``gamma="auto"`` under SGD, |∂L/∂β| ≤ λ·max(|β|, floor):
+    ``((1 − m)/lr)²`` clamped to [``bottom``, ``top``] (default :data:`CLIP_BIAS_FLOOR` = 1e-3 and
+    :data:`AUTO_BIAS_FLOOR` = 1, read at the call), or ``None`` where it is not defined (as :func:`auto_clip_w`).
+
+    A bias starts at 0, so its bound is λ·floor. With 1e-3 (α's floor, AGC's) every bias of an auto run stayed below
+    2e-3, and auto trailed paper PWS by 0.7–1 point on the CIFAR residual net at LR 0.05/0.1; a floor of 1 lets β
+    move there (one step at most lr·λ/(1 − m) = 0.01 at LR 0.1, m 0.9) and closes that gap, but a free β at
+    LR 1.6–3.2 cost 7–13 points (RESULTS.md). So the floor is 1 while the effective LR lr/(1 − m) is at most 1 (LR
+    0.1 at m 0.9) and falls with its inverse square above: 0.0625 at LR 0.4, 0.0039 at 1.6, and 1e-3 from 3.2 —
+    a bias's step at most λ·(1 − m)/lr there."""
+    try:
+        lr, m = float(lr), float(momentum)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
+        return None
+    top = AUTO_BIAS_FLOOR if top is None else top
+    bottom = CLIP_BIAS_FLOOR if bottom is None else bottom
+    # rounded to 12 decimals: 1 − 0.9 is 0.09999999999999998 in floats, and LR 0.1 at m 0.9 should give exactly 1
+    return min(top, max(round(((1.0 - m) / lr) ** 2, 12), bottom))
 
 
 def unit_clip_many(ps: Sequence[Tensor], lams: Sequence[float]) -> list[Tensor]:

@@ -61,8 +61,9 @@ class _PWSMany(torch.autograd.Function):
     ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip)``: the layers' output
     indices, the positions of their weights (and α, 1-d, or ``None``) among ``tensors``, their filter counts, n_l,
     γ, the gain, the shape of the concatenated weight and the pair (λ_W, λ_α) of unit-wise gradient clipping applied
-    in backward (0: none). ``bias_spec`` is a tuple of ``(position, λ)``: biases passed through after the ``n_out``
-    weights, their gradients clipped like α's (λ > 0; one set of foreach ops for all α and β).
+    in backward (0: none). ``bias_spec`` is a tuple of ``(position, λ, floor)``: biases passed through after the
+    ``n_out`` weights, their gradients clipped like α's but with their own floor, |g| ≤ λ·max(|β|, floor) (λ > 0;
+    one set of foreach ops for all α and β).
 
     ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the float32 weights and biases on that device type
     are handed out in that dtype, one cast per group and one for all biases instead of autocast's one per layer and
@@ -106,11 +107,11 @@ class _PWSMany(torch.autograd.Function):
             # the concatenated weight is kept for backward (a weight-sized copy per group of 2+ layers): re-concatenating
             # it there cost one more op per group
             saved.append((ws, al, versions, s, mean, rstd, w))
-        outs += bias_views([tensors[i] for i, _ in bias_spec], cast)
-        ctx.spec, ctx.bias_spec, ctx.cast, ctx.bias_floor = spec, bias_spec, cast, _F.CLIP_BIAS_FLOOR
+        outs += bias_views([tensors[i] for i, *_ in bias_spec], cast)
+        ctx.spec, ctx.bias_spec, ctx.cast = spec, bias_spec, cast
         ctx.groups = saved
         if bias_spec:
-            ctx.biases = [tensors[i] for i, _ in bias_spec]
+            ctx.biases = [tensors[i] for i, *_ in bias_spec]
         return tuple(outs)  # type: ignore[arg-type]
 
     @staticmethod
@@ -171,10 +172,10 @@ class _PWSMany(torch.autograd.Function):
             clip_filters_(cw)
         if ctx.bias_spec:
             gb = bias_grads(grads[len(grads) - len(ctx.bias_spec):], ctx.biases, ctx.cast)
-            for (i, lam), b, g in zip(ctx.bias_spec, ctx.biases, gb):
+            for (i, lam, floor), b, g in zip(ctx.bias_spec, ctx.biases, gb):
                 if g is not None and needs[i + _NARGS]:
                     if lam:     # clipped out of place: an incoming gradient is not ours to change
-                        ca.append((i + _NARGS, g, b, lam, ctx.bias_floor))
+                        ca.append((i + _NARGS, g, b, lam, floor))
                     else:
                         res[i + _NARGS] = g
         if ca:
@@ -199,7 +200,8 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
     standardized together by one native op. Each weight uses the default layout (filters along dim 0, contiguous,
     float32 or float64); each α has one value per filter (or is ``None``). ``clips``: per layer, the unit-wise
     gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry) in the node's
-    backward — one λ for both or a pair (λ_W, λ_α) (0 = none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
+    backward — one λ for both, a pair (λ_W, λ_α) or a triple (λ_W, λ_α, the floor of β's bound) (0 = none;
+    ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
     """
     return _fused(weights, alphas, gammas, gains, clips)[0]
 
@@ -210,7 +212,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
            ) -> tuple[list[Tensor], list[Tensor | None]]:
     """:func:`pws_weights_fused`, and the layers' biases (β) passed through the same node: a bias whose layer clips
     α (λ_α > 0) and that needs a gradient gets its gradient clipped per entry like α (:func:`unit_clip`'s bound
-    λ_α·max(|β|, CLIP_BIAS_FLOOR)), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
+    λ_α·max(|β|, floor), the floor the third entry of its ``clips`` triple, else CLIP_BIAS_FLOOR), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
     float32 weights and biases on that device type come out in that dtype (autocast then casts nothing). Another bias
     is returned as it is."""
     if clips is None:
@@ -227,6 +229,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
         if a is not None and a.numel() != rows:
             raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
         clip = (float(clip[0] or 0.0), float(clip[1] or 0.0)) if isinstance(clip, tuple) else (float(clip or 0.0),) * 2
+        # (a triple's third entry, β's floor, matters to the biases only, below)
         # a large weight is not concatenated with others (its own group): on a CPU copying it costs more than the
         # dispatch it would save (measured on torchvision's ResNet-50, BENCHMARKS.md); on a GPU copies are cheap
         alone = k if w.device.type == "cpu" and w.numel() > CPU_CAT_LIMIT else None
@@ -253,10 +256,12 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
     for k, b in enumerate(biases):
         if b is None:
             continue
-        lam = clips[k][1] if isinstance(clips[k], tuple) else clips[k]
+        c = clips[k]
+        lam = c[1] if isinstance(c, tuple) else c
         lam = float(lam or 0.0) if b.requires_grad and torch.is_grad_enabled() else 0.0
+        floor = float(c[2]) if isinstance(c, tuple) and len(c) > 2 else _F.CLIP_BIAS_FLOOR
         if lam or (cast is not None and b.dtype == torch.float32 and b.device.type == cast[0]):
-            bias_spec.append((len(tensors), lam))
+            bias_spec.append((len(tensors), lam, floor))
             passed.append(k)
             tensors.append(b)
     out = _PWSMany.apply(spec, tuple(bias_spec), cast, len(weights), *tensors)

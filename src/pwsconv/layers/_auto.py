@@ -3,18 +3,19 @@
 :func:`pwsconv.param_groups` calls ``layer.link_optimizer_group(group)`` with the parameter group that holds the
 layer's weight. torch's optimizers keep those very dicts and fill in their defaults, so once an SGD optimizer exists
 the layer reads its starting LR and momentum there, once, and sets λ_W = :func:`pwsconv.functional.auto_clip_w`
-(each SGD step moves a filter by at most ``AUTO_STEP`` of its norm). A schedule changes nothing after that, and
+(each SGD step moves a filter by at most ``AUTO_STEP`` of its norm) and the floor of β's bound,
+:func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule changes nothing after that, and
 nothing is saved: a resumed run builds its optimizer from ``param_groups`` with the same LR and gets the same λ.
-Without a linked SGD group the layer uses ``AUTO_CLIP_W``.
+Without a linked SGD group the layer uses ``AUTO_CLIP_W`` and ``CLIP_BIAS_FLOOR``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..functional import AUTO_CLIP_W, auto_clip_w
+from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "auto_clip_w_of"]
+__all__ = ["link_optimizer_group", "auto_clips_of"]
 
 
 class _OptimizerGroups:
@@ -41,21 +42,22 @@ def link_optimizer_group(layer: Any, group: dict) -> None:
     if link is None:
         link = layer.__dict__["_opt_group"] = _OptimizerGroups()
     link.groups = link.groups[-3:] + [group]
-    layer.__dict__["_auto_clip_w"] = None
+    layer.__dict__["_auto_clips"] = None
 
 
-def auto_clip_w_of(layer: Any) -> float:
-    """λ of ``layer``'s filters under ``gamma="auto"``: learned once from the newest linked group that an SGD
-    optimizer has filled in, else AUTO_CLIP_W."""
-    lam = layer.__dict__.get("_auto_clip_w")
-    if lam is not None:
-        return lam
+def auto_clips_of(layer: Any) -> tuple[float, float]:
+    """(λ of ``layer``'s filters, the floor of β's bound) under ``gamma="auto"``: learned once from the newest linked
+    group that an SGD optimizer has filled in, else (AUTO_CLIP_W, CLIP_BIAS_FLOOR)."""
+    clips = layer.__dict__.get("_auto_clips")
+    if clips is not None:
+        return clips
     link = layer.__dict__.get("_opt_group")
     group = next((g for g in reversed(link.groups) if "lr" in g), None) if link is not None else None
-    if group is None or "dampening" not in group:   # no optimizer (yet), or not SGD: the fixed λ
-        return AUTO_CLIP_W
-    lam = auto_clip_w(group.get("initial_lr", group["lr"]), group.get("momentum", 0.0))
-    if lam is None:
-        return AUTO_CLIP_W
-    layer.__dict__["_auto_clip_w"] = lam   # once: the LR the optimizer starts with, whatever the schedule does
-    return lam
+    if group is None or "dampening" not in group:   # no optimizer (yet), or not SGD: the fixed values
+        return _F.AUTO_CLIP_W, _F.CLIP_BIAS_FLOOR
+    lr, m = group.get("initial_lr", group["lr"]), group.get("momentum", 0.0)
+    lam, floor = _F.auto_clip_w(lr, m), _F.auto_bias_floor(lr, m)
+    if lam is None or floor is None:
+        return _F.AUTO_CLIP_W, _F.CLIP_BIAS_FLOOR
+    clips = layer.__dict__["_auto_clips"] = (lam, floor)   # once: the LR the optimizer starts with, whatever the
+    return clips                                           # schedule does

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip, clip_bias
-from ._auto import auto_clip_w_of, link_optimizer_group
+from .. import functional as _F
+from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
+from ._auto import auto_clips_of, link_optimizer_group
 from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
@@ -96,7 +97,13 @@ class PWSMixin(ReparamMixin):
         """The clipping λ of W's filters in force (0: no clipping); ``gamma="auto"``: see :mod:`._auto`."""
         if self._clip_w is not None:
             return self._clip_w
-        return auto_clip_w_of(self) if self._gamma == "auto" and self._clip is None else self.clip_lambda
+        return auto_clips_of(self)[0] if self._gamma == "auto" and self._clip is None else self.clip_lambda
+
+    @property
+    def clip_bias_floor(self) -> float:
+        """The floor of β's clipping bound, |∂L/∂β| ≤ ``clip_lambda``·max(|β|, floor); ``gamma="auto"``: see
+        :mod:`._auto` (1 up to LR 0.1 under SGD with momentum 0.9), else ``CLIP_BIAS_FLOOR``."""
+        return auto_clips_of(self)[1] if self._gamma == "auto" and self._clip is None else _F.CLIP_BIAS_FLOOR
 
     @property
     def effective_gamma(self) -> float:
@@ -132,10 +139,11 @@ class PWSMixin(ReparamMixin):
         """β, its gradient clipped by ``clip_lambda``."""
         p = self._parameters
         b = p["bias"] if "bias" in p else self.bias   # (ReparamMixin.compute_bias, inlined: once per forward)
-        return clip_bias(b, self.clip_lambda)          # b itself without λ, a gradient or autograd
+        lam = self.clip_lambda
+        return unit_clip(b, lam, floor=self.clip_bias_floor) if lam else b   # b itself without λ
 
     def fused_args(self) -> tuple | None:
-        """(W, α, γ, gain, (λ_W, λ), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
+        """(W, α, γ, gain, (λ_W, λ, β's floor), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
         (transposed, low precision, strided, α data-init to run, lazy before its first input, parametrized)."""
         p = self._parameters
         if "weight" not in p or "alpha" not in p:
@@ -146,7 +154,7 @@ class PWSMixin(ReparamMixin):
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \
                 or (self.data_init_alpha and a is not None and not bool(self.alpha_initialized)):
             return None
-        return (w, a, self.effective_gamma, self.gain, (self.clip_w_lambda, self.clip_lambda),
+        return (w, a, self.effective_gamma, self.gain, (self.clip_w_lambda, self.clip_lambda, self.clip_bias_floor),
                 p["bias"] if "bias" in p else self.bias)
 
     # ------------------------------------------------------------------ init and loading
