@@ -645,11 +645,50 @@ def test_clip_fraction_of_auto_layers():
     assert fracs(gamma=1e-3) == {"w_clip_frac": [], "alpha_clip_frac": [], "bias_clip_frac": []}
 
 
+def test_clip_kept_measures_how_hard_the_clip_cuts():
+    """``*_clip_kept`` (seen before the layer clips): ‖clipped ∇‖/‖unclipped ∇‖ per kind — the value computed from
+    the unclipped gradients of the same model with clipping off; 1 where nothing is cut, absent where nothing clips."""
+    from pwsconv.functional import CLIP_BIAS_FLOOR
+
+    def run(**opts):
+        torch.manual_seed(0)
+        model = pwsconv.convert(TinyResNet(), method="pws", **opts).to(D)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with VarianceProbe(model, optimizer=opt) as probe:
+            for x, y in data(1):
+                opt.zero_grad()
+                (F.cross_entropy(model(x), y) * 1e3).backward()
+                opt.step()
+        stats = {s: [r["value"] for r in select(probe.records, s, layer="block1.conv1")]
+                 for s in ("w_clip_kept", "alpha_clip_kept", "bias_clip_kept")}
+        return model, stats
+
+    lam = 0.01
+    clipped, kept = run(gamma="auto", clip=lam, clip_w=lam)
+    free, none = run(gamma="auto", clip=0.0, clip_w=0.0)
+    assert none == {"w_clip_kept": [], "alpha_clip_kept": [], "bias_clip_kept": []}
+    m = free.block1.conv1
+    g, w = m.weight.grad.double().flatten(1), m.weight.detach().double().flatten(1)
+    gn, bound = g.norm(dim=1), w.norm(dim=1).clamp_min(1e-3) * lam
+    want_w = (torch.minimum(gn, bound).norm() / gn.norm()).item()
+    ga, a = m.alpha.grad.double().abs(), m.alpha.detach().double().abs()
+    want_a = (torch.minimum(ga, a.clamp_min(1e-3) * lam).norm() / ga.norm()).item()
+    assert kept["w_clip_kept"] == [pytest.approx(want_w, rel=1e-4)] and want_w < 0.5
+    assert kept["alpha_clip_kept"] == [pytest.approx(want_a, rel=1e-4)]
+    if m.bias is not None:
+        gb, b = m.bias.grad.double().abs(), m.bias.detach().double().abs()
+        want_b = (torch.minimum(gb, b.clamp_min(CLIP_BIAS_FLOOR) * lam).norm() / gb.norm()).item()
+        assert kept["bias_clip_kept"] == [pytest.approx(want_b, rel=1e-4)]
+    _, loose = run(gamma="auto", clip=1e9, clip_w=1e9)
+    assert loose["w_clip_kept"] == [1.0] and loose["alpha_clip_kept"] == [1.0]
+
+
 def test_clipping_plot_only_for_clipping_layers(tmp_path):
     from pwsconv.diagnostics.plots import has_clipping, plot_clipping
 
     recs = [{"step": s, "layer": "a", "layer_index": 0, "kind": "PWSConv2d", "stat": st, "value": v}
-            for s in range(3) for st, v in (("w_clip_frac", 0.5), ("alpha_clip_frac", 1.0), ("y_var", 2.0))]
+            for s in range(3) for st, v in (("w_clip_frac", 0.5), ("alpha_clip_frac", 1.0), ("y_var", 2.0),
+                                            ("w_clip_kept", 0.2), ("alpha_clip_kept", 1.0))]
     assert has_clipping({"auto": recs}) and not has_clipping({"pws": [r for r in recs if r["stat"] == "y_var"]})
     path = plot_clipping({"auto": recs}, tmp_path / "clipping.png")
     assert os.path.getsize(path) > 1000

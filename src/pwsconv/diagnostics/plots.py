@@ -18,15 +18,15 @@ from .records import as_records, layer_profile, step_series
 __all__ = ["plot_figure1", "plot_figure2", "plot_figure6", "plot_variance_transmission", "plot_clipping", "has_clipping"]
 
 
-def _figure(ncols: int, width: float = 5.2, height: float = 3.8):
+def _figure(ncols: int, width: float = 5.2, height: float = 3.8, nrows: int = 1):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - matplotlib is in the "suite" extra
         raise ImportError("pwsconv.diagnostics plots need matplotlib: pip install 'pwsconv[suite]'") from e
-    fig = Figure(figsize=(width * ncols, height))
+    fig = Figure(figsize=(width * ncols, height * nrows))
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(ncols * nrows)]
     return fig, axes
 
 
@@ -264,10 +264,13 @@ def has_clipping(records_by_method: Any) -> bool:
 
 
 def plot_clipping(records_by_method: Any, path: str | os.PathLike) -> str | os.PathLike:
-    """How often the clipping of ``gamma="auto"`` fires: per step, the share of W's filters, α entries and β entries
-    held at their bound, averaged over the layers (one panel per parameter kind, one line per method)."""
-    fig, axes = _figure(3, width=4.4)
-    for ax, (stat, label) in zip(axes, CLIP_STATS):
+    """How often and how hard the clipping of ``gamma="auto"`` fires: per step, the share of W's filters, α entries
+    and β entries held at their bound (top row) and the share of the gradient's norm the clip keeps (bottom row,
+    log scale; 100 % = untouched), averaged over the layers (one panel per parameter kind, one line per method)."""
+    fig, axes = _figure(3, width=4.4, nrows=2)
+    rows = [(ax, stat, label, False) for ax, (stat, label) in zip(axes[:3], CLIP_STATS)] + \
+        [(ax, stat.replace("_frac", "_kept"), label, True) for ax, (stat, label) in zip(axes[3:], CLIP_STATS)]
+    for ax, stat, label, kept in rows:
         drawn = False
         for method, recs in _methods(records_by_method).items():
             per_step: dict[int, list[float]] = {}
@@ -279,10 +282,15 @@ def plot_clipping(records_by_method: Any, path: str | os.PathLike) -> str | os.P
                 ax.plot(steps, [100.0 * sum(per_step[s]) / len(per_step[s]) for s in steps], lw=1.2,
                         label=method or None)
                 drawn = True
-        ax.set_title(f"{label}: share clipped")
+        ax.set_title(f"{label}: " + ("gradient norm kept" if kept else "share clipped"))
         ax.set_xlabel("step")
-        ax.set_ylabel("% held at the bound (mean over layers)")
-        ax.set_ylim(-2, 102)
+        if kept:
+            ax.set_ylabel("% of the gradient norm kept (mean over layers)")
+            if drawn:
+                ax.set_yscale("log")
+        else:
+            ax.set_ylabel("% held at the bound (mean over layers)")
+            ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         if not drawn:
             _empty(ax)

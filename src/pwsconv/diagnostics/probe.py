@@ -19,7 +19,10 @@ Figure 2                ``w_var_min/mean/max``: min / mean / max_o Var[W_o]; for
 gradient norms          ``grad_norm`` (‖∇W‖), ``bias_grad_norm``, ``alpha_grad_norm`` (PWS α), ``update_norm``.
 parameter values        ``alpha_absmax`` / ``alpha_mean`` (PWS α), ``bias_absmax`` / ``bias_mean`` (β), before the step.
 gradient clipping       for layers that clip their gradients (``gamma="auto"``): ``w_clip_frac``, ``alpha_clip_frac``,
-                        ``bias_clip_frac``: the share of filters / entries held at the clipping bound this step.
+                        ``bias_clip_frac``: the share of filters / entries held at the clipping bound this step;
+                        ``w_clip_kept``, ``alpha_clip_kept``, ``bias_clip_kept``: how hard it cuts, the norm of the
+                        clipped gradient over the unclipped one (1: untouched; seen on the layer's own path, a
+                        fused node's clipping is not visible).
 ======================  ==========================================================================================
 
 Which weight. W is the layer's raw ``weight`` parameter (what the optimizer updates); the statistics above without a
@@ -305,6 +308,7 @@ class VarianceProbe:
         self._order: list[str] = []
         self._seen: set[str] = set()
         self._prev_y_var: Tensor | None = None
+        self._clip: dict[str, dict[str, Tensor]] = {}
 
     def _forward_recorded(self) -> bool:
         return torch.is_grad_enabled() or self.record_no_grad
@@ -326,6 +330,9 @@ class VarianceProbe:
         if not recording or not self._forward_recorded() or name in self._seen:
             return
         x = args[0] if args else kwargs.get("input")
+        if torch.is_grad_enabled() and out.grad_fn is not None and (getattr(m, "clip_lambda", 0.0) or getattr(
+                m, "clip_w_lambda", 0.0)):
+            self._hook_clips(name, m, out, x)
         if not isinstance(x, Tensor) or x.numel() == 0 or out.numel() == 0:
             return
         with torch.no_grad():
@@ -355,6 +362,47 @@ class VarianceProbe:
         st["amp_eq15"] = S.eq15_factor(wf, st["x_mean"], st["x_sq"], dt)
         self._prev_y_var = st["y_var"]
         return st
+
+    def _hook_clips(self, name: str, m: nn.Module, out: Tensor, x: Any) -> None:
+        """Find the layer's gradient-clipping nodes (``unit_clip``) between its output and its parameters — not
+        through its input — and hook them: they see the gradient before it is clipped, so the probe records how hard
+        the clip cuts (``*_clip_kept``: the norm of the clipped gradient over the unclipped one, 1 = untouched)."""
+        stop = x.grad_fn if isinstance(x, Tensor) else None
+        ptrs = {}
+        for key, pname in (("alpha", "alpha"), ("bias", "bias")):
+            t = getattr(m, pname, None)
+            if isinstance(t, Tensor):
+                ptrs[t.data_ptr()] = key
+        todo, seen = [out.grad_fn], set()
+        while todo and len(seen) < 64:          # the weight and bias paths are a few nodes long
+            node = todo.pop()
+            if node is None or node is stop or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if type(node).__name__ == "_UnitClipBackward":
+                p = node.saved_tensors[0]
+                key = "w" if node.dims is not None else ptrs.get(p.data_ptr())
+                if key is not None:
+                    node.register_prehook(partial(self._clip_prehook, name, key, p, node.lam, node.dims,
+                                                  getattr(node, "floor", 1e-3)))
+                continue
+            todo.extend(n for n, _ in node.next_functions)
+
+    def _clip_prehook(self, name: str, key: str, p: Tensor, lam: float, dims: Any, floor: float,
+                      grads: tuple) -> None:
+        g = grads[0]
+        if g is None:
+            return
+        with torch.no_grad():
+            dt = S.stat_dtype(g.device, self.dtype)
+            gf, pf = g.detach().to(dt), p.detach().to(dt)
+            if dims is None:
+                bound, gn = pf.abs().clamp_min(floor) * lam, gf.abs()
+            else:
+                bound = torch.linalg.vector_norm(pf, dim=dims).clamp_min(1e-3) * lam
+                gn = torch.linalg.vector_norm(gf, dim=dims)
+            kept = torch.linalg.vector_norm(torch.minimum(gn, bound)) / torch.linalg.vector_norm(gn).clamp_min(1e-30)
+        self._clip.setdefault(name, {})[key + "_clip_kept"] = kept
 
     def _out_grad_hook(self, ep: int, name: str, m: nn.Module, recording: bool, grad: Tensor) -> None:
         if ep != self._epoch:
@@ -396,8 +444,9 @@ class VarianceProbe:
                 v = p.detach().to(dt)     # the values the step starts from (what blows up first)
                 st[key + "_absmax"] = v.abs().max()
                 st[key + "_mean"] = v.mean()
-                if lam:   # the share of entries held at the clipping bound λ·max(|p|, 1e-3)
-                    bound = v.abs().clamp_min(1e-3) * (lam * (1 - 1e-3))
+                if lam:   # the share of entries held at the clipping bound λ·max(|p|, floor): α's 1e-3, β's the layer's
+                    floor = float(getattr(m, "clip_bias_floor", 1e-3)) if key == "bias" else 1e-3
+                    bound = v.abs().clamp_min(floor) * (lam * (1 - 1e-3))
                     st[key + "_clip_frac"] = (p.grad.detach().to(dt).abs() >= bound).to(dt).mean()
         return st
 
@@ -463,6 +512,7 @@ class VarianceProbe:
                 st: dict[str, Tensor] = {}
                 st.update(self._fwd.get(name, {}))
                 st.update(self._bwd.get(name, {}))
+                st.update(self._clip.get(name, {}))
                 st.update(self._upd.get(name, {}))
                 if not st:
                     continue
