@@ -181,16 +181,16 @@ def test_demo_quick(tmp_path, capsys):
     rc, text, err = run_cli(capsys, "demo", "--quick", "--out", out)
     assert rc == 0, err
     assert "| method | LR | batch | verdict | test acc (%) | status |" in text
-    assert text.count("\n| ") >= 14     # header + 13 runs
+    assert text.count("\n| ") >= 16     # header + 15 runs
     for f in ("results.md", "results.csv", "results.jsonl", "curves.png"):
         assert (out / f).is_file(), f
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 13 and {r["method"] for r in rows} == {"plain conv", "BN", "GN", "PWS", 'PWS gamma="auto"'}
+    assert len(rows) == 15 and {r["method"] for r in rows} == {"plain conv", "BN", "GN", "PWS", 'PWS gamma="auto"'}
     assert {r["batch"] for r in rows} == {64, 2}
     assert (out / "pws_lr0.2_b64" / "metrics.csv").is_file()
     # running it again skips the finished runs (resumable sweep)
     rc, text2, _ = run_cli(capsys, "demo", "--quick", "--out", out)
-    assert rc == 0 and text2.count("skipped") == 13
+    assert rc == 0 and text2.count("skipped") == 15
     # a sweep directory holding a run with other settings is refused, not overwritten
     from pwsconv.experiments import RunSpec, SweepError, run_sweep
     from pwsconv.experiments.demo import demo_runs

@@ -10,7 +10,8 @@ and PWS are trained once more with batch size 2. The settings were chosen by mea
 * LR 0.2: plain conv collapses — the loss becomes NaN (2 of 5 seeds) or the network dies and stays at chance level
   (10 %) — while PWS (96–98 %), BN and GN train.
 * LR 0.5: paper PWS (γ = 1e-3) collapses where BN still trains; ``gamma="auto"`` (γ relative to the
-  He-init filter variance plus unit-wise gradient clipping inside the layer) trains there too.
+  He-init filter variance plus unit-wise gradient clipping inside the layer) trains there too. It runs at the two
+  other LRs as well, to show the same switch at an ordinary LR.
 * batch 2 (LR 0.005, 5 epochs): both train; BN's *training* loss stays higher, because it normalizes with the
   statistics of two images (its eval mode then uses the running averages), whereas PWS does not depend on the batch.
 
@@ -43,8 +44,8 @@ METHOD_NAMES = {"none": "plain conv", "bn": "BN", "gn": "GN", "pws": "PWS", "pws
 
 
 def demo_runs(epochs: int | None = None, *, quick: bool = False) -> list[RunSpec]:
-    """The demo's run list: 4 methods × {moderate, large} LR at batch 64; BN, PWS and PWS ``gamma="auto"`` at a very
-    large LR; then BN and PWS at batch 2.
+    """The demo's run list: 4 methods and PWS ``gamma="auto"`` × {moderate, large} LR at batch 64; BN, PWS and PWS
+    ``gamma="auto"`` at a very large LR; then BN and PWS at batch 2.
 
     ``epochs`` is for the batch-64 runs (default 15); the batch-2 runs get a third of it (they take 32× more steps
     per epoch). ``quick`` trains on 256 images and tests on 200, for a few seconds in all (for tests).
@@ -55,14 +56,13 @@ def demo_runs(epochs: int | None = None, *, quick: bool = False) -> list[RunSpec
                        weight_decay=5e-4, milestones=[], seed=0, num_threads=1, ckpt_every=500, log_every=10,
                        limit=256 if quick else None, test_limit=200 if quick else None)
     runs = []
-    for lr in (MODERATE_LR, LARGE_LR):
-        for m in METHODS:
-            runs.append(RunSpec(f"{m}_lr{lr:g}_b{BATCH}", base.replace(method=m, lr=lr),
+    auto = base.replace(method="pws", method_opts={"gamma": "auto"})
+    for lr, methods in ((MODERATE_LR, METHODS + ("pws_auto",)), (LARGE_LR, METHODS + ("pws_auto",)),
+                        (VERY_LARGE_LR, ("bn", "pws", "pws_auto"))):
+        for m in methods:
+            cfg = auto if m == "pws_auto" else base.replace(method=m)
+            runs.append(RunSpec(f"{m}_lr{lr:g}_b{BATCH}", cfg.replace(lr=lr),
                                 {"method": METHOD_NAMES[m], "LR": lr, "batch": BATCH}))
-    for m in ("bn", "pws", "pws_auto"):
-        cfg = base.replace(method="pws", method_opts={"gamma": "auto"}) if m == "pws_auto" else base.replace(method=m)
-        runs.append(RunSpec(f"{m}_lr{VERY_LARGE_LR:g}_b{BATCH}", cfg.replace(lr=VERY_LARGE_LR),
-                            {"method": METHOD_NAMES[m], "LR": VERY_LARGE_LR, "batch": BATCH}))
     for m in ("bn", "pws"):
         runs.append(RunSpec(f"{m}_lr{SMALL_BATCH_LR:g}_b{SMALL_BATCH}",
                             base.replace(method=m, lr=SMALL_BATCH_LR, batch_size=SMALL_BATCH, epochs=ep_small,
@@ -90,7 +90,8 @@ becomes NaN or the network dies at chance level), where BN, GN and PWS still tra
 (zero mean, eq. 12), which removes the "shift of the average gradient" that inflates the plain network's variance.
 At the very large LR paper PWS collapses too; `gamma="auto"` keeps the same forward (eq. 12, foldable) and clips
 each filter's, α's and β's gradient relative to its own size inside the layer, which stops the runaway growth of the
-first layers' α, β and gradients that precedes the collapse (RESULTS.md). At batch size 2 PWS does not depend on the batch at all; BN normalizes with the statistics
+first layers' α, β and gradients that precedes the collapse (RESULTS.md). It reads the LR from the optimizer once:
+at an ordinary LR the clip leaves the steps alone, so the same switch is used at every LR. At batch size 2 PWS does not depend on the batch at all; BN normalizes with the statistics
 of two images. Per-run curves: curves.png; per-epoch metrics: <run>/metrics.csv."""
 
 
