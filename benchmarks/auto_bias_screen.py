@@ -1,15 +1,17 @@
-"""Screen a floor for the biases' clipping bound of ``gamma="auto"`` on the robust medium preset's auto cells.
+"""Screen the clipping of ``gamma="auto"``'s α and β on the robust medium preset's auto cells.
 
-Auto clips ∂L/∂β to λ·max(|β|, floor) with λ = 0.01. A bias starts at 0, so with the default floor of 1e-3 its
-gradient stays below 1e-5, and in the medium runs every bias ended below 2e-3 in magnitude (paper PWS: 0.1–0.7).
-Auto trained almost without biases. This trains the preset's own auto runs (same configs and names) with one
-floor at every LR (``pwsconv.functional.CLIP_BIAS_FLOOR`` and ``AUTO_BIAS_FLOOR`` set in this process; the default
-now is ``auto_bias_floor``, which falls with the LR, so a screen at its value for one LR is that LR's default run). The runs are trained one at a time here, so
-start several processes with other ``--nets`` / ``--lrs`` to use more cores. Then it prints the table against the
-preset's finished BN, paper PWS and auto cells.
+Auto clips ∂L/∂β to λ·max(|β|, floor). A bias starts at 0, so with a floor of 1e-3 (round 4) its gradient stayed
+below 1e-5, and in the medium runs every bias ended below 2e-3 in magnitude (paper PWS: 0.1–0.7): auto trained
+almost without biases. This trains the preset's own auto runs (same configs and names) with another setting, set
+in this process: ``--floor``, one floor at every LR (``CLIP_BIAS_FLOOR`` and ``AUTO_BIAS_FLOOR``; the default is
+the rule ``auto_bias_floor``, so a screen at the rule's value for one LR is that LR's default run), and
+``--clip-min``, the floor of λ of α and β (``AUTO_CLIP_MIN``, rule ``auto_clip``). The runs are trained one at a
+time here, so start several processes with other ``--nets`` / ``--lrs`` to use more cores. Then it prints the table
+against the preset's finished BN, paper PWS and auto cells.
 
     python benchmarks/auto_bias_screen.py --floor 0.1 --out results/auto_bias_floor01 --nets residual --lrs 0.05 0.1
-    python benchmarks/auto_bias_screen.py --floor 0.1 --out results/auto_bias_floor01 --report
+    python benchmarks/auto_bias_screen.py --clip-min 0.005 --out results/auto_clip_step --lrs 0.4 1.6 3.2
+    python benchmarks/auto_bias_screen.py --out results/auto_bias_floor01 --report
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def report(out: Path, base: Path, seeds: int = 3) -> str:
     floor = (out / "floor.txt").read_text().strip() if (out / "floor.txt").is_file() else "?"
     for net in ("residual", "plain"):
         for label, folder, method in (("BN", base, "bn"), ("paper PWS", base, "pws"), ("auto", base, "pws_auto"),
-                                      (f"auto, β floor {floor}", out, "pws_auto")):
+                                      (f"auto, {floor}", out, "pws_auto")):
             cells = [_cell(folder, f"lr_{net}_{method}_lr{lr}", seeds) for lr in lrs]
             lines.append(f"| {net} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -64,7 +66,9 @@ def report(out: Path, base: Path, seeds: int = 3) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--floor", type=float, required=True, help="the biases' clipping floor to screen")
+    p.add_argument("--floor", type=float, help="one floor of the biases' clipping bound at every LR (default: the "
+                   "rule, auto_bias_floor)")
+    p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN; default 0.01: λ constant)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nets", nargs="+", default=["residual", "plain"])
     p.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.1, 0.4, 1.6, 3.2])
@@ -72,11 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     a = p.parse_args(argv)
     if not a.report:
-        functional.CLIP_BIAS_FLOOR = functional.AUTO_BIAS_FLOOR = a.floor   # one floor at every LR
+        if a.floor is not None:
+            functional.CLIP_BIAS_FLOOR = functional.AUTO_BIAS_FLOOR = a.floor   # one floor at every LR
+        if a.clip_min is not None:
+            functional.AUTO_CLIP_MIN = a.clip_min
         runs = [r for r in paper.build_runs("robust", "medium") if r.labels["part"] == "lr"
                 and r.labels["method"] == "pws auto" and r.labels["arch"] in a.nets and r.labels["LR"] in a.lrs]
         (a.out).mkdir(parents=True, exist_ok=True)
-        (a.out / "floor.txt").write_text(f"{a.floor}\n")
+        label = ", ".join(x for x in (f"β floor {a.floor}" if a.floor is not None else "",
+                                      f"λ of α, β ≥ {a.clip_min}" if a.clip_min is not None else "") if x)
+        (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")
         run_sweep(runs, a.out, jobs=1)
     print(report(a.out, a.base))
     return 0

@@ -491,3 +491,22 @@ def test_auto_bias_floor_from_param_groups_on_both_paths(lr):
     bound = conv.bias.detach().abs().clamp_min(floor) * conv.clip_lambda
     assert (g <= bound * (1 + 1e-6)).all()
     assert g.max() > 0.5 * conv.clip_lambda * floor      # the scaled loss pushes β to its bound
+
+
+def test_auto_clip_of_alpha_and_beta(monkeypatch):
+    """λ of α and β under SGD: AUTO_CLIP·min(1, (1 − m)/lr), never below AUTO_CLIP_MIN — constant 0.01 by default; a
+    lower floor makes it a bound on α's relative step (1 % at LR 0.1, m 0.9). The layer learns it with λ_W."""
+    from pwsconv import functional
+    from pwsconv.functional import auto_clip
+
+    assert [auto_clip(lr, 0.9) for lr in (0.05, 0.1, 0.4, 3.2)] == [0.01] * 4
+    assert auto_clip(0.2, 0.9, bottom=0.001) == pytest.approx(0.005)
+    assert auto_clip(1.6, 0.9, bottom=0.005) == 0.005 and auto_clip(0.1, 0.9, bottom=0.005) == 0.01
+    assert auto_clip(0.05, 0.0, bottom=0.0) == 0.01 and auto_clip(0.0, 0.9) is None
+    monkeypatch.setattr(functional, "AUTO_CLIP_MIN", 0.005)
+    for lr, want in ((0.1, 0.01), (0.4, 0.005)):
+        net = _auto_net()
+        assert all(m.clip_lambda == 0.01 for m in _pws_layers(net))       # no optimizer: AUTO_CLIP
+        torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
+        assert all(m.clip_lambda == want for m in _pws_layers(net))
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.03).clip_lambda == 0.03

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
            "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
-           "auto_bias_floor"]
+           "auto_bias_floor", "AUTO_CLIP_MIN", "auto_clip"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -31,6 +31,8 @@ __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "un
 AUTO_GAMMA = 1e-3
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of α and β (RESULTS.md).
 AUTO_CLIP = 0.01
+#: ``gamma="auto"`` under SGD: λ of α and β never below this (:func:`auto_clip`; equal to AUTO_CLIP: λ constant)
+AUTO_CLIP_MIN = 0.01
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ of each filter of W when the layer does not know its
 #: optimizer's settings (a weight not in a :func:`pwsconv.param_groups` group of SGD): the value that trains at LR 1.6
 AUTO_CLIP_W = 0.01
@@ -179,6 +181,23 @@ def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
     if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
         return None
     return max(step * (1.0 - m) / lr, floor)
+
+
+def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom: float | None = None
+              ) -> float | None:
+    """λ of α and β for ``gamma="auto"`` under SGD: ``top·min(1, (1 − m)/lr)`` (round to 12 decimals), never below
+    ``bottom`` (defaults :data:`AUTO_CLIP` and :data:`AUTO_CLIP_MIN`, read at the call), or ``None`` where it is not
+    defined (as :func:`auto_clip_w`). A bound on α's relative step, lr·λ/(1 − m) ≤ 1 % (λ = 0.01 at LR 0.1, m 0.9),
+    like W's, with a floor like W's; with ``bottom == top`` (the default) λ is the constant AUTO_CLIP."""
+    try:
+        lr, m = float(lr), float(momentum)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
+        return None
+    top = AUTO_CLIP if top is None else top
+    bottom = AUTO_CLIP_MIN if bottom is None else bottom
+    return max(round(top * min(1.0, (1.0 - m) / lr), 12), min(bottom, top))
 
 
 def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,

@@ -6,7 +6,7 @@ the layer reads its starting LR and momentum there, once, and sets λ_W = :func:
 (each SGD step moves a filter by at most ``AUTO_STEP`` of its norm) and the floor of β's bound,
 :func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule changes nothing after that, and
 nothing is saved: a resumed run builds its optimizer from ``param_groups`` with the same LR and gets the same λ.
-Without a linked SGD group the layer uses ``AUTO_CLIP_W`` and ``CLIP_BIAS_FLOOR``.
+Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``CLIP_BIAS_FLOOR``.
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ def link_optimizer_group(layer: Any, group: dict) -> None:
     layer.__dict__["_auto_clips"] = None
 
 
-def auto_clips_of(layer: Any) -> tuple[float, float]:
-    """(λ of ``layer``'s filters, the floor of β's bound) under ``gamma="auto"``: learned once from the newest linked
-    group that an SGD optimizer has filled in, else (AUTO_CLIP_W, CLIP_BIAS_FLOOR)."""
+def auto_clips_of(layer: Any) -> tuple[float, float, float]:
+    """(λ of ``layer``'s filters, λ of α and β, the floor of β's bound) under ``gamma="auto"``: learned once from the
+    newest linked group that an SGD optimizer has filled in, else (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR)."""
     clips = layer.__dict__.get("_auto_clips")
     if clips is not None:
         return clips
     link = layer.__dict__.get("_opt_group")
     group = next((g for g in reversed(link.groups) if "lr" in g), None) if link is not None else None
     if group is None or "dampening" not in group:   # no optimizer (yet), or not SGD: the fixed values
-        return _F.AUTO_CLIP_W, _F.CLIP_BIAS_FLOOR
+        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR
     lr, m = group.get("initial_lr", group["lr"]), group.get("momentum", 0.0)
-    lam, floor = _F.auto_clip_w(lr, m), _F.auto_bias_floor(lr, m)
-    if lam is None or floor is None:
-        return _F.AUTO_CLIP_W, _F.CLIP_BIAS_FLOOR
-    clips = layer.__dict__["_auto_clips"] = (lam, floor)   # once: the LR the optimizer starts with, whatever the
+    lam_w, lam, floor = _F.auto_clip_w(lr, m), _F.auto_clip(lr, m), _F.auto_bias_floor(lr, m)
+    if lam_w is None or lam is None or floor is None:
+        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR
+    clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor)   # once: the LR the optimizer starts with, whatever the
     return clips                                           # schedule does

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as _F
-from ..functional import AUTO_CLIP, AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
+from ..functional import AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
 from ._auto import auto_clips_of, link_optimizer_group
 from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
 
@@ -90,7 +90,9 @@ class PWSMixin(ReparamMixin):
     @property
     def clip_lambda(self) -> float:
         """The clipping λ of α and β in force (0: no clipping)."""
-        return self._clip if self._clip is not None else (AUTO_CLIP if self._gamma == "auto" else 0.0)
+        if self._clip is not None:
+            return self._clip
+        return auto_clips_of(self)[1] if self._gamma == "auto" else 0.0
 
     @property
     def clip_w_lambda(self) -> float:
@@ -103,7 +105,7 @@ class PWSMixin(ReparamMixin):
     def clip_bias_floor(self) -> float:
         """The floor of β's clipping bound, |∂L/∂β| ≤ ``clip_lambda``·max(|β|, floor); ``gamma="auto"``: see
         :mod:`._auto` (1 up to LR 0.1 under SGD with momentum 0.9), else ``CLIP_BIAS_FLOOR``."""
-        return auto_clips_of(self)[1] if self._gamma == "auto" and self._clip is None else _F.CLIP_BIAS_FLOOR
+        return auto_clips_of(self)[2] if self._gamma == "auto" and self._clip is None else _F.CLIP_BIAS_FLOOR
 
     @property
     def effective_gamma(self) -> float:
