@@ -494,12 +494,15 @@ def test_auto_bias_floor_from_param_groups_on_both_paths(lr):
 
 
 def test_auto_clip_of_alpha_and_beta(monkeypatch):
-    """λ of α and β under SGD: AUTO_CLIP·min(1, (1 − m)/lr), never below AUTO_CLIP_MIN — constant 0.01 by default; a
-    lower floor makes it a bound on α's relative step (1 % at LR 0.1, m 0.9). The layer learns it with λ_W."""
+    """λ of α and β under SGD: AUTO_CLIP·min(1, (1 − m)/lr), never below AUTO_CLIP_MIN — 0.01 up to LR 0.1 (m 0.9),
+    0.005 from LR 0.2; the layer learns it with λ_W (no optimizer: AUTO_CLIP)."""
     from pwsconv import functional
-    from pwsconv.functional import auto_clip
+    from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_MIN, auto_clip
 
-    assert [auto_clip(lr, 0.9) for lr in (0.05, 0.1, 0.4, 3.2)] == [0.01] * 4
+    assert AUTO_CLIP == 0.01 and AUTO_CLIP_MIN == 0.005
+    assert [auto_clip(lr, 0.9) for lr in (0.05, 0.1, 0.2, 0.4, 3.2)] == [0.01, 0.01, 0.005, 0.005, 0.005]
+    assert auto_clip(0.15, 0.9) == pytest.approx(0.01 * 0.1 / 0.15)
+    assert auto_clip(0.4, 0.9, bottom=0.01) == 0.01                    # a floor at the top: λ constant
     assert auto_clip(0.2, 0.9, bottom=0.001) == pytest.approx(0.005)
     assert auto_clip(1.6, 0.9, bottom=0.005) == 0.005 and auto_clip(0.1, 0.9, bottom=0.005) == 0.01
     assert auto_clip(0.05, 0.0, bottom=0.0) == 0.01 and auto_clip(0.0, 0.9) is None
