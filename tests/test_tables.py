@@ -112,6 +112,9 @@ def test_robust_long_presets_train_small_lrs_long_and_large_lrs_short():
         assert {r.labels["arch"] for r in runs} == {"plain", "residual"}
         assert {r.labels["method"] for r in runs if r.labels["part"] == "lr"} == {"bn", "pws", "pws auto"}
         assert {r.labels["LR"] for r in runs} == set(robust.LONG_LRS + robust.SHORT_LRS)
+        abl = {(r.labels["arch"], r.labels["LR"]) for r in runs if r.labels["part"] == "ablation"}
+        assert {lr for _, lr in abl} == {0.1, 1.6}
+        assert {a for a, _ in abl} == ({"residual"} if preset == "medium" else {"plain", "residual"})
     gpu = paper.build_runs("robust", "gpu")
     assert all(r.config.amp == "bf16" and r.config.channels_last and r.config.limit is None for r in gpu)
     with pytest.raises(paper.ReproduceError, match="unknown preset"):
