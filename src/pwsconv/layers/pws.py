@@ -87,25 +87,30 @@ class PWSMixin(ReparamMixin):
         out_per_group = w.shape[1] if self._transposed_layout else w.shape[0] // getattr(self, "groups", 1)
         return out_per_group * math.prod(w.shape[2:])
 
+    def clips(self) -> tuple[float, float, float]:
+        """(λ of W's filters, λ of α and β, the floor of β's bound) in force, in one lookup (λ 0: no clipping).
+        ``gamma="auto"`` without ``clip=``: from the optimizer's SGD group (:mod:`._auto`); an explicit ``clip=``
+        sets λ (and λ_W unless ``clip_w=``), with β's floor ``CLIP_BIAS_FLOOR``."""
+        a = auto_clips_of(self) if self._gamma == "auto" and self._clip is None else None
+        lam = self._clip if self._clip is not None else (a[1] if a else 0.0)
+        lam_w = self._clip_w if self._clip_w is not None else (a[0] if a else lam)
+        return lam_w, lam, (a[2] if a else _F.CLIP_BIAS_FLOOR)
+
     @property
     def clip_lambda(self) -> float:
         """The clipping λ of α and β in force (0: no clipping)."""
-        if self._clip is not None:
-            return self._clip
-        return auto_clips_of(self)[1] if self._gamma == "auto" else 0.0
+        return self.clips()[1]
 
     @property
     def clip_w_lambda(self) -> float:
         """The clipping λ of W's filters in force (0: no clipping); ``gamma="auto"``: see :mod:`._auto`."""
-        if self._clip_w is not None:
-            return self._clip_w
-        return auto_clips_of(self)[0] if self._gamma == "auto" and self._clip is None else self.clip_lambda
+        return self.clips()[0]
 
     @property
     def clip_bias_floor(self) -> float:
         """The floor of β's clipping bound, |∂L/∂β| ≤ ``clip_lambda``·max(|β|, floor); ``gamma="auto"``: see
         :mod:`._auto` (1 up to LR 0.1 under SGD with momentum 0.9), else ``CLIP_BIAS_FLOOR``."""
-        return auto_clips_of(self)[2] if self._gamma == "auto" and self._clip is None else _F.CLIP_BIAS_FLOOR
+        return self.clips()[2]
 
     @property
     def effective_gamma(self) -> float:
@@ -132,7 +137,8 @@ class PWSMixin(ReparamMixin):
         """α·Ŵ of eq. 12 (gradients of W and α clipped by ``clip_w_lambda`` / ``clip_lambda``; values unchanged)."""
         view, reduce, alpha_shape = self._layout()
         w = self.weight if view is None else self.weight.reshape(view)
-        w, alpha = unit_clip(w, self.clip_w_lambda, reduce), unit_clip(self.alpha, self.clip_lambda)   # λ = 0: as is
+        lam_w, lam, _ = self.clips()
+        w, alpha = unit_clip(w, lam_w, reduce), unit_clip(self.alpha, lam)   # λ = 0: as is
         alpha = None if alpha is None else alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
@@ -141,8 +147,8 @@ class PWSMixin(ReparamMixin):
         """β, its gradient clipped by ``clip_lambda``."""
         p = self._parameters
         b = p["bias"] if "bias" in p else self.bias   # (ReparamMixin.compute_bias, inlined: once per forward)
-        lam = self.clip_lambda
-        return unit_clip(b, lam, floor=self.clip_bias_floor) if lam else b   # b itself without λ
+        _, lam, floor = self.clips()
+        return unit_clip(b, lam, floor=floor) if lam else b   # b itself without λ
 
     def fused_args(self) -> tuple | None:
         """(W, α, γ, gain, (λ_W, λ, β's floor), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
@@ -156,7 +162,7 @@ class PWSMixin(ReparamMixin):
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \
                 or (self.data_init_alpha and a is not None and not bool(self.alpha_initialized)):
             return None
-        return (w, a, self.effective_gamma, self.gain, (self.clip_w_lambda, self.clip_lambda, self.clip_bias_floor),
+        return (w, a, self.effective_gamma, self.gain, self.clips(),
                 p["bias"] if "bias" in p else self.bias)
 
     # ------------------------------------------------------------------ init and loading
