@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--floor", type=float, help="one floor of the biases' clipping bound at every LR (default: the "
                    "rule, auto_bias_floor)")
+    p.add_argument("--step-knee", type=float, help="W's step bound loosens below this effective LR (AUTO_STEP_KNEE)")
     p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN; default 0.01: λ constant)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nets", nargs="+", default=["residual", "plain"])
@@ -80,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             functional.CLIP_BIAS_FLOOR = functional.AUTO_BIAS_FLOOR = a.floor   # one floor at every LR
         if a.clip_min is not None:
             functional.AUTO_CLIP_MIN = a.clip_min
+        if a.step_knee is not None:
+            functional.AUTO_STEP_KNEE = a.step_knee
         runs = [r for r in paper.build_runs("robust", "medium") if r.labels["part"] == "lr"
                 and r.labels["method"] == "pws auto" and r.labels["arch"] in a.nets and r.labels["LR"] in a.lrs]
         (a.out).mkdir(parents=True, exist_ok=True)
         label = ", ".join(x for x in (f"β floor {a.floor}" if a.floor is not None else "",
-                                      f"λ of α, β ≥ {a.clip_min}" if a.clip_min is not None else "") if x)
+                                      f"λ of α, β ≥ {a.clip_min}" if a.clip_min is not None else "",
+                                      f"W's step bound loosens below LR/(1 − m) = {a.step_knee}"
+                                      if a.step_knee is not None else "") if x)
         (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")
         run_sweep(runs, a.out, jobs=1)
     print(report(a.out, a.base))

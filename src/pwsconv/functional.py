@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
-           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
+           "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_STEP_KNEE", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
            "auto_bias_floor", "AUTO_CLIP_MIN", "auto_clip"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
@@ -40,6 +40,9 @@ AUTO_CLIP_W = 0.01
 #: ``gamma="auto"`` under SGD: the largest step of a filter, relative to its norm, momentum included
 #: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr, 0.08 at LR 0.1 and 0.02 at LR 0.4 with momentum 0.9)
 AUTO_STEP = 0.08
+#: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) the step bound of W loosens as 1/(lr/(1 − m)) more
+#: (λ_W ∝ 1/lr²; 0: off, W's bound is AUTO_STEP at every LR) — a screened candidate (RESULTS.md, round 5)
+AUTO_STEP_KNEE = 0.0
 #: ``gamma="auto"`` under SGD: λ of W never below this (reached from LR 1.6 with momentum 0.9). Below it weight decay
 #: outpaces the filters' (orthogonal) gradient steps — they balance near sqrt(2·wd·(1 − m)/lr), 0.0056 at LR 3.2 with
 #: wd 5e-4 — and the filters shrink: at LR 3.2 the plain CIFAR net then sat at chance (RESULTS.md)
@@ -164,9 +167,11 @@ class _UnitClipMany(torch.autograd.Function):
 
 
 def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
-                floor: float = AUTO_CLIP_W_MIN) -> float | None:
+                floor: float = AUTO_CLIP_W_MIN, knee: float | None = None) -> float | None:
     """λ of W's filters for ``gamma="auto"`` under SGD: ``max(step · (1 − m) / lr, floor)``, or ``None`` where it is
-    not defined (lr ≤ 0 or not finite, m outside [0, 1)).
+    not defined (lr ≤ 0 or not finite, m outside [0, 1)). With ``knee`` > 0 (default :data:`AUTO_STEP_KNEE`, read
+    at the call, 0) the first term is multiplied by max(1, knee·(1 − m)/lr): below the effective LR ``knee`` the step
+    bound loosens as 1/lr.
 
     A bound on the *update*, not on the gradient: with ‖∂L/∂W_o‖ ≤ λ·‖W_o‖, one SGD step moves a filter by at most
     lr·λ/(1 − m) = ``step`` of its norm, momentum included (8 %). That is the throttle a large LR needs in its first
@@ -181,7 +186,8 @@ def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
         return None
     if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
         return None
-    return max(step * (1.0 - m) / lr, floor)
+    knee = AUTO_STEP_KNEE if knee is None else knee
+    return max(step * (1.0 - m) / lr * max(1.0, knee * (1.0 - m) / lr), floor)
 
 
 def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom: float | None = None
