@@ -308,6 +308,9 @@ def test_auto_clip_w_formula():
     assert auto_clip_w(1.6, 0.9) == auto_clip_w(3.2, 0.9) == pytest.approx(AUTO_CLIP_W_MIN)
     assert auto_clip_w(0.4, 0.0) == pytest.approx(AUTO_STEP / 0.4)
     assert auto_clip_w(0.8, 0.9, step=0.16, floor=0.0) == pytest.approx(0.02)
+    # a knee (off by default): below the effective LR `knee` the bound loosens as 1/lr more; unchanged above it
+    assert auto_clip_w(0.1, 0.9, knee=4.0) == pytest.approx(0.32)
+    assert all(auto_clip_w(lr, 0.9, knee=4.0) == auto_clip_w(lr, 0.9) for lr in (0.4, 0.8, 1.6, 3.2))
     for bad in ((0.0, 0.9), (0.1, 1.0), (float("nan"), 0.9), ("x", 0), (-1, 0.5)):
         assert auto_clip_w(*bad) is None
 
