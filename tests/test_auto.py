@@ -299,18 +299,19 @@ def test_clip_w_defaults_and_validation():
 
 # ------------------------------------------------------------------------------------------------ λ of W from the SGD settings
 def test_auto_clip_w_formula():
-    from pwsconv.functional import AUTO_CLIP_W_MIN, AUTO_STEP, auto_clip_w
+    from pwsconv.functional import AUTO_CLIP_W_MIN, AUTO_STEP, AUTO_STEP_KNEE, auto_clip_w
 
     # a bound on the update: lr·λ/(1 − m) = AUTO_STEP, so λ ∝ (1 − m)/lr, and never below AUTO_CLIP_W_MIN
     assert AUTO_STEP == 0.08 and AUTO_CLIP_W_MIN == 0.005
-    assert auto_clip_w(0.1, 0.9) == pytest.approx(0.08)
+    assert auto_clip_w(0.1, 0.9, knee=0) == pytest.approx(0.08)
     assert auto_clip_w(0.4, 0.9) == pytest.approx(0.02)
     assert auto_clip_w(1.6, 0.9) == auto_clip_w(3.2, 0.9) == pytest.approx(AUTO_CLIP_W_MIN)
-    assert auto_clip_w(0.4, 0.0) == pytest.approx(AUTO_STEP / 0.4)
+    assert auto_clip_w(4.0, 0.0) == pytest.approx(AUTO_STEP / 4.0)
     assert auto_clip_w(0.8, 0.9, step=0.16, floor=0.0) == pytest.approx(0.02)
-    # a knee (off by default): below the effective LR `knee` the bound loosens as 1/lr more; unchanged above it
-    assert auto_clip_w(0.1, 0.9, knee=4.0) == pytest.approx(0.32)
-    assert all(auto_clip_w(lr, 0.9, knee=4.0) == auto_clip_w(lr, 0.9) for lr in (0.4, 0.8, 1.6, 3.2))
+    # the knee (AUTO_STEP_KNEE = 4): below the effective LR 4 the bound loosens as 1/lr more; unchanged from it on
+    assert AUTO_STEP_KNEE == 4.0
+    assert auto_clip_w(0.1, 0.9) == pytest.approx(0.32) and auto_clip_w(0.05, 0.9) == pytest.approx(1.28)
+    assert all(auto_clip_w(lr, 0.9) == auto_clip_w(lr, 0.9, knee=0) for lr in (0.4, 0.8, 1.6, 3.2))
     for bad in ((0.0, 0.9), (0.1, 1.0), (float("nan"), 0.9), ("x", 0), (-1, 0.5)):
         assert auto_clip_w(*bad) is None
 

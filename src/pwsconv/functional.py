@@ -40,9 +40,10 @@ AUTO_CLIP_W = 0.01
 #: ``gamma="auto"`` under SGD: the largest step of a filter, relative to its norm, momentum included
 #: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr, 0.08 at LR 0.1 and 0.02 at LR 0.4 with momentum 0.9)
 AUTO_STEP = 0.08
-#: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) the step bound of W loosens as 1/(lr/(1 − m)) more
-#: (λ_W ∝ 1/lr²; 0: off, W's bound is AUTO_STEP at every LR) — a screened candidate (RESULTS.md, round 5)
-AUTO_STEP_KNEE = 0.0
+#: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) (LR 0.4 at momentum 0.9) W's step bound loosens
+#: as 1/lr — λ_W ∝ 1/lr², 0.32 at LR 0.1 — so that the clip leaves ordinary steps alone (0: off, the bound is
+#: AUTO_STEP at every LR; RESULTS.md, round 5)
+AUTO_STEP_KNEE = 4.0
 #: ``gamma="auto"`` under SGD: λ of W never below this (reached from LR 1.6 with momentum 0.9). Below it weight decay
 #: outpaces the filters' (orthogonal) gradient steps — they balance near sqrt(2·wd·(1 − m)/lr), 0.0056 at LR 3.2 with
 #: wd 5e-4 — and the filters shrink: at LR 3.2 the plain CIFAR net then sat at chance (RESULTS.md)
@@ -169,16 +170,18 @@ class _UnitClipMany(torch.autograd.Function):
 def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
                 floor: float = AUTO_CLIP_W_MIN, knee: float | None = None) -> float | None:
     """λ of W's filters for ``gamma="auto"`` under SGD: ``max(step · (1 − m) / lr, floor)``, or ``None`` where it is
-    not defined (lr ≤ 0 or not finite, m outside [0, 1)). With ``knee`` > 0 (default :data:`AUTO_STEP_KNEE`, read
-    at the call, 0) the first term is multiplied by max(1, knee·(1 − m)/lr): below the effective LR ``knee`` the step
-    bound loosens as 1/lr.
+    not defined (lr ≤ 0 or not finite, m outside [0, 1)). The first term is multiplied by max(1, knee·(1 − m)/lr)
+    (``knee`` default :data:`AUTO_STEP_KNEE` = 4, read at the call): below the effective LR ``knee`` — LR 0.4 at m
+    0.9 — the step bound loosens as 1/lr, to 32 % of a filter's norm at LR 0.1 and 128 % at 0.05. There the 8 % bound
+    held a third of the filters at LR 0.1 and cost the plain CIFAR net 0.8 points (RESULTS.md); above LR 0.4 nothing
+    changes.
 
     A bound on the *update*, not on the gradient: with ‖∂L/∂W_o‖ ≤ λ·‖W_o‖, one SGD step moves a filter by at most
     lr·λ/(1 − m) = ``step`` of its norm, momentum included (8 %). That is the throttle a large LR needs in its first
     steps, where unbounded steps kill the network (RESULTS.md), and it leaves ordinary steps alone: Ŵ (eq. 12) does
     not change with the scale of W, so under SGD with weight decay wd a filter settles at
     ‖∂L/∂W_o‖/‖W_o‖ ≈ sqrt(2·wd·(1 − m)/lr) (spherical motion dynamics), 0.032 at LR 0.1 with wd 5e-4 and m 0.9,
-    below the bound (0.08) there. From LR 1.6 (m 0.9) the floor holds λ at 0.005: tighter, the plain CIFAR net
+    below the bound (0.08, or 0.32 with the knee) there. From LR 1.6 (m 0.9) the floor holds λ at 0.005: tighter, the plain CIFAR net
     stopped learning at LR 3.2 (measured, RESULTS.md)."""
     try:
         lr, m = float(lr), float(momentum)

@@ -28,7 +28,7 @@ ABLATION: dict[str, tuple[str, Any]] = {
     "auto, clip 0.04": ("pws", {"gamma": "auto", "clip": 0.04}),
     "auto without clipping (γ rule only)": ("pws", {"gamma": "auto", "clip": 0}),
     "paper γ=1e-3 + clip 0.01 (no γ rule)": ("pws", {"gamma": 1e-3, "clip": 0.01}),
-    "auto, W clipped at 0.01 too (round 2)": ("pws", {"gamma": "auto", "clip_w": 0.01}),
+    "auto, W clipped at 0.01 (as in round 2)": ("pws", {"gamma": "auto", "clip_w": 0.01}),
     "auto, W not clipped": ("pws", {"gamma": "auto", "clip_w": 0}),
     "auto, step bound ×2 (0.16, round 3)": ("pws", lambda LR: {"gamma": "auto", "clip_w": float(
         f"{auto_clip_w(LR, 0.9, step=0.16):.6g}")}),
@@ -50,8 +50,8 @@ _ARCHS = {**ARCHS,
           "gpu": ARCHS["full"][::-1]}   # the residual net first: its runs are the shortest
 #: the ablation rows of the long-schedule presets, at one short and one long LR (medium: on the residual net only,
 #: which keeps its grid within 2.5 h on 2 cores; gpu: both nets)
-_LONG_ABLATION = {"medium": ("auto, W clipped at 0.01 too (round 2)",),
-                  "gpu": ("auto, W clipped at 0.01 too (round 2)", "auto, W not clipped", "auto, step bound ×2 (0.16, round 3)")}
+_LONG_ABLATION = {"medium": ("auto, W clipped at 0.01 (as in round 2)",),
+                  "gpu": ("auto, W clipped at 0.01 (as in round 2)", "auto, W not clipped", "auto, step bound ×2 (0.16, round 3)")}
 _LONG_ABLATION_LRS = (0.1, 1.6)
 #: the three parts' axes per preset (smoke: no ablation)
 AXES = {
