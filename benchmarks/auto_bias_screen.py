@@ -52,13 +52,21 @@ def _cell(folder: Path, name: str, seeds: int) -> str:
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 
+def _label(text: str) -> str:
+    """The setting's label from floor.txt: a bare number there is a β floor (the first screens wrote only that)."""
+    try:
+        return f"β floor {float(text):g}"
+    except ValueError:
+        return text
+
+
 def report(out: Path, base: Path, seeds: int = 3) -> str:
     lines = ["| net | method | LR 0.05 | LR 0.1 | LR 0.4 | LR 1.6 | LR 3.2 |", "|---|---|---:|---:|---:|---:|---:|"]
     lrs = ("0.05", "0.1", "0.4", "1.6", "3.2")
     floor = (out / "floor.txt").read_text().strip() if (out / "floor.txt").is_file() else "?"
     for net in ("residual", "plain"):
         for label, folder, method in (("BN", base, "bn"), ("paper PWS", base, "pws"), ("auto", base, "pws_auto"),
-                                      (f"auto, {floor}", out, "pws_auto")):
+                                      (f"auto, {_label(floor)}", out, "pws_auto")):
             cells = [_cell(folder, f"lr_{net}_{method}_lr{lr}", seeds) for lr in lrs]
             lines.append(f"| {net} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -20,9 +20,7 @@ gradient norms          ``grad_norm`` (‖∇W‖), ``bias_grad_norm``, ``alpha_
 parameter values        ``alpha_absmax`` / ``alpha_mean`` (PWS α), ``bias_absmax`` / ``bias_mean`` (β), before the step.
 gradient clipping       for layers that clip their gradients (``gamma="auto"``): ``w_clip_frac``, ``alpha_clip_frac``,
                         ``bias_clip_frac``: the share of filters / entries held at the clipping bound this step;
-                        ``w_clip_kept``, ``alpha_clip_kept``, ``bias_clip_kept``: how hard it cuts, the norm of the
-                        clipped gradient over the unclipped one (1: untouched; seen on the layer's own path, a
-                        fused node's clipping is not visible).
+                        ``w_clip_kept``, ...: the norm of the clipped gradient over the unclipped one (1: untouched).
 ======================  ==========================================================================================
 
 Which weight. W is the layer's raw ``weight`` parameter (what the optimizer updates); the statistics above without a
@@ -68,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats as S
+from ._clipstats import hook_clips
 from .records import Record, summarize, write_csv, write_jsonl
 
 __all__ = ["VarianceProbe", "effective_weight", "raw_weight", "is_reparameterized", "layer_gamma"]
@@ -332,7 +331,7 @@ class VarianceProbe:
         x = args[0] if args else kwargs.get("input")
         if torch.is_grad_enabled() and out.grad_fn is not None and (getattr(m, "clip_lambda", 0.0) or getattr(
                 m, "clip_w_lambda", 0.0)):
-            self._hook_clips(name, m, out, x)
+            hook_clips(out, x, m, partial(self._clip_kept, name), self.dtype)
         if not isinstance(x, Tensor) or x.numel() == 0 or out.numel() == 0:
             return
         with torch.no_grad():
@@ -363,46 +362,8 @@ class VarianceProbe:
         self._prev_y_var = st["y_var"]
         return st
 
-    def _hook_clips(self, name: str, m: nn.Module, out: Tensor, x: Any) -> None:
-        """Find the layer's gradient-clipping nodes (``unit_clip``) between its output and its parameters — not
-        through its input — and hook them: they see the gradient before it is clipped, so the probe records how hard
-        the clip cuts (``*_clip_kept``: the norm of the clipped gradient over the unclipped one, 1 = untouched)."""
-        stop = x.grad_fn if isinstance(x, Tensor) else None
-        ptrs = {}
-        for key, pname in (("alpha", "alpha"), ("bias", "bias")):
-            t = getattr(m, pname, None)
-            if isinstance(t, Tensor):
-                ptrs[t.data_ptr()] = key
-        todo, seen = [out.grad_fn], set()
-        while todo and len(seen) < 64:          # the weight and bias paths are a few nodes long
-            node = todo.pop()
-            if node is None or node is stop or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if type(node).__name__ == "_UnitClipBackward":
-                p = node.saved_tensors[0]
-                key = "w" if node.dims is not None else ptrs.get(p.data_ptr())
-                if key is not None:
-                    node.register_prehook(partial(self._clip_prehook, name, key, p, node.lam, node.dims,
-                                                  getattr(node, "floor", 1e-3)))
-                continue
-            todo.extend(n for n, _ in node.next_functions)
-
-    def _clip_prehook(self, name: str, key: str, p: Tensor, lam: float, dims: Any, floor: float,
-                      grads: tuple) -> None:
-        g = grads[0]
-        if g is None:
-            return
-        with torch.no_grad():
-            dt = S.stat_dtype(g.device, self.dtype)
-            gf, pf = g.detach().to(dt), p.detach().to(dt)
-            if dims is None:
-                bound, gn = pf.abs().clamp_min(floor) * lam, gf.abs()
-            else:
-                bound = torch.linalg.vector_norm(pf, dim=dims).clamp_min(1e-3) * lam
-                gn = torch.linalg.vector_norm(gf, dim=dims)
-            kept = torch.linalg.vector_norm(torch.minimum(gn, bound)) / torch.linalg.vector_norm(gn).clamp_min(1e-30)
-        self._clip.setdefault(name, {})[key + "_clip_kept"] = kept
+    def _clip_kept(self, name: str, key: str, frac: Tensor, kept: Tensor) -> None:
+        self._clip.setdefault(name, {}).update({key + "_clip_frac": frac, key + "_clip_kept": kept})
 
     def _out_grad_hook(self, ep: int, name: str, m: nn.Module, recording: bool, grad: Tensor) -> None:
         if ep != self._epoch:
@@ -427,15 +388,8 @@ class VarianceProbe:
 
     def _grad_stats(self, m: nn.Module, raw: Tensor | None) -> dict[str, Tensor]:
         st: dict[str, Tensor] = {}
-        lam_w, lam = float(getattr(m, "clip_w_lambda", 0.0) or 0.0), float(getattr(m, "clip_lambda", 0.0) or 0.0)
         if raw is not None and raw.grad is not None:
-            gm = S.filter_matrix(m, raw.grad)
-            st.update(S.grad_stats(gm, self.dtype))
-            if lam_w:   # the share of filters whose gradient the layer's clipping held at its bound this step
-                dt = S.stat_dtype(gm.device, self.dtype)
-                wn = torch.linalg.vector_norm(S.filter_matrix(m, raw.detach()).to(dt), dim=1).clamp_min(1e-3)
-                gn = torch.linalg.vector_norm(gm.detach().to(dt), dim=1)
-                st["w_clip_frac"] = (gn >= wn * (lam_w * (1 - 1e-3))).to(dt).mean()
+            st.update(S.grad_stats(S.filter_matrix(m, raw.grad), self.dtype))
         for pname, key in (("bias", "bias"), ("alpha", "alpha")):
             p = getattr(m, pname, None)
             if isinstance(p, Tensor) and p.grad is not None:
@@ -444,10 +398,6 @@ class VarianceProbe:
                 v = p.detach().to(dt)     # the values the step starts from (what blows up first)
                 st[key + "_absmax"] = v.abs().max()
                 st[key + "_mean"] = v.mean()
-                if lam:   # the share of entries held at the clipping bound λ·max(|p|, floor): α's 1e-3, β's the layer's
-                    floor = float(getattr(m, "clip_bias_floor", 1e-3)) if key == "bias" else 1e-3
-                    bound = v.abs().clamp_min(floor) * (lam * (1 - 1e-3))
-                    st[key + "_clip_frac"] = (p.grad.detach().to(dt).abs() >= bound).to(dt).mean()
         return st
 
     def _collect_lr_updates(self) -> None:

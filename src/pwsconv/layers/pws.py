@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import functional as _F
+from .. import functional as _F   # CLIP_BIAS_FLOOR read at the call
 from ..functional import AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
 from ._auto import auto_clips_of, link_optimizer_group
 from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
@@ -38,12 +38,10 @@ class PWSMixin(ReparamMixin):
     """Eq. 12 on a torch layer: α, γ, the ablation switches and ``gamma="auto"``.
 
     Constructor switches (paper defaults first):
-        gamma (1e-3): γ of eq. 12, > 0; or ``"auto"``: PWS that trains at BN's learning rates — γ relative to the
-            He-init filter variance (γ·2/n_l, γ = ``AUTO_GAMMA``) and clipped gradients (``clip``, ``clip_w``); the
-            forward is eq. 12 unchanged (batch-independent, foldable).
-        clip, clip_w (None): unit-wise gradient clipping λ (AGC, Brock et al. 2021) in the backward: each α_o, β_o
-            gradient to λ·max(|p|, 1e-3), each filter to ‖∂L/∂W_o‖ ≤ λ_W·‖W_o‖. None: under "auto" ``AUTO_CLIP`` and
-            λ_W from the optimizer's LR (:mod:`pwsconv.layers._auto`), otherwise off (λ_W: ``clip``); 0: off.
+        gamma (1e-3): γ of eq. 12, > 0; or ``"auto"``: γ·2/n_l (relative to the He-init filter variance) and
+            clipped gradients (``clip``, ``clip_w``); the forward stays eq. 12 (batch-independent, foldable).
+        clip, clip_w (None): unit-wise gradient clipping λ (AGC) of α, β and of W's filters (``clips()``); None:
+            under "auto" from the optimizer's LR (:mod:`pwsconv.layers._auto`), else off (λ_W: ``clip``); 0: off.
         use_alpha (True): trainable per-filter α (Table 2 "Trainable α").
         use_gain (True): the sqrt(2/n_l) factor of eq. 12 (Table 2 "sqrt(2/n_l) in (12)").
         fan_mode ("fan_in"): n used by sqrt(2/n) and by the He init of the raw weights; "fan_in" is the paper's n_l.
@@ -88,29 +86,15 @@ class PWSMixin(ReparamMixin):
         return out_per_group * math.prod(w.shape[2:])
 
     def clips(self) -> tuple[float, float, float]:
-        """(λ of W's filters, λ of α and β, the floor of β's bound) in force, in one lookup (λ 0: no clipping).
-        ``gamma="auto"`` without ``clip=``: from the optimizer's SGD group (:mod:`._auto`); an explicit ``clip=``
-        sets λ (and λ_W unless ``clip_w=``), with β's floor ``CLIP_BIAS_FLOOR``."""
+        """(λ_W, λ of α and β, β's floor: |∂L/∂β| ≤ λ·max(|β|, floor)) in force (λ 0: none; auto: :mod:`._auto`)."""
         a = auto_clips_of(self) if self._gamma == "auto" and self._clip is None else None
         lam = self._clip if self._clip is not None else (a[1] if a else 0.0)
-        lam_w = self._clip_w if self._clip_w is not None else (a[0] if a else lam)
-        return lam_w, lam, (a[2] if a else _F.CLIP_BIAS_FLOOR)
+        return (self._clip_w if self._clip_w is not None else (a[0] if a else lam)), lam, (
+            a[2] if a else _F.CLIP_BIAS_FLOOR)
 
-    @property
-    def clip_lambda(self) -> float:
-        """The clipping λ of α and β in force (0: no clipping)."""
-        return self.clips()[1]
-
-    @property
-    def clip_w_lambda(self) -> float:
-        """The clipping λ of W's filters in force (0: no clipping); ``gamma="auto"``: see :mod:`._auto`."""
-        return self.clips()[0]
-
-    @property
-    def clip_bias_floor(self) -> float:
-        """The floor of β's clipping bound, |∂L/∂β| ≤ ``clip_lambda``·max(|β|, floor); ``gamma="auto"``: see
-        :mod:`._auto` (1 up to LR 0.1 under SGD with momentum 0.9), else ``CLIP_BIAS_FLOOR``."""
-        return self.clips()[2]
+    clip_w_lambda = property(lambda self: self.clips()[0], doc="λ of W's filters in force (0: no clipping)")
+    clip_lambda = property(lambda self: self.clips()[1], doc="λ of α and β in force (0: no clipping)")
+    clip_bias_floor = property(lambda self: self.clips()[2], doc="the floor of β's clipping bound in force")
 
     @property
     def effective_gamma(self) -> float:
