@@ -623,20 +623,26 @@ def test_plots_stay_readable_when_a_run_collapses(monkeypatch, tmp_path):
     assert titles[0] != titles[1] and "raw" in titles[0] and "effective" in titles[1]
 
 
+def _clip_stats(kind: str, **opts):
+    """One probed SGD step (LR 0, a loss × 1e3) of TinyResNet converted to PWS with ``opts``: the model and the
+    ``*_clip_<kind>`` records of block1.conv1."""
+    torch.manual_seed(0)
+    model = pwsconv.convert(TinyResNet(), method="pws", **opts).to(D)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with VarianceProbe(model, optimizer=opt) as probe:
+        for x, y in data(1):
+            opt.zero_grad()
+            (F.cross_entropy(model(x), y) * 1e3).backward()
+            opt.step()
+    return model, {s: [r["value"] for r in select(probe.records, s, layer="block1.conv1")]
+                   for s in (f"w_clip_{kind}", f"alpha_clip_{kind}", f"bias_clip_{kind}")}
+
+
 def test_clip_fraction_of_auto_layers():
     """gamma="auto": the probe records the share of filters / α / β entries held at the clipping bound — all of
     them under a tiny λ and a large loss, none under a huge λ; layers that do not clip record nothing of it."""
     def fracs(**opts):
-        torch.manual_seed(0)
-        model = pwsconv.convert(TinyResNet(), method="pws", **opts).to(D)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        with VarianceProbe(model, optimizer=opt) as probe:
-            for x, y in data(1):
-                opt.zero_grad()
-                (F.cross_entropy(model(x), y) * 1e3).backward()
-                opt.step()
-        return {s: [r["value"] for r in select(probe.records, s, layer="block1.conv1")]
-                for s in ("w_clip_frac", "alpha_clip_frac", "bias_clip_frac")}
+        return _clip_stats("frac", **opts)[1]
 
     tight = fracs(gamma="auto", clip=1e-6, clip_w=1e-6)
     assert tight["w_clip_frac"] == [1.0] and tight["alpha_clip_frac"] == [1.0]
@@ -651,17 +657,7 @@ def test_clip_kept_measures_how_hard_the_clip_cuts():
     from pwsconv.functional import CLIP_BIAS_FLOOR
 
     def run(**opts):
-        torch.manual_seed(0)
-        model = pwsconv.convert(TinyResNet(), method="pws", **opts).to(D)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        with VarianceProbe(model, optimizer=opt) as probe:
-            for x, y in data(1):
-                opt.zero_grad()
-                (F.cross_entropy(model(x), y) * 1e3).backward()
-                opt.step()
-        stats = {s: [r["value"] for r in select(probe.records, s, layer="block1.conv1")]
-                 for s in ("w_clip_kept", "alpha_clip_kept", "bias_clip_kept")}
-        return model, stats
+        return _clip_stats("kept", **opts)
 
     lam = 0.01
     clipped, kept = run(gamma="auto", clip=lam, clip_w=lam)

@@ -167,6 +167,15 @@ class _UnitClipMany(torch.autograd.Function):
         return tuple(out)
 
 
+def _sgd_setting(lr: object, momentum: object) -> tuple[float, float] | None:
+    """(lr, momentum) as floats where the auto rules are defined (lr > 0 finite, 0 ≤ m < 1), else ``None``."""
+    try:
+        lr, m = float(lr), float(momentum)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return (lr, m) if math.isfinite(lr) and lr > 0 and 0 <= m < 1 else None
+
+
 def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
                 floor: float = AUTO_CLIP_W_MIN, knee: float | None = None) -> float | None:
     """λ of W's filters for ``gamma="auto"`` under SGD: ``max(step · (1 − m) / lr, floor)``, or ``None`` where it is
@@ -183,12 +192,10 @@ def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
     ‖∂L/∂W_o‖/‖W_o‖ ≈ sqrt(2·wd·(1 − m)/lr) (spherical motion dynamics), 0.032 at LR 0.1 with wd 5e-4 and m 0.9,
     below the bound (0.08, or 0.32 with the knee) there. From LR 1.6 (m 0.9) the floor holds λ at 0.005: tighter, the plain CIFAR net
     stopped learning at LR 3.2 (measured, RESULTS.md)."""
-    try:
-        lr, m = float(lr), float(momentum)
-    except (TypeError, ValueError):
+    sgd = _sgd_setting(lr, momentum)
+    if sgd is None:
         return None
-    if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
-        return None
+    lr, m = sgd
     knee = AUTO_STEP_KNEE if knee is None else knee
     return max(step * (1.0 - m) / lr * max(1.0, knee * (1.0 - m) / lr), floor)
 
@@ -203,12 +210,10 @@ def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom
     0.01 — α moves by at most 1 % per step there — and above it λ falls as 1/lr to the floor 0.005 (from LR 0.2).
     Measured on the CIFAR medium preset (RESULTS.md): the tighter λ at LR 0.4–3.2 gains 1–11 points (plain net at
     LR 1.6: 9 points ahead of BN instead of 2 behind) and changes nothing at LR ≤ 0.1."""
-    try:
-        lr, m = float(lr), float(momentum)
-    except (TypeError, ValueError):
+    sgd = _sgd_setting(lr, momentum)
+    if sgd is None:
         return None
-    if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
-        return None
+    lr, m = sgd
     top = AUTO_CLIP if top is None else top
     bottom = AUTO_CLIP_MIN if bottom is None else bottom
     return max(round(top * min(1.0, (1.0 - m) / lr), 12), min(bottom, top))
@@ -226,12 +231,10 @@ def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,
     LR 1.6–3.2 cost 7–13 points (RESULTS.md). So the floor is 1 while the effective LR lr/(1 − m) is at most 1 (LR
     0.1 at m 0.9) and falls with its inverse square above: 0.0625 at LR 0.4, 0.0039 at 1.6, and 1e-3 from 3.2 —
     a bias's step at most λ·(1 − m)/lr there."""
-    try:
-        lr, m = float(lr), float(momentum)
-    except (TypeError, ValueError):
+    sgd = _sgd_setting(lr, momentum)
+    if sgd is None:
         return None
-    if not (math.isfinite(lr) and lr > 0 and 0 <= m < 1):
-        return None
+    lr, m = sgd
     top = AUTO_BIAS_FLOOR if top is None else top
     bottom = CLIP_BIAS_FLOOR if bottom is None else bottom
     # rounded to 12 decimals: 1 − 0.9 is 0.09999999999999998 in floats, and LR 0.1 at m 0.9 should give exactly 1
