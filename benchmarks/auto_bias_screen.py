@@ -17,6 +17,7 @@ against the preset's finished BN, paper PWS and auto cells.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -60,16 +61,35 @@ def _label(text: str) -> str:
         return text
 
 
-def report(out: Path, base: Path, seeds: int = 3) -> str:
-    lines = ["| net | method | LR 0.05 | LR 0.1 | LR 0.4 | LR 1.6 | LR 3.2 |", "|---|---|---:|---:|---:|---:|---:|"]
-    lrs = ("0.05", "0.1", "0.4", "1.6", "3.2")
+PRESET_LRS = (0.05, 0.1, 0.4, 1.6, 3.2)
+
+
+def report(out: Path, base: Path, seeds: int = 3, extra_lrs: tuple[float, ...] = ()) -> str:
+    """The table: the preset's BN, paper PWS and auto cells (at an LR the preset lacks: those trained into ``out``
+    by ``--methods``) and the screened setting's."""
+    lrs = sorted(set(PRESET_LRS) | set(extra_lrs))
+    lines = ["| net | method | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " |", "|---|---|" + "---:|" * len(lrs)]
     floor = (out / "floor.txt").read_text().strip() if (out / "floor.txt").is_file() else "?"
     for net in ("residual", "plain"):
         for label, folder, method in (("BN", base, "bn"), ("paper PWS", base, "pws"), ("auto", base, "pws_auto"),
                                       (f"auto, {_label(floor)}", out, "pws_auto")):
-            cells = [_cell(folder, f"lr_{net}_{method}_lr{lr}", seeds) for lr in lrs]
+            cells = [_cell(folder if lr in PRESET_LRS else out, f"lr_{net}_{method}_lr{lr:g}", seeds) for lr in lrs]
             lines.append(f"| {net} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def screen_runs(nets: list[str], lrs: list[float], methods: list[str], seeds: int | None = None) -> list:
+    """The preset's LR-scan runs of ``methods`` on ``nets`` at ``lrs``; at an LR the preset lacks, its LR-0.1 runs
+    with that LR (the same schedule and names with the LR replaced)."""
+    runs = [r for r in paper.build_runs("robust", "medium", seeds=seeds) if r.labels["part"] == "lr"
+            and r.labels["method"] in methods and r.labels["arch"] in nets]
+    out = [r for r in runs if r.labels["LR"] in lrs]
+    for lr in (x for x in lrs if x not in PRESET_LRS):
+        for r in (r for r in runs if r.labels["LR"] == 0.1):
+            out.append(dataclasses.replace(r, name=r.name.replace("_lr0.1_", f"_lr{lr:g}_"),
+                                           labels={**r.labels, "LR": lr},
+                                           config=dataclasses.replace(r.config, lr=lr)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor", type=float, help="one floor of the biases' clipping bound at every LR (default: the "
                    "rule, auto_bias_floor)")
     p.add_argument("--step-knee", type=float, help="W's step bound loosens below this effective LR (AUTO_STEP_KNEE)")
+    p.add_argument("--clip-knee", type=float, help="λ of α and β grows as 1/lr below this effective LR "
+                   "(AUTO_CLIP_KNEE; default: the module's)")
     p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN; default 0.01: λ constant)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nets", nargs="+", default=["residual", "plain"])
-    p.add_argument("--lrs", nargs="+", type=float, default=[0.05, 0.1, 0.4, 1.6, 3.2])
+    p.add_argument("--lrs", nargs="+", type=float, default=list(PRESET_LRS),
+                   help="LRs to train (one the preset lacks: its LR-0.1 runs at that LR)")
+    p.add_argument("--methods", nargs="+", default=["pws auto"], choices=["bn", "pws", "pws auto"],
+                   help="the preset's methods to train (bn and pws: the comparison at an LR the preset lacks)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (default: the preset's 3)")
     p.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
     p.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     a = p.parse_args(argv)
@@ -91,16 +117,19 @@ def main(argv: list[str] | None = None) -> int:
             functional.AUTO_CLIP_MIN = a.clip_min
         if a.step_knee is not None:
             functional.AUTO_STEP_KNEE = a.step_knee
-        runs = [r for r in paper.build_runs("robust", "medium") if r.labels["part"] == "lr"
-                and r.labels["method"] == "pws auto" and r.labels["arch"] in a.nets and r.labels["LR"] in a.lrs]
+        if a.clip_knee is not None:
+            functional.AUTO_CLIP_KNEE = a.clip_knee
+        runs = screen_runs(a.nets, a.lrs, a.methods, a.seeds)
         (a.out).mkdir(parents=True, exist_ok=True)
         label = ", ".join(x for x in (f"β floor {a.floor}" if a.floor is not None else "",
                                       f"λ of α, β ≥ {a.clip_min}" if a.clip_min is not None else "",
                                       f"W's step bound loosens below LR/(1 − m) = {a.step_knee}"
-                                      if a.step_knee is not None else "") if x)
+                                      if a.step_knee is not None else "",
+                                      f"λ of α, β loosens below LR/(1 − m) = {a.clip_knee}"
+                                      if a.clip_knee is not None else "") if x)
         (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")
         run_sweep(runs, a.out, jobs=1)
-    print(report(a.out, a.base))
+    print(report(a.out, a.base, extra_lrs=tuple(x for x in a.lrs if x not in PRESET_LRS)))
     return 0
 
 

@@ -510,6 +510,8 @@ def test_auto_clip_of_alpha_and_beta(monkeypatch):
     assert auto_clip(0.2, 0.9, bottom=0.001) == pytest.approx(0.005)
     assert auto_clip(1.6, 0.9, bottom=0.005) == 0.005 and auto_clip(0.1, 0.9, bottom=0.005) == 0.01
     assert auto_clip(0.05, 0.0, bottom=0.0) == 0.01 and auto_clip(0.0, 0.9) is None
+    # a knee (AUTO_CLIP_KNEE, off by default): below the effective LR `knee` λ grows as its inverse, unchanged above
+    assert [auto_clip(lr, 0.9, knee=4.0) for lr in (0.05, 0.1, 0.2, 0.4, 3.2)] == [0.08, 0.04, 0.01, 0.005, 0.005]
     monkeypatch.setattr(functional, "AUTO_CLIP_MIN", 0.005)
     for lr, want in ((0.1, 0.01), (0.4, 0.005)):
         net = _auto_net()
@@ -517,3 +519,41 @@ def test_auto_clip_of_alpha_and_beta(monkeypatch):
         torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
         assert all(m.clip_lambda == want for m in _pws_layers(net))
     assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.03).clip_lambda == 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_ops_concatenated_equal_foreach(dtype):
+    """On a CPU the fused node clips the concatenated rows and vectors (fewer kernels than a foreach loop): the same
+    ops on every entry, so bit-for-bit the foreach result — with several λ, γ, n and floors, a gradient that needs no
+    clipping, a zero gradient and a constant filter."""
+    from pwsconv.accel.foreach import clip_filters_
+    from pwsconv.functional import clip_entries
+
+    g = torch.Generator().manual_seed(0)
+    cw = []
+    for rows, n, lam in ((4, 9, 0.01), (3, 27, 0.32), (5, 9, 0.01), (2, 18, 0.004)):
+        w = torch.randn(rows, n, generator=g, dtype=dtype)
+        w[0] = 0.5 if rows == 3 else w[0]                      # a constant filter: Var 0
+        gw = torch.randn(rows, n, generator=g, dtype=dtype) * torch.logspace(-6, 2, rows, dtype=dtype)[:, None]
+        gw[-1] = 0.0 if rows == 5 else gw[-1]                  # a zero gradient
+        gamma = 2e-3 / n
+        mean = w.mean(1)
+        rstd = (w.var(1, unbiased=False) + gamma).rsqrt()
+        cw.append((gw, torch.linalg.vector_norm(gw, dim=1), lam, n, gamma, mean, rstd))
+    results = []
+    for cat in (False, True):
+        c = [(t[0].clone(),) + t[1:] for t in cw]
+        clip_filters_(c, cat=cat)
+        results.append([t[0] for t in c])
+    assert any(not torch.equal(a, t[0]) for a, t in zip(results[0], cw))   # something was clipped
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ps = [torch.randn(k, generator=g, dtype=dtype) * s for k, s in ((6, 1.0), (3, 1e-4), (5, 2.0), (4, 0.0))]
+    gs = [torch.randn(k, generator=g, dtype=dtype) for k in (6, 3, 5, 4)]
+    lams, floors = [0.01, 0.01, 0.04, 0.01], [1e-3, 1e-3, 1.0, 1e-3]
+    before = [x.clone() for x in gs]
+    a, b = clip_entries(gs, ps, lams, floors, cat=False), clip_entries(gs, ps, lams, floors, cat=True)
+    assert all(torch.equal(x, y) for x, y in zip(gs, before))                # out of place
+    assert any(not torch.equal(x, y) for x, y in zip(a, gs))
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and torch.equal(x, y)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
            "AUTO_GAMMA",
            "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_STEP_KNEE", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
-           "auto_bias_floor", "AUTO_CLIP_MIN", "auto_clip"]
+           "auto_bias_floor", "AUTO_CLIP_MIN", "AUTO_CLIP_KNEE", "auto_clip"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -34,6 +34,9 @@ AUTO_GAMMA = 1e-3
 AUTO_CLIP = 0.01
 #: ``gamma="auto"`` under SGD: λ of α and β never below this (:func:`auto_clip`; reached from LR 0.2 at momentum 0.9)
 AUTO_CLIP_MIN = 0.005
+#: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) λ of α and β grows as its inverse, like W's
+#: (:func:`auto_clip`; 0: off)
+AUTO_CLIP_KNEE = 0.0
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ of each filter of W when the layer does not know its
 #: optimizer's settings (a weight not in a :func:`pwsconv.param_groups` group of SGD): the value that trains at LR 1.6
 AUTO_CLIP_W = 0.01
@@ -132,16 +135,42 @@ def clip_bias(b: Tensor | None, lam: float) -> Tensor | None:
     return unit_clip(b, lam, floor=CLIP_BIAS_FLOOR)
 
 
-def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
-                 ) -> list[Tensor]:
+def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float],
+                 cat: bool | None = None) -> list[Tensor]:
     """Each entry of each gradient clipped to |g| ≤ λ·max(|p|, floor), out of place, with a handful of foreach ops
-    for all the vectors (:func:`unit_clip_many`, the fused node's α and β)."""
+    for all the vectors (:func:`unit_clip_many`, the fused node's α and β). On a CPU, where a foreach op is a loop
+    of one kernel per vector, the vectors that share λ, floor and dtypes are concatenated and clipped at once
+    instead (the same ops on each entry, so the same values; ``cat``: force either way)."""
+    if (ps and ps[0].device.type == "cpu") if cat is None else cat:
+        return _clip_entries_cat(gs, ps, lams, floors)
     bound = torch._foreach_abs(list(ps))
     torch._foreach_clamp_min_(bound, list(floors))
     torch._foreach_mul_(bound, list(lams))
     clipped = torch._foreach_maximum(list(gs), torch._foreach_neg(bound))
     torch._foreach_minimum_(clipped, bound)
     return clipped
+
+
+def _clip_entries_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
+                      ) -> list[Tensor]:
+    """:func:`clip_entries` with one set of ops per (λ, floor, dtypes) on the concatenated vectors (:class:`_UnitClip`'s
+    ops: the same values); the results are views of the concatenation."""
+    classes: dict[tuple, list[int]] = {}
+    for i, (g, p, lam, floor) in enumerate(zip(gs, ps, lams, floors)):
+        classes.setdefault((float(lam), float(floor), g.dtype, p.dtype), []).append(i)
+    out: list[Tensor] = list(gs)
+    for (lam, floor, _, _), idx in classes.items():
+        flat = all(gs[i].dim() == 1 for i in idx)    # α and β are: no views to make (each costs a dispatch)
+        g = gs[idx[0]] if len(idx) == 1 else torch.cat([gs[i] if flat else gs[i].reshape(-1) for i in idx])
+        p = ps[idx[0]] if len(idx) == 1 else torch.cat([ps[i] if flat else ps[i].reshape(-1) for i in idx])
+        bound = p.abs().clamp_min_(floor).mul_(lam)
+        c = torch.clamp(g, -bound, bound)
+        if len(idx) == 1:
+            out[idx[0]] = c
+        else:
+            for i, v in zip(idx, c.split_with_sizes([gs[i].numel() for i in idx])):
+                out[i] = v if flat else v.view_as(gs[i])
+    return out
 
 
 class _UnitClipMany(torch.autograd.Function):
@@ -200,8 +229,8 @@ def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
     return max(step * (1.0 - m) / lr * max(1.0, knee * (1.0 - m) / lr), floor)
 
 
-def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom: float | None = None
-              ) -> float | None:
+def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom: float | None = None,
+              knee: float | None = None) -> float | None:
     """λ of α and β for ``gamma="auto"`` under SGD: ``top·min(1, (1 − m)/lr)`` (rounded to 12 decimals), never
     below ``bottom`` (defaults :data:`AUTO_CLIP` = 0.01 and :data:`AUTO_CLIP_MIN` = 0.005, read at the call), or
     ``None`` where it is not defined (as :func:`auto_clip_w`).
@@ -216,7 +245,9 @@ def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom
     lr, m = sgd
     top = AUTO_CLIP if top is None else top
     bottom = AUTO_CLIP_MIN if bottom is None else bottom
-    return max(round(top * min(1.0, (1.0 - m) / lr), 12), min(bottom, top))
+    knee = AUTO_CLIP_KNEE if knee is None else knee
+    lam = max(round(top * min(1.0, (1.0 - m) / lr), 12), min(bottom, top))
+    return round(lam * max(1.0, knee * (1.0 - m) / lr), 12)
 
 
 def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,

@@ -5,16 +5,21 @@ at once)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 
-def clip_filters_(cw: Sequence[tuple]) -> None:
+def clip_filters_(cw: Sequence[tuple], cat: bool | None = None) -> None:
     """Clip, in place, each filter (row) of each group's ∂L/∂W to ‖∂L/∂W_o‖ ≤ λ_W·max(‖W_o‖, 1e-3). ``cw``: per
-    group (∂L/∂W as [rows, n], its per-row norms, λ_W, n, γ, the saved per-row mean and 1/sqrt(Var + γ))."""
+    group (∂L/∂W as [rows, n], its per-row norms, λ_W, n, γ, the saved per-row mean and 1/sqrt(Var + γ)). Foreach
+    ops, or on a CPU (a foreach op there is a loop of one kernel per tensor) the same ops on the concatenated rows
+    (``cat``: force either way)."""
     gws, gns, lams, ns, gammas, means, rstds = zip(*cw)
+    if (len(cw) > 1 and gws[0].device.type == "cpu") if cat is None else cat:
+        return _clip_filters_cat_(gws, gns, lams, ns, gammas, means, rstds)
     # λ_W·max(‖W_o‖, 1e-3) from the saved statistics: ‖W_o‖² = n·(Var + E²) with Var = 1/rstd² − γ (no pass
     # over W), squared bound clamped below at (λ_W·1e-3)² (also a constant filter, Var < 0 by rounding)
     pn = torch._foreach_pow(rstds, -2.0)
@@ -26,6 +31,29 @@ def clip_filters_(cw: Sequence[tuple]) -> None:
     torch._foreach_div_(pn, gns)               # ‖∂L/∂W_o‖ = 0: +inf, clamped to 1 below
     torch._foreach_clamp_max_(pn, 1.0)
     torch._foreach_mul_(gws, [q.unsqueeze(1) for q in pn])   # in place: res holds views of these
+
+
+def _clip_filters_cat_(gws, gns, lams, ns, gammas, means, rstds) -> None:
+    """:func:`clip_filters_` on a CPU, where a foreach op is a loop of one kernel per tensor: the same ops on the
+    concatenated per-row statistics (so the same values), with each group's constants as per-row vectors."""
+    rows = tuple(g.shape[0] for g in gws)
+    neg_gamma, mult, low = _row_constants(rows, lams, ns, gammas, rstds[0].dtype)
+    mu = torch.cat(means)
+    pn = torch.cat(rstds).pow_(-2.0)
+    pn.add_(neg_gamma).addcmul_(mu, mu).mul_(mult).clamp_min_(low).sqrt_().div_(torch.cat(gns)).clamp_max_(1.0)
+    for gw, q in zip(gws, pn.unsqueeze(1).split_with_sizes(rows)):
+        gw.mul_(q)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_constants(rows: tuple[int, ...], lams: tuple[float, ...], ns: tuple[int, ...], gammas: tuple[float, ...],
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of the concatenated groups (CPU): −γ, λ_W²·n and (λ_W·1e-3)² — fixed by the key, never changed in
+    place, so a cached entry cannot go stale."""
+    def per_row(values: list[float]) -> Tensor:
+        return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(rows))
+    return (per_row([-g for g in gammas]), per_row([lam * lam * n for lam, n in zip(lams, ns)]),
+            per_row([lam * lam * 1e-6 for lam in lams]))
 
 
 def bias_views(bs: list[Tensor], cast: tuple[str, torch.dtype] | None) -> list[Tensor]:
