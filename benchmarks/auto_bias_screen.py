@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-knee", type=float, help="W's step bound loosens below this effective LR (AUTO_STEP_KNEE)")
     p.add_argument("--clip-knee", type=float, help="λ of α and β grows as 1/lr below this effective LR "
                    "(AUTO_CLIP_KNEE; default: the module's)")
+    p.add_argument("--clip-top", type=float, help="λ of α and β up to LR/(1 − m) = 1 (AUTO_CLIP; default 0.01)")
     p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN; default 0.01: λ constant)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nets", nargs="+", default=["residual", "plain"])
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             functional.CLIP_BIAS_FLOOR = functional.AUTO_BIAS_FLOOR = a.floor   # one floor at every LR
         if a.clip_min is not None:
             functional.AUTO_CLIP_MIN = a.clip_min
+        if a.clip_top is not None:
+            functional.AUTO_CLIP = a.clip_top
         if a.step_knee is not None:
             functional.AUTO_STEP_KNEE = a.step_knee
         if a.clip_knee is not None:
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         (a.out).mkdir(parents=True, exist_ok=True)
         label = ", ".join(x for x in (f"β floor {a.floor}" if a.floor is not None else "",
                                       f"λ of α, β ≥ {a.clip_min}" if a.clip_min is not None else "",
+                                      f"λ of α, β ≤ {a.clip_top}" if a.clip_top is not None else "",
                                       f"W's step bound loosens below LR/(1 − m) = {a.step_knee}"
                                       if a.step_knee is not None else "",
                                       f"λ of α, β loosens below LR/(1 − m) = {a.clip_knee}"
