@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-knee", type=float, help="W's step bound loosens below this effective LR (AUTO_STEP_KNEE)")
     p.add_argument("--clip-knee", type=float, help="λ of α and β grows as 1/lr below this effective LR "
                    "(AUTO_CLIP_KNEE; default: the module's)")
-    p.add_argument("--clip-top", type=float, help="λ of α and β up to LR/(1 − m) = 1 (AUTO_CLIP; default 0.01)")
-    p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN; default 0.01: λ constant)")
+    p.add_argument("--clip-top", type=float, help="λ of α and β up to LR/(1 − m) = 1 (AUTO_CLIP_TOP)")
+    p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nets", nargs="+", default=["residual", "plain"])
     p.add_argument("--lrs", nargs="+", type=float, default=list(PRESET_LRS),
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.clip_min is not None:
             functional.AUTO_CLIP_MIN = a.clip_min
         if a.clip_top is not None:
-            functional.AUTO_CLIP = a.clip_top
+            functional.AUTO_CLIP_TOP = a.clip_top
         if a.step_knee is not None:
             functional.AUTO_STEP_KNEE = a.step_knee
         if a.clip_knee is not None:
