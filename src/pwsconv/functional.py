@@ -241,7 +241,7 @@ def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom
     defined (as :func:`auto_clip_w`).
 
     Measured on the CIFAR medium preset (RESULTS.md): 0.005 from LR 0.2 gains 1–11 points at LR 0.4–3.2 over 0.01
-    (round 5); 0.005 also below LR 0.2 (round 6) gains 0.9 / 0.x on the plain net at LR 0.1 / 0.05 and costs the
+    (round 5); 0.005 also below LR 0.2 (round 6) gains 0.9 / 0.3 on the plain net at LR 0.1 / 0.05 and costs the
     residual net 0.2–0.4 (within its seed spread), and a looser λ there (the knee, 0.04 at LR 0.1) is worse on both."""
     sgd = _sgd_setting(lr, momentum)
     if sgd is None:

@@ -18,7 +18,8 @@ def clip_filters_(cw: Sequence[tuple], cat: bool | None = None) -> None:
     ops, or on a CPU (a foreach op there is a loop of one kernel per tensor) the same ops on the concatenated rows
     (``cat``: force either way)."""
     gws, gns, lams, ns, gammas, means, rstds = zip(*cw)
-    if (len(cw) > 1 and gws[0].device.type == "cpu") if cat is None else cat:
+    one_dtype = len({r.dtype for r in rstds}) == 1
+    if (len(cw) > 1 and gws[0].device.type == "cpu" and one_dtype) if cat is None else cat:
         return _clip_filters_cat_(gws, gns, lams, ns, gammas, means, rstds)
     # λ_W·max(‖W_o‖, 1e-3) from the saved statistics: ‖W_o‖² = n·(Var + E²) with Var = 1/rstd² − γ (no pass
     # over W), squared bound clamped below at (λ_W·1e-3)² (also a constant filter, Var < 0 by rounding)
