@@ -560,3 +560,27 @@ def test_clip_ops_concatenated_equal_foreach(dtype):
     assert any(not torch.equal(x, y) for x, y in zip(a, gs))
     for x, y in zip(a, b):
         assert x.shape == y.shape and torch.equal(x, y)
+
+
+def test_auto_fused_mixed_dtypes_on_cpu():
+    """A float32 and a float64 layer in one fused node: the CPU's concatenated clipping is used only within one dtype
+    (the foreach ops otherwise), and both layers get the per-layer path's gradients."""
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = PWSConv2d(3, 4, 3, gamma="auto"), PWSConv2d(4, 4, 3, gamma="auto").double()
+
+        def forward(self, x):
+            return self.b(self.a(x).double()).square().sum()
+
+    net, x = Net(), torch.randn(2, 3, 8, 8)
+    fused = copy.deepcopy(net)
+    handle = pwsconv.fuse_standardization(fused)
+    for m in (net, fused):
+        (m(x) * 1e3).backward()
+    for (k, p), (_, q) in zip(net.named_parameters(), fused.named_parameters()):
+        assert q.grad.dtype == p.dtype
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    handle.remove()
