@@ -563,8 +563,8 @@ def test_clip_ops_concatenated_equal_foreach(dtype):
 
 
 def test_auto_fused_mixed_dtypes_on_cpu():
-    """A float32 and a float64 layer in one fused node: the CPU's concatenated clipping is used only within one dtype
-    (the foreach ops otherwise), and both layers get the per-layer path's gradients."""
+    """A float32 and a float64 layer in one fused node on a CPU (two groups; the concatenated clipping needs one
+    dtype, so these take the foreach ops): both layers get the per-layer path's clipped gradients, in their dtype."""
     torch.manual_seed(0)
 
     class Net(torch.nn.Module):
