@@ -108,13 +108,18 @@ class _UnitClip(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         lam, dims = ctx.lam, ctx.dims
         if dims is None:   # per entry: |g| ≤ λ·max(|p|, floor)
-            bound = p.abs().clamp_min(ctx.floor).mul_(lam)
-            return torch.clamp(g, -bound, bound), None, None, None
+            return _clip_per_entry(g, p, lam, ctx.floor), None, None, None
         pf, gf = p.float(), g.float()
         pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min_(1e-3)
         gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min_(1e-30)
         scale = (pn.mul_(lam) / gn).clamp_(max=1.0)
         return (gf * scale).to(g.dtype), None, None, None
+
+
+def _clip_per_entry(g: Tensor, p: Tensor, lam: float, floor: float) -> Tensor:
+    """``g`` clipped per entry to |g| ≤ λ·max(|p|, floor), out of place (one vector, or many concatenated)."""
+    bound = p.abs().clamp_min_(floor).mul_(lam)
+    return torch.clamp(g, -bound, bound)
 
 
 def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None, floor: float = 1e-3
@@ -167,8 +172,7 @@ def _clip_entries_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence
         flat = all(gs[i].dim() == 1 for i in idx)    # α and β are: no views to make (each costs a dispatch)
         g = gs[idx[0]] if len(idx) == 1 else torch.cat([gs[i] if flat else gs[i].reshape(-1) for i in idx])
         p = ps[idx[0]] if len(idx) == 1 else torch.cat([ps[i] if flat else ps[i].reshape(-1) for i in idx])
-        bound = p.abs().clamp_min_(floor).mul_(lam)
-        c = torch.clamp(g, -bound, bound)
+        c = _clip_per_entry(g, p, lam, floor)
         if len(idx) == 1:
             out[idx[0]] = c
         else:
