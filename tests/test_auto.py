@@ -562,6 +562,35 @@ def test_clip_ops_concatenated_equal_foreach(dtype):
         assert x.shape == y.shape and torch.equal(x, y)
 
 
+@pytest.mark.parametrize("case", ["none clipped", "nan"])
+def test_clip_filters_cat_skips_only_when_nothing_is_clipped(case):
+    """Where no filter of any group is clipped, the CPU's concatenated clip leaves the gradients untouched (no ×1
+    per group) — the foreach result bit for bit. A NaN gradient is not "nothing clipped": its row becomes NaN as
+    with the foreach ops."""
+    from pwsconv.accel.foreach import clip_filters_
+
+    g = torch.Generator().manual_seed(1)
+    cw = []
+    for rows, n in ((4, 9), (3, 27)):
+        w = torch.randn(rows, n, generator=g)
+        gw = torch.randn(rows, n, generator=g) * 1e-4          # far below 0.01·‖W_o‖
+        if case == "nan" and rows == 3:
+            gw[1, 2] = float("nan")
+        cw.append((gw, torch.linalg.vector_norm(gw, dim=1), 0.01, n, 1e-3, w.mean(1),
+                   (w.var(1, unbiased=False) + 1e-3).rsqrt()))
+    out = []
+    for cat in (False, True):
+        c = [(t[0].clone(),) + t[1:] for t in cw]
+        clip_filters_(c, cat=cat)
+        out.append([t[0] for t in c])
+    for a, b, t in zip(*out, cw):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+        if case == "none clipped":
+            assert torch.equal(b, t[0])
+    if case == "nan":
+        assert out[1][1][1].isnan().all() and not out[1][1][0].isnan().any()
+
+
 def test_auto_fused_mixed_dtypes_on_cpu():
     """A float32 and a float64 layer in one fused node on a CPU (two groups; the concatenated clipping needs one
     dtype, so these take the foreach ops): both layers get the per-layer path's clipped gradients, in their dtype."""

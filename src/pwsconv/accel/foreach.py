@@ -36,12 +36,15 @@ def clip_filters_(cw: Sequence[tuple], cat: bool | None = None) -> None:
 
 def _clip_filters_cat_(gws, gns, lams, ns, gammas, means, rstds) -> None:
     """:func:`clip_filters_` on a CPU, where a foreach op is a loop of one kernel per tensor: the same ops on the
-    concatenated per-row statistics (so the same values), with each group's constants as per-row vectors."""
+    concatenated per-row statistics (so the same values), with each group's constants as per-row vectors. Where no
+    filter is clipped, the gradients are left as they are (a CPU reads the test without waiting on a device)."""
     rows = tuple(g.shape[0] for g in gws)
     neg_gamma, mult, low = _row_constants(rows, lams, ns, gammas, rstds[0].dtype)
     mu = torch.cat(means)
     pn = torch.cat(rstds).pow_(-2.0)
     pn.add_(neg_gamma).addcmul_(mu, mu).mul_(mult).clamp_min_(low).sqrt_().div_(torch.cat(gns)).clamp_max_(1.0)
+    if pn.min().item() >= 1.0:   # no filter clipped (W's usual case at an ordinary LR): every group's ×1 skipped
+        return                   # (the same values; a NaN factor fails the test and is applied)
     for gw, q in zip(gws, pn.unsqueeze(1).split_with_sizes(rows)):
         gw.mul_(q)
 
