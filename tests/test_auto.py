@@ -562,11 +562,11 @@ def test_clip_ops_concatenated_equal_foreach(dtype):
         assert x.shape == y.shape and torch.equal(x, y)
 
 
-@pytest.mark.parametrize("case", ["none clipped", "nan"])
+@pytest.mark.parametrize("case", ["none clipped", "rows near their bound", "nan"])
 def test_clip_filters_cat_skips_only_when_nothing_is_clipped(case):
-    """Where no filter of any group is clipped, the CPU's concatenated clip leaves the gradients untouched (no ×1
-    per group) — the foreach result bit for bit. A NaN gradient is not "nothing clipped": its row becomes NaN as
-    with the foreach ops."""
+    """Where no filter of any group is clipped — far below the bounds, or every row at 99 % of its bound — the
+    CPU's concatenated clip leaves the gradients untouched (no ×1 per group): the foreach result bit for bit. A NaN
+    gradient is not "nothing clipped": its row becomes NaN as with the foreach ops."""
     from pwsconv.accel.foreach import clip_filters_
 
     g = torch.Generator().manual_seed(1)
@@ -574,6 +574,8 @@ def test_clip_filters_cat_skips_only_when_nothing_is_clipped(case):
     for rows, n in ((4, 9), (3, 27)):
         w = torch.randn(rows, n, generator=g)
         gw = torch.randn(rows, n, generator=g) * 1e-4          # far below 0.01·‖W_o‖
+        if case == "rows near their bound":
+            gw *= 0.99 * 0.01 * w.norm(dim=1, keepdim=True) / gw.norm(dim=1, keepdim=True)
         if case == "nan" and rows == 3:
             gw[1, 2] = float("nan")
         cw.append((gw, torch.linalg.vector_norm(gw, dim=1), 0.01, n, 1e-3, w.mean(1),

@@ -13,6 +13,8 @@ with E and Var the mean and the population (biased) variance over the n_l elemen
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Sequence
 
@@ -116,8 +118,9 @@ class _UnitClip(torch.autograd.Function):
         return (gf * scale).to(g.dtype), None, None, None
 
 
-def _clip_per_entry(g: Tensor, p: Tensor, lam: float, floor: float) -> Tensor:
-    """``g`` clipped per entry to |g| ≤ λ·max(|p|, floor), out of place (one vector, or many concatenated)."""
+def _clip_per_entry(g: Tensor, p: Tensor, lam: float | Tensor, floor: float | Tensor) -> Tensor:
+    """``g`` clipped per entry to |g| ≤ λ·max(|p|, floor), out of place (one vector, or many concatenated; λ and the
+    floor numbers or per-entry vectors)."""
     bound = p.abs().clamp_min_(floor).mul_(lam)
     return torch.clamp(g, -bound, bound)
 
@@ -162,23 +165,45 @@ def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[floa
 
 def _clip_entries_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
                       ) -> list[Tensor]:
-    """:func:`clip_entries` with one set of ops per (λ, floor, dtypes) on the concatenated vectors (:class:`_UnitClip`'s
-    ops: the same values); the results are views of the concatenation."""
+    """:func:`clip_entries` with one set of ops per pair of dtypes on the concatenated vectors (:class:`_UnitClip`'s
+    ops, λ and the floor as per-entry vectors where they differ: the same values); the results are views of the
+    concatenation."""
+    gt, pt = gs[0].dtype, ps[0].dtype
+    if len(gs) > 1 and all(g.dtype == gt and p.dtype == pt and g.dim() == 1 for g, p in zip(gs, ps)):
+        sizes = tuple(g.shape[0] for g in gs)     # the fused node's α and β: one class of vectors (Python kept short)
+        lam, floor = _entry_constants(sizes, tuple(lams), tuple(floors), pt, ps[0].device)
+        return list(_clip_per_entry(torch.cat(gs), torch.cat(ps), lam, floor).split_with_sizes(sizes))
     classes: dict[tuple, list[int]] = {}
-    for i, (g, p, lam, floor) in enumerate(zip(gs, ps, lams, floors)):
-        classes.setdefault((float(lam), float(floor), g.dtype, p.dtype), []).append(i)
+    for i, (g, p) in enumerate(zip(gs, ps)):
+        classes.setdefault((g.dtype, p.dtype), []).append(i)
     out: list[Tensor] = list(gs)
-    for (lam, floor, _, _), idx in classes.items():
-        flat = all(gs[i].dim() == 1 for i in idx)    # α and β are: no views to make (each costs a dispatch)
-        g = gs[idx[0]] if len(idx) == 1 else torch.cat([gs[i] if flat else gs[i].reshape(-1) for i in idx])
-        p = ps[idx[0]] if len(idx) == 1 else torch.cat([ps[i] if flat else ps[i].reshape(-1) for i in idx])
-        c = _clip_per_entry(g, p, lam, floor)
+    for (_, dtype), idx in classes.items():
         if len(idx) == 1:
-            out[idx[0]] = c
-        else:
-            for i, v in zip(idx, c.split_with_sizes([gs[i].numel() for i in idx])):
-                out[i] = v if flat else v.view_as(gs[i])
+            i = idx[0]
+            out[i] = _clip_per_entry(gs[i], ps[i], float(lams[i]), float(floors[i]))
+            continue
+        flat = all(gs[i].dim() == 1 for i in idx)    # α and β are: no views to make (each costs a dispatch)
+        sizes = tuple(gs[i].numel() for i in idx)
+        lam, floor = _entry_constants(sizes, tuple(float(lams[i]) for i in idx),
+                                      tuple(float(floors[i]) for i in idx), dtype, ps[idx[0]].device)
+        c = _clip_per_entry(torch.cat([gs[i] if flat else gs[i].reshape(-1) for i in idx]),
+                            torch.cat([ps[i] if flat else ps[i].reshape(-1) for i in idx]), lam, floor)
+        for i, v in zip(idx, c.split_with_sizes(sizes)):
+            out[i] = v if flat else v.view_as(gs[i])
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _entry_constants(sizes: tuple[int, ...], lams: tuple[float, ...], floors: tuple[float, ...], dtype: torch.dtype,
+                     device: torch.device) -> tuple[float | Tensor, float | Tensor]:
+    """λ and the floor of :func:`_clip_entries_cat`: one number where all vectors share it, else a per-entry vector
+    of ``dtype`` (the number each entry's op would use) — fixed by the key and never changed in place, so a cached
+    entry cannot go stale."""
+    def per_entry(values: tuple[float, ...]) -> float | Tensor:
+        if len(set(values)) == 1:
+            return values[0]
+        return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(sizes)).to(device)
+    return per_entry(lams), per_entry(floors)
 
 
 class _UnitClipMany(torch.autograd.Function):
