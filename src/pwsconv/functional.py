@@ -151,8 +151,8 @@ def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[floa
                  cat: bool | None = None) -> list[Tensor]:
     """Each entry of each gradient clipped to |g| ≤ λ·max(|p|, floor), out of place, with a handful of foreach ops
     for all the vectors (:func:`unit_clip_many`, the fused node's α and β). On a CPU, where a foreach op is a loop
-    of one kernel per vector, the vectors that share λ, floor and dtypes are concatenated and clipped at once
-    instead (the same ops on each entry, so the same values; ``cat``: force either way)."""
+    of one kernel per vector, the vectors that share their dtypes are concatenated and clipped at once instead, λ
+    and the floor as per-entry vectors (the same ops on each entry, so the same values; ``cat``: force either way)."""
     if (ps and ps[0].device.type == "cpu") if cat is None else cat:
         return _clip_entries_cat(gs, ps, lams, floors)
     bound = torch._foreach_abs(list(ps))
