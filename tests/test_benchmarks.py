@@ -108,3 +108,27 @@ def test_auto_bias_screen_report(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| residual | BN | – | 35.00 ± 7.07 (2 seeds) |" in text
     assert "| residual | auto, β floor 0.1 | – | 35.00 (1 seed) | – | – | NaN (1 seed) |" in text
+
+
+def test_activation_scales_of_a_trained_run(tmp_path, capsys):
+    """Per-unit channel scales of a trained run: one row per conv unit of the zoo, finite, ≥ 1 for max / min; a
+    directory without a checkpoint is refused before any work (exit 2)."""
+    import pwsconv
+    from pwsconv.config import TrainConfig
+    from pwsconv.models import ConvUnit
+    from pwsconv.train import train
+
+    cfg = TrainConfig(model="tiny_cnn", method="pws", dataset="digits", limit=64, test_limit=40, batch_size=32,
+                      epochs=1, lr=0.05, progress=False, num_threads=1, out_dir=str(tmp_path / "run"),
+                      ckpt_every=0).validate()
+    train(cfg)
+    scales = _script("activation_scales")
+    assert scales.main([str(tmp_path / "run"), "--images", "20", "--json", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())[str(tmp_path / "run")]
+    units = sum(isinstance(m, ConvUnit) for m in pwsconv.load(tmp_path / "run").modules())
+    assert len(rows) == units > 0
+    assert all(torch.isfinite(torch.tensor(list(r.values()))).all() and r["max_over_min"] >= 1.0 for r in rows)
+    assert "| unit | mean channel std |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        scales.main([str(tmp_path / "nothing")])
+    assert e.value.code == 2
