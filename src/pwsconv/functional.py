@@ -14,7 +14,6 @@ with E and Var the mean and the population (biased) variance over the n_l elemen
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import Sequence
 
