@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import time
 
 import pytest
 import torch
@@ -258,11 +257,9 @@ def test_folded_model_torch_compile_inductor():
     folded = pwsconv.fold(net)
     x = torch.randn(2, 3, 8, 8)
     torch._dynamo.reset()
-    t0 = time.perf_counter()
     with torch.no_grad():
         y = torch.compile(folded)(x)
         assert_same_output(y, net(x), rtol=1e-4)
-    assert time.perf_counter() - t0 < 120
 
 
 def test_folded_model_onnx_export(tmp_path):
@@ -285,7 +282,7 @@ def test_folded_model_onnx_export(tmp_path):
     try:
         import onnxruntime as ort
     except ImportError:
-        return
+        pytest.skip("exported and checked; onnxruntime is not installed, so the outputs were not compared")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():

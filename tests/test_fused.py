@@ -160,22 +160,54 @@ def test_eval_mode_uses_the_cache_scope_and_remove():
     assert pwsconv.fuse_standardization(b) is not handle
 
 
-def test_unfusable_layers_compute_themselves():
-    """Transposed layers, channels_last weights and bf16 weights fall back to their own path, same values."""
+class _Mixed(nn.Module):
+    """A fusable conv, then three layers the fused node cannot serve: transposed, bf16, α data-init still to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = pwsconv.PWSConv2d(3, 4, 3)
+        self.t = pwsconv.PWSConvTranspose2d(4, 4, 3, groups=2)
+        self.h = pwsconv.PWSConv2d(4, 4, 1).to(torch.bfloat16)
+        self.d = pwsconv.PWSConv2d(4, 4, 1, data_init_alpha=True)
+
+    def forward(self, x):
+        return self.d(self.h(self.t(self.a(x)).bfloat16()).float())
+
+
+def test_unfusable_layers_compute_themselves(monkeypatch):
+    """Transposed layers, bf16 weights and a layer whose α data-init has not run fall back to computing their own
+    weight (the fused layer does not), with the unfused model's values; after the data-init that layer is fused."""
     torch.manual_seed(0)
-    net = nn.Sequential(pwsconv.PWSConv2d(3, 4, 3), pwsconv.PWSConvTranspose2d(4, 4, 3, groups=2),
-                        pwsconv.PWSConv2d(4, 4, 1).to(memory_format=torch.channels_last))
+    net = _Mixed()
     ref = copy.deepcopy(net)
     pwsconv.fuse_standardization(net)
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
+    calls = []
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: calls.append(self) or orig(self))
+    out = net(x)
+    assert {id(m) for m in calls} == {id(net.t), id(net.h), id(net.d)}
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    assert bool(net.d.alpha_initialized)
+    calls.clear()
+    net(x)
+    assert {id(m) for m in calls} == {id(net.t), id(net.h)}           # d is fused from now on
 
 
-def test_state_dict_and_pickle_unchanged():
+def test_state_dict_pickle_and_deepcopy_unchanged(tmp_path):
+    """Fusing adds no state_dict key; a fused model pickles (torch.save) and deep-copies, and the copies give the
+    fused model's outputs, themselves fused (the hooks travel with the model)."""
+    import pickle
+
     a, b, _ = _pair()
     assert list(a.state_dict()) == list(b.state_dict())
-    c = copy.deepcopy(b)
-    c(torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    want = b(x)
+    torch.save(b, tmp_path / "m.pt")
+    copies = [copy.deepcopy(b), pickle.loads(pickle.dumps(b)), torch.load(tmp_path / "m.pt", weights_only=False)]
+    for c in copies:
+        torch.testing.assert_close(c(x), want, rtol=0, atol=0)
+        assert any(m._forward_pre_hooks for m in c.modules())
 
 
 def test_bad_input():
@@ -219,14 +251,21 @@ def test_pws_weights_fused_matches_and_gradcheck():
     torch.testing.assert_close(gw.flatten(1).mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
-def test_engine_fuses_by_default(tmp_path):
+def test_engine_fuses_by_default(tmp_path, monkeypatch):
+    """The engine's training steps go through the fused node (no layer computes its own weight in training mode)
+    unless ``fuse_pws=False``; both give the same training."""
     from pwsconv.config import TrainConfig
     from pwsconv.train import train
 
     common = dict(model="tiny_cnn", method="pws", dataset="digits", limit=64, test_limit=32, epochs=1, batch_size=16,
                   progress=False, ckpt_every=0, num_threads=1)
+    in_training = []
+    orig = PWSMixin.compute_weight
+    monkeypatch.setattr(PWSMixin, "compute_weight", lambda self: in_training.append(self.training) or orig(self))
     r1 = train(TrainConfig(out_dir=str(tmp_path / "a"), **common))
+    assert not any(in_training)
     r2 = train(TrainConfig(out_dir=str(tmp_path / "b"), fuse_pws=False, **common))
+    assert any(in_training)
     assert r1.metrics["test_acc"] == pytest.approx(r2.metrics["test_acc"], abs=1 / 32)
     assert r1.metrics["train_loss"] == pytest.approx(r2.metrics["train_loss"], rel=1e-4)
 

@@ -205,12 +205,27 @@ def test_any_batch_size_and_batch_size_one():
 
 
 def test_gradient_accumulation_two_forwards_then_backwards():
-    layer = MABN2d(2, B=2, real_B=4, warmup_iters=0)
-    a, b = torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3)
+    """Two forwards, then both backwards (gradient accumulation): each backward uses its own forward's statistics,
+    so the accumulated gradients equal those of forward-backward, forward-backward on a copy."""
+    torch.manual_seed(0)
+    layer = MABN2d(2, B=2, real_B=4, warmup_iters=0).double()
+    for _ in range(3):     # fill the moving statistics first
+        layer(torch.randn(2, 2, 3, 3, dtype=torch.float64)).square().sum().backward()
+    layer.zero_grad()
+    twin = copy.deepcopy(layer)
+    a, b = (torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     la, lb = layer(a).sum(), layer(b).square().sum()
     la.backward()
     lb.backward()
-    assert int(layer.iters) == 2 and torch.isfinite(layer.weight.grad).all()
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    twin(a2).sum().backward()
+    twin(b2).square().sum().backward()
+    assert int(layer.iters) == int(twin.iters) == 5
+    for got, want in ((layer.weight.grad, twin.weight.grad), (layer.bias.grad, twin.bias.grad), (a.grad, a2.grad),
+                      (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, buf in layer.named_buffers():
+        torch.testing.assert_close(buf, dict(twin.named_buffers())[name], rtol=1e-12, atol=1e-12)
 
 
 def test_state_dict_round_trip_keeps_iteration_and_buffers():
@@ -296,7 +311,8 @@ def test_cenconv_rejects_single_weight_filters():
         CenConv2d(4, 4, 1, groups=4)
 
 
-def test_cenconv_plus_mabn_eval_folds_into_one_conv():
+def test_cenconv_plus_mabn_eval_is_one_conv():
+    """The arithmetic of folding (pwsconv.fold itself: tests/test_fold.py): CenConv + MABN in eval is one conv."""
     torch.manual_seed(0)
     conv, norm = CenConv2d(3, 4, 3, padding=1).double(), MABN2d(4, B=2, real_B=4).double()
     for _ in range(3):

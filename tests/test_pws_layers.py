@@ -579,16 +579,24 @@ def test_cache_optimizer_step(counted):
 
 @pytest.mark.parametrize("optim", [torch.optim.Adam, torch.optim.AdamW])
 def test_cache_foreach_optimizers(optim):
+    """Inside ``pwsconv.cached``, a foreach optimizer's step (in-place updates of all parameters at once) drops the
+    cached weight: the next eval forward serves the new parameters."""
+    from pwsconv.accel import is_cached
+
     torch.manual_seed(8)
     layer = PWSConv2d(3, 4, 3).eval()
     x = torch.randn(1, 3, 5, 5)
-    opt = optim(layer.parameters(), lr=0.1)
-    with torch.no_grad():
-        layer(x)
-    layer(x).sum().backward()
-    opt.step()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected(layer, x))
+    opt = optim(layer.parameters(), lr=0.1, foreach=True)
+    with pwsconv.cached(layer):
+        with torch.no_grad():
+            y0 = layer(x)
+        assert is_cached(layer)
+        layer(x).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            y1 = layer(x)
+        assert not torch.allclose(y0, y1)
+        torch.testing.assert_close(y1, expected(layer, x))
 
 
 def test_cache_alpha_and_gamma_change(counted):
@@ -672,6 +680,7 @@ def test_cache_sees_data_reassignment_when_the_freed_block_is_handed_back():
             layer.weight.data = torch.randn(64, 64, 3, 3)
             torch.testing.assert_close(layer(x), layer.to_plain()(x), rtol=0, atol=0)
 
+
 def test_parameters_made_in_inference_mode_and_parametrized_bias():
     from torch.nn.utils import parametrize
 
@@ -679,7 +688,8 @@ def test_parameters_made_in_inference_mode_and_parametrized_bias():
         layer = PWSConv2d(3, 4, 3).eval()
         x = torch.randn(1, 3, 6, 6)
         with pwsconv.cached(layer):
-            torch.testing.assert_close(layer(x), layer(x))       # no version counter: computed, never cached
+            want = F.conv2d(x, layer.compute_weight(), layer.bias)
+            torch.testing.assert_close(layer(x), want)           # no version counter: computed, never cached
             assert not is_cached(layer)
 
     class Twice(nn.Module):

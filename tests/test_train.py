@@ -130,23 +130,30 @@ def test_kill_process_then_resume(tmp_path):
     out = tmp_path / "killed"
     yaml_cfg = tmp_path / "cfg.yaml"
     yaml_cfg.write_text(yaml.safe_dump(cfg.replace(out_dir=str(out)).to_dict()))
-    cmd = [sys.executable, "-m", "pwsconv.cli", "train", "--config", str(yaml_cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the CLI's `train`, in a child that stops (sleeps) right after its first checkpoint and tells us so: the kill
+    # comes mid-run whatever the machine's load (no race against a clock)
+    sentinel = tmp_path / "checkpointed"
+    child = ("import pathlib, sys, time\n"
+             "from pwsconv import cli\n"
+             "from pwsconv.train import engine\n"
+             "save = engine._Run.save_checkpoint\n"
+             "def stop_after(self):\n"
+             "    save(self)\n"
+             "    pathlib.Path(sys.argv[2]).write_text(str(self.step))\n"
+             "    time.sleep(3600)\n"
+             "engine._Run.save_checkpoint = stop_after\n"
+             "sys.exit(cli.main(['train', '--config', sys.argv[1]]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, str(yaml_cfg), str(sentinel)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     ck_path = out / "checkpoint.pt"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if ck_path.exists():
-            try:
-                if torch.load(ck_path, weights_only=True)["step"] >= 5:
-                    break
-            except Exception:
-                pass
-        time.sleep(0.02)
-    killed_mid_run = proc.poll() is None
+    deadline = time.time() + 600                      # only a guard against a hung child
+    while not sentinel.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    still_running = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert ck_path.exists(), proc.stderr.read().decode()
-    assert killed_mid_run, "the run finished before it could be killed"
+    assert sentinel.exists() and still_running, proc.stderr.read().decode()
+    assert ck_path.exists()
     assert not (out / "result.json").exists()
     assert torch.load(ck_path, weights_only=True)["step"] < 96
     res = train(cfg.replace(out_dir=str(out)), resume=True)

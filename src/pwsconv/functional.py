@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-__all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "unit_clip_many",
+__all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip",
            "AUTO_GAMMA",
            "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_STEP_KNEE", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
            "auto_bias_floor", "AUTO_CLIP_MIN", "AUTO_CLIP_TOP", "AUTO_CLIP_KNEE", "auto_clip"]
@@ -110,7 +110,8 @@ class _UnitClip(torch.autograd.Function):
         lam, dims = ctx.lam, ctx.dims
         if dims is None:   # per entry: |g| ≤ λ·max(|p|, floor)
             return _clip_per_entry(g, p, lam, ctx.floor), None, None, None
-        pf, gf = p.float(), g.float()
+        ct = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32   # float64 stays float64
+        pf, gf = p.to(ct), g.to(ct)
         pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min_(1e-3)
         gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min_(1e-30)
         scale = (pn.mul_(lam) / gn).clamp_(max=1.0)
@@ -149,7 +150,7 @@ def clip_bias(b: Tensor | None, lam: float) -> Tensor | None:
 def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float],
                  cat: bool | None = None) -> list[Tensor]:
     """Each entry of each gradient clipped to |g| ≤ λ·max(|p|, floor), out of place, with a handful of foreach ops
-    for all the vectors (:func:`unit_clip_many`, the fused node's α and β). On a CPU, where a foreach op is a loop
+    for all the vectors (the fused node's α and β). On a CPU, where a foreach op is a loop
     of one kernel per vector, the vectors that share their dtypes are concatenated and clipped at once instead, λ
     and the floor as per-entry vectors (the same ops on each entry, so the same values; ``cat``: force either way)."""
     if (ps and ps[0].device.type == "cpu") if cat is None else cat:
@@ -203,29 +204,6 @@ def _entry_constants(sizes: tuple[int, ...], lams: tuple[float, ...], floors: tu
             return values[0]
         return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(sizes)).to(device)
     return per_entry(lams), per_entry(floors)
-
-
-class _UnitClipMany(torch.autograd.Function):
-    """Identity on several vectors at once; backward clips each entry as :func:`unit_clip` does (one node for all)."""
-
-    @staticmethod
-    def forward(ctx, lams: tuple[float, ...], *ps: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*ps)
-        ctx.lams = lams
-        return tuple(p.view_as(p) for p in ps)
-
-    @staticmethod
-    def backward(ctx, *gs: Tensor | None):  # type: ignore[override]
-        ps = ctx.saved_tensors
-        out: list[Tensor | None] = [None] * (len(ps) + 1)
-        idx = [i for i, g in enumerate(gs) if g is not None]
-        if idx:   # a handful of foreach ops for all the vectors, not five ops per vector
-            clipped = clip_entries([gs[i] for i in idx], [ps[i] for i in idx], [ctx.lams[i] for i in idx],
-                                   [1e-3] * len(idx))
-            for i, c in zip(idx, clipped):
-                out[i + 1] = c
-        return tuple(out)
 
 
 def _sgd_setting(lr: object, momentum: object) -> tuple[float, float] | None:
@@ -302,11 +280,6 @@ def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,
     bottom = CLIP_BIAS_FLOOR if bottom is None else bottom
     # rounded to 12 decimals: 1 − 0.9 is 0.09999999999999998 in floats, and LR 0.1 at m 0.9 should give exactly 1
     return min(top, max(round(((1.0 - m) / lr) ** 2, 12), bottom))
-
-
-def unit_clip_many(ps: Sequence[Tensor], lams: Sequence[float]) -> list[Tensor]:
-    """:func:`unit_clip` of several 1-d tensors (biases, per entry) in one autograd node."""
-    return list(_UnitClipMany.apply(tuple(float(x) for x in lams), *ps))
 
 
 def he_std(fan: int) -> float:

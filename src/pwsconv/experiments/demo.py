@@ -90,7 +90,7 @@ becomes NaN or the network dies at chance level), where BN, GN and PWS still tra
 (zero mean, eq. 12), which removes the "shift of the average gradient" that inflates the plain network's variance.
 At the very large LR paper PWS collapses too; `gamma="auto"` keeps the same forward (eq. 12, foldable) and clips
 each filter's, α's and β's gradient relative to its own size inside the layer, which stops the runaway growth of the
-first layers' α, β and gradients that precedes the collapse (RESULTS.md). It reads the LR from the optimizer once:
+first layers' α, β and gradients that precedes the collapse. It reads the LR from the optimizer once:
 at an ordinary LR the clip leaves the steps alone, so the same switch is used at every LR. At batch size 2 PWS does not depend on the batch at all; BN normalizes with the statistics
 of two images. Per-run curves: curves.png; per-epoch metrics: <run>/metrics.csv."""
 

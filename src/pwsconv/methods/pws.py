@@ -30,8 +30,8 @@ METHOD = Method(
                doc='γ of eq. 12 (1e-3), or "auto": γ·2/n_l relative to the He-init filter variance plus unit-wise '
                    'gradient clipping in the backward, its bounds from the optimizer\'s SGD group: each filter of W '
                    'at λ_W = max(0.08·(1 − momentum)/LR·max(1, 4·(1 − momentum)/LR), 0.005), α and β at 0.005, '
-                   'β\'s floor ((1 − momentum)/LR)² in [1e-3, 1] (without an SGD group: 0.01, 0.01, 1e-3; '
-                   'RESULTS.md, "gamma=auto")'),
+                   'β\'s floor ((1 − momentum)/LR)² in [1e-3, 1] (without an SGD group: 0.01, 0.01, 1e-3; when to '
+                   'use it: the README\'s gamma="auto" entry)'),
         Option("use_alpha", bool, doc="the learnable per-filter α (True; Table 2's switch)"),
         Option("use_gain", bool, doc="the sqrt(2/n_l) factor of eq. 12 (True; Table 2's switch)"),
         Option("fan_mode", Literal["fan_in", "fan_out"], doc='the n of sqrt(2/n) ("fan_in": the paper\'s n_l)'),
