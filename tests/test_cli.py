@@ -157,6 +157,26 @@ def test_eval_options(trained, capsys):
     assert_one_line_error(rc, err, "/nonexistent/x")
 
 
+def test_eval_on_another_data_set_says_so(trained, tmp_path, capsys):
+    """Scoring a digits model on (28×28) MNIST works, with a note that the images are resized and normalized as
+    the training set was; on its own data set there is no note."""
+    import numpy as np
+
+    from pwsconv.data import write_idx
+
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for split, n in (("train", 20), ("t10k", 10)):
+        write_idx(d / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(d / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+    rc, out, err = run_cli(capsys, "eval", trained, "--dataset", "mnist", "--data-root", d)
+    assert rc == 0 and "n=10 of 10" in out
+    assert "note: the model was trained on digits; mnist's images" in err and "resized" in err
+    rc, out, err = run_cli(capsys, "eval", trained)
+    assert rc == 0 and "note" not in err
+
+
 def test_resume_uses_the_runs_own_config(tmp_path, capsys):
     d = tmp_path / "r"
     assert main(["train", "--out-dir", str(d), "--method", "none", "--lr", "0.02", "--max-steps", "2"] + SMALL) == 0
@@ -167,6 +187,17 @@ def test_resume_uses_the_runs_own_config(tmp_path, capsys):
     assert "step 4" in out and "status ok" in out
     ck = torch.load(d / "checkpoint.pt", weights_only=True)
     assert ck["config"]["method"] == "none" and ck["config"]["lr"] == 0.02 and ck["step"] == 4
+
+
+def test_resume_where_there_is_no_run_says_so_and_starts_one(tmp_path, capsys):
+    """--resume on an output directory without a run (a preemptible job's first start, or a mistyped path) starts a
+    new run, and says so on stderr: never silently."""
+    d = tmp_path / "typo"
+    rc, out, err = run_cli(capsys, "train", "--out-dir", d, "--resume", "--method", "none", "--max-steps", "2", *SMALL)
+    assert rc == 0 and "step 2" in out
+    assert f"nothing to resume in {d}" in err and "starting a new run" in err
+    rc, out, err = run_cli(capsys, "train", "--out-dir", d, "--resume", "--max-steps", "3")
+    assert rc == 0 and "nothing to resume" not in err and "step 3" in out
 
 
 def test_print_config(capsys):

@@ -91,8 +91,31 @@ def test_missing_extra_says_what_to_install(tmp_path, capsys, name):
         pytest.skip("timm is installed")
     rc = main(["train", "--model", name, "--out-dir", str(tmp_path / "x")] + SMALL)
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "pwsconv[integration]" in err
+    assert rc == 2 and len(err.splitlines()) == 1 and "torchvision==0.29.1" in err and "replace your torch" in err
     assert not (tmp_path / "x").exists()    # validated before any work
+
+
+def test_a_module_of_the_current_directory_is_found_and_sys_path_restored(tmp_path, monkeypatch):
+    """The console script's sys.path lacks the current directory (``python -m`` has it): a model module there is
+    still found, sys.path is left as it was, and a module that exists nowhere is one line saying where to put it."""
+    import os
+    import sys
+
+    from pwsconv.models import build_model
+
+    (tmp_path / "my_local_models.py").write_text(
+        "import torch.nn as nn\n"
+        "def build(num_classes=10, in_channels=3):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])
+    before = list(sys.path)
+    net = build_model("my_local_models:build", "pws", num_classes=3, in_channels=1)
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3) and sys.path == before
+    with pytest.raises(ValueError, match="on PYTHONPATH, or in the current directory") as e:
+        build_model("no_such_module_anywhere:build", "pws", num_classes=3)
+    assert len(str(e.value).splitlines()) == 1
 
 
 def test_cli_train_eval_fold_a_callable_model(tmp_path, capsys):

@@ -52,6 +52,13 @@ def test_registry_lists_models_and_rejects_unknown():
         build_model("resnet21")
     with pytest.raises(ValueError, match="unknown normalization method"):
         build_model("tiny_cnn", "batchnorm-ish")
+    with pytest.raises(ValueError, match=r"'resnet99' \(did you mean 'resnet56'\?\)"):   # typos get a suggestion
+        build_model("resnet99")
+    with pytest.raises(ValueError, match=r"'pwss' \(did you mean 'pws'\?\)"):
+        build_model("tiny_cnn", "pwss")
+    from pwsconv.config import ConfigError, TrainConfig
+    with pytest.raises(ConfigError, match=r"'pwss' \(did you mean 'pws'\?\)"):
+        TrainConfig(method="pwss").validate()
     assert model_info("tiny_cnn").reference
 
 

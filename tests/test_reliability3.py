@@ -139,8 +139,8 @@ def test_item03_ctrl_c_while_torch_imports_at_start(tmp_path, module, entry):
     p = subprocess.run([*head, "train", "--out-dir", str(tmp_path / "o"), "--epochs", "1"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 130, p.stderr
-    assert p.stderr.strip().splitlines() == ["pwsconv train: interrupted; a training run continues from its last "
-                                             "checkpoint with --resume"], p.stderr
+    assert p.stderr.strip().splitlines() == ["pwsconv train: interrupted; the run continues from its last "
+                                             "checkpoint with the same command plus --resume"], p.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -170,7 +170,8 @@ def test_item03_ctrl_c_inside_optimizer_construction(tmp_path, capsys, monkeypat
         train(TrainConfig(out_dir=str(tmp_path / "api"), epochs=1, limit=64, batch_size=32, progress=False))
     rc, out, err = cli(capsys, "train", "--out-dir", tmp_path / "o", *TINY)
     assert rc == 130 and err.strip().splitlines() == [
-        "pwsconv train: interrupted; a training run continues from its last checkpoint with --resume"], err
+        "pwsconv train: interrupted; the run continues from its last checkpoint with the same command plus "
+        "--resume"], err
     assert not (tmp_path / "o").exists() and not (tmp_path / "api").exists()
 
 
@@ -186,7 +187,7 @@ def test_item03_error_chained_to_an_interrupt_is_the_interrupt(capsys, monkeypat
     monkeypatch.setattr(C, "_cmd_reproduce", handler)
     rc, _, err = cli(capsys, "reproduce", "table4")
     assert rc == 130 and err.strip().splitlines() == [
-        "pwsconv reproduce: interrupted; a training run continues from its last checkpoint with --resume"]
+        "pwsconv reproduce: interrupted; run the same command again to continue where it stopped"]
 
 
 # ---------------------------------------------------------------------------- 4 and 8. checkpoints edited by hand

@@ -120,7 +120,7 @@ def _train_parser(p: argparse.ArgumentParser) -> Handler:
                    help="override a field, e.g. --set lr=0.1 --set method_opts.gamma=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in out_dir from its checkpoint (its config.yaml is the base config "
-                        "when --config is not given)")
+                        "when --config is not given); where out_dir holds no run yet, say so and start one")
     p.add_argument("--print-config", action="store_true", help="print the effective config as YAML and exit")
     _add_config_flags(p)
 
@@ -147,6 +147,11 @@ def _train_parser(p: argparse.ArgumentParser) -> Handler:
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
+        if args.resume and not os.path.isfile(os.path.join(cfg.out_dir, "config.yaml")):
+            # start-or-continue is allowed (a preemptible job's one command), but never silently: a mistyped
+            # directory would otherwise start a new run unnoticed
+            print(f"pwsconv train: nothing to resume in {cfg.out_dir} (no run there yet): starting a new run",
+                  file=sys.stderr)
         res = train(cfg, resume=args.resume)
         if os.environ.get("RANK", "0") not in ("", "0"):
             return 0  # under torchrun only rank 0 reports
@@ -224,6 +229,11 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
         images = getattr(bundle, args.split)
         if images is None:
             raise UsageError(f"data set {name!r} has no {args.split} split here (a val split needs val_fraction > 0)")
+        trained_on = spec.get("dataset") or cfg.get("dataset")
+        if trained_on and name != trained_on:
+            print(f"pwsconv eval: note: the model was trained on {trained_on}; {name}'s images are scored as they "
+                  f"are fed to it (resized to its input size, normalized with {trained_on}'s mean and std)",
+                  file=sys.stderr)
         total = len(images)
         run_limit = cfg.get({"test": "test_limit", "train": "limit"}.get(args.split, "")) if same else None
         n, why = total, ""
@@ -451,8 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 not isinstance(e, KeyboardInterrupt):
             raise
         name = f"pwsconv {command}" if command in {s[0] for s in _SUBCOMMANDS} else "pwsconv"
-        hint = "; a training run continues from its last checkpoint with --resume" if command in (
-            "train", "demo", "reproduce") else ""
+        hint = {"train": "; the run continues from its last checkpoint with the same command plus --resume",
+                "demo": "; run the same command again to continue where it stopped",
+                "reproduce": "; run the same command again to continue where it stopped"}.get(command, "")
         print(f"{name}: interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -122,7 +122,7 @@ class TrainConfig:
     name: str | None = _cosmetic(None, group=_OUT, help="a label for tables (default: the out_dir's name)")
     ckpt_every: int = _cosmetic(200, group=_OUT, help="also checkpoint every this many steps (0: only at epoch ends)")
     log_every: int = _cosmetic(10, group=_OUT, help="progress-bar refresh and collapse check, in steps")
-    progress: bool = _cosmetic(True, group=_OUT, help="progress bars and per-epoch lines")
+    progress: bool = _cosmetic(True, group=_OUT, help="per-epoch lines, and a progress bar when stderr is a terminal")
     tensorboard: bool = _cosmetic(False, group=_OUT, help="TensorBoard events in out_dir/tb (if tensorboard is "
                                   "installed)")
 
@@ -206,7 +206,8 @@ class TrainConfig:
 
         methods = available_methods()
         if self.method.lower() not in methods:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(methods)}")
+            raise ConfigError(f"unknown method {self.method!r}{_suggest(self.method, methods)}; choose one of "
+                              f"{', '.join(methods)}")
         try:
             from .models import available_models
         except ImportError:  # pragma: no cover - the models package is part of the project

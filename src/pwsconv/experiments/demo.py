@@ -81,6 +81,9 @@ def verdict(rec: SweepRecord, num_classes: int = 10) -> str:
     return "trains"
 
 
+_QUICK_NOTE = ("**--quick: 256 training images and a few steps per run — a check that the demo runs, not a result "
+               "(most runs stay near chance). Run `pwsconv demo` without --quick for the real comparison.**")
+
 _NOTES = """\
 Same network (`tiny_cnn`, 10 conv units) and seed for every row; SGD momentum 0.9, weight decay 5e-4 (α of PWS: 0),
 constant LR; test accuracy on the held-out 20 % of scikit-learn's digits after the last epoch. **NaN** = the run
@@ -109,7 +112,8 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, epochs: int | None = None,
     columns = ["method", "LR", "batch"]
     table = results_table(records, columns + ["verdict"])
     title = "pwsconv demo: plain conv vs BN vs GN vs PWS on digits (tiny_cnn)"
-    paths = write_results(records, out, title=title, columns=columns + ["verdict"], notes=_NOTES)
+    notes = (_QUICK_NOTE + "\n\n" + _NOTES) if quick else _NOTES
+    paths = write_results(records, out, title=title, columns=columns + ["verdict"], notes=notes)
 
     def group(r: SweepRecord) -> str:
         return f"batch {r.spec.labels['batch']}, LR {r.spec.labels['LR']:g}"
@@ -118,6 +122,8 @@ def run_demo(out: str | os.PathLike = DEFAULT_OUT, *, epochs: int | None = None,
     say("")
     say(table)
     say("")
+    if quick:
+        say(_QUICK_NOTE)
     say(f"done in {time.perf_counter() - t0:.0f} s. Results: {paths['md']}, {paths['csv']}, {paths['jsonl']}; "
         f"curves: {png}; per-run files: {os.path.join(out, '<run>')}/")
     return records

@@ -296,8 +296,12 @@ def _results_md(table: Table, ctx: Context, info: dict[str, Any], summary: str, 
     grid writes the same bytes."""
     name, preset, out_dir, runs, records = table.name, ctx.preset, ctx.out_dir, ctx.runs, ctx.records
     run_time = sum(r.result.wall_time for r in records)
+    note = {"cpu": "Note: the cpu preset trains small models for a few epochs on a CIFAR-10 subset, so the errors are "
+                   "far above the paper's; compare orderings and collapses, not values.",
+            "smoke": "**Note: smoke preset — a few optimizer steps on the digits set; a pipeline check, not a "
+                     "result.**"}.get(preset)
     md = [f"# {table.title}", "",
-          f"Preset **{preset}** — {len(records)} runs.", "",
+          f"Preset **{preset}** — {len(records)} runs.", "", *([note, ""] if note else []),
           *([f"**Partial report**: {len(records)} of the grid's {len(records) + len(info['unfinished'])} runs are "
              f"finished; not yet: {', '.join(info['unfinished'])}.", ""] if info.get("unfinished") else []),
           summary, "",
@@ -311,11 +315,6 @@ def _results_md(table: Table, ctx: Context, info: dict[str, Any], summary: str, 
           "## All runs", "", results_table(records, list(runs[0].labels),
                                             metric_columns=(("test_acc", "test acc (%)"),
                                                             ("images_per_s", "img/s"))), ""]
-    if preset == "cpu":
-        md += ["Note: the cpu preset trains small models for a few epochs on a CIFAR-10 subset, so the errors are "
-               "far above the paper's; compare orderings and collapses, not values.", ""]
-    if preset == "smoke":
-        md += ["Note: smoke preset — a few optimizer steps on the digits set; a pipeline check, not a result.", ""]
     return "\n".join(md)
 
 

@@ -13,6 +13,7 @@ Adding a method is one file in this package defining ``METHOD = Method(...)`` an
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any
 
@@ -57,7 +58,9 @@ def get_method(name: str | Method) -> Method:
         return name
     key = name if name in _REGISTRY else str(name).lower()  # exact name first: register_method keeps the case
     if key not in _REGISTRY:
-        raise UnknownMethodError(f"unknown normalization method {name!r}; choose one of {', '.join(_REGISTRY)}")
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownMethodError(f"unknown normalization method {name!r}{hint}; choose one of {', '.join(_REGISTRY)}")
     return _REGISTRY[key]
 
 

@@ -14,6 +14,7 @@ name, so all methods of :func:`pwsconv.available_methods` work with all models. 
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -86,7 +87,9 @@ def model_info(name: str) -> ModelEntry:
     """The registry entry of ``name`` (``ValueError`` listing the names if unknown)."""
     key = name if name in MODELS else str(name).lower()
     if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        close = difflib.get_close_matches(str(name), list(MODELS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; choose one of {', '.join(MODELS)}")
     return MODELS[key]
 
 

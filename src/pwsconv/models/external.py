@@ -24,13 +24,16 @@ import difflib
 import importlib
 import inspect
 import math
+import os
+import sys
 from typing import Any, Callable
 
 from torch import nn
 
 __all__ = ["is_external", "check", "build_external", "EXTRA_HINT"]
 
-EXTRA_HINT = "pip install 'pwsconv[integration]' (with the torch you have: torchvision must match it)"
+EXTRA_HINT = ("install the torchvision release built for your torch (torch 2.14.1: pip install torchvision==0.29.1) "
+              "and timm; a bare 'pip install torchvision' may replace your torch")
 
 
 def is_external(name: Any) -> bool:
@@ -51,7 +54,20 @@ def _import(module: str, name: str, *, extra: bool = False):
     except ImportError as e:
         if extra:
             raise ValueError(f"model {name!r} needs {module.split('.')[0]}, which is not installed: {EXTRA_HINT}") from None
-        raise ValueError(f"model {name!r}: cannot import module {module!r} ({e})") from None
+        top, cwd = module.split(".")[0], os.getcwd()
+        if isinstance(e, ModuleNotFoundError) and e.name == top and cwd not in sys.path and (
+                os.path.isfile(os.path.join(cwd, top + ".py")) or os.path.isdir(os.path.join(cwd, top))):
+            # a module of the current directory, as `python -m pwsconv` would find it (the console script's path
+            # does not hold the current directory); sys.path is restored at once
+            sys.path.insert(0, cwd)
+            try:
+                return importlib.import_module(module)
+            except ImportError as e2:
+                e = e2
+            finally:
+                sys.path.remove(cwd)
+        raise ValueError(f"model {name!r}: cannot import module {module!r} ({e}; a module of your own must be "
+                         f"importable: on PYTHONPATH, or in the current directory)") from None
 
 
 def _suggest(word: str, choices: list[str]) -> str:

@@ -291,6 +291,7 @@ class _Run:
             model.train()
             seg_n0, seg_t0 = float(self.sums[2]), time.perf_counter()   # images so far this epoch (resumed: > 0)
             bar = tqdm(total=self.steps_per_epoch, initial=self.batch, leave=False, dynamic_ncols=True,
+                       disable=None,   # the bar only on a terminal; logs get the per-epoch lines alone
                        desc=f"{cfg.run_name} epoch {self.epoch + 1}/{cfg.epochs}") if show else None
             collapsed = False
             for i, (x, y) in enumerate(self.train_loader, start=self.batch):
