@@ -143,7 +143,7 @@ def test_bad_paths_are_one_line_checkpoint_errors(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_onnx_export_of_network_and_preprocessing(runs, test_images):
+def test_onnx_export_of_network_and_preprocessing(runs, test_images, tmp_path):
     """The README's deployment path: fold → load → ONNX (with the preprocessing in front); ONNX Runtime agrees."""
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
@@ -159,3 +159,10 @@ def test_onnx_export_of_network_and_preprocessing(runs, test_images):
     with torch.no_grad():
         want = deploy(xf)
     assert np.abs(got - want.numpy()).max() < 1e-4
+    # the README's own call: torch's default (dynamo) exporter, which needs onnxscript
+    pytest.importorskip("onnxscript")
+    path = tmp_path / "r.onnx"
+    torch.onnx.export(deploy, (torch.rand(1, *model.pretrained_cfg["input_size"]),), str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: xf[:1].numpy()})
+    assert np.abs(got - want[:1].numpy()).max() < 1e-4
