@@ -147,7 +147,7 @@ def _train_parser(p: argparse.ArgumentParser) -> Handler:
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
-        if args.resume and not os.path.isfile(os.path.join(cfg.out_dir, "config.yaml")):
+        if args.resume and not (os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir)):
             # start-or-continue is allowed (a preemptible job's one command), but never silently: a mistyped
             # directory would otherwise start a new run unnoticed
             print(f"pwsconv train: nothing to resume in {cfg.out_dir} (no run there yet): starting a new run",
