@@ -169,7 +169,7 @@ def test_convert_exclude_that_matches_nothing_warns_or_raises():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['layer4\.\*', '7'\] match no module"):
         out = pwsconv.convert(model, exclude=["layer4.*", "7", "0"])
-    assert type(out[0]) is nn.Conv2d and type(out[1]) is nn.Identity
+    assert type(out[0]) is nn.Conv2d and type(out[1]) is nn.BatchNorm2d   # the excluded conv keeps its BN
     with pytest.raises(ValueError, match="match no module"):
         pwsconv.convert(model, exclude="conv1", strict=True, inplace=True)
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.BatchNorm2d   # nothing changed
@@ -179,6 +179,49 @@ def test_convert_exclude_that_matches_nothing_warns_or_raises():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_exclude_keeps_the_units_bn_and_convert_keeps_what_the_user_set():
+    """An excluded conv keeps the BN right after it (torchvision's stem: ``exclude=["conv1"]``), with copy_weights
+    too (no BN lost); frozen and channels_last convs stay so; a bare conv or BN is converted; converting PWS layers
+    again with options lists them (their options are not changed behind the user's back)."""
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+    torch.manual_seed(0)
+    model = Stem().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pwsconv.convert(model, exclude=["conv1"], copy_weights=True)
+    assert type(out.conv1) is nn.Conv2d and type(out.bn1) is nn.BatchNorm2d
+    assert type(out.conv2) is pwsconv.PWSConv2d and type(out.bn2) is nn.Identity
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(out.bn1(out.conv1(x)), model.bn1(model.conv1(x)), rtol=0, atol=0)
+    frozen = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).to(memory_format=torch.channels_last)
+    frozen[0].weight.requires_grad_(False)
+    frozen[0].bias.requires_grad_(False)
+    new = pwsconv.convert(frozen)[0]
+    assert not (new.weight.requires_grad or new.alpha.requires_grad or new.bias.requires_grad)
+    assert new.weight.is_contiguous(memory_format=torch.channels_last)
+    assert pwsconv.convert(nn.Sequential(nn.Conv2d(3, 8, 3)))[0].weight.requires_grad
+    assert type(pwsconv.convert(nn.Conv2d(3, 8, 3), strict=True)) is pwsconv.PWSConv2d
+    assert type(pwsconv.convert(nn.BatchNorm2d(8), strict=True)) is nn.Identity
+    pws = pwsconv.convert(nn.Sequential(nn.Conv2d(3, 8, 3)))
+    with pytest.warns(UserWarning, match="already a PWSConv2d: its options are unchanged"):
+        again = pwsconv.convert(pws, gamma=1e-2)
+    assert again[0].gamma == 1e-3
+    with pytest.raises(ValueError, match="already a PWSConv2d"):
+        pwsconv.convert(pws, gamma=1e-2, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pwsconv.convert(pws)                      # converting twice without options: nothing to say
+
+
 def test_convert_torchscript_module_is_refused():
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     with pytest.raises(TypeError, match=r"torch\.jit \(TorchScript\) modules cannot be converted"):

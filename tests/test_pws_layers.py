@@ -473,6 +473,28 @@ def expected(layer, x):
     return plain_forward(layer, x.to(layer.weight.dtype), w, layer.bias.detach())
 
 
+def test_data_writes_need_clear_cache_and_other_writes_do_not():
+    """A write through ``.data`` has its own version counter, so the scope cannot see it; ``pwsconv.clear_cache``
+    on the model drops every layer's entry. The same write on the parameter (under no_grad) or on a state_dict
+    tensor is seen without it."""
+    torch.manual_seed(9)
+    net = nn.Sequential(PWSConv2d(3, 4, 3), nn.ReLU(), PWSConv2d(4, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), pwsconv.cached(net):
+        y0 = net(x)
+        net[0].weight.data.mul_(-1.0)
+        assert torch.equal(net(x), y0)                           # not seen: documented
+        pwsconv.clear_cache(net)
+        assert not is_cached(net[0]) and not is_cached(net[2])
+        y1 = net(x)
+        torch.testing.assert_close(y1, F.conv2d(F.relu(F.conv2d(x, net[0].compute_weight(), net[0].bias)),
+                                                net[2].compute_weight(), net[2].bias))
+        net[0].weight.mul_(-1.0)                                 # on the parameter: seen
+        torch.testing.assert_close(net(x), y0, rtol=0, atol=0)
+        net.state_dict()["2.weight"].add_(1.0)                   # a state_dict tensor shares the version: seen
+        assert not torch.equal(net(x), y0)
+
+
 def test_no_cache_outside_a_scope_and_the_scope_leaves_nothing_behind():
     """Outside ``pwsconv.cached`` every forward computes the weight; inside, eval + no_grad computes it once; leaving
     the scope drops the entry, the installed source and the optimizer-step hook (no process-wide side effect)."""

@@ -21,7 +21,7 @@ _LAZY = {
     "fold": ".folding", "is_norm_layer": ".optim", "param_groups": ".optim",
     **{name: ".layers.pws" for name in ("PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d",
                                         "PWSConvTranspose2d", "PWSConvTranspose3d", "PWSLinear", "PWSMixin")},
-    "fuse_standardization": ".accel", "cached": ".accel",
+    "fuse_standardization": ".accel", "cached": ".accel", "clear_cache": ".accel",
     **{name: ".layers.lazy" for name in ("LazyPWSConv1d", "LazyPWSConv2d", "LazyPWSConv3d")},
     "Conv2dSame": ".layers.same", "PWSConv2dSame": ".layers.same",
     **{name: ".methods" for name in ("Method", "available_methods", "build_conv", "build_linear", "build_norm",
@@ -31,7 +31,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # what static tools see: the eager imports
     from . import functional
-    from .accel import cached, fuse_standardization
+    from .accel import cached, clear_cache, fuse_standardization
     from .convert import convert
     from .folding import fold
     from .functional import pws_weight
@@ -100,6 +100,7 @@ __all__ = [
     "LazyPWSConv3d",
     "fuse_standardization",
     "cached",
+    "clear_cache",
     "convert",
     "fold",
     "load",

@@ -17,7 +17,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedTensorMixin
 
 from ._bnlike import bn_info, bn_stats, conv_info, with_drop_act
-from .calibration import WeightCopy
+from .calibration import WeightCopy, conv_bn_pairs
 from .folding import fold
 from .layers.same import Conv2dSame, same_padded
 from .layers._reparam import FilterTooSmallError
@@ -92,8 +92,9 @@ def convert(
             raw weight is copied and α_o = s_o·sqrt(Var[W_o] + γ)/gain (s_o = γ_bn/sqrt(var + ε)), β = the folded
             shift, so α·Ŵ equals the BN-scaled weight up to its per-filter mean, which standardization removes (the
             one part that cannot be exact). BN statistics that cannot be carried over are listed in a warning.
-        exclude: module names or fnmatch patterns (e.g. ``"conv1"``, ``"fc"``, ``"layer4.*"``) left untouched. A
-            pattern that matches no module is warned about (``strict=True``: ``ValueError``), since a typo would
+        exclude: module names or fnmatch patterns (e.g. ``"conv1"``, ``"fc"``, ``"layer4.*"``) left untouched. An
+            excluded conv keeps the BatchNorm registered right after it (its conv→BN unit), so it stays normalized.
+            A pattern that matches no module is warned about (``strict=True``: ``ValueError``), since a typo would
             convert the layer meant to be kept.
         bias: give converted convs a bias (``None``: the method's default; "pws" adds β_o since BN's shift is gone).
         convert_linear: also convert ``nn.Linear`` (PWSLinear for "pws"); the paper keeps the classifier plain.
@@ -104,6 +105,7 @@ def convert(
             name of the module before whose input to insert it. Together these are the paper's ImageNet setting.
             A module that gets a norm is wrapped in ``nn.Sequential`` (its state_dict keys gain ``.0``/``.1``).
         inplace: modify ``model`` itself; by default a deep copy is converted and ``model`` is left unchanged.
+            Either way the converted layers hold new parameters: build the optimizer after ``convert``.
         strict: raise ``ValueError`` (before anything is changed) instead of warning about layers left unconverted
             or ``exclude`` patterns that match nothing.
         example_inputs: with ``copy_weights``, a batch (a tensor, or a tuple of positional inputs) of typical data
@@ -112,6 +114,11 @@ def convert(
             output on the inputs the layer receives (y_o ≈ α_o·z_o + β_o, z = the standardized conv). This
             recovers what a per-channel scale and shift can of the removed filter mean E[W_o]·Σx; the rest, which
             varies with the input, cannot be represented by a PWS layer.
+
+    A converted layer keeps its original's device, dtype, training mode, channels_last weights and frozen
+    parameters (``requires_grad=False``; a PWS layer's α follows its weight). Layers that are already pwsconv layers
+    are left as they are; with ``method_opts`` they are listed in the warning (set options on them directly, e.g.
+    ``layer.gamma = 1e-2``). A bare conv or BatchNorm as ``model`` is converted itself.
 
     Returns:
         The converted model (``model`` itself when ``inplace=True``).
@@ -130,6 +137,12 @@ def convert(
     exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)  # "conv1" is one pattern, not five
     if not inplace:
         model = _deepcopy(model)
+    if (conv_info(model) is not None or bn_info(model) is not None) and not _own_layer(model):
+        holder = nn.Sequential(model)   # a bare layer: converted as the one child of a holder
+        return convert(holder, m.name, copy_weights=copy_weights, exclude=exclude, bias=bias,
+                       convert_linear=convert_linear, convert_transposed=convert_transposed, input_norm=input_norm,
+                       output_norm=output_norm, inplace=True, strict=strict, example_inputs=example_inputs,
+                       **method_opts)[0]
     # every path to every module: a layer shared by several parents is converted once and stays shared
     targets: list[tuple[str, nn.Module]] = [(n, mod) for n, mod in model.named_modules(remove_duplicate=False) if n]
     unmatched = [p for p in exclude if not any(_matches(n, (p,)) for n, _ in targets)]
@@ -176,9 +189,15 @@ def convert(
         example_inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     converted: dict[int, nn.Module] = {}
     plan: list[tuple[str, nn.Module, nn.Module]] = []
+    keep: set[int] = set()   # the BN of an excluded conv→BN unit: a conv kept plain keeps its norm
+    if exclude:
+        pairs = conv_bn_pairs(model)
+        keep = {id(pairs[id(mod)][1]) for n, mod in targets if _matches(n, exclude) and id(mod) in pairs}
     for name, mod in targets:
-        if _matches(name, exclude):
+        if _matches(name, exclude) or id(mod) in keep:
             continue
+        if method_opts and _own_layer(mod) and (conv_info(mod) is not None or bn_info(mod) is not None):
+            ctx.leave(name, mod, f"already a {type(mod).__name__}: its options are unchanged")
         if id(mod) in converted:
             plan.append((name, mod, converted[id(mod)]))
             continue
@@ -201,6 +220,7 @@ def convert(
         if new is not mod and not getattr(new, "_pws_placed", False):
             if not _is_lazy(mod):
                 new.to(device=_device_of(mod), dtype=_dtype_of(mod))
+                _keep_state(mod, new)
             new.train(mod.training)
             new._pws_placed = True
         _set_submodule(model, name, new)
@@ -221,6 +241,21 @@ def convert(
         gn = nn.GroupNorm(1, out_channels).to(device=_device_of(model), dtype=_dtype_of(model))
         _set_submodule(model, out_name, _wrap(mod, gn, mod))
     return model
+
+
+def _keep_state(mod: nn.Module, new: nn.Module) -> None:
+    """What a user set on the original layer: frozen parameters (α follows the weight) and channels_last weights."""
+    w, nw = getattr(mod, "weight", None), getattr(new, "weight", None)
+    if isinstance(w, nn.Parameter) and isinstance(nw, nn.Parameter):
+        if not w.requires_grad:
+            for p in (nw, getattr(new, "alpha", None)):
+                if isinstance(p, nn.Parameter):
+                    p.requires_grad_(False)
+        if w.dim() == 4 == nw.dim() and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+            new.to(memory_format=torch.channels_last)
+    b, nb = getattr(mod, "bias", None), getattr(new, "bias", None)
+    if isinstance(b, nn.Parameter) and isinstance(nb, nn.Parameter) and not b.requires_grad:
+        nb.requires_grad_(False)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:

@@ -6,7 +6,8 @@ settings version (assigning ``gamma``, ``eps``, ... bumps it) and the number of 
 is open: ``SGD/Adam/AdamW(fused=True)`` update parameters without bumping their version counters (measured, torch
 2.13), so a step counter is kept through torch's optimizer-step hook — registered when the first scope opens and
 removed when the last one closes. A training forward, or one that wants gradients, drops the layer's entry and
-computes the weight in the graph. Entries are never stale: a test changes every input of the key.
+computes the weight in the graph. Entries are never stale: a test changes every input of the key. The one write
+no key can see is one through ``.data`` (a tensor of its own, with its own version counter): ``clear_cache``.
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def cached_weight(layer: Any, w: Tensor, a: Tensor | None) -> Tensor:
     return out
 
 
-def clear_cache(layer: Any) -> None:
-    """Drop ``layer``'s cached weight, if any (writes through ``.data`` inside a scope need it)."""
-    if _ENTRIES.get(id(layer)) is not None:
-        _ENTRIES[id(layer)] = None
+def clear_cache(module: Any) -> None:
+    """Drop the cached weight of ``module`` and of every layer inside it, if any. A write through ``.data``
+    (``p.data.copy_(q)``) bypasses torch's version counters, so a scope cannot see it: call this after one."""
+    for m in (module.modules() if hasattr(module, "modules") else (module,)):
+        if _ENTRIES.get(id(m)) is not None:
+            _ENTRIES[id(m)] = None
 
 
 def is_cached(layer: Any) -> bool:

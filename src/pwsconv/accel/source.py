@@ -131,7 +131,10 @@ def cached(model: nn.Module) -> Iterator[nn.Module]:
 
     The training engine wraps its evaluation in it; for deployment, ``pwsconv.fold`` is the path (plain layers).
     An entry never goes stale (tested): it is keyed on its tensors' identity, version and storage, the layer's
-    settings and the optimizer steps taken meanwhile; a training forward or one that wants gradients drops it."""
+    settings and the optimizer steps taken meanwhile; a training forward or one that wants gradients drops it. The
+    exception is a write through ``.data`` (``p.data.copy_(q)``, an old-style EMA swap), which torch does not
+    count: call ``pwsconv.clear_cache(model)`` after one (writes to ``p`` under ``torch.no_grad()``, optimizer
+    steps, ``load_state_dict`` and ``state_dict()`` tensors are all seen)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"pwsconv.cached expects an nn.Module, got {type(model).__name__}")
     mine = [m for m in model.modules() if hasattr(type(m), "compute_weight") and id(m) not in _ENTRIES]
