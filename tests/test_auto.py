@@ -15,7 +15,8 @@ from torch.func import functional_call
 import pwsconv
 from pwsconv import PWSConv1d, PWSConv2d, PWSConv3d, PWSConvTranspose2d, PWSLinear
 from pwsconv.models import build_model
-from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, CLIP_BIAS_FLOOR, check_clip, unit_clip
+from pwsconv.functional import (AUTO_CLIP, AUTO_CLIP_W, AUTO_GAMMA, CLIP_BIAS_FLOOR, auto_bias_floor, auto_clip,
+                                 auto_clip_w, check_clip, unit_clip)
 
 F64 = torch.float64
 
@@ -216,6 +217,43 @@ def test_plain_sgd_loop_trains_at_a_large_lr():
     auto = torch.tensor(out["auto"])
     assert torch.isfinite(auto).all() and auto.max() < 5.0          # starts at ln 10 ≈ 2.3, never blows up
     assert auto[-5:].mean() < auto[0]                               # and learns
+
+
+def test_auto_refuses_equiv_which_would_do_nothing():
+    with pytest.raises(ValueError, match='equiv=True has no effect with gamma="auto"'):
+        PWSConv2d(3, 8, 3, gamma="auto", equiv=True)
+    assert PWSConv2d(3, 8, 3, gamma=1e-3, equiv=True).effective_gamma == pytest.approx(2e-3 / 27)
+
+
+def test_groups_copied_before_the_optimizer_warn_once():
+    """The optimizer got copies of param_groups' dicts (``{**g, "lr": 1.6}``): the layers cannot see its LR, keep the
+    fixed bounds, and say so (one warning text, which Python's default filter shows once); the dicts themselves, LR set in them, give the LR's bounds and no warning."""
+    import warnings
+
+    def run(groups_of):
+        torch.manual_seed(0)
+        net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+        opt = torch.optim.SGD(groups_of(net), lr=0.1, momentum=0.9)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for _ in range(10):
+                opt.zero_grad()
+                net(torch.randn(4, 1, 8, 8)).sum().backward()
+                opt.step()
+        layer = next(m for m in net.modules() if isinstance(m, PWSConv2d))
+        return [str(x.message) for x in w if "never reached an optimizer" in str(x.message)], layer.clips()
+
+    msgs, clips = run(lambda net: [{**g, "lr": 1.6} for g in pwsconv.param_groups(net, 5e-4)])
+    assert msgs and len(set(msgs)) == 1 and clips == (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR)   # one text: shown once
+
+    def in_place(net):
+        groups = pwsconv.param_groups(net, 5e-4)
+        for g in groups:
+            g["lr"] = 1.6
+        return groups
+
+    msgs, clips = run(in_place)
+    assert msgs == [] and clips == (auto_clip_w(1.6, 0.9), auto_clip(1.6, 0.9), auto_bias_floor(1.6, 0.9))
 
 
 def test_convert_and_method_registry_accept_auto():

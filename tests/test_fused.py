@@ -210,6 +210,12 @@ def test_state_dict_pickle_and_deepcopy_unchanged(tmp_path):
         assert any(m._forward_pre_hooks for m in c.modules())
 
 
+def test_a_model_without_pws_layers_warns():
+    folded = pwsconv.fold(nn.Sequential(pwsconv.PWSConv2d(3, 4, 3)))
+    with pytest.warns(UserWarning, match="holds no PWS layer"):
+        pwsconv.fuse_standardization(folded)
+
+
 def test_bad_input():
     with pytest.raises(TypeError):
         pwsconv.fuse_standardization(torch.randn(3))

@@ -121,6 +121,10 @@ def test_preprocess_accepts_images_as_they_come(runs, test_images):
         pre(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="HW, HWC or NHWC"):
         pre(np.zeros((1, 2, 3, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"float images must hold pixels in 0\.\.1 \(this one spans 0\.\.200\)"):
+        pre(x.float().clamp(max=200))                        # 0..255 as float: the common slip
+    with pytest.raises(ValueError, match="do not normalize them first"):
+        pre(ref)                                             # already normalized
 
 
 def test_preprocess_resize_keeps_the_center():

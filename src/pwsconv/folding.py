@@ -56,7 +56,7 @@ def fold(model: nn.Module, inplace: bool = False, *, batchnorm: bool = True) -> 
     :attr:`pwsconv.methods.Method.fold_norm`). SwitchNorm mixes per-sample statistics and cannot be folded: such
     layers (a class attribute ``cannot_fold`` says why) stay and are named in one warning.
 
-    :func:`fold_report` does the same and also says what was folded.
+    :func:`pwsconv.folding.fold_report` does the same and also says what was folded.
     """
     return _fold(model, inplace, batchnorm, FoldReport(), stacklevel=3)
 

@@ -16,6 +16,7 @@ the eval cache of an open :func:`pwsconv.cached` scope. A layer takes part by de
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -486,6 +487,9 @@ def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> FuseHa
     if old is not None and old.active:
         old._pre.recompute = recompute
         return old
+    if not any(hasattr(type(m), "fused_args") for m in model.modules()):   # e.g. a folded model: nothing to fuse
+        warnings.warn(f"fuse_standardization: {type(model).__name__} holds no PWS layer (yet), so nothing is "
+                      "fused; PWS layers added later are served", stacklevel=2)
     handle = FuseHandle(model, _FusePre(recompute))
     model._pws_fuse_handle = handle
     return handle

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .. import functional as _F
 
 __all__ = ["link_optimizer_group", "auto_clips_of"]
@@ -53,6 +55,8 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float]:
         return clips
     link = layer.__dict__.get("_opt_group")
     group = next((g for g in reversed(link.groups) if "lr" in g), None) if link is not None else None
+    if group is None and link is not None and layer.training and torch.is_grad_enabled():
+        _warn_if_never_filled(layer)
     if group is None or "dampening" not in group:   # no optimizer (yet), or not SGD: the fixed values
         return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR
     lr, m = group.get("initial_lr", group["lr"]), group.get("momentum", 0.0)
@@ -61,3 +65,22 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float]:
         return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR
     clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor)   # once: the LR the optimizer starts with, whatever the
     return clips                                           # schedule does
+
+
+#: training forwards (counted per read of the bounds: one or two per forward) after which a layer linked by
+#: ``param_groups`` whose groups never reached an optimizer warns (a forward or two before the optimizer exists is usual)
+_UNFILLED_READS = 6
+
+
+def _warn_if_never_filled(layer: Any) -> None:
+    """Warn once: ``param_groups`` linked the layer, but training runs and no optimizer has filled in those dicts —
+    the optimizer got copies (``{**g, "lr": ...}``), so the fixed bounds are in force, not the LR's."""
+    n = layer.__dict__.get("_auto_unfilled", 0) + 1
+    layer.__dict__["_auto_unfilled"] = n
+    if n == _UNFILLED_READS:
+        import warnings
+
+        warnings.warn(f'gamma="auto": {type(layer).__name__} trains, but the parameter groups pwsconv.param_groups '
+                      "linked it to never reached an optimizer (was it given copies of them?), so its clipping uses "
+                      "the fixed bounds, not your LR's: pass the dicts param_groups returns to the optimizer as they "
+                      "are (set lr / momentum in them)", stacklevel=4)

@@ -45,7 +45,7 @@ class PWSMixin(ReparamMixin):
         use_alpha (True): trainable per-filter α (Table 2 "Trainable α").
         use_gain (True): the sqrt(2/n_l) factor of eq. 12 (Table 2 "sqrt(2/n_l) in (12)").
         fan_mode ("fan_in"): n used by sqrt(2/n) and by the He init of the raw weights; "fan_in" is the paper's n_l.
-        equiv (False): the authors' "equiv" option, γ → 2γ/n, i.e. Ŵ = (W − μ)/sqrt(n·Var/2 + γ).
+        equiv (False): the authors' "equiv" option, γ → 2γ/n, i.e. Ŵ = (W − μ)/sqrt(n·Var/2 + γ); not with "auto".
         data_init_alpha (False): the authors' "initalpha": on the first training forward α ← sqrt(2 / Var(Y)).
     """
 
@@ -55,8 +55,10 @@ class PWSMixin(ReparamMixin):
     def _pws_setup(self, gamma: float | str = 1e-3, use_alpha: bool = True, use_gain: bool = True,
                    fan_mode: str = "fan_in", equiv: bool = False, data_init_alpha: bool = False,
                    clip: float | None = None, clip_w: float | None = None) -> None:
-        self.fan_mode, self.gamma, self.clip, self.use_gain, self.equiv = fan_mode, gamma, clip, use_gain, equiv
-        self.clip_w = clip_w
+        if equiv and gamma == "auto":   # auto's γ is relative already (2γ/n): equiv would silently do nothing
+            raise ValueError('equiv=True has no effect with gamma="auto" (its γ is already 2γ/n); leave one out')
+        self.fan_mode, self.gamma, self.clip, self.use_gain, self.equiv, self.clip_w = (fan_mode, gamma, clip,
+                                                                                        use_gain, equiv, clip_w)
         self._data_init = self.data_init_alpha = bool(data_init_alpha)
         self._require_filter_of(2, "standardizing a single weight gives 0")
         w = self.weight
@@ -180,10 +182,8 @@ class PWSMixin(ReparamMixin):
         return s
 
 
-_PWS_DOC = """
-    PWS extras (eq. 12): gamma=1e-3, use_alpha=True, use_gain=True, fan_mode="fan_in", equiv=False,
-    data_init_alpha=False, clip=None, clip_w=None (see :class:`PWSMixin`).
-"""
+_PWS_DOC = """\n    PWS extras (eq. 12): gamma=1e-3, use_alpha=True, use_gain=True, fan_mode="fan_in", equiv=False,
+    data_init_alpha=False, clip=None, clip_w=None (see :class:`PWSMixin`).\n"""
 
 
 class _PWSConvNd(PWSMixin):

@@ -15,7 +15,7 @@ from ._base import Method, Option, by_dim
 
 def _prepare(model: nn.Module, *, fuse: bool = True, recompute: bool = False) -> None:
     """All PWS layers in one autograd node per forward (BENCHMARKS.md: it pays at batch ≤ 32)."""
-    if fuse:
+    if fuse and any(hasattr(type(m), "fused_args") for m in model.modules()):
         fuse_standardization(model, recompute=recompute)
 
 

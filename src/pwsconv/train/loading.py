@@ -78,6 +78,10 @@ class Preprocess(nn.Module):
         if x.shape[1] != self.channels:
             raise ValueError(f"the model expects {self.channels} channel(s); the input has {x.shape[1]} "
                              f"(shape {tuple(x.shape)}: tensors are CHW/NCHW, arrays HWC/NHWC)")
+        if x.is_floating_point() and x.numel() and not (-1e-3 <= float(x.min()) and float(x.max()) <= 1 + 1e-3):
+            raise ValueError(f"float images must hold pixels in 0..1 (this one spans {float(x.min()):.4g}.."
+                             f"{float(x.max()):.4g}): divide 0..255 values by 255 or pass uint8, and do not "
+                             "normalize them first (preprocess does)")
         x = x.to(torch.float32) / 255.0 if not x.is_floating_point() else x.to(torch.float32)
         if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
             (h, w), (th, tw) = x.shape[-2:], self.image_size
