@@ -178,13 +178,13 @@ def _eval_parser(p: argparse.ArgumentParser) -> Handler:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint.pt, a run directory, or a folded model file")
     p.add_argument("--dataset", help="data set name (default: the one the model was trained on)")
     p.add_argument("--data-root", help="data directory (default: the training run's)")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: test)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward (default: 500)")
     p.add_argument("--limit", type=int, default=None,
                    help="score at most this many images of the split (default: the run's own limit for it: its "
                         "test_limit for test, its limit for train; none for val)")
     p.add_argument("--all", action="store_true", help="score the whole split, even where the run used a limit")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON line")
 
     def run(args: argparse.Namespace) -> int:
@@ -311,14 +311,14 @@ def _fold_parser(p: argparse.ArgumentParser) -> Handler:
 
 
 # ---------------------------------------------------------------------------------------------------------- demo
-@subcommand("demo", "the paper's story in about a minute on the bundled digits data: plain / BN / GN / PWS at three "
-                    "LRs, BN vs PWS at batch 2")
+@subcommand("demo", "the paper's story in about a minute on the bundled digits data: plain / BN / GN / PWS / PWS "
+                    "gamma=auto at LR 0.05 and 0.2, BN / PWS / auto at 0.5, BN vs PWS at batch 2")
 def _demo_parser(p: argparse.ArgumentParser) -> Handler:
     from .experiments.demo import DEFAULT_OUT
 
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT}); an interrupted "
                                                       "demo continues where it stopped")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's; the batch-2 runs get a third of them)")
     p.add_argument("--quick", action="store_true", help="a much smaller demo (a few seconds; for tests)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="per-run progress bars (default: when stderr is a terminal)")
@@ -352,11 +352,13 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
 
     p.description = ("Re-run one of the paper's experiments as a resumable sweep and write results.md (paper numbers "
                      "beside measured mean ± std), results.csv/jsonl and PNG plots. Presets: cpu (about an hour on 2 "
-                     "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds, digits).")
+                     "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds: digits, or a small "
+                     "synthetic VOC/COCO/ImageNet set for the detection and ImageNet tables).")
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}, or (GPU tables, the detection "
                                                 "extra) voc_table1, voc_table2, coco_table3, imagenet_table5")
-    p.add_argument("--preset", default=None, help="cpu (default), full or smoke; robust also has medium (CPU, "
-                                                  "longer) and gpu (one GPU, all of CIFAR-10; use --jobs)")
+    p.add_argument("--preset", default=None, help="cpu (default; smoke for the detection and ImageNet "
+                                                  "tables), full or smoke; robust also has medium (CPU, longer) and "
+                                                  "gpu (one GPU, all of CIFAR-10; use --jobs)")
     p.add_argument("--full", action="store_true", help="same as --preset full")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default results/reproduce/NAME_PRESET; finished runs there are skipped)")

@@ -100,15 +100,15 @@ class TrainConfig:
     deterministic: bool = _identity(False, group=_SPEED, help="deterministic algorithms only "
                                     "(torch.use_deterministic_algorithms, deterministic cuDNN)")
     amp: str | None = _identity(None, group=_SPEED, help="mixed precision: bf16 or fp16 (fp16 uses a "
-                                "GradScaler; default: float32)")
+                                "GradScaler; default: null, i.e. float32)")
     channels_last: bool = _identity(False, group=_SPEED, help="the channels_last memory format for the model and "
                                     "the batches")
     fuse_pws: bool = _cosmetic(True, prepare="fuse", group=_SPEED, help="standardize all PWS layers in one autograd "
                                "node per step (same values, faster)")
     pws_recompute: bool = _cosmetic(False, prepare="recompute", group=_SPEED, help="with fuse_pws: rebuild α·Ŵ in "
                                     "backward instead of keeping it (less memory)")
-    data_on_device: bool | None = _cosmetic(None, group=_SPEED, help="hold in-memory data sets on the GPU (default: "
-                                            "auto, when they fit)")
+    data_on_device: bool | None = _cosmetic(None, group=_SPEED, help="hold in-memory data sets on the GPU: true "
+                                            "or false (default: null, i.e. on CUDA when they fit)")
     compile: bool = _cosmetic(False, group=_SPEED, help="torch.compile the model (same values; compiles at the start)")
     device: str = _cosmetic("auto", group=_SPEED, help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     num_threads: int | None = _cosmetic(None, group=_SPEED, help="CPU threads for this run (torch.set_num_threads, "
