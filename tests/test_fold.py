@@ -466,3 +466,15 @@ def test_a_registered_method_declares_how_its_norm_folds():
         DetConfig(method="scale_test").validate()
     finally:
         _REGISTRY.pop("scale_test")
+
+
+def test_fold_of_a_lazy_layer_before_its_first_forward_names_it():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")               # torch: "Initializing zero-element tensors is a no-op"
+        net = nn.Sequential(pwsconv.LazyPWSConv2d(8, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"lazy layer\(s\) 0 have no weights yet; run one forward first"):
+        pwsconv.fold(net)
+    net(torch.randn(1, 3, 8, 8))
+    assert type(pwsconv.fold(net)[0]) is nn.Conv2d

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .methods import norm_fold_stats
 
@@ -70,6 +71,10 @@ def fold_report(model: nn.Module, inplace: bool = False, *, batchnorm: bool = Tr
 def _fold(model: nn.Module, inplace: bool, batchnorm: bool, report: FoldReport, stacklevel: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
+    lazy = [n or type(model).__name__ for n, m in model.named_modules() if isinstance(m, LazyModuleMixin)
+            and m.has_uninitialized_params() and hasattr(m, "to_plain")]
+    if lazy:   # before any copy or change: torch's own error names no layer
+        raise ValueError(f"fold: lazy layer(s) {', '.join(lazy)} have no weights yet; run one forward first")
     if not inplace:
         model = copy.deepcopy(model)
     if hasattr(model, "to_plain") and callable(model.to_plain):
