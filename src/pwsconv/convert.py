@@ -118,7 +118,8 @@ def convert(
     A converted layer keeps its original's device, dtype, training mode, channels_last weights and frozen
     parameters (``requires_grad=False``; a PWS layer's α follows its weight). Layers that are already pwsconv layers
     are left as they are; with ``method_opts`` they are listed in the warning (set options on them directly, e.g.
-    ``layer.gamma = 1e-2``). A bare conv or BatchNorm as ``model`` is converted itself.
+    ``layer.gamma = 1e-2``). A bare conv or BatchNorm as ``model`` is converted itself. Not carried over: hooks
+    registered on a replaced layer, and a weight tensor shared by two convs (each gets its own).
 
     Returns:
         The converted model (``model`` itself when ``inplace=True``).
