@@ -181,8 +181,9 @@ def bench_memory(models, methods, batch_sizes, image, device) -> list[dict]:
                     continue
                 torch.manual_seed(0)
                 net = _build(model, m.split(" ")[0], b, device).train()
-                # as the engine trains (no effect without PWS layers); the variant rebuilds α·Ŵ in backward
-                pwsconv.fuse_standardization(net, recompute=m == "pws (recompute)")
+                # as the engine trains (PWS models only); the variant rebuilds α·Ŵ in backward
+                if any(isinstance(x, pwsconv.PWSMixin) for x in net.modules()):
+                    pwsconv.fuse_standardization(net, recompute=m == "pws (recompute)")
                 state = sum(p.numel() * p.element_size() for p in net.parameters()) * 3  # params + grads + momentum
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
