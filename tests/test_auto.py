@@ -219,6 +219,17 @@ def test_plain_sgd_loop_trains_at_a_large_lr():
     assert auto[-5:].mean() < auto[0]                               # and learns
 
 
+def test_a_parametrized_weight_is_linked_too():
+    """weight_norm (or any parametrization) moves the weight under ``parametrizations``: param_groups still links
+    the layer to the group that holds it, so auto reads the LR."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    net = torch.nn.Sequential(PWSConv2d(3, 8, 3, gamma="auto"))
+    weight_norm(net[0])
+    torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1.6, momentum=0.9)
+    assert net[0].clips() == (auto_clip_w(1.6, 0.9), auto_clip(1.6, 0.9), auto_bias_floor(1.6, 0.9))
+
+
 def test_auto_refuses_equiv_which_would_do_nothing():
     with pytest.raises(ValueError, match='equiv=True has no effect with gamma="auto"'):
         PWSConv2d(3, 8, 3, gamma="auto", equiv=True)

@@ -73,8 +73,13 @@ def param_groups(
     # layers that adapt to their optimizer (gamma="auto" reads the SGD settings of its weight's group once)
     owner = {id(p): g for g in out for p in g["params"]}
     for mod in model.modules():
-        link, w = getattr(mod, "link_optimizer_group", None), getattr(mod, "weight", None)
-        if link is not None and isinstance(w, nn.Parameter) and id(w) in owner:
-            link(owner[id(w)])
+        link = getattr(mod, "link_optimizer_group", None)
+        if link is None:
+            continue
+        w = mod._parameters.get("weight")   # or, parametrized (weight_norm, ...), the tensors the weight is made of
+        ws = [w] if w is not None else [p for n, p in mod.named_parameters() if n.startswith("parametrizations.weight.")]
+        group = next((owner[id(p)] for p in ws if id(p) in owner), None)
+        if group is not None:
+            link(group)
     return out
 
