@@ -238,7 +238,8 @@ def test_auto_refuses_equiv_which_would_do_nothing():
 
 def test_groups_copied_before_the_optimizer_warn_once():
     """The optimizer got copies of param_groups' dicts (``{**g, "lr": 1.6}``): the layers cannot see its LR, keep the
-    fixed bounds, and say so (one warning text, which Python's default filter shows once); the dicts themselves, LR set in them, give the LR's bounds and no warning."""
+    fixed bounds, and say so (one warning text, which Python's default filter shows once); the dicts themselves,
+    LR set in them, give the LR's bounds and no warning."""
     import warnings
 
     def run(groups_of):

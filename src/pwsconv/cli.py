@@ -318,7 +318,8 @@ def _demo_parser(p: argparse.ArgumentParser) -> Handler:
 
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT}); an interrupted "
                                                       "demo continues where it stopped")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's; the batch-2 runs get a third of them)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per run (default: the demo's; the batch-2 runs get a third of them)")
     p.add_argument("--quick", action="store_true", help="a much smaller demo (a few seconds; for tests)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="per-run progress bars (default: when stderr is a terminal)")
@@ -352,8 +353,8 @@ def configure_reproduce_parser(p: argparse.ArgumentParser) -> Handler:
 
     p.description = ("Re-run one of the paper's experiments as a resumable sweep and write results.md (paper numbers "
                      "beside measured mean ± std), results.csv/jsonl and PNG plots. Presets: cpu (about an hour on 2 "
-                     "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds: digits, or a small "
-                     "synthetic VOC/COCO/ImageNet set for the detection and ImageNet tables).")
+                     "cores, small models, CIFAR-10 subset), full (the paper's settings), smoke (seconds: digits, or "
+                     "a small synthetic VOC/COCO/ImageNet set for the detection and ImageNet tables).")
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}, or (GPU tables, the detection "
                                                 "extra) voc_table1, voc_table2, coco_table3, imagenet_table5")
     p.add_argument("--preset", default=None, help="cpu (default; smoke for the detection and ImageNet "

@@ -77,7 +77,8 @@ def param_groups(
         if link is None:
             continue
         w = mod._parameters.get("weight")   # or, parametrized (weight_norm, ...), the tensors the weight is made of
-        ws = [w] if w is not None else [p for n, p in mod.named_parameters() if n.startswith("parametrizations.weight.")]
+        ws = [w] if w is not None else [p for n, p in mod.named_parameters()
+                                        if n.startswith("parametrizations.weight.")]
         group = next((owner[id(p)] for p in ws if id(p) in owner), None)
         if group is not None:
             link(group)

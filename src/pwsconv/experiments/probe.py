@@ -144,8 +144,9 @@ def configure_probe_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Nam
                                                      "places)")
     p.add_argument("--methods", nargs="+", default=["none", "bn", "pws"],
                    help="method names, each optionally with options: e.g. bn pws pws:gamma=auto (default: none bn pws)")
-    p.add_argument("--lr", type=float, default=0.5, help="the LR (default: 0.5, where the shift grows before anything breaks; 5 makes "
-                   "the plain net collapse on digits)")
+    p.add_argument("--lr", type=float, default=0.5,
+                   help="the LR (default: 0.5, where the shift grows before anything breaks; 5 makes the plain net "
+                        "collapse on digits)")
     p.add_argument("--steps", type=int, default=30, help="steps (batches) per method (default: 30)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--mode", choices=["train", "measure"], default="train",
@@ -154,7 +155,8 @@ def configure_probe_parser(p: argparse.ArgumentParser) -> Callable[[argparse.Nam
     p.add_argument("--gamma", type=_gamma_arg, default=1e-3,
                    help='γ of the PWS layers, or "auto" (default: 1e-3; a method may also carry options: '
                         'pws:gamma=auto)')
-    p.add_argument("--seed", type=int, default=0, help="the seed of every method's initialization and data order (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of every method's initialization and data order (default: 0)")
     p.add_argument("--out", default="runs/probe", help="output directory (default: runs/probe)")
     p.add_argument("--force", action="store_true", help="replace the results of an earlier probe in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -67,8 +67,8 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float]:
     return clips                                           # schedule does
 
 
-#: training forwards (counted per read of the bounds: one or two per forward) after which a layer linked by
-#: ``param_groups`` whose groups never reached an optimizer warns (a forward or two before the optimizer exists is usual)
+#: reads of the bounds in training (one or two per forward) after which a layer linked by ``param_groups`` whose
+#: groups never reached an optimizer warns (a forward or two before the optimizer exists is usual)
 _UNFILLED_READS = 6
 
 

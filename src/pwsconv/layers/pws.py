@@ -45,7 +45,7 @@ class PWSMixin(ReparamMixin):
         use_alpha (True): trainable per-filter α (Table 2 "Trainable α").
         use_gain (True): the sqrt(2/n_l) factor of eq. 12 (Table 2 "sqrt(2/n_l) in (12)").
         fan_mode ("fan_in"): n used by sqrt(2/n) and by the He init of the raw weights; "fan_in" is the paper's n_l.
-        equiv (False): the authors' "equiv" option, γ → 2γ/n, i.e. Ŵ = (W − μ)/sqrt(n·Var/2 + γ); not with "auto".
+        equiv (False): the authors' option γ → 2γ/n, i.e. Ŵ = (W − μ)/sqrt(n·Var/2 + γ); not with "auto".
         data_init_alpha (False): the authors' "initalpha": on the first training forward α ← sqrt(2 / Var(Y)).
     """
 
