@@ -23,13 +23,17 @@ from pwsconv.models import ConvUnit
 
 
 def unit_scales(model: torch.nn.Module, x: torch.Tensor) -> list[dict[str, float]]:
-    """Per conv unit of ``model`` (in forward order) on the batch ``x``: mean channel std, max/min and its CV."""
+    """Per conv unit of ``model`` (in forward order) on the batch ``x``: mean channel std, max/min and its CV, and
+    how many of its channels are dead (zero at ≥ 99 % of the positions of the batch: a ReLU that never opens)."""
     rows: list[dict[str, float]] = []
 
     def hook(_mod, _inp, out) -> None:
-        std = out.detach().transpose(0, 1).reshape(out.shape[1], -1).double().std(1)
+        per_channel = out.detach().transpose(0, 1).reshape(out.shape[1], -1).double()
+        std = per_channel.std(1)
+        dead = int(((per_channel == 0).double().mean(1) >= 0.99).sum())
         rows.append({"mean_std": float(std.mean()), "max_over_min": float(std.max() / std.min().clamp_min(1e-12)),
-                     "cv": float(std.std() / std.mean().clamp_min(1e-12))})
+                     "cv": float(std.std() / std.mean().clamp_min(1e-12)), "dead": dead,
+                     "channels": int(out.shape[1])})
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ConvUnit)]
     try:
@@ -63,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{run}: the network has no conv units of the zoo")
         out[str(run)] = rows
         print(f"\n{run} ({cfg['model']}, {cfg['method']})\n")
-        print("| unit | mean channel std | max / min | CV |\n|---:|---:|---:|---:|")
+        print("| unit | mean channel std | max / min | CV | dead channels |\n|---:|---:|---:|---:|---:|")
         for i, r in enumerate(rows):
-            print(f"| {i} | {r['mean_std']:.3f} | {r['max_over_min']:.1f} | {r['cv']:.2f} |")
+            print(f"| {i} | {r['mean_std']:.3f} | {r['max_over_min']:.1f} | {r['cv']:.2f} | "
+                  f"{r['dead']} of {r['channels']} |")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0

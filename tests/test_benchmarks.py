@@ -127,7 +127,8 @@ def test_activation_scales_of_a_trained_run(tmp_path, capsys):
     rows = json.loads((tmp_path / "s.json").read_text())[str(tmp_path / "run")]
     units = sum(isinstance(m, ConvUnit) for m in pwsconv.load(tmp_path / "run").modules())
     assert len(rows) == units > 0
-    assert all(torch.isfinite(torch.tensor(list(r.values()))).all() and r["max_over_min"] >= 1.0 for r in rows)
+    assert all(torch.isfinite(torch.tensor([float(v) for v in r.values()])).all() and r["max_over_min"] >= 1.0
+               and 0 <= r["dead"] <= r["channels"] for r in rows)
     assert "| unit | mean channel std |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         scales.main([str(tmp_path / "nothing")])
