@@ -95,26 +95,35 @@ def check_clip(clip: float | None) -> float | None:
 
 
 class _UnitClip(torch.autograd.Function):
-    """Identity in forward; in backward the gradient is clipped unit-wise (see :func:`unit_clip`)."""
+    """Identity in forward; in backward the gradient is clipped unit-wise (see :func:`unit_clip`). Works under
+    ``torch.func`` transforms (under ``vmap`` each sample's gradient is clipped on its own)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, p: Tensor, lam: float, dims: tuple[int, ...] | None,  # type: ignore[override]
+    def forward(p: Tensor, lam: float, dims: tuple[int, ...] | None,  # type: ignore[override]
                 floor: float = 1e-3) -> Tensor:
-        ctx.save_for_backward(p)
-        ctx.lam, ctx.dims, ctx.floor = lam, dims, floor
         return p.view_as(p)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        p, lam, dims, *floor = inputs
+        ctx.save_for_backward(p)
+        ctx.lam, ctx.dims, ctx.floor = lam, dims, floor[0] if floor else 1e-3
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         (p,) = ctx.saved_tensors
         lam, dims = ctx.lam, ctx.dims
+        # out-of-place ops (the values of the in-place ones): differentiable again, and vmap has rules for them
         if dims is None:   # per entry: |g| ≤ λ·max(|p|, floor)
-            return _clip_per_entry(g, p, lam, ctx.floor), None, None, None
+            bound = p.abs().clamp_min(ctx.floor) * lam
+            return torch.clamp(g, -bound, bound), None, None, None
         ct = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32   # float64 stays float64
         pf, gf = p.to(ct), g.to(ct)
-        pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min_(1e-3)
-        gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min_(1e-30)
-        scale = (pn.mul_(lam) / gn).clamp_(max=1.0)
+        pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min(1e-3)
+        gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min(1e-30)
+        scale = (pn * lam / gn).clamp(max=1.0)
         return (gf * scale).to(g.dtype), None, None, None
 
 

@@ -21,18 +21,20 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .. import functional as _F
 from ..functional import _LOW_PRECISION
 from ..functional import clip_entries
 from .foreach import bias_grads, bias_views, clip_filters_
 from .cache import _ENTRIES
+from .once import differentiable_once
 from .source import _ACTIVE, _Forward, needs_fresh, uninstall_source, weight_source
 
 __all__ = ["pws_weights_fused", "fuse_standardization", "FuseHandle"]
 
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+_TWICE = ("fuse_standardization: second-order gradients through PWS weights (e.g. Hessian-vector products) need the "
+          "unfused layers: call .remove() on the handle fuse_standardization returned (config: fuse_pws: false)")
 #: weights with more elements than this are not concatenated with other layers' on a CPU (their own group)
 CPU_CAT_LIMIT = 1 << 14
 #: the devices whose autocast casts a conv's / linear's weight and bias to its dtype (so the node may do it instead)
@@ -57,7 +59,7 @@ class _PWSMany(torch.autograd.Function):
     a layer whose weight changes in place after this node ran (α data-init on the first forward) computes its own
     weight and sends no gradient here, and must not make the other layers' backward fail. A gradient that does
     arrive for a changed tensor raises the usual "modified by an inplace operation" error. Differentiable once
-    (no double backward, e.g. gradient penalties: use the per-layer path there).
+    (penalties on input gradients work; differentiating the weights' gradients again raises a clear error).
 
     ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip)``: the layers' output
     indices, the positions of their weights (and α, 1-d, or ``None``) among ``tensors``, their filter counts, n_l,
@@ -116,7 +118,7 @@ class _PWSMany(torch.autograd.Function):
         return tuple(outs)  # type: ignore[arg-type]
 
     @staticmethod
-    @once_differentiable
+    @differentiable_once(_TWICE)
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         needs = ctx.needs_input_grad
         res: list[Tensor | None] = [None] * len(needs)
@@ -361,8 +363,8 @@ class _FusePre:
         self.recompute = recompute
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():   # traced: the layers compute their weights, the compiler fuses (no table)
-            return
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return   # traced, or under torch.func (vmap, grad, ...): the layers compute their weights (no table)
         fwd = _ACTIVE.get()
         if fwd is not None:
             if fwd.owner is not self:   # inside another fused model's forward: its table serves these layers too
@@ -412,6 +414,7 @@ class _FusePre:
         if self.recompute and grad:
             fwd.hooks = _RecomputeHooks({id(o): (o, _Recompute(w, a, g, gn))
                                          for o, w, a, g, gn in zip(outs, ws, als, gammas, gains)})
+        fwd.set_pack()
         _ACTIVE.set(fwd)
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -474,8 +477,10 @@ def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> FuseHa
     version (an in-place change makes it compute its own); layers called outside that forward, transposed /
     low-precision layers, α data-init before its first batch, and ``torch.compile`` tracing compute their weight as
     usual; :func:`pwsconv.cached` still serves eval; unused layers get no gradient. The hooks are picklable (``torch.save(model)``,
-    ``copy.deepcopy``). Not supported: double backward (gradient penalties), non-reentrant activation checkpointing
-    inside the model and ``torch.func`` transforms — call ``handle.remove()`` (or ``fuse_pws: false``) there.
+    ``copy.deepcopy``). Layers in an activation-checkpointed region (or one with its own saved-tensor hooks) and
+    under ``torch.func`` transforms (``vmap(grad(...))`` per-sample gradients) compute their own weights; penalties
+    on input gradients work. Second-order gradients through the weights (Hessian-vector products) raise: call
+    ``handle.remove()`` (or ``fuse_pws: false``) there.
     The training engine turns this on for PWS models (``TrainConfig.fuse_pws``, ``TrainConfig.pws_recompute``).
     Calling it again on the same model returns the same handle, with ``recompute`` set as asked.
     """

@@ -20,6 +20,7 @@ __all__ = ["weight_source", "install_source", "uninstall_source", "needs_fresh",
 
 _is_compiling = torch.compiler.is_compiling   # bound once: called on every forward
 _grad_enabled = torch.is_grad_enabled
+_top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def weight_source(layer: Any) -> tuple[Tensor, Tensor | None] | None:
@@ -74,10 +75,16 @@ def needs_fresh(layer: Any, w: Tensor, a: Tensor | None = None) -> bool:
 class _Forward:
     """One fused forward: the weights made by its pre-hook, per layer, and what the post-hook must undo."""
 
-    __slots__ = ("owner", "grad", "cast", "slots", "depth", "hooks")
+    __slots__ = ("owner", "grad", "cast", "slots", "depth", "hooks", "pack")
 
     def __init__(self, owner: Any, grad: bool, cast: tuple[str, torch.dtype] | None = None) -> None:
         self.owner, self.grad, self.cast, self.slots, self.depth, self.hooks = owner, grad, cast, {}, 0, None
+        self.pack = None   # the pack hook of the saved-tensor hooks in force when the table was made (set_pack)
+
+    def set_pack(self) -> None:
+        """Record the saved-tensor hooks in force now (after the fused forward installed its own, if any)."""
+        top = _top_hooks(False)
+        self.pack = None if top is None else top[0]
 
     def close(self) -> None:
         if self.hooks is not None:
@@ -93,8 +100,10 @@ _ACTIVE: contextvars.ContextVar[_Forward | None] = contextvars.ContextVar("pwsco
 def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
                fwd: _Forward | None = None) -> tuple[Tensor, Tensor | None] | None:
     """(α·Ŵ, β) computed for ``layer`` by the running fused forward (``fwd``, default: the active one), if it made
-    them for these very tensors (same objects, same versions), the grad mode has not changed since and, where they
-    were cast to autocast's dtype, autocast is still on with that dtype; else ``None``."""
+    them for these very tensors (same objects, same versions), the grad mode has not changed since, the same
+    saved-tensor hooks are in force (inside a region that installs its own — non-reentrant activation checkpointing,
+    ``save_on_cpu`` — the layer computes its weight itself, as it will when the region is recomputed in backward) and,
+    where they were cast to autocast's dtype, autocast is still on with that dtype; else ``None``."""
     if fwd is None:
         fwd = _ACTIVE.get()
         if fwd is None:
@@ -103,6 +112,10 @@ def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
     if s is None or s[0] is not w or s[1] != w._version or s[2] is not a or fwd.grad != torch.is_grad_enabled() \
             or (a is not None and s[3] != a._version):
         return None
+    if fwd.grad:
+        top = _top_hooks(False)
+        if (None if top is None else top[0]) is not fwd.pack:
+            return None
     cast = fwd.cast
     if cast is not None and s[4].dtype == cast[1] and s[4].device.type == cast[0] and not (
             torch.is_autocast_enabled(cast[0]) and torch.get_autocast_dtype(cast[0]) == cast[1]):
