@@ -62,7 +62,7 @@ def test_activation_checkpointing_inside_a_fused_model(opts, reentrant):
     _assert_same_grads(a, b)
 
 
-def test_layers_under_saved_tensor_hooks_compute_their_own_weight():
+def test_layers_under_saved_tensor_hooks_compute_their_own_weight(monkeypatch):
     class _OnCPU(nn.Module):
         def __init__(self, inner):
             super().__init__()
@@ -76,13 +76,12 @@ def test_layers_under_saved_tensor_hooks_compute_their_own_weight():
     seen = []
     layer = next(m for m in b.stages.modules() if isinstance(m, pwsconv.layers.PWSMixin))
     stem = next(m for m in b.stem.modules() if isinstance(m, pwsconv.layers.PWSMixin))
-    orig = type(layer).compute_weight
+    orig = pwsconv.layers.PWSMixin.compute_weight
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-    try:   # record which layers computed their own weight
-        type(layer).compute_weight = lambda self: (seen.append(self), orig(self))[1]
-        b(x).square().sum().backward()
-    finally:
-        type(layer).compute_weight = orig
+    # record which layers computed their own weight
+    monkeypatch.setattr(pwsconv.layers.PWSMixin, "compute_weight", lambda self: (seen.append(self), orig(self))[1])
+    b(x).square().sum().backward()
+    monkeypatch.undo()
     assert layer in seen and stem not in seen   # inside the region: its own weight; outside: the fused node's
     a(x).square().sum().backward()
     _assert_same_grads(a, b)
