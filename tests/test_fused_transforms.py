@@ -62,6 +62,18 @@ def test_activation_checkpointing_inside_a_fused_model(opts, reentrant):
     _assert_same_grads(a, b)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_fused_model_nested_in_a_checkpointed_region_of_a_fused_model(recompute):
+    a, _ = _pair({}, lambda m: _Checkpointed(m, False))
+    b = copy.deepcopy(a)
+    pwsconv.fuse_standardization(b.stages.inner, recompute=recompute)   # a fused backbone in a fused model
+    pwsconv.fuse_standardization(b, recompute=recompute)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    for net in (a, b):
+        net(x).square().sum().backward()
+    _assert_same_grads(a, b)
+
+
 def test_layers_under_saved_tensor_hooks_compute_their_own_weight(monkeypatch):
     class _OnCPU(nn.Module):
         def __init__(self, inner):
@@ -103,6 +115,31 @@ def test_per_sample_gradients_with_torch_func(opts):
         nn.functional.cross_entropy(a(x[i:i + 1]), y[i:i + 1]).backward()
         for k, p in a.named_parameters():
             torch.testing.assert_close(per_sample[k][i], p.grad, rtol=1e-9, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("opts", OPTS)
+def test_hessian_vector_product_with_torch_func(opts):
+    """Forward-over-reverse (what torch.func.hessian does) on a fused model: the layers compute their own weights
+    and auto's clip has a forward-mode rule. The reference is autograd on the unfused model, J·v by the double-vjp
+    trick (auto's clipped gradient is not a true gradient: its Jacobian J is not symmetric, so Jᵀ·v would differ)."""
+    a, b = _pair(opts)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    names = [k for k, _ in b.named_parameters()]
+    params = {k: v.detach() for k, v in b.named_parameters()}
+    torch.manual_seed(1)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def f(p):
+        return functional_call(b, p, (x,)).square().sum()
+
+    _, hv = torch.func.jvp(grad(f), (params,), (v,))
+    ps = list(a.parameters())
+    gs = torch.autograd.grad(a(x).square().sum(), ps, create_graph=True)
+    us = [torch.zeros_like(g, requires_grad=True) for g in gs]
+    jtu = torch.autograd.grad(gs, ps, grad_outputs=us, create_graph=True)
+    ref = torch.autograd.grad(jtu, us, grad_outputs=[v[k] for k in names])
+    for k, r in zip(names, ref):
+        torch.testing.assert_close(hv[k], r, rtol=1e-7, atol=1e-10, msg=k)
 
 
 def test_unit_clip_under_vmap_clips_each_sample_on_its_own():

@@ -112,6 +112,10 @@ class _UnitClip(torch.autograd.Function):
         ctx.lam, ctx.dims, ctx.floor = lam, dims, floor[0] if floor else 1e-3
 
     @staticmethod
+    def jvp(ctx, p_t: Tensor, *_: object) -> Tensor:   # forward mode (jvp, hessian): the identity's tangent
+        return p_t
+
+    @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         (p,) = ctx.saved_tensors
         lam, dims = ctx.lam, ctx.dims

@@ -28,7 +28,7 @@ from ..functional import clip_entries
 from .foreach import bias_grads, bias_views, clip_filters_
 from .cache import _ENTRIES
 from .once import differentiable_once
-from .source import _ACTIVE, _Forward, needs_fresh, uninstall_source, weight_source
+from .source import _ACTIVE, _Forward, current_pack, needs_fresh, uninstall_source, weight_source
 
 __all__ = ["pws_weights_fused", "fuse_standardization", "FuseHandle"]
 
@@ -232,7 +232,6 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
         if a is not None and a.numel() != rows:
             raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
         clip = (float(clip[0] or 0.0), float(clip[1] or 0.0)) if isinstance(clip, tuple) else (float(clip or 0.0),) * 2
-        # (a triple's third entry, β's floor, matters to the biases only, below)
         # a large weight is not concatenated with others (its own group): on a CPU copying it costs more than the
         # dispatch it would save (measured on torchvision's ResNet-50, BENCHMARKS.md); on a GPU copies are cheap
         alone = k if w.device.type == "cpu" and w.numel() > CPU_CAT_LIMIT else None
@@ -365,15 +364,16 @@ class _FusePre:
     def __call__(self, module: nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return   # traced, or under torch.func (vmap, grad, ...): the layers compute their weights (no table)
-        fwd = _ACTIVE.get()
+        fwd = prev = _ACTIVE.get()
         if fwd is not None:
-            if fwd.owner is not self:   # inside another fused model's forward: its table serves these layers too
+            # inside another fused model's forward its table serves these layers too, unless saved-tensor hooks of
+            # their own are in force (a checkpointed region: its recompute will have no outer table): a table of its own
+            if fwd.owner is not self and (not fwd.grad or current_pack() is fwd.pack):
                 fwd.depth += 1
                 return
-            # this model's own table is still there: its forward was interrupted (KeyboardInterrupt skips torch's
-            # always-call hooks) or it calls itself; the old table is dropped (the outer call's layers then compute
-            # their own weights: the same values)
-            fwd.close()
+            if fwd.owner is self:   # its own table is still there: its forward was interrupted (KeyboardInterrupt
+                fwd.close()         # skips torch's always-call hooks) or it calls itself: the old table is dropped
+                prev = fwd.prev
         grad = torch.is_grad_enabled()
         if not (module.training or grad):
             return
@@ -408,7 +408,7 @@ class _FusePre:
                 cast = (dev, torch.get_autocast_dtype(dev))
         outs, bias_out = _fused(rows, als, gammas, gains, lams, biases, cast)
         outs = [o.permute(0, 3, 1, 2) if c else o for o, c in zip(outs, cl)]
-        fwd = _Forward(self, grad, cast)
+        fwd = _Forward(self, grad, cast, prev)
         for m, w, a, o, b in zip(layers, ws, als, outs, bias_out):
             fwd.slots[id(m)] = (w, w._version, a, None if a is None else a._version, o, b)
         if self.recompute and grad:
@@ -419,7 +419,7 @@ class _FusePre:
 
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook (always called, also on an exception): the table made by this model's pre-hook dies."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return
         fwd = _ACTIVE.get()
         if fwd is None:
@@ -478,9 +478,9 @@ def fuse_standardization(model: nn.Module, *, recompute: bool = False) -> FuseHa
     low-precision layers, α data-init before its first batch, and ``torch.compile`` tracing compute their weight as
     usual; :func:`pwsconv.cached` still serves eval; unused layers get no gradient. The hooks are picklable (``torch.save(model)``,
     ``copy.deepcopy``). Layers in an activation-checkpointed region (or one with its own saved-tensor hooks) and
-    under ``torch.func`` transforms (``vmap(grad(...))`` per-sample gradients) compute their own weights; penalties
-    on input gradients work. Second-order gradients through the weights (Hessian-vector products) raise: call
-    ``handle.remove()`` (or ``fuse_pws: false``) there.
+    under ``torch.func`` transforms (per-sample gradients, ``hessian``) compute their own weights; penalties on input
+    gradients work. Second-order gradients through the weights with ``torch.autograd`` (``create_graph=True``) raise:
+    call ``handle.remove()`` (or ``fuse_pws: false``) there.
     The training engine turns this on for PWS models (``TrainConfig.fuse_pws``, ``TrainConfig.pws_recompute``).
     Calling it again on the same model returns the same handle, with ``recompute`` set as asked.
     """

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .cache import _ENTRIES, _STEPS, cached_weight
 
-__all__ = ["weight_source", "install_source", "uninstall_source", "needs_fresh", "fused_slot", "cached"]
+__all__ = ["weight_source", "install_source", "uninstall_source", "needs_fresh", "fused_slot", "cached",
+           "current_pack"]
 
 _is_compiling = torch.compiler.is_compiling   # bound once: called on every forward
 _grad_enabled = torch.is_grad_enabled
@@ -75,22 +76,29 @@ def needs_fresh(layer: Any, w: Tensor, a: Tensor | None = None) -> bool:
 class _Forward:
     """One fused forward: the weights made by its pre-hook, per layer, and what the post-hook must undo."""
 
-    __slots__ = ("owner", "grad", "cast", "slots", "depth", "hooks", "pack")
+    __slots__ = ("owner", "grad", "cast", "slots", "depth", "hooks", "pack", "prev")
 
-    def __init__(self, owner: Any, grad: bool, cast: tuple[str, torch.dtype] | None = None) -> None:
+    def __init__(self, owner: Any, grad: bool, cast: tuple[str, torch.dtype] | None = None,
+                 prev: "_Forward | None" = None) -> None:
         self.owner, self.grad, self.cast, self.slots, self.depth, self.hooks = owner, grad, cast, {}, 0, None
         self.pack = None   # the pack hook of the saved-tensor hooks in force when the table was made (set_pack)
+        self.prev = prev   # the enclosing fused forward's table, active again when this one closes
 
     def set_pack(self) -> None:
         """Record the saved-tensor hooks in force now (after the fused forward installed its own, if any)."""
-        top = _top_hooks(False)
-        self.pack = None if top is None else top[0]
+        self.pack = current_pack()
 
     def close(self) -> None:
         if self.hooks is not None:
             self.hooks.close()
             self.hooks = None
-        _ACTIVE.set(None)
+        _ACTIVE.set(self.prev)
+
+
+def current_pack() -> Any:
+    """The pack hook of the saved-tensor hooks in force (``None``: none)."""
+    top = _top_hooks(False)
+    return None if top is None else top[0]
 
 
 #: the fused forward running in this thread / context, if any
@@ -112,10 +120,8 @@ def fused_slot(layer: Any, w: Tensor, a: Tensor | None,
     if s is None or s[0] is not w or s[1] != w._version or s[2] is not a or fwd.grad != torch.is_grad_enabled() \
             or (a is not None and s[3] != a._version):
         return None
-    if fwd.grad:
-        top = _top_hooks(False)
-        if (None if top is None else top[0]) is not fwd.pack:
-            return None
+    if fwd.grad and current_pack() is not fwd.pack:
+        return None
     cast = fwd.cast
     if cast is not None and s[4].dtype == cast[1] and s[4].device.type == cast[0] and not (
             torch.is_autocast_enabled(cast[0]) and torch.get_autocast_dtype(cast[0]) == cast[1]):
