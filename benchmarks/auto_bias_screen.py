@@ -78,11 +78,15 @@ def report(out: Path, base: Path, seeds: int = 3, extra_lrs: tuple[float, ...] =
     return "\n".join(lines)
 
 
-def screen_runs(nets: list[str], lrs: list[float], methods: list[str], seeds: int | None = None) -> list:
+def screen_runs(nets: list[str], lrs: list[float], methods: list[str], seeds: int | None = None,
+                width: float | None = None) -> list:
     """The preset's LR-scan runs of ``methods`` on ``nets`` at ``lrs``; at an LR the preset lacks, its LR-0.1 runs
-    with that LR (the same schedule and names with the LR replaced)."""
+    with that LR (the same schedule and names with the LR replaced); ``width``: the nets at that width."""
     runs = [r for r in paper.build_runs("robust", "medium", seeds=seeds) if r.labels["part"] == "lr"
             and r.labels["method"] in methods and r.labels["arch"] in nets]
+    if width is not None:
+        runs = [dataclasses.replace(r, config=dataclasses.replace(
+            r.config, model_opts={**r.config.model_opts, "width": width})) for r in runs]
     out = [r for r in runs if r.labels["LR"] in lrs]
     for lr in (x for x in lrs if x not in PRESET_LRS):
         for r in (r for r in runs if r.labels["LR"] == 0.1):
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["pws auto"], choices=["bn", "pws", "pws auto"],
                    help="the preset's methods to train (bn and pws: the comparison at an LR the preset lacks)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the preset's 3)")
+    p.add_argument("--width", type=float, help="the nets at this width (default: the preset's); compare with "
+                   "--base results/plain_width05 at 0.5")
     p.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
     p.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     a = p.parse_args(argv)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             functional.AUTO_STEP_KNEE = a.step_knee
         if a.clip_knee is not None:
             functional.AUTO_CLIP_KNEE = a.clip_knee
-        runs = screen_runs(a.nets, a.lrs, a.methods, a.seeds)
+        runs = screen_runs(a.nets, a.lrs, a.methods, a.seeds, a.width)
         (a.out).mkdir(parents=True, exist_ok=True)
         label = ", ".join(x for x in (f"β floor {a.floor}" if a.floor is not None else "",
                                       f"λ of α, β ≥ {a.clip_min}" if a.clip_min is not None else "",
@@ -130,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                                       f"W's step bound loosens below LR/(1 − m) = {a.step_knee}"
                                       if a.step_knee is not None else "",
                                       f"λ of α, β loosens below LR/(1 − m) = {a.clip_knee}"
-                                      if a.clip_knee is not None else "") if x)
+                                      if a.clip_knee is not None else "",
+                                      f"width {a.width:g}" if a.width is not None else "") if x)
         (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")
         run_sweep(runs, a.out, jobs=1)
     print(report(a.out, a.base, extra_lrs=tuple(x for x in a.lrs if x not in PRESET_LRS)))
