@@ -96,7 +96,8 @@ def check_clip(clip: float | None) -> float | None:
 
 class _UnitClip(torch.autograd.Function):
     """Identity in forward; in backward the gradient is clipped unit-wise (see :func:`unit_clip`). Works under
-    ``torch.func`` transforms (under ``vmap`` each sample's gradient is clipped on its own)."""
+    ``torch.func``'s reverse-mode transforms (under ``vmap`` each sample's gradient is clipped on its own). No
+    forward-mode rule: a custom ``jvp`` makes ``torch.compile`` break its graph here (tested)."""
 
     generate_vmap_rule = True
 
@@ -110,10 +111,6 @@ class _UnitClip(torch.autograd.Function):
         p, lam, dims, *floor = inputs
         ctx.save_for_backward(p)
         ctx.lam, ctx.dims, ctx.floor = lam, dims, floor[0] if floor else 1e-3
-
-    @staticmethod
-    def jvp(ctx, p_t: Tensor, *_: object) -> Tensor:   # forward mode (jvp, hessian): the identity's tangent
-        return p_t
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
