@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(AUTO_CLIP_KNEE; default: the module's)")
     p.add_argument("--clip-top", type=float, help="λ of α and β up to LR/(1 − m) = 1 (AUTO_CLIP_TOP)")
     p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN)")
+    p.add_argument("--clip-free", type=float, help="up to this effective LR λ of α and β is AUTO_CLIP_SPIKE "
+                   "(AUTO_CLIP_FREE; 0: off)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nets", nargs="+", default=["residual", "plain"])
     p.add_argument("--lrs", nargs="+", type=float, default=list(PRESET_LRS),
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["pws auto"], choices=["bn", "pws", "pws auto"],
                    help="the preset's methods to train (bn and pws: the comparison at an LR the preset lacks)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the preset's 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="train only the seeds from this one on (another "
+                   "process trains the others into another folder)")
     p.add_argument("--width", type=float, help="the nets at this width (default: the preset's); compare with "
                    "--base results/plain_width05 at 0.5")
     p.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
@@ -128,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             functional.AUTO_STEP_KNEE = a.step_knee
         if a.clip_knee is not None:
             functional.AUTO_CLIP_KNEE = a.clip_knee
-        runs = screen_runs(a.nets, a.lrs, a.methods, a.seeds, a.width)
+        if a.clip_free is not None:
+            functional.AUTO_CLIP_FREE = a.clip_free
+        runs = [r for r in screen_runs(a.nets, a.lrs, a.methods, a.seeds, a.width) if r.config.seed >= a.first_seed]
         (a.out).mkdir(parents=True, exist_ok=True)
         label = ", ".join(x for x in (f"β floor {a.floor}" if a.floor is not None else "",
                                       f"λ of α, β ≥ {a.clip_min}" if a.clip_min is not None else "",
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                                       if a.step_knee is not None else "",
                                       f"λ of α, β loosens below LR/(1 − m) = {a.clip_knee}"
                                       if a.clip_knee is not None else "",
+                                      f"λ of α, β {functional.AUTO_CLIP_SPIKE} up to LR/(1 − m) = {a.clip_free}"
+                                      if a.clip_free is not None else "",
                                       f"width {a.width:g}" if a.width is not None else "") if x)
         (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")
         run_sweep(runs, a.out, jobs=1)

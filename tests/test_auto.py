@@ -555,25 +555,35 @@ def test_auto_bias_floor_from_param_groups_on_both_paths(lr):
 
 
 def test_auto_clip_of_alpha_and_beta(monkeypatch):
-    """λ of α and β under SGD: AUTO_CLIP_TOP·min(1, (1 − m)/lr), never below AUTO_CLIP_MIN, with an optional knee —
-    by default 0.005 at every LR (round 6; round 5: a top of 0.01, 0.01 up to LR 0.1); the layer learns it with λ_W
-    (no optimizer: AUTO_CLIP)."""
+    """λ of α and β under SGD: AUTO_CLIP_SPIKE (1: only spikes clipped) up to the effective LR lr/(1 − m) =
+    AUTO_CLIP_FREE = 1 — where paper PWS trains (round 7) — and above it AUTO_CLIP_TOP·min(1, (1 − m)/lr), never
+    below AUTO_CLIP_MIN, with an optional knee: 0.005 from LR 0.2 at m 0.9 (round 6: 0.005 at every LR; round 5: a
+    top of 0.01); the layer learns it with λ_W (no optimizer: AUTO_CLIP)."""
     from pwsconv import functional
-    from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_MIN, AUTO_CLIP_TOP, auto_clip
+    from pwsconv.functional import AUTO_CLIP, AUTO_CLIP_FREE, AUTO_CLIP_MIN, AUTO_CLIP_SPIKE, AUTO_CLIP_TOP, auto_clip
 
     assert AUTO_CLIP == 0.01 and AUTO_CLIP_MIN == AUTO_CLIP_TOP == 0.005
-    assert [auto_clip(lr, 0.9) for lr in (0.01, 0.05, 0.1, 0.2, 0.4, 3.2)] == [0.005] * 6
+    assert AUTO_CLIP_FREE == 1.0 and AUTO_CLIP_SPIKE == 1.0
+    assert [auto_clip(lr, 0.9) for lr in (0.01, 0.05, 0.1, 0.11, 0.2, 0.4, 3.2)] == [1.0] * 3 + [0.005] * 4
+    assert auto_clip(1.0, 0.0) == 1.0 and auto_clip(1.01, 0.0) == 0.005      # the effective LR: no momentum
+    # round 6's rule (no free range): 0.005 at every LR
+    assert [auto_clip(lr, 0.9, free=0.0) for lr in (0.01, 0.05, 0.1, 0.2, 0.4, 3.2)] == [0.005] * 6
     # round 5's rule: 0.01 up to LR 0.1 (m 0.9), falling as 1/lr to the floor from LR 0.2
-    assert [auto_clip(lr, 0.9, top=0.01) for lr in (0.05, 0.1, 0.2, 0.4, 3.2)] == [0.01, 0.01, 0.005, 0.005, 0.005]
+    assert [auto_clip(lr, 0.9, top=0.01, free=0.0) for lr in (0.05, 0.1, 0.2, 0.4, 3.2)] == \
+        [0.01, 0.01, 0.005, 0.005, 0.005]
     assert auto_clip(0.15, 0.9, top=0.01) == pytest.approx(0.01 * 0.1 / 0.15)
     assert auto_clip(0.4, 0.9, top=0.01, bottom=0.01) == 0.01          # a floor at the top: λ constant
     assert auto_clip(0.2, 0.9, top=0.01, bottom=0.001) == pytest.approx(0.005)
-    assert auto_clip(0.05, 0.0, top=0.01, bottom=0.0) == 0.01 and auto_clip(0.0, 0.9) is None
+    assert auto_clip(0.05, 0.0, top=0.01, bottom=0.0, free=0.0) == 0.01 and auto_clip(0.0, 0.9) is None
     # a knee (AUTO_CLIP_KNEE, off by default): below the effective LR `knee` λ grows as its inverse, unchanged above
-    assert [auto_clip(lr, 0.9, top=0.01, knee=4.0) for lr in (0.05, 0.1, 0.2, 0.4, 3.2)] == \
+    assert [auto_clip(lr, 0.9, top=0.01, knee=4.0, free=0.0) for lr in (0.05, 0.1, 0.2, 0.4, 3.2)] == \
         [0.08, 0.04, 0.01, 0.005, 0.005]
+    # the free range's bound: another threshold, another λ there (AUTO_CLIP_SPIKE, read at the call)
+    assert [auto_clip(lr, 0.9, free=2.0) for lr in (0.1, 0.2, 0.21)] == [1.0, 1.0, 0.005]
+    monkeypatch.setattr(functional, "AUTO_CLIP_SPIKE", 0.5)
+    assert auto_clip(0.1, 0.9) == 0.5
     monkeypatch.setattr(functional, "AUTO_CLIP_TOP", 0.01)            # read at the call
-    for lr, want in ((0.1, 0.01), (0.4, 0.005)):
+    for lr, want in ((0.1, 0.5), (0.2, 0.005), (0.4, 0.005)):
         net = _auto_net()
         assert all(m.clip_lambda == 0.01 for m in _pws_layers(net))       # no optimizer: AUTO_CLIP
         torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip",
            "AUTO_GAMMA",
            "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_STEP_KNEE", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
-           "auto_bias_floor", "AUTO_CLIP_MIN", "AUTO_CLIP_TOP", "AUTO_CLIP_KNEE", "auto_clip"]
+           "auto_bias_floor", "AUTO_CLIP_MIN", "AUTO_CLIP_TOP", "AUTO_CLIP_KNEE", "AUTO_CLIP_FREE", "AUTO_CLIP_SPIKE",
+           "auto_clip"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -33,8 +34,8 @@ AUTO_GAMMA = 1e-3
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of α and β when the layer does
 #: not know its optimizer's settings (no SGD group; RESULTS.md)
 AUTO_CLIP = 0.01
-#: ``gamma="auto"`` under SGD: λ of α and β up to an effective LR lr/(1 − m) of 1 (:func:`auto_clip`); 0.01 in
-#: round 5, 0.005 since round 6 (RESULTS.md: 0.9 points better on the plain CIFAR net at LR 0.1)
+#: ``gamma="auto"`` under SGD: λ of α and β just above the free range (:func:`auto_clip`; 0.01 in round 5, 0.005
+#: since round 6)
 AUTO_CLIP_TOP = 0.005
 #: ``gamma="auto"`` under SGD: λ of α and β never below this (:func:`auto_clip`; with AUTO_CLIP_TOP at the same value
 #: λ is 0.005 at every LR)
@@ -42,6 +43,11 @@ AUTO_CLIP_MIN = 0.005
 #: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) λ of α and β grows as its inverse, like W's
 #: (:func:`auto_clip`; 0: off)
 AUTO_CLIP_KNEE = 0.0
+#: ``gamma="auto"`` under SGD: up to this effective LR lr/(1 − m) (LR 0.1 at momentum 0.9), where paper PWS trains,
+#: λ of α and β is :data:`AUTO_CLIP_SPIKE` — only spikes clipped (:func:`auto_clip`; 0: off; round 7, RESULTS.md)
+AUTO_CLIP_FREE = 1.0
+#: ``gamma="auto"`` under SGD: λ of α and β up to the effective LR :data:`AUTO_CLIP_FREE` (|∂L/∂α| ≤ |α|)
+AUTO_CLIP_SPIKE = 1.0
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ of each filter of W when the layer does not know its
 #: optimizer's settings (a weight not in a :func:`pwsconv.param_groups` group of SGD): the value that trains at LR 1.6
 AUTO_CLIP_W = 0.01
@@ -250,19 +256,25 @@ def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
 
 
 def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom: float | None = None,
-              knee: float | None = None) -> float | None:
-    """λ of α and β for ``gamma="auto"`` under SGD: ``top·min(1, (1 − m)/lr)`` (rounded to 12 decimals), never
-    below ``bottom``, times ``max(1, knee·(1 − m)/lr)`` (defaults :data:`AUTO_CLIP_TOP` = :data:`AUTO_CLIP_MIN` =
-    0.005 and :data:`AUTO_CLIP_KNEE` = 0, read at the call: λ = 0.005 at every LR), or ``None`` where it is not
-    defined (as :func:`auto_clip_w`).
+              knee: float | None = None, free: float | None = None) -> float | None:
+    """λ of α and β for ``gamma="auto"`` under SGD: ``AUTO_CLIP_SPIKE`` = 1 (only spikes clipped) up to the effective
+    LR lr/(1 − m) ``free`` (default :data:`AUTO_CLIP_FREE` = 1: LR 0.1 at m 0.9); above it ``top·min(1, (1 − m)/lr)``
+    (rounded to 12 decimals), never below ``bottom``, times ``max(1, knee·(1 − m)/lr)`` (defaults
+    :data:`AUTO_CLIP_TOP` = :data:`AUTO_CLIP_MIN` = 0.005 and :data:`AUTO_CLIP_KNEE` = 0, read at the call: λ = 0.005
+    from LR 0.2 at m 0.9), or ``None`` where it is not defined (as :func:`auto_clip_w`).
 
     Measured on the CIFAR medium preset (RESULTS.md): 0.005 from LR 0.2 gains 1–11 points at LR 0.4–3.2 over 0.01
-    (round 5); 0.005 also below LR 0.2 (round 6) gains 0.9 / 0.3 on the plain net at LR 0.1 / 0.05 and costs the
-    residual net 0.2–0.4 (within its seed spread), and a looser λ there (the knee, 0.04 at LR 0.1) is worse on both."""
+    (round 5). Below, where paper PWS trains, a per-entry bound this tight holds α and β at it on most steps — each
+    moves by a fixed step in the direction of its gradient's sign, however small that gradient — and on the plain
+    net at four times the width its channels drifted apart and some died (1.4 points behind paper PWS at LR 0.1);
+    with only spikes clipped there (round 7) auto follows paper PWS."""
     sgd = _sgd_setting(lr, momentum)
     if sgd is None:
         return None
     lr, m = sgd
+    free = AUTO_CLIP_FREE if free is None else free
+    if free and round(lr / (1.0 - m), 12) <= free:     # rounded: 0.1 / (1 − 0.9) is 1.0000000000000002 in floats
+        return AUTO_CLIP_SPIKE
     top = AUTO_CLIP_TOP if top is None else top
     bottom = AUTO_CLIP_MIN if bottom is None else bottom
     knee = AUTO_CLIP_KNEE if knee is None else knee
