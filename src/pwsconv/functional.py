@@ -37,8 +37,8 @@ AUTO_CLIP = 0.01
 #: ``gamma="auto"`` under SGD: λ of α and β just above the free range (:func:`auto_clip`; 0.01 in round 5, 0.005
 #: since round 6)
 AUTO_CLIP_TOP = 0.005
-#: ``gamma="auto"`` under SGD: λ of α and β never below this (:func:`auto_clip`; with AUTO_CLIP_TOP at the same value
-#: λ is 0.005 at every LR)
+#: ``gamma="auto"`` under SGD: λ of α and β never below this above the free range (:func:`auto_clip`; with
+#: AUTO_CLIP_TOP at the same value λ is 0.005 at every LR there)
 AUTO_CLIP_MIN = 0.005
 #: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) λ of α and β grows as its inverse, like W's
 #: (:func:`auto_clip`; 0: off)
