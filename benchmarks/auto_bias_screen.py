@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--floor", type=float, help="one floor of the biases' clipping bound at every LR (default: the "
                    "rule, auto_bias_floor)")
     p.add_argument("--step-knee", type=float, help="W's step bound loosens below this effective LR (AUTO_STEP_KNEE)")
-    p.add_argument("--clip-knee", type=float, help="λ of α and β grows as 1/lr below this effective LR "
+    p.add_argument("--clip-knee", type=float, help="λ of α and β grows as 1/lr below this effective LR, above --clip-free's "
                    "(AUTO_CLIP_KNEE; default: the module's)")
-    p.add_argument("--clip-top", type=float, help="λ of α and β up to LR/(1 − m) = 1 (AUTO_CLIP_TOP)")
-    p.add_argument("--clip-min", type=float, help="the floor of λ of α and β (AUTO_CLIP_MIN)")
+    p.add_argument("--clip-top", type=float, help="λ of α and β just above the free range (AUTO_CLIP_TOP; at an LR inside it "
+                   "only with --clip-free 0)")
+    p.add_argument("--clip-min", type=float, help="the floor of λ of α and β above the free range (AUTO_CLIP_MIN; inside "
+                   "it only with --clip-free 0)")
     p.add_argument("--clip-free", type=float, help="up to this effective LR λ of α and β is AUTO_CLIP_SPIKE "
                    "(AUTO_CLIP_FREE; 0: off)")
     p.add_argument("--out", type=Path, required=True)
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                                       if a.step_knee is not None else "",
                                       f"λ of α, β loosens below LR/(1 − m) = {a.clip_knee}"
                                       if a.clip_knee is not None else "",
-                                      f"λ of α, β {functional.AUTO_CLIP_SPIKE} up to LR/(1 − m) = {a.clip_free}"
+                                      (f"λ of α, β {functional.AUTO_CLIP_SPIKE} up to LR/(1 − m) = {a.clip_free}"
+                                       if a.clip_free else "no free range for α, β (round 6)")
                                       if a.clip_free is not None else "",
                                       f"width {a.width:g}" if a.width is not None else "") if x)
         (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")

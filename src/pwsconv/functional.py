@@ -41,7 +41,7 @@ AUTO_CLIP_TOP = 0.005
 #: AUTO_CLIP_TOP at the same value λ is 0.005 at every LR there)
 AUTO_CLIP_MIN = 0.005
 #: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) λ of α and β grows as its inverse, like W's
-#: (:func:`auto_clip`; 0: off)
+#: (:func:`auto_clip`; 0: off) — above the free range :data:`AUTO_CLIP_FREE` only
 AUTO_CLIP_KNEE = 0.0
 #: ``gamma="auto"`` under SGD: up to this effective LR lr/(1 − m) (LR 0.1 at momentum 0.9), where paper PWS trains,
 #: λ of α and β is :data:`AUTO_CLIP_SPIKE` — only spikes clipped (:func:`auto_clip`; 0: off; round 7, RESULTS.md)

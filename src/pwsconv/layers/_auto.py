@@ -3,7 +3,9 @@
 :func:`pwsconv.param_groups` calls ``layer.link_optimizer_group(group)`` with the parameter group that holds the
 layer's weight. torch's optimizers keep those very dicts and fill in their defaults, so once an SGD optimizer exists
 the layer reads its starting LR and momentum there, once, and sets λ_W = :func:`pwsconv.functional.auto_clip_w`
-(each SGD step moves a filter by at most ``AUTO_STEP`` of its norm) and the floor of β's bound,
+(each SGD step moves a filter by at most ``AUTO_STEP`` of its norm), λ of α and β =
+:func:`pwsconv.functional.auto_clip` (only spikes clipped up to LR 0.1 at momentum 0.9, 0.005 above) and the floor
+of β's bound,
 :func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule changes nothing after that, and
 nothing is saved: a resumed run builds its optimizer from ``param_groups`` with the same LR and gets the same λ.
 Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``CLIP_BIAS_FLOOR``.
