@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/ab"))
+    p.add_argument("--lr", type=float, default=1e-3, help="SGD's LR (momentum 0.9): gamma=auto's bounds follow it "
+                   "(above LR 0.1 α and β are clipped per vector)")
     p.add_argument("--cpu-time", action="store_true",
                    help="one torch thread, timed by this thread's CPU time (for a machine busy with other work)")
     a = p.parse_args(argv)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             def make(build, method, step, opts=None, **kw):
                 torch.manual_seed(0)
                 extra = {} if opts is None else {"method_opts": opts}
-                return step(build(model, method, num_classes=10, in_channels=3, **extra), x, y, **kw)
+                return step(build(model, method, num_classes=10, in_channels=3, **extra), x, y, lr=a.lr, **kw)
 
             fns = {"none": make(build_model, "none", train_step_fn), "bn": make(build_model, "bn", train_step_fn),
                    "pws before": make(before_build, "pws", before_step),

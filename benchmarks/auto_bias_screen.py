@@ -26,6 +26,7 @@ from pathlib import Path
 from pwsconv import functional
 from pwsconv.experiments import paper
 from pwsconv.experiments.sweep import run_sweep
+from pwsconv.layers import pws as pws_layers
 
 
 def _err(run_dir: Path) -> float | None:
@@ -109,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                    "it only with --clip-free 0)")
     p.add_argument("--clip-free", type=float, help="up to this effective LR λ of α and β is AUTO_CLIP_SPIKE "
                    "(AUTO_CLIP_FREE; 0: off)")
+    p.add_argument("--auto-gamma", type=float, help="γ of auto relative to the He-init filter variance, γ_eff = "
+                   "this·2/n_l (AUTO_GAMMA, 1e-3; 0.1 puts γ_eff near paper PWS's 1e-3 on the preset's 3×3 convs)")
+    p.add_argument("--clip-unit", choices=["entry", "vector"], help="above the free range clip α and β per entry "
+                   "(round 7) or each layer's vector as one unit (AUTO_CLIP_VECTOR; default: the module's)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--nets", nargs="+", default=["residual", "plain"])
     p.add_argument("--lrs", nargs="+", type=float, default=list(PRESET_LRS),
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             functional.AUTO_CLIP_KNEE = a.clip_knee
         if a.clip_free is not None:
             functional.AUTO_CLIP_FREE = a.clip_free
+        if a.auto_gamma is not None:
+            functional.AUTO_GAMMA = pws_layers.AUTO_GAMMA = a.auto_gamma   # read by the layer at every forward
+        if a.clip_unit is not None:
+            functional.AUTO_CLIP_VECTOR = a.clip_unit == "vector"
         runs = [r for r in screen_runs(a.nets, a.lrs, a.methods, a.seeds, a.width) if r.config.seed >= a.first_seed]
         (a.out).mkdir(parents=True, exist_ok=True)
         label = ", ".join(x for x in (f"β floor {a.floor}" if a.floor is not None else "",
@@ -148,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                                       (f"λ of α, β {functional.AUTO_CLIP_SPIKE} up to LR/(1 − m) = {a.clip_free}"
                                        if a.clip_free else "no free range for α, β (round 6)")
                                       if a.clip_free is not None else "",
-                                      f"width {a.width:g}" if a.width is not None else "") if x)
+                                      f"width {a.width:g}" if a.width is not None else "",
+                                      f"α, β clipped per {a.clip_unit} above the free range" if a.clip_unit else "",
+                                      f"γ_eff = {a.auto_gamma:g}·2/n_l" if a.auto_gamma is not None else "")
+                      if x)
         (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")
         run_sweep(runs, a.out, jobs=1)
     print(report(a.out, a.base, extra_lrs=tuple(x for x in a.lrs if x not in PRESET_LRS)))

@@ -227,7 +227,7 @@ def test_a_parametrized_weight_is_linked_too():
     net = torch.nn.Sequential(PWSConv2d(3, 8, 3, gamma="auto"))
     weight_norm(net[0])
     torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1.6, momentum=0.9)
-    assert net[0].clips() == (auto_clip_w(1.6, 0.9), auto_clip(1.6, 0.9), auto_bias_floor(1.6, 0.9))
+    assert net[0].clips() == (auto_clip_w(1.6, 0.9), auto_clip(1.6, 0.9), auto_bias_floor(1.6, 0.9), True)
 
 
 def test_auto_refuses_equiv_which_would_do_nothing():
@@ -256,7 +256,7 @@ def test_groups_copied_before_the_optimizer_warn_once():
         return [str(x.message) for x in w if "never reached an optimizer" in str(x.message)], layer.clips()
 
     msgs, clips = run(lambda net: [{**g, "lr": 1.6} for g in pwsconv.param_groups(net, 5e-4)])
-    assert msgs and len(set(msgs)) == 1 and clips == (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR)   # one text: shown once
+    assert msgs and len(set(msgs)) == 1 and clips == (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR, False)   # shown once
 
     def in_place(net):
         groups = pwsconv.param_groups(net, 5e-4)
@@ -265,7 +265,7 @@ def test_groups_copied_before_the_optimizer_warn_once():
         return groups
 
     msgs, clips = run(in_place)
-    assert msgs == [] and clips == (auto_clip_w(1.6, 0.9), auto_clip(1.6, 0.9), auto_bias_floor(1.6, 0.9))
+    assert msgs == [] and clips == (auto_clip_w(1.6, 0.9), auto_clip(1.6, 0.9), auto_bias_floor(1.6, 0.9), True)
 
 
 def test_convert_and_method_registry_accept_auto():
@@ -548,10 +548,16 @@ def test_auto_bias_floor_from_param_groups_on_both_paths(lr):
     for k, g in grads[0].items():
         torch.testing.assert_close(grads[1][k], g, rtol=1e-5, atol=1e-7, msg=k)
     conv = net.features[0].conv
-    g = grads[0]["features.0.conv.bias"].abs()
-    bound = conv.bias.detach().abs().clamp_min(floor) * conv.clip_lambda
-    assert (g <= bound * (1 + 1e-6)).all()
-    assert g.max() > 0.5 * conv.clip_lambda * floor      # the scaled loss pushes β to its bound
+    g, b = grads[0]["features.0.conv.bias"], conv.bias.detach()
+    if lr == 0.1:      # inside the free range: per entry
+        assert not conv.clips()[3]
+        bound = b.abs().clamp_min(floor) * conv.clip_lambda
+        assert (g.abs() <= bound * (1 + 1e-6)).all()
+        assert g.abs().max() > 0.5 * conv.clip_lambda * floor      # the scaled loss pushes β to its bound
+    else:              # above it: the layer's β as one unit, ‖g‖ ≤ λ·max(‖β‖, floor·sqrt(k)), held there
+        assert conv.clips()[3]
+        bound = conv.clip_lambda * max(b.norm().item(), floor * b.numel() ** 0.5)
+        assert g.norm().item() == pytest.approx(bound, rel=1e-5)
 
 
 def test_auto_clip_of_alpha_and_beta(monkeypatch):
@@ -589,6 +595,59 @@ def test_auto_clip_of_alpha_and_beta(monkeypatch):
         torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
         assert all(m.clip_lambda == want for m in _pws_layers(net))
     assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.03).clip_lambda == 0.03
+
+
+def test_auto_clips_alpha_and_beta_per_vector_above_the_free_range(monkeypatch):
+    """Above the free range (round 8) each layer's α and β is clipped as one unit: auto_clip_vector is False up to
+    the effective LR AUTO_CLIP_FREE and True above (AUTO_CLIP_VECTOR, read at the call; None where undefined); the
+    layer learns it with its λ, and an explicit clip= stays per entry (AGC)."""
+    from pwsconv import functional
+    from pwsconv.functional import AUTO_CLIP_VECTOR, auto_clip_vector
+
+    assert AUTO_CLIP_VECTOR is True
+    assert [auto_clip_vector(lr, 0.9) for lr in (0.01, 0.1, 0.11, 0.2, 3.2)] == [False, False, True, True, True]
+    assert auto_clip_vector(1.0, 0.0) is False and auto_clip_vector(1.01, 0.0) is True
+    assert auto_clip_vector(0.2, 0.9, free=2.0) is False and auto_clip_vector(0.05, 0.9, free=0.0) is True
+    assert auto_clip_vector(0.0, 0.9) is None and auto_clip_vector(0.1, 1.0) is None
+    for lr, want in ((0.1, False), (0.4, True)):
+        net = _auto_net()
+        assert not any(m.clips()[3] for m in _pws_layers(net))     # no optimizer: AUTO_CLIP per entry
+        torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
+        assert all(m.clips()[3] is want for m in _pws_layers(net))
+    monkeypatch.setattr(functional, "AUTO_CLIP_VECTOR", False)       # round 7: per entry at every LR
+    assert auto_clip_vector(0.4, 0.9) is False
+    assert PWSConv2d(3, 4, 3, gamma="auto", clip=0.03).clips()[3] is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_clip_vectors_keeps_direction_and_equals_the_layer_path(dtype):
+    """clip_vectors (the fused node's, several vectors at once) gives unit_clip(vector=True)'s gradients bit for bit
+    on a CPU: ‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)), a held vector scaled (its direction kept), one under its bound and a
+    zero gradient unchanged, out of place, in the gradient's dtype."""
+    from pwsconv.functional import clip_vectors, unit_clip
+
+    g = torch.Generator().manual_seed(1)
+    pt = torch.float32 if dtype == torch.bfloat16 else dtype          # α and β: float32 or float64
+    ps = [(torch.randn(k, generator=g) * s).to(pt) for k, s in ((6, 1.0), (3, 1e-4), (5, 2.0), (4, 0.0), (7, 1.0))]
+    gs = [(torch.randn(k, generator=g) * s).to(dtype) for k, s in ((6, 1.0), (3, 1.0), (5, 1e-4), (4, 1.0), (7, 0.0))]
+    lams, floors = [0.01, 0.01, 0.04, 0.01, 0.01], [1e-3, 1e-3, 1.0, 1.0, 1e-3]
+    before = [x.clone() for x in gs]
+    out = clip_vectors(gs, ps, lams, floors)
+    assert all(torch.equal(x, y) for x, y in zip(gs, before))                # out of place
+    for o, gi, p, lam, floor in zip(out, gs, ps, lams, floors):
+        assert o.dtype == gi.dtype
+        leaf = p.clone().requires_grad_(True)
+        unit_clip(leaf, lam, floor=floor, vector=True).backward(gi.float() if dtype == torch.bfloat16 else gi)
+        if dtype != torch.bfloat16:
+            assert torch.equal(leaf.grad, o)
+        bound = lam * max(p.norm().item(), floor * p.numel() ** 0.5)
+        assert o.double().norm().item() <= bound * (1 + 1e-2) + 1e-12
+        if gi.double().norm().item() <= bound:
+            assert torch.equal(o, gi)                                     # under its bound (or zero): as it was
+        else:
+            cos = torch.nn.functional.cosine_similarity(o.double(), gi.double(), dim=0)
+            assert cos.item() == pytest.approx(1.0, abs=1e-6)              # held: direction kept
+    assert not torch.equal(out[0], gs[0]) and torch.equal(out[2], gs[2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -932,14 +932,19 @@ class _Casts(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatch
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("gamma", [1e-3, "auto"])
+@pytest.mark.parametrize("gamma", [1e-3, "auto", "auto at LR 1.6"])
 def test_autocast_weights_and_biases_are_cast_by_the_node(gamma):
     """Under autocast the fused node hands out α·Ŵ and β in autocast's dtype — one cast per group and one for all
     biases, in forward and in backward, instead of autocast's one per layer and tensor — with the values of the
-    per-layer path under autocast (a cast is elementwise) and its gradients up to float rounding."""
+    per-layer path under autocast (a cast is elementwise) and its gradients up to float rounding (auto at LR 1.6:
+    α and β clipped per vector)."""
     torch.manual_seed(0)
-    ref = build_model("resnet_cifar_small", "pws", method_opts={"gamma": gamma}, width=0.25)
+    ref = build_model("resnet_cifar_small", "pws", method_opts={"gamma": "auto" if isinstance(gamma, str) else gamma}, width=0.25)
     net = copy.deepcopy(ref)
+    if gamma == "auto at LR 1.6":
+        for m in (ref, net):
+            torch.optim.SGD(pwsconv.param_groups(m, 5e-4), lr=1.6, momentum=0.9)
+        assert all(m.clips()[3] for m in net.modules() if isinstance(m, PWSMixin))
     handle = pwsconv.fuse_standardization(net)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     casts, outs = {}, {}

@@ -202,11 +202,11 @@ def test_full_dry_run_estimates_from_measured_throughput(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
-@pytest.mark.parametrize("gamma", [1e-3, "auto"])
+@pytest.mark.parametrize("gamma, lr", [(1e-3, 0.1), ("auto", 0.1), ("auto", 1.6)])
 @pytest.mark.parametrize("fuse", [False, True])
-def test_compiled_pws_trains_with_eager_values_and_no_graph_break(gamma, fuse):
-    """torch.compile of a PWS ResNet (paper γ or "auto", fused or per layer): the same losses and weights as eager
-    after a few SGD steps, in one graph. ``aot_eager`` runs dynamo's capture and AOT autograd (where graph breaks and
+def test_compiled_pws_trains_with_eager_values_and_no_graph_break(gamma, lr, fuse):
+    """torch.compile of a PWS ResNet (paper γ or "auto" — at LR 1.6 its α and β clipped per vector — fused or per
+    layer): the same losses and weights as eager after a few SGD steps, in one graph. ``aot_eager`` runs dynamo's capture and AOT autograd (where graph breaks and
     wrong gradients come from) without the C++ compile of inductor."""
     import copy
 
@@ -229,7 +229,7 @@ def test_compiled_pws_trains_with_eager_values_and_no_graph_break(gamma, fuse):
     for name, net in (("eager", eager), ("compiled", compiled)):
         net.train()
         prepare_for_training(net, "pws", fuse=fuse)
-        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=lr, momentum=0.9)
         model = torch.compile(net, backend="aot_eager") if name == "compiled" else net
         losses[name] = [float(train_step(model, opt, x, y)[0].detach()) for x, y in data]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)

@@ -25,7 +25,7 @@ __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip",
            "AUTO_GAMMA",
            "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_STEP_KNEE", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
            "auto_bias_floor", "AUTO_CLIP_MIN", "AUTO_CLIP_TOP", "AUTO_CLIP_KNEE", "AUTO_CLIP_FREE", "AUTO_CLIP_SPIKE",
-           "auto_clip"]
+           "auto_clip", "AUTO_CLIP_VECTOR", "auto_clip_vector", "clip_vectors"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -48,6 +48,10 @@ AUTO_CLIP_KNEE = 0.0
 AUTO_CLIP_FREE = 1.0
 #: ``gamma="auto"`` under SGD: λ of α and β up to the effective LR :data:`AUTO_CLIP_FREE` (|∂L/∂α| ≤ |α|)
 AUTO_CLIP_SPIKE = 1.0
+#: ``gamma="auto"`` under SGD: above the effective LR :data:`AUTO_CLIP_FREE`, each layer's α (and β) is clipped as one
+#: unit, ‖∂L/∂α‖ ≤ λ·max(‖α‖, 1e-3·sqrt(k)), keeping the gradient's direction, instead of per entry, where a bound
+#: held on most steps makes sign descent (:func:`auto_clip_vector`; False: per entry, round 7; round 8, RESULTS.md)
+AUTO_CLIP_VECTOR = True
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ of each filter of W when the layer does not know its
 #: optimizer's settings (a weight not in a :func:`pwsconv.param_groups` group of SGD): the value that trains at LR 1.6
 AUTO_CLIP_W = 0.01
@@ -128,7 +132,7 @@ class _UnitClip(torch.autograd.Function):
             return torch.clamp(g, -bound, bound), None, None, None
         ct = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32   # float64 stays float64
         pf, gf = p.to(ct), g.to(ct)
-        pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min(1e-3)
+        pn = torch.linalg.vector_norm(pf, dim=dims, keepdim=True).clamp_min(ctx.floor)   # a filter's: 1e-3
         gn = torch.linalg.vector_norm(gf, dim=dims, keepdim=True).clamp_min(1e-30)
         scale = (pn * lam / gn).clamp(max=1.0)
         return (gf * scale).to(g.dtype), None, None, None
@@ -141,17 +145,20 @@ def _clip_per_entry(g: Tensor, p: Tensor, lam: float | Tensor, floor: float | Te
     return torch.clamp(g, -bound, bound)
 
 
-def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None, floor: float = 1e-3
-              ) -> Tensor | None:
+def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None, floor: float = 1e-3,
+              vector: bool = False) -> Tensor | None:
     """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, "High-performance large-scale image recognition
     without normalization"), as an identity op: the value is ``p``; the gradient flowing back through it is scaled
     so that ‖g_u‖ ≤ λ·max(‖p_u‖, 1e-3) for every unit u — a filter (the norm over ``dims``) for a weight, each entry
-    for a vector (α, β; ``dims=None``; ``floor`` replaces 1e-3 there: β's is :data:`CLIP_BIAS_FLOOR`). A per-filter
-    scale keeps eq. 13: the clipped ∂L/∂W_o still has zero mean.
+    for a vector (α, β; ``dims=None``; ``floor`` replaces 1e-3 there: β's is :data:`CLIP_BIAS_FLOOR`), or the whole
+    vector as one unit with ``vector=True`` (‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)) for k entries; :func:`clip_vectors`). A
+    per-filter scale keeps eq. 13: the clipped ∂L/∂W_o still has zero mean.
     ``None`` stays ``None``; without autograd (no grad mode, or ``p`` needs no gradient) ``p`` itself is returned."""
     if p is None or not lam or not (p.requires_grad and torch.is_grad_enabled()):
         return p
     if p.dim() <= 1:
+        if vector:
+            return _UnitClip.apply(p, float(lam), (0,) if p.dim() else (), float(floor) * math.sqrt(p.numel()))
         return _UnitClip.apply(p, float(lam), None, float(floor))
     nd = p.dim()
     d = tuple(range(1, nd)) if dims is None else tuple(sorted({int(x) % nd for x in dims}))
@@ -177,6 +184,23 @@ def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[floa
     clipped = torch._foreach_maximum(list(gs), torch._foreach_neg(bound))
     torch._foreach_minimum_(clipped, bound)
     return clipped
+
+
+def clip_vectors(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
+                 ) -> list[Tensor]:
+    """Each gradient clipped as one unit to ‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)) (k entries), out of place, its
+    direction kept — :func:`unit_clip` with ``vector=True``, the same ops (so the same values on a CPU) with a
+    handful of foreach ops for all the vectors (the fused node's α and β above auto's free range)."""
+    wide = (torch.float32, torch.float64)
+    same = all(g.dtype in wide and p.dtype == g.dtype for g, p in zip(gs, ps))   # the usual case: no casts
+    gf = list(gs) if same else [g if g.dtype in wide else g.float() for g in gs]
+    pn = torch._foreach_norm(list(ps) if same else [p.to(g.dtype) for p, g in zip(ps, gf)])
+    torch._foreach_clamp_min_(pn, [f * math.sqrt(p.numel()) for f, p in zip(floors, ps)])
+    torch._foreach_mul_(pn, list(lams))
+    torch._foreach_div_(pn, torch._foreach_clamp_min(torch._foreach_norm(gf), 1e-30))
+    torch._foreach_clamp_max_(pn, 1.0)
+    out = torch._foreach_mul(gf, pn)
+    return out if same else [c.to(g.dtype) for c, g in zip(out, gs)]
 
 
 def _clip_entries_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
@@ -267,7 +291,8 @@ def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom
     (round 5). Below, where paper PWS trains, a per-entry bound this tight holds α and β at it on most steps — each
     moves by a fixed step in the direction of its gradient's sign, however small that gradient — and on the plain
     net at four times the width its channels drifted apart and some died (1.4 points behind paper PWS at LR 0.1);
-    with only spikes clipped there (round 7) auto follows paper PWS."""
+    with only spikes clipped there (round 7) auto follows paper PWS. Above the free range λ bounds each layer's α
+    and β vector as one unit (:func:`auto_clip_vector`, round 8), so a held vector keeps its direction."""
     sgd = _sgd_setting(lr, momentum)
     if sgd is None:
         return None
@@ -280,6 +305,24 @@ def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom
     knee = AUTO_CLIP_KNEE if knee is None else knee
     lam = max(round(top * min(1.0, (1.0 - m) / lr), 12), min(bottom, top))
     return round(lam * max(1.0, knee * (1.0 - m) / lr), 12)
+
+
+def auto_clip_vector(lr: float, momentum: float = 0.0, free: float | None = None) -> bool | None:
+    """Whether ``gamma="auto"`` under SGD clips each layer's α and β as one unit (:func:`clip_vectors`) rather than per
+    entry: above the effective LR lr/(1 − m) ``free`` (default :data:`AUTO_CLIP_FREE`, where :func:`auto_clip` turns
+    tight) while :data:`AUTO_CLIP_VECTOR` (both read at the call), or ``None`` where it is not defined (as
+    :func:`auto_clip_w`).
+
+    Above the free range the bound holds on most steps; per entry that is sign descent — each α and β moves by a
+    fixed step in its gradient's sign, however small and noisy — and on the plain CIFAR net at four times the
+    preset's width it cost 1.4 points at LR 0.1 (round 6). One bound per layer vector keeps the direction: a held
+    vector takes a normalized-gradient step (round 8, RESULTS.md)."""
+    sgd = _sgd_setting(lr, momentum)
+    if sgd is None:
+        return None
+    lr, m = sgd
+    free = AUTO_CLIP_FREE if free is None else free
+    return bool(AUTO_CLIP_VECTOR) and not (free and round(lr / (1.0 - m), 12) <= free)
 
 
 def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,

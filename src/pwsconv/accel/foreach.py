@@ -1,6 +1,6 @@
 """The fused node's (:mod:`pwsconv.accel.fused`) work on many tensors at once, with foreach ops: ``gamma="auto"``'s
 unit-wise gradient clipping of every group's filters (:func:`pwsconv.functional.unit_clip`'s bound; α and β entries:
-:func:`pwsconv.functional.clip_entries`), and the biases handed out through the node (cast to autocast's dtype all
+:func:`pwsconv.functional.clip_entries`, or each vector as one unit: :func:`~pwsconv.functional.clip_vectors`), and the biases handed out through the node (cast to autocast's dtype all
 at once)."""
 
 from __future__ import annotations
@@ -10,6 +10,21 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from ..functional import clip_entries, clip_vectors
+
+
+def clip_units(ca: Sequence[tuple]) -> list[tuple[int, Tensor]]:
+    """The clipped gradients of α and β as (position, gradient): ``ca`` holds per vector (position, gradient, the α or
+    β, λ, floor, per vector?) — per entry with :func:`~pwsconv.functional.clip_entries`, per vector with
+    :func:`~pwsconv.functional.clip_vectors` (auto above its free range), each set in one call."""
+    out: list[tuple[int, Tensor]] = []
+    for unit, fn in ((False, clip_entries), (True, clip_vectors)):
+        part = [c for c in ca if bool(c[5]) == unit]
+        if part:
+            pos, gs, ps, lams, floors, _ = zip(*part)
+            out += zip(pos, fn(gs, ps, lams, floors))
+    return out
 
 
 def clip_filters_(cw: Sequence[tuple], cat: bool | None = None) -> None:

@@ -24,8 +24,7 @@ from torch import Tensor, nn
 
 from .. import functional as _F
 from ..functional import _LOW_PRECISION
-from ..functional import clip_entries
-from .foreach import bias_grads, bias_views, clip_filters_
+from .foreach import bias_grads, bias_views, clip_filters_, clip_units
 from .cache import _ENTRIES
 from .once import differentiable_once
 from .source import _ACTIVE, _Forward, current_pack, needs_fresh, uninstall_source, weight_source
@@ -63,10 +62,10 @@ class _PWSMany(torch.autograd.Function):
 
     ``spec`` is a tuple of groups ``(layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip)``: the layers' output
     indices, the positions of their weights (and α, 1-d, or ``None``) among ``tensors``, their filter counts, n_l,
-    γ, the gain, the shape of the concatenated weight and the pair (λ_W, λ_α) of unit-wise gradient clipping applied
-    in backward (0: none). ``bias_spec`` is a tuple of ``(position, λ, floor)``: biases passed through after the
-    ``n_out`` weights, their gradients clipped like α's but with their own floor, |g| ≤ λ·max(|β|, floor) (λ > 0;
-    one set of foreach ops for all α and β).
+    γ, the gain, the shape of the concatenated weight and (λ_W, λ_α, per vector) of unit-wise gradient clipping in
+    backward (0: none; α per entry, or per vector: ``clip_vectors``). ``bias_spec`` is a tuple of ``(position, λ,
+    floor, per vector)``: biases passed through after the ``n_out`` weights, their gradients clipped like α's but with
+    their own floor, |g| ≤ λ·max(|β|, floor) (λ > 0; one set of foreach ops for all α and β).
 
     ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the float32 weights and biases on that device type
     are handed out in that dtype, one cast per group and one for all biases instead of autocast's one per layer and
@@ -152,7 +151,7 @@ class _PWSMany(torch.autograd.Function):
             r_all = shape[0]
             gw, gs, _ = _BN_BACKWARD(g.reshape(1, r_all, n), w.view(1, r_all, n), s, None, None, mean, rstd,
                                      True, gamma, [need_w, need_a, False])
-            clip_w, clip_a = clip
+            clip_w, clip_a, vec = clip
             if need_w:
                 gw = gw.view(r_all, n)
                 if clip_w:
@@ -170,21 +169,19 @@ class _PWSMany(torch.autograd.Function):
                     if gi is not None:
                         res[i + _NARGS] = p
                         if clip_a:
-                            ca.append((i + _NARGS, p, a, clip_a, 1e-3))
+                            ca.append((i + _NARGS, p, a, clip_a, 1e-3, vec))
         if cw:
             clip_filters_(cw)
         if ctx.bias_spec:
             gb = bias_grads(grads[len(grads) - len(ctx.bias_spec):], ctx.biases, ctx.cast)
-            for (i, lam, floor), b, g in zip(ctx.bias_spec, ctx.biases, gb):
+            for (i, lam, floor, vec), b, g in zip(ctx.bias_spec, ctx.biases, gb):
                 if g is not None and needs[i + _NARGS]:
                     if lam:     # clipped out of place: an incoming gradient is not ours to change
-                        ca.append((i + _NARGS, g, b, lam, floor))
+                        ca.append((i + _NARGS, g, b, lam, floor, vec))
                     else:
                         res[i + _NARGS] = g
-        if ca:
-            pos, gas, ps, lams, floors = zip(*ca)
-            for i, c in zip(pos, clip_entries(gas, ps, lams, floors)):
-                res[i] = c
+        for i, c in clip_units(ca):   # α and β: per entry, or per vector above auto's free range
+            res[i] = c
         return tuple(res)
 
 
@@ -231,7 +228,8 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
         rows = w.shape[0]
         if a is not None and a.numel() != rows:
             raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
-        clip = (float(clip[0] or 0.0), float(clip[1] or 0.0)) if isinstance(clip, tuple) else (float(clip or 0.0),) * 2
+        clip = (float(clip[0] or 0.0), float(clip[1] or 0.0), len(clip) > 3 and bool(clip[3])) \
+            if isinstance(clip, tuple) else (float(clip or 0.0),) * 2 + (False,)
         # a large weight is not concatenated with others (its own group): on a CPU copying it costs more than the
         # dispatch it would save (measured on torchvision's ResNet-50, BENCHMARKS.md); on a GPU copies are cheap
         alone = k if w.device.type == "cpu" and w.numel() > CPU_CAT_LIMIT else None
@@ -263,7 +261,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
         lam = float(lam or 0.0) if b.requires_grad and torch.is_grad_enabled() else 0.0
         floor = float(c[2]) if isinstance(c, tuple) and len(c) > 2 else _F.CLIP_BIAS_FLOOR
         if lam or (cast is not None and b.dtype == torch.float32 and b.device.type == cast[0]):
-            bias_spec.append((len(tensors), lam, floor))
+            bias_spec.append((len(tensors), lam, floor, isinstance(c, tuple) and len(c) > 3 and bool(c[3])))
             passed.append(k)
             tensors.append(b)
     out = _PWSMany.apply(spec, tuple(bias_spec), cast, len(weights), *tensors)

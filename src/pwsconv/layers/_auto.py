@@ -4,9 +4,10 @@
 layer's weight. torch's optimizers keep those very dicts and fill in their defaults, so once an SGD optimizer exists
 the layer reads its starting LR and momentum there, once, and sets λ_W = :func:`pwsconv.functional.auto_clip_w`
 (each SGD step moves a filter by at most ``AUTO_STEP`` of its norm), λ of α and β =
-:func:`pwsconv.functional.auto_clip` (only spikes clipped up to LR 0.1 at momentum 0.9, 0.005 above) and the floor
-of β's bound,
-:func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule changes nothing after that, and
+:func:`pwsconv.functional.auto_clip` (only spikes clipped, per entry, up to LR 0.1 at momentum 0.9; 0.005 above,
+each layer's α and β as one vector: :func:`pwsconv.functional.auto_clip_vector`) and the floor of β's bound,
+:func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule
+changes nothing after that, and
 nothing is saved: a resumed run builds its optimizer from ``param_groups`` with the same LR and gets the same λ.
 Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``CLIP_BIAS_FLOOR``.
 """
@@ -49,9 +50,10 @@ def link_optimizer_group(layer: Any, group: dict) -> None:
     layer.__dict__["_auto_clips"] = None
 
 
-def auto_clips_of(layer: Any) -> tuple[float, float, float]:
-    """(λ of ``layer``'s filters, λ of α and β, the floor of β's bound) under ``gamma="auto"``: learned once from the
-    newest linked group that an SGD optimizer has filled in, else (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR)."""
+def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
+    """(λ of ``layer``'s filters, λ of α and β, the floor of β's bound, α and β clipped per vector) under
+    ``gamma="auto"``: learned once from the newest linked group that an SGD optimizer has filled in, else
+    (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR, False)."""
     clips = layer.__dict__.get("_auto_clips")
     if clips is not None:
         return clips
@@ -60,13 +62,14 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float]:
     if group is None and link is not None and layer.training and torch.is_grad_enabled():
         _warn_if_never_filled(layer)
     if group is None or "dampening" not in group:   # no optimizer (yet), or not SGD: the fixed values
-        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR
+        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
     lr, m = group.get("initial_lr", group["lr"]), group.get("momentum", 0.0)
     lam_w, lam, floor = _F.auto_clip_w(lr, m), _F.auto_clip(lr, m), _F.auto_bias_floor(lr, m)
     if lam_w is None or lam is None or floor is None:
-        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR
-    clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor)   # once: the LR the optimizer starts with, whatever the
-    return clips                                           # schedule does
+        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
+    # once: the LR the optimizer starts with, whatever the schedule does
+    clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor, bool(_F.auto_clip_vector(lr, m)))
+    return clips
 
 
 #: reads of the bounds in training (one or two per forward) after which a layer linked by ``param_groups`` whose

@@ -87,12 +87,12 @@ class PWSMixin(ReparamMixin):
         out_per_group = w.shape[1] if self._transposed_layout else w.shape[0] // getattr(self, "groups", 1)
         return out_per_group * math.prod(w.shape[2:])
 
-    def clips(self) -> tuple[float, float, float]:
-        """(λ_W, λ of α and β, β's floor: |∂L/∂β| ≤ λ·max(|β|, floor)) in force (λ 0: none; auto: :mod:`._auto`)."""
+    def clips(self) -> tuple[float, float, float, bool]:
+        """(λ_W, λ of α and β, β's floor (|∂L/∂β| ≤ λ·max(|β|, floor)), α and β per vector) in force (auto: _auto)."""
         a = auto_clips_of(self) if self._gamma == "auto" and self._clip is None else None
         lam = self._clip if self._clip is not None else (a[1] if a else 0.0)
         return (self._clip_w if self._clip_w is not None else (a[0] if a else lam)), lam, (
-            a[2] if a else _F.CLIP_BIAS_FLOOR)
+            a[2] if a else _F.CLIP_BIAS_FLOOR), bool(a and a[3])
 
     clip_w_lambda = property(lambda self: self.clips()[0], doc="λ of W's filters in force (0: no clipping)")
     clip_lambda = property(lambda self: self.clips()[1], doc="λ of α and β in force (0: no clipping)")
@@ -123,8 +123,8 @@ class PWSMixin(ReparamMixin):
         """α·Ŵ of eq. 12 (gradients of W and α clipped by ``clip_w_lambda`` / ``clip_lambda``; values unchanged)."""
         view, reduce, alpha_shape = self._layout()
         w = self.weight if view is None else self.weight.reshape(view)
-        lam_w, lam, _ = self.clips()
-        w, alpha = unit_clip(w, lam_w, reduce), unit_clip(self.alpha, lam)   # λ = 0: as is
+        lam_w, lam, _, vec = self.clips()
+        w, alpha = unit_clip(w, lam_w, reduce), unit_clip(self.alpha, lam, vector=vec)   # λ = 0: as is
         alpha = None if alpha is None else alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
         return out if view is None else out.reshape(self.weight.shape)
@@ -133,8 +133,8 @@ class PWSMixin(ReparamMixin):
         """β, its gradient clipped by ``clip_lambda``."""
         p = self._parameters
         b = p["bias"] if "bias" in p else self.bias   # (ReparamMixin.compute_bias, inlined: once per forward)
-        _, lam, floor = self.clips()
-        return unit_clip(b, lam, floor=floor) if lam else b   # b itself without λ
+        _, lam, floor, vec = self.clips()
+        return unit_clip(b, lam, floor=floor, vector=vec) if lam else b   # b itself without λ
 
     def fused_args(self) -> tuple | None:
         """(W, α, γ, gain, (λ_W, λ, β's floor), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve

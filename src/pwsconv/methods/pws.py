@@ -30,7 +30,7 @@ METHOD = Method(
                doc='γ of eq. 12 (1e-3), or "auto": γ·2/n_l relative to the He-init filter variance plus unit-wise '
                    'gradient clipping in the backward, its bounds from the optimizer\'s SGD group: each filter of W '
                    'at λ_W = max(0.08·(1 − momentum)/LR·max(1, 4·(1 − momentum)/LR), 0.005), α and β at 1 (spikes only) '
-                   'up to LR/(1 − momentum) = 1 and at 0.005 above, '
+                   'up to LR/(1 − momentum) = 1 (per entry) and at 0.005 above (each layer\'s α, β as one vector), '
                    'β\'s floor ((1 − momentum)/LR)² in [1e-3, 1] (without an SGD group: 0.01, 0.01, 1e-3; when to '
                    'use it: the README\'s gamma="auto" entry)'),
         Option("use_alpha", bool, doc="the learnable per-filter α (True; Table 2's switch)"),
@@ -38,9 +38,9 @@ METHOD = Method(
         Option("fan_mode", Literal["fan_in", "fan_out"], doc='the n of sqrt(2/n) ("fan_in": the paper\'s n_l)'),
         Option("equiv", bool, doc='the authors\' "equiv" option: γ → 2γ/n_l (False)'),
         Option("data_init_alpha", bool, doc="α from the first training batch's output scale (False)"),
-        Option("clip", float | None, low=0, doc='the clipping λ of α and β (None: under gamma="auto" 1 up to '
-               'LR/(1 − momentum) = 1 and 0.005 above with a param_groups SGD group, else 0.01; off otherwise; 0: '
-               'off); also of W when clip_w is not given'),
+        Option("clip", float | None, low=0, doc='the clipping λ of α and β, per entry (None: under gamma="auto" 1 '
+               'up to LR/(1 − momentum) = 1 and 0.005 per layer vector above with a param_groups SGD group, else 0.01; '
+               'off otherwise; 0: off); also of W when clip_w is not given'),
         Option("clip_w", float | None, low=0, doc='the clipping λ of W\'s filters (None: from the optimizer under '
                'gamma="auto" — 0.01 without a param_groups SGD group —, else clip; 0: off)'),
     ),
