@@ -679,6 +679,31 @@ def test_clip_kept_measures_how_hard_the_clip_cuts():
     assert loose["w_clip_kept"] == [1.0] and loose["alpha_clip_kept"] == [1.0]
 
 
+def test_clip_stats_of_alpha_clipped_per_vector(monkeypatch):
+    """Above auto's free range α and β are clipped per layer vector: the probe records them as α / β (not as W's
+    filters), held 1 or 0 per layer, kept = min(‖g‖, bound)/‖g‖ with bound λ·max(‖α‖, 1e-3·sqrt(k))."""
+    from pwsconv import functional
+
+    monkeypatch.setattr(functional, "AUTO_CLIP_FREE", 0.0)     # per vector at any LR (LR ~0: the model stays put)
+    torch.manual_seed(0)
+    model = pwsconv.convert(TinyResNet(), method="pws", gamma="auto").to(D)
+    opt = torch.optim.SGD(pwsconv.param_groups(model, 0.0), lr=1e-12)
+    m = model.block1.conv1
+    assert m.clips()[3] and m.clip_lambda == 0.005
+    with VarianceProbe(model, optimizer=opt) as probe:
+        for x, y in data(1):
+            opt.zero_grad()
+            (F.cross_entropy(model(x), y) * 1e3).backward()
+            opt.step()
+    rec = {s: [r["value"] for r in select(probe.records, s, layer="block1.conv1")]
+           for s in ("w_clip_frac", "alpha_clip_frac", "alpha_clip_kept")}
+    assert rec["w_clip_frac"] == [0.0] and rec["alpha_clip_frac"] == [1.0]   # W far below its bound, α held
+    a, ga = m.alpha.detach().double(), m.alpha.grad.double()
+    bound = 0.005 * max(a.norm().item(), 1e-3 * a.numel() ** 0.5)
+    assert ga.norm().item() == pytest.approx(bound, rel=1e-4)              # the clipped gradient sits at it
+    assert 0.0 < rec["alpha_clip_kept"][0] < 1.0
+
+
 def test_clipping_plot_only_for_clipping_layers(tmp_path):
     from pwsconv.diagnostics.plots import has_clipping, plot_clipping
 

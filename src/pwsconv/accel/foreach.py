@@ -1,7 +1,7 @@
 """The fused node's (:mod:`pwsconv.accel.fused`) work on many tensors at once, with foreach ops: ``gamma="auto"``'s
 unit-wise gradient clipping of every group's filters (:func:`pwsconv.functional.unit_clip`'s bound; α and β entries:
-:func:`pwsconv.functional.clip_entries`, or each vector as one unit: :func:`~pwsconv.functional.clip_vectors`), and the biases handed out through the node (cast to autocast's dtype all
-at once)."""
+:func:`pwsconv.functional.clip_entries`, or each vector as one unit: :func:`~pwsconv.functional.clip_vectors`), and
+the biases handed out through the node (cast to autocast's dtype all at once)."""
 
 from __future__ import annotations
 

@@ -395,8 +395,8 @@ class _FusePre:
         # not depend on the order of a filter's elements); its α·Ŵ is handed back in the weight's own layout
         cl = [not w.is_contiguous() for w in ws]
         rows = [w.permute(0, 2, 3, 1) if c else w for w, c in zip(ws, cl)]
-        # gamma="auto" / clip: the node clips ∂L/∂W per filter (λ_W) and ∂L/∂α per entry (λ) in its backward
-        # and ∂L/∂β of the clipped layers per entry (λ) — all in the same node. Under autocast the node hands out the
+        # gamma="auto" / clip: the node clips ∂L/∂W per filter (λ_W) and ∂L/∂α per entry or vector (λ) in its
+        # backward and ∂L/∂β of the clipped layers likewise — all in the same node. Under autocast the node hands out the
         # weights and biases in autocast's dtype (one cast per group, not autocast's one per layer and tensor); a
         # layer that runs where autocast is off or set otherwise computes its own (fused_slot checks)
         cast = None

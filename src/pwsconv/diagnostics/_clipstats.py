@@ -17,7 +17,8 @@ from . import stats as S
 def hook_clips(out: Tensor, x: Any, m: nn.Module, record: Callable[[str, Tensor, Tensor], None],
                dtype: torch.dtype | None = None) -> None:
     """Hook the clipping nodes of ``m`` found from ``out`` (not through its input ``x``): each calls
-    ``record(kind, held, kept)`` in backward, kind "w", "alpha" or "bias": held, the share of units at their bound;
+    ``record(kind, held, kept)`` in backward, kind "w", "alpha" or "bias": held, the share of units (filters; entries,
+    or the whole vector where α and β are clipped per vector) at their bound;
     kept = ‖clipped ∇‖ / ‖unclipped ∇‖."""
     stop = x.grad_fn if isinstance(x, Tensor) else None
     ptrs = {t.data_ptr(): key for key in ("alpha", "bias") if isinstance(t := getattr(m, key, None), Tensor)}
@@ -29,7 +30,7 @@ def hook_clips(out: Tensor, x: Any, m: nn.Module, record: Callable[[str, Tensor,
         seen.add(id(node))
         if type(node).__name__ == "_UnitClipBackward":
             p = node.saved_tensors[0]
-            key = "w" if node.dims is not None else ptrs.get(p.data_ptr())
+            key = ptrs.get(p.data_ptr(), "w" if node.dims is not None else None)   # α, β: per entry or vector
             if key is not None:
                 node.register_prehook(partial(_prehook, record, key, p, node.lam, node.dims,
                                               getattr(node, "floor", 1e-3), dtype))
@@ -48,7 +49,7 @@ def _prehook(record: Callable[[str, Tensor, Tensor], None], key: str, p: Tensor,
         if dims is None:
             bound, gn = pf.abs().clamp_min(floor) * lam, gf.abs()
         else:
-            bound = torch.linalg.vector_norm(pf, dim=dims).clamp_min(1e-3) * lam
+            bound = torch.linalg.vector_norm(pf, dim=dims).clamp_min(floor) * lam   # a filter's floor: 1e-3
             gn = torch.linalg.vector_norm(gf, dim=dims)
         held = (gn >= bound * (1 - 1e-3)).to(dt).mean()
         record(key, held, torch.linalg.vector_norm(torch.minimum(gn, bound)) / torch.linalg.vector_norm(gn).clamp_min(1e-30))
