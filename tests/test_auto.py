@@ -621,9 +621,10 @@ def test_auto_clips_alpha_and_beta_per_vector_above_the_free_range(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_clip_vectors_keeps_direction_and_equals_the_layer_path(dtype):
-    """clip_vectors (the fused node's, several vectors at once) gives unit_clip(vector=True)'s gradients bit for bit
-    on a CPU: ‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)), a held vector scaled (its direction kept), one under its bound and a
-    zero gradient unchanged, out of place, in the gradient's dtype."""
+    """clip_vectors (the fused node's, several vectors at once) with foreach ops gives unit_clip(vector=True)'s
+    gradients bit for bit on a CPU, and concatenated (the CPU's default: segment sums) the same to float rounding:
+    ‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)), a held vector scaled (its direction kept), one under its bound and a zero
+    gradient unchanged, out of place, in the gradient's dtype."""
     from pwsconv.functional import clip_vectors, unit_clip
 
     g = torch.Generator().manual_seed(1)
@@ -632,7 +633,10 @@ def test_clip_vectors_keeps_direction_and_equals_the_layer_path(dtype):
     gs = [(torch.randn(k, generator=g) * s).to(dtype) for k, s in ((6, 1.0), (3, 1.0), (5, 1e-4), (4, 1.0), (7, 0.0))]
     lams, floors = [0.01, 0.01, 0.04, 0.01, 0.01], [1e-3, 1e-3, 1.0, 1.0, 1e-3]
     before = [x.clone() for x in gs]
-    out = clip_vectors(gs, ps, lams, floors)
+    out = clip_vectors(gs, ps, lams, floors, cat=False)
+    for x, y in zip(clip_vectors(gs, ps, lams, floors), out):               # the CPU default: concatenated
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=1e-6 if dtype != torch.bfloat16 else 1e-2, atol=0.0)
     assert all(torch.equal(x, y) for x, y in zip(gs, before))                # out of place
     for o, gi, p, lam, floor in zip(out, gs, ps, lams, floors):
         assert o.dtype == gi.dtype

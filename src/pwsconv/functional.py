@@ -186,13 +186,18 @@ def clip_entries(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[floa
     return clipped
 
 
-def clip_vectors(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
-                 ) -> list[Tensor]:
+def clip_vectors(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float],
+                 cat: bool | None = None) -> list[Tensor]:
     """Each gradient clipped as one unit to ‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)) (k entries), out of place, its
-    direction kept — :func:`unit_clip` with ``vector=True``, the same ops (so the same values on a CPU) with a
-    handful of foreach ops for all the vectors (the fused node's α and β above auto's free range)."""
+    direction kept — :func:`unit_clip` with ``vector=True`` — with a handful of foreach ops for all the vectors (the
+    fused node's α and β above auto's free range). On a CPU, where a foreach op is a loop of one kernel per vector,
+    the 1-d vectors of one dtype are concatenated and their norms taken as segment sums instead (the same bound, to
+    float rounding; ``cat``: force either way)."""
     wide = (torch.float32, torch.float64)
     same = all(g.dtype in wide and p.dtype == g.dtype for g, p in zip(gs, ps))   # the usual case: no casts
+    if (same and ps[0].device.type == "cpu") if cat is None else cat:
+        if same and len({g.dtype for g in gs}) == 1 and all(g.dim() == 1 for g in gs):
+            return _clip_vectors_cat(gs, ps, tuple(float(x) for x in lams), tuple(float(x) for x in floors))
     gf = list(gs) if same else [g if g.dtype in wide else g.float() for g in gs]
     pn = torch._foreach_norm(list(ps) if same else [p.to(g.dtype) for p, g in zip(ps, gf)])
     torch._foreach_clamp_min_(pn, [f * math.sqrt(p.numel()) for f, p in zip(floors, ps)])
@@ -201,6 +206,30 @@ def clip_vectors(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[floa
     torch._foreach_clamp_max_(pn, 1.0)
     out = torch._foreach_mul(gf, pn)
     return out if same else [c.to(g.dtype) for c, g in zip(out, gs)]
+
+
+def _clip_vectors_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: tuple[float, ...], floors: tuple[float, ...]
+                      ) -> list[Tensor]:
+    """:func:`clip_vectors` on the concatenated vectors: each vector's squared norm by one segment sum, the bound per
+    vector, one scale per entry; the results are views of the product."""
+    sizes = tuple(g.shape[0] for g in gs)
+    lengths, floor, lam, index = _vector_constants(sizes, lams, floors, gs[0].dtype, gs[0].device)
+    g, p = torch.cat(gs), torch.cat(ps)
+    gn = torch.segment_reduce(g * g, "sum", lengths=lengths).sqrt_().clamp_min_(1e-30)
+    scale = torch.segment_reduce(p * p, "sum", lengths=lengths).sqrt_().clamp_min_(floor).mul_(lam)
+    scale = scale.div_(gn).clamp_max_(1.0)
+    return list((g * scale.index_select(0, index)).split_with_sizes(sizes))
+
+
+@functools.lru_cache(maxsize=64)
+def _vector_constants(sizes: tuple[int, ...], lams: tuple[float, ...], floors: tuple[float, ...], dtype: torch.dtype,
+                      device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The segment lengths, floor·sqrt(k), λ and the entries' vector index of :func:`_clip_vectors_cat` — fixed by
+    the key, never changed in place."""
+    lengths = torch.tensor(sizes, device=device)
+    floor = torch.tensor([f * math.sqrt(k) for f, k in zip(floors, sizes)], dtype=dtype, device=device)
+    index = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
+    return lengths, floor, torch.tensor(lams, dtype=dtype, device=device), index
 
 
 def _clip_entries_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
