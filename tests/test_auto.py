@@ -652,6 +652,22 @@ def test_clip_vectors_keeps_direction_and_equals_the_layer_path(dtype):
             cos = torch.nn.functional.cosine_similarity(o.double(), gi.double(), dim=0)
             assert cos.item() == pytest.approx(1.0, abs=1e-6)              # held: direction kept
     assert not torch.equal(out[0], gs[0]) and torch.equal(out[2], gs[2])
+    leaf = gs[0].clone().requires_grad_(True)                                   # differentiable on both paths
+    for cat in (False, True):
+        clip_vectors([leaf] + gs[1:], ps, lams, floors, cat=cat)[0].sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_auto_bounds_cached_by_an_older_version_are_read_again():
+    """A model pickled whole by round 7 or before cached three bounds on each auto layer; the layer reads its
+    optimizer group again instead of failing on the missing fourth entry."""
+    net = _auto_net()
+    torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1.6, momentum=0.9)
+    layer = _pws_layers(net)[0]
+    want = layer.clips()
+    layer.__dict__["_auto_clips"] = want[:3]
+    net(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert layer.clips() == want and len(want) == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

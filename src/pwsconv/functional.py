@@ -215,9 +215,8 @@ def _clip_vectors_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: tuple[fl
     sizes = tuple(g.shape[0] for g in gs)
     lengths, floor, lam, index = _vector_constants(sizes, lams, floors, gs[0].dtype, gs[0].device)
     g, p = torch.cat(gs), torch.cat(ps)
-    gn = torch.segment_reduce(g * g, "sum", lengths=lengths).sqrt_().clamp_min_(1e-30)
-    scale = torch.segment_reduce(p * p, "sum", lengths=lengths).sqrt_().clamp_min_(floor).mul_(lam)
-    scale = scale.div_(gn).clamp_max_(1.0)
+    gn = torch.segment_reduce(g * g, "sum", lengths=lengths).sqrt().clamp_min(1e-30)   # out of place: differentiable
+    scale = (torch.segment_reduce(p * p, "sum", lengths=lengths).sqrt().clamp_min(floor) * lam / gn).clamp_max(1.0)
     return list((g * scale.index_select(0, index)).split_with_sizes(sizes))
 
 
@@ -225,7 +224,12 @@ def _clip_vectors_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: tuple[fl
 def _vector_constants(sizes: tuple[int, ...], lams: tuple[float, ...], floors: tuple[float, ...], dtype: torch.dtype,
                       device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The segment lengths, floor·sqrt(k), λ and the entries' vector index of :func:`_clip_vectors_cat` — fixed by
-    the key, never changed in place."""
+    the key, never changed in place; made outside inference mode, so a first call there cannot poison the cache."""
+    with torch.inference_mode(False):
+        return _vector_constants_made(sizes, lams, floors, dtype, device)
+
+
+def _vector_constants_made(sizes, lams, floors, dtype, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lengths = torch.tensor(sizes, device=device)
     floor = torch.tensor([f * math.sqrt(k) for f, k in zip(floors, sizes)], dtype=dtype, device=device)
     index = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
@@ -272,7 +276,8 @@ def _entry_constants(sizes: tuple[int, ...], lams: tuple[float, ...], floors: tu
         if len(set(values)) == 1:
             return values[0]
         return torch.repeat_interleave(torch.tensor(values, dtype=dtype), torch.tensor(sizes)).to(device)
-    return per_entry(lams), per_entry(floors)
+    with torch.inference_mode(False):     # a first call under inference mode must not cache inference tensors
+        return per_entry(lams), per_entry(floors)
 
 
 def _sgd_setting(lr: object, momentum: object) -> tuple[float, float] | None:

@@ -124,7 +124,7 @@ class _PWSMany(torch.autograd.Function):
         # unit-wise clipping (gamma="auto", clip=) of all groups at once, with foreach ops after the loop: W's filters
         # (rows) to ‖∂L/∂W_o‖ ≤ λ_W·max(‖W_o‖, 1e-3), each α entry to |∂L/∂α| ≤ λ·max(|α|, 1e-3) — unit_clip's bounds
         cw: list[tuple] = []     # (gw as [rows, n], per-row ‖gw‖, λ_W, n, γ, mean, rstd) per clipped group
-        ca: list[tuple] = []     # (index in res, ∂L/∂α of one layer or ∂L/∂β, the α or β, λ, floor) per vector
+        ca: list[tuple] = []     # (index in res, ∂L/∂α of one layer or ∂L/∂β, the α or β, λ, floor, per vector?)
         for (layers, w_pos, a_pos, rows, n, gamma, gain, shape, clip), (ws, al, versions, s, mean, rstd, w) in zip(
                 ctx.spec, ctx.groups):
             gl = [grads[k] for k in layers]
@@ -199,8 +199,8 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
     dispatch and autograd bookkeeping, not by arithmetic, so layers with the same filter shape, γ and gain are
     standardized together by one native op. Each weight uses the default layout (filters along dim 0, contiguous,
     float32 or float64); each α has one value per filter (or is ``None``). ``clips``: per layer, the unit-wise
-    gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry) in the node's
-    backward — one λ for both, a pair (λ_W, λ_α) or a triple (λ_W, λ_α, the floor of β's bound) (0 = none;
+    gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry, or per vector) in
+    the node's backward — one λ for both, or (λ_W, λ_α[, the floor of β's bound[, α and β per vector]]) (0 = none;
     ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
     """
     return _fused(weights, alphas, gammas, gains, clips)[0]
@@ -211,8 +211,9 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
            biases: Sequence[Tensor | None] = (), cast: tuple[str, torch.dtype] | None = None
            ) -> tuple[list[Tensor], list[Tensor | None]]:
     """:func:`pws_weights_fused`, and the layers' biases (β) passed through the same node: a bias whose layer clips
-    α (λ_α > 0) and that needs a gradient gets its gradient clipped per entry like α (:func:`unit_clip`'s bound
-    λ_α·max(|β|, floor), the floor the third entry of its ``clips`` triple, else CLIP_BIAS_FLOOR), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
+    α (λ_α > 0) and that needs a gradient gets its gradient clipped like α (:func:`unit_clip`'s bound
+    λ_α·max(|β|, floor), the floor the third entry of its ``clips`` tuple, else CLIP_BIAS_FLOOR; per vector where the
+    fourth is true), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
     float32 weights and biases on that device type come out in that dtype (autocast then casts nothing). Another bias
     is returned as it is."""
     if clips is None:

@@ -55,7 +55,7 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
     ``gamma="auto"``: learned once from the newest linked group that an SGD optimizer has filled in, else
     (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR, False)."""
     clips = layer.__dict__.get("_auto_clips")
-    if clips is not None:
+    if clips is not None and len(clips) == 4:     # (a model pickled by round 7 or before cached 3 entries: re-read)
         return clips
     link = layer.__dict__.get("_opt_group")
     group = next((g for g in reversed(link.groups) if "lr" in g), None) if link is not None else None

@@ -137,7 +137,7 @@ class PWSMixin(ReparamMixin):
         return unit_clip(b, lam, floor=floor, vector=vec) if lam else b   # b itself without λ
 
     def fused_args(self) -> tuple | None:
-        """(W, α, γ, gain, (λ_W, λ, β's floor), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
+        """(W, α, γ, gain, (λ_W, λ, β's floor, per vector), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
         (transposed, low precision, strided, α data-init to run, lazy before its first input, parametrized)."""
         p = self._parameters
         if "weight" not in p or "alpha" not in p:
