@@ -226,14 +226,10 @@ def _vector_constants(sizes: tuple[int, ...], lams: tuple[float, ...], floors: t
     """The segment lengths, floor·sqrt(k), λ and the entries' vector index of :func:`_clip_vectors_cat` — fixed by
     the key, never changed in place; made outside inference mode, so a first call there cannot poison the cache."""
     with torch.inference_mode(False):
-        return _vector_constants_made(sizes, lams, floors, dtype, device)
-
-
-def _vector_constants_made(sizes, lams, floors, dtype, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    lengths = torch.tensor(sizes, device=device)
-    floor = torch.tensor([f * math.sqrt(k) for f, k in zip(floors, sizes)], dtype=dtype, device=device)
-    index = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
-    return lengths, floor, torch.tensor(lams, dtype=dtype, device=device), index
+        lengths = torch.tensor(sizes, device=device)
+        floor = torch.tensor([f * math.sqrt(k) for f, k in zip(floors, sizes)], dtype=dtype, device=device)
+        index = torch.repeat_interleave(torch.arange(len(sizes), device=device), lengths)
+        return lengths, floor, torch.tensor(lams, dtype=dtype, device=device), index
 
 
 def _clip_entries_cat(gs: Sequence[Tensor], ps: Sequence[Tensor], lams: Sequence[float], floors: Sequence[float]
