@@ -26,7 +26,6 @@ from pathlib import Path
 from pwsconv import functional
 from pwsconv.experiments import paper
 from pwsconv.experiments.sweep import run_sweep
-from pwsconv.layers import pws as pws_layers
 
 
 def _err(run_dir: Path) -> float | None:
@@ -110,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                    "it only with --clip-free 0)")
     p.add_argument("--clip-free", type=float, help="up to this effective LR λ of α and β is AUTO_CLIP_SPIKE "
                    "(AUTO_CLIP_FREE; 0: off)")
-    p.add_argument("--auto-gamma", type=float, help="γ of auto relative to the He-init filter variance, γ_eff = "
-                   "this·2/n_l (AUTO_GAMMA, 1e-3; 0.1 puts γ_eff near paper PWS's 1e-3 on the preset's 3×3 convs)")
+    p.add_argument("--auto-gamma", type=float, help="γ of auto at every LR, relative to the He-init filter variance, "
+                   "γ_eff = this·2/n_l (sets AUTO_GAMMA and AUTO_GAMMA_FREE; 0.1 puts γ_eff near paper PWS's 1e-3 "
+                   "on the preset's 3×3 convs)")
+    p.add_argument("--auto-gamma-free", type=float, help="γ of auto up to LR 0.1 at momentum 0.9 only "
+                   "(AUTO_GAMMA_FREE, 0.1; 1e-3: round 8)")
     p.add_argument("--clip-unit", choices=["entry", "vector"], help="above the free range clip α and β per entry "
                    "(round 7) or each layer's vector as one unit (AUTO_CLIP_VECTOR; default: the module's)")
     p.add_argument("--out", type=Path, required=True)
@@ -141,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             functional.AUTO_CLIP_KNEE = a.clip_knee
         if a.clip_free is not None:
             functional.AUTO_CLIP_FREE = a.clip_free
-        if a.auto_gamma is not None:
-            functional.AUTO_GAMMA = pws_layers.AUTO_GAMMA = a.auto_gamma   # read by the layer at every forward
+        if a.auto_gamma is not None:   # read by the layer when it chooses its γ
+            functional.AUTO_GAMMA = functional.AUTO_GAMMA_FREE = a.auto_gamma
+        if a.auto_gamma_free is not None:
+            functional.AUTO_GAMMA_FREE = a.auto_gamma_free
         if a.clip_unit is not None:
             functional.AUTO_CLIP_VECTOR = a.clip_unit == "vector"
         runs = [r for r in screen_runs(a.nets, a.lrs, a.methods, a.seeds, a.width) if r.config.seed >= a.first_seed]
@@ -159,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                                       if a.clip_free is not None else "",
                                       f"width {a.width:g}" if a.width is not None else "",
                                       f"α, β clipped per {a.clip_unit} above the free range" if a.clip_unit else "",
-                                      f"γ_eff = {a.auto_gamma:g}·2/n_l" if a.auto_gamma is not None else "")
+                                      f"γ_eff = {a.auto_gamma:g}·2/n_l" if a.auto_gamma is not None else "",
+                                      f"γ_eff = {a.auto_gamma_free:g}·2/n_l up to LR/(1 − m) = 1"
+                                      if a.auto_gamma_free is not None else "")
                       if x)
         (a.out / "floor.txt").write_text(f"{label or 'the defaults'}\n")
         run_sweep(runs, a.out, jobs=1)

@@ -185,7 +185,8 @@ def test_auto_under_autocast():
 def test_auto_state_dict_round_trip_and_pickle():
     layer, x = make("conv2d_grouped", gamma="auto")
     sd = layer.state_dict()
-    assert set(sd) == {"weight", "bias", "alpha"}          # nothing adaptive to save: the rule is stateless
+    assert set(sd) == {"weight", "bias", "alpha", "auto_gamma_ppm"}   # γ's choice (0: not made), no clipping state
+    assert sd["auto_gamma_ppm"].dtype == torch.int32 and int(sd["auto_gamma_ppm"]) == 0
     other = PWSConv2d(4, 6, 3, groups=2, gamma="auto")
     other.load_state_dict(sd)
     assert torch.equal(other(x), layer(x))
@@ -454,6 +455,86 @@ def test_auto_lr_rule_is_the_same_after_resume():
     assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.8, 0.9)) for m in _pws_layers(net2))
     for (k, p), (_, q) in zip(net.state_dict().items(), net2.state_dict().items()):
         assert torch.equal(p, q), k
+
+
+def test_auto_gamma_formula():
+    from pwsconv.functional import AUTO_GAMMA_FREE, auto_gamma
+
+    assert auto_gamma(0.1, 0.9) == AUTO_GAMMA_FREE == 0.1 and auto_gamma(0.05, 0.9) == AUTO_GAMMA_FREE
+    assert auto_gamma(0.11, 0.9) == AUTO_GAMMA and auto_gamma(1.6, 0.9) == AUTO_GAMMA
+    assert auto_gamma(1.0, 0.0) == AUTO_GAMMA_FREE and auto_gamma(1.01, 0.0) == AUTO_GAMMA
+    assert auto_gamma(0.0, 0.9) is None and auto_gamma(0.1, 1.0) is None and auto_gamma("x", 0.9) is None
+    assert auto_gamma(0.1, 0.9, free=0) == AUTO_GAMMA                     # no free range: one γ everywhere
+
+
+@pytest.mark.parametrize("lr, want", [(0.1, 0.1), (0.4, AUTO_GAMMA)])
+def test_auto_gamma_is_chosen_from_the_lr_once_and_kept_in_the_state_dict(lr, want):
+    """γ acts in the forward: chosen from the starting LR by the first forward that finds an SGD group, saved in the
+    state_dict (int, exact under dtype casts), kept when the LR changes later; folding, a fresh model that loads the
+    state_dict and the eval cache all see it."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    net = _auto_net()
+    layers = _pws_layers(net)
+    assert all(int(m.auto_gamma_ppm) == 0 and m.effective_gamma == 2 * AUTO_GAMMA / m.fan for m in layers)
+    net.eval()
+    with pwsconv.cached(net):
+        before = net(x)                                   # cached with γ before the choice
+        opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
+        after = net(x)                                    # no step taken: only γ can change the output
+    assert all(int(m.auto_gamma_ppm) == round(want * 1e6) for m in layers)
+    assert all(m.effective_gamma == 2 * want / m.fan for m in layers)
+    with torch.no_grad():
+        ref = net(x)
+    assert torch.equal(after, ref) and (torch.equal(before, after) == (want == AUTO_GAMMA))
+    net.train()
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.4 if lr == 0.1 else 0.05, momentum=0.9)  # fine-tuning
+    net.eval()
+    y1 = net(x)
+    assert all(m.effective_gamma == 2 * want / m.fan for m in layers)        # kept: the function does not change
+    fresh = _auto_net().eval()
+    fresh.load_state_dict(net.state_dict())                                  # no optimizer: γ from the state_dict
+    assert torch.equal(fresh(x), y1)
+    torch.testing.assert_close(pwsconv.fold(copy.deepcopy(net))(x), y1, rtol=1e-5, atol=1e-5)
+    half = copy.deepcopy(net).to(torch.bfloat16)
+    assert all(int(m.auto_gamma_ppm) == round(want * 1e6) for m in _pws_layers(half))
+    # a layer that chose another γ loads this one (the mirror of the buffer is read again)
+    other = _auto_net()
+    torch.optim.SGD(pwsconv.param_groups(other, 5e-4), lr=0.4 if lr == 0.1 else 0.1, momentum=0.9)
+    other.eval()
+    other(x)
+    other.load_state_dict(net.state_dict())
+    assert torch.equal(other(x), y1)
+
+
+def test_auto_gamma_of_older_checkpoints_and_plain_state_dicts():
+    """A pwsconv auto checkpoint saved before γ's buffer existed loads with AUTO_GAMMA, the γ it was trained with; a
+    plain torch layer's state_dict leaves the choice to the LR; gamma set to "auto" later gets the buffer."""
+    layer = PWSConv2d(3, 4, 3, gamma="auto")
+    old = {k: v for k, v in layer.state_dict().items() if k != "auto_gamma_ppm"}
+    fresh = PWSConv2d(3, 4, 3, gamma="auto")
+    fresh.load_state_dict(old)
+    assert int(fresh.auto_gamma_ppm) == 1000
+    torch.optim.SGD(pwsconv.param_groups(fresh, 5e-4), lr=0.1, momentum=0.9)
+    assert fresh.effective_gamma == 2 * AUTO_GAMMA / fresh.fan                # chosen already: kept
+    plain = torch.nn.Conv2d(3, 4, 3)
+    twin = PWSConv2d(3, 4, 3, gamma="auto")
+    twin.load_state_dict(plain.state_dict())
+    assert int(twin.auto_gamma_ppm) == 0
+    torch.optim.SGD(pwsconv.param_groups(twin, 5e-4), lr=0.1, momentum=0.9)
+    assert twin.effective_gamma == pytest.approx(0.2 / twin.fan) and int(twin.auto_gamma_ppm) == 100000
+    later = PWSConv2d(3, 4, 3)
+    assert "auto_gamma_ppm" not in later.state_dict()                         # paper PWS: torch's keys and α
+    later.gamma = "auto"
+    assert later.effective_gamma == 2 * AUTO_GAMMA / later.fan and int(later.state_dict()["auto_gamma_ppm"]) == 0
+    # a layer pickled before the buffer existed (no buffer, no copy of its value) keeps the γ it trained with
+    pickled = PWSConv2d(3, 4, 3, gamma="auto")
+    del pickled._buffers["auto_gamma_ppm"], pickled.__dict__["_auto_gamma_ppm"]
+    torch.optim.SGD(pwsconv.param_groups(pickled, 5e-4), lr=0.1, momentum=0.9)
+    assert pickled.effective_gamma == 2 * AUTO_GAMMA / pickled.fan and int(pickled.auto_gamma_ppm) == 1000
 
 
 def test_auto_fused_clips_many_groups_at_once_and_a_constant_filter():

@@ -25,12 +25,18 @@ __all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip",
            "AUTO_GAMMA",
            "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_STEP_KNEE", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
            "auto_bias_floor", "AUTO_CLIP_MIN", "AUTO_CLIP_TOP", "AUTO_CLIP_KNEE", "AUTO_CLIP_FREE", "AUTO_CLIP_SPIKE",
-           "auto_clip", "AUTO_CLIP_VECTOR", "auto_clip_vector", "clip_vectors"]
+           "auto_clip", "AUTO_CLIP_VECTOR", "auto_clip_vector", "clip_vectors",
+           "AUTO_GAMMA_FREE", "auto_gamma"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
 #: the layer's width (Fig. 2), and γ never dominates the variance of a wide layer at init.
 AUTO_GAMMA = 1e-3
+#: ``gamma="auto"`` under SGD starting at an effective LR lr/(1 − m) up to :data:`AUTO_CLIP_FREE` (LR 0.1 at
+#: momentum 0.9): γ relative to 2/n_l (:func:`auto_gamma`), near paper PWS's absolute 1e-3 on 3×3 convs — where weight
+#: decay shrinks the filters, γ damps 1/sqrt(Var[W] + γ) as paper PWS's does (round 9, RESULTS.md). Above, where
+#: the clips hold the filters' steps, :data:`AUTO_GAMMA`.
+AUTO_GAMMA_FREE = 0.1
 #: ``gamma="auto"``: the unit-wise adaptive gradient clipping λ (Brock et al. 2021) of α and β when the layer does
 #: not know its optimizer's settings (no SGD group; RESULTS.md)
 AUTO_CLIP = 0.01
@@ -353,6 +359,19 @@ def auto_clip_vector(lr: float, momentum: float = 0.0, free: float | None = None
     lr, m = sgd
     free = AUTO_CLIP_FREE if free is None else free
     return bool(AUTO_CLIP_VECTOR) and not (free and round(lr / (1.0 - m), 12) <= free)
+
+
+def auto_gamma(lr: float, momentum: float = 0.0, free: float | None = None) -> float | None:
+    """γ of ``gamma="auto"`` under SGD, relative to the He-init filter variance 2/n_l: :data:`AUTO_GAMMA_FREE` up to
+    the effective LR lr/(1 − m) ``free`` (default :data:`AUTO_CLIP_FREE`), :data:`AUTO_GAMMA` above (all read at the
+    call); ``None`` where it is not defined (as :func:`auto_clip_w`). γ acts in the forward, so a layer chooses it
+    once and keeps it in its state_dict (:mod:`pwsconv.layers._auto`)."""
+    sgd = _sgd_setting(lr, momentum)
+    if sgd is None:
+        return None
+    lr, m = sgd
+    free = AUTO_CLIP_FREE if free is None else free
+    return AUTO_GAMMA_FREE if free and round(lr / (1.0 - m), 12) <= free else AUTO_GAMMA
 
 
 def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,

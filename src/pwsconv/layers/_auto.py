@@ -8,8 +8,15 @@ the layer reads its starting LR and momentum there, once, and sets λ_W = :func:
 each layer's α and β as one vector: :func:`pwsconv.functional.auto_clip_vector`) and the floor of β's bound,
 :func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule
 changes nothing after that, and
-nothing is saved: a resumed run builds its optimizer from ``param_groups`` with the same LR and gets the same λ.
+no λ is saved: a resumed run builds its optimizer from ``param_groups`` with the same LR and gets the same λ.
 Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``CLIP_BIAS_FLOOR``.
+
+γ acts in the forward, so it is state: the buffer ``auto_gamma_ppm`` holds the layer's γ relative to 2/n_l in
+millionths, 0 until chosen (``AUTO_GAMMA`` in force). The first forward that finds a linked SGD group chooses it from
+the starting LR, :func:`pwsconv.functional.auto_gamma` (``AUTO_GAMMA_FREE`` up to LR 0.1 at momentum 0.9,
+``AUTO_GAMMA`` above), and it is kept from then on — a later optimizer, a schedule or fine-tuning at another LR does
+not change the function; folding, inference and a resumed run read it from the state_dict. A pwsconv checkpoint of
+an auto layer saved before the buffer existed loads with ``AUTO_GAMMA``, the γ it was trained with.
 """
 
 from __future__ import annotations
@@ -20,7 +27,11 @@ import torch
 
 from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "auto_clips_of"]
+__all__ = ["link_optimizer_group", "auto_clips_of", "auto_gamma_of", "register_auto_gamma", "GAMMA_BUFFER"]
+
+#: the buffer of a ``gamma="auto"`` layer holding its γ relative to 2/n_l in millionths (0: not chosen yet); an
+#: integer, so casting the model to another float dtype leaves it exact
+GAMMA_BUFFER = "auto_gamma_ppm"
 
 
 class _OptimizerGroups:
@@ -57,19 +68,77 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
     clips = layer.__dict__.get("_auto_clips")
     if clips is not None and len(clips) == 4:     # (a model pickled by round 7 or before cached 3 entries: re-read)
         return clips
-    link = layer.__dict__.get("_opt_group")
-    group = next((g for g in reversed(link.groups) if "lr" in g), None) if link is not None else None
-    if group is None and link is not None and layer.training and torch.is_grad_enabled():
-        _warn_if_never_filled(layer)
-    if group is None or "dampening" not in group:   # no optimizer (yet), or not SGD: the fixed values
+    sgd = _sgd_group(layer, warn=True)
+    if sgd is None:   # no optimizer (yet), or not SGD: the fixed values
         return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
-    lr, m = group.get("initial_lr", group["lr"]), group.get("momentum", 0.0)
+    lr, m = sgd
     lam_w, lam, floor = _F.auto_clip_w(lr, m), _F.auto_clip(lr, m), _F.auto_bias_floor(lr, m)
     if lam_w is None or lam is None or floor is None:
         return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
     # once: the LR the optimizer starts with, whatever the schedule does
     clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor, bool(_F.auto_clip_vector(lr, m)))
     return clips
+
+
+def _sgd_group(layer: Any, warn: bool = False) -> tuple[Any, Any] | None:
+    """(starting LR, momentum) of the newest linked group an SGD optimizer has filled in, else None."""
+    link = layer.__dict__.get("_opt_group")
+    group = next((g for g in reversed(link.groups) if "lr" in g), None) if link is not None else None
+    if warn and group is None and link is not None and layer.training and torch.is_grad_enabled():
+        _warn_if_never_filled(layer)
+    if group is None or "dampening" not in group:
+        return None
+    return group.get("initial_lr", group["lr"]), group.get("momentum", 0.0)
+
+
+def register_auto_gamma(layer: Any, ppm: int = 0) -> None:
+    """Set as ``gamma="auto"`` (on construction or assignment): give the layer γ's buffer (``ppm``; 0: not chosen)
+    and the hooks that load it, if it has none."""
+    if layer.__dict__.get("_gamma") != "auto" or GAMMA_BUFFER in layer._buffers:
+        return
+    w = layer._raw_weight()
+    layer.register_buffer(GAMMA_BUFFER, torch.full((), ppm, dtype=torch.int32, device=None if w.is_meta else w.device))
+    layer.__dict__["_auto_gamma_ppm"] = ppm
+    layer._register_load_state_dict_pre_hook(_load_older_checkpoint, with_module=True)
+    layer.register_load_state_dict_post_hook(_read_loaded_gamma)
+
+
+def _load_older_checkpoint(layer: Any, state_dict: dict, prefix: str, *args: Any) -> None:
+    """A pwsconv checkpoint of the layer (it has α) without γ's buffer was trained with ``AUTO_GAMMA``: load that."""
+    if prefix + GAMMA_BUFFER not in state_dict and prefix + "alpha" in state_dict:
+        state_dict[prefix + GAMMA_BUFFER] = torch.tensor(round(_F.AUTO_GAMMA * 1e6), dtype=torch.int32)
+
+
+def _read_loaded_gamma(layer: Any, incompatible_keys: Any = None) -> None:
+    """After ``load_state_dict``: the layer's copy of the buffer's value (read once here, not per forward)."""
+    buf = layer._buffers.get(GAMMA_BUFFER)
+    _set_gamma(layer, 0 if buf is None or buf.is_meta else int(buf))
+
+
+def _set_gamma(layer: Any, ppm: int) -> None:
+    d = layer.__dict__
+    if d.get("_auto_gamma_ppm", 0) != ppm:   # γ in force changes: the eval cache keys on the settings version
+        d["_settings_version"] = d.get("_settings_version", 0) + 1
+    d["_auto_gamma_ppm"] = ppm
+
+
+def auto_gamma_of(layer: Any) -> float:
+    """γ of a ``gamma="auto"`` layer relative to 2/n_l: chosen once from the linked SGD group's starting LR
+    (:func:`pwsconv.functional.auto_gamma`) and kept in its buffer; ``AUTO_GAMMA`` until then. The layer keeps a
+    copy of the buffer's value (written with it, read again by ``load_state_dict``): no device sync per forward."""
+    if GAMMA_BUFFER not in layer._buffers:   # a layer pickled before γ's buffer existed: it trained with AUTO_GAMMA
+        register_auto_gamma(layer, round(_F.AUTO_GAMMA * 1e6))
+    ppm = layer.__dict__["_auto_gamma_ppm"]
+    if ppm == 0:   # not chosen yet: from the optimizer's starting LR once there is one
+        sgd = _sgd_group(layer)
+        gamma = _F.auto_gamma(*sgd) if sgd is not None else None
+        if gamma is None:
+            return _F.AUTO_GAMMA
+        ppm = round(gamma * 1e6)
+        with torch.no_grad():
+            layer._buffers[GAMMA_BUFFER].fill_(ppm)
+        _set_gamma(layer, ppm)
+    return ppm / 1e6
 
 
 #: reads of the bounds in training (one or two per forward) after which a layer linked by ``param_groups`` whose

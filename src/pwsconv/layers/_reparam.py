@@ -36,13 +36,16 @@ def filter_dims(weight: Tensor) -> tuple[int, ...]:
     return tuple(range(1, weight.dim()))
 
 
-def setting(field: str, convert: Callable[[Any], Any], doc: str) -> property:
-    """A layer setting stored in ``field``: assignment converts/validates the value and bumps the layer's
-    ``_settings_version`` (what a cache of the computed weight keys on)."""
+def setting(field: str, convert: Callable[[Any], Any], doc: str,
+            then: Callable[[Any], None] | None = None) -> property:
+    """A layer setting stored in ``field``: assignment converts/validates the value, bumps the layer's
+    ``_settings_version`` (what a cache of the computed weight keys on) and calls ``then(layer)`` if given."""
     def set_(self: Any, value: Any) -> None:
         d = self.__dict__
         d[field] = convert(value)
         d["_settings_version"] = d.get("_settings_version", 0) + 1
+        if then is not None:
+            then(self)
 
     return property(lambda self: self.__dict__[field], set_, doc=doc)
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as _F   # CLIP_BIAS_FLOOR read at the call
-from ..functional import AUTO_GAMMA, check_clip, check_gamma, he_std, pws_weight, unit_clip
-from ._auto import auto_clips_of, link_optimizer_group
+from ..functional import check_clip, check_gamma, he_std, pws_weight, unit_clip
+from ._auto import auto_clips_of, auto_gamma_of, link_optimizer_group, register_auto_gamma
 from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
@@ -38,7 +38,7 @@ class PWSMixin(ReparamMixin):
     """Eq. 12 on a torch layer: α, γ, the ablation switches and ``gamma="auto"``.
 
     Constructor switches (paper defaults first):
-        gamma (1e-3): γ of eq. 12, > 0; or ``"auto"``: γ·2/n_l (relative to the He-init filter variance) and
+        gamma (1e-3): γ of eq. 12, > 0; or ``"auto"``: γ·2/n_l (relative; chosen from the LR, in the state_dict) and
             clipped gradients (``clip``, ``clip_w``); the forward stays eq. 12 (batch-independent, foldable).
         clip, clip_w (None): unit-wise gradient clipping λ (AGC) of α, β and of W's filters (``clips()``); None:
             under "auto" from the optimizer's LR (:mod:`pwsconv.layers._auto`), else off (λ_W: ``clip``); 0: off.
@@ -71,7 +71,7 @@ class PWSMixin(ReparamMixin):
 
     # the settings compute_weight reads: assigning one validates it (and bumps _settings_version)
     gamma = setting("_gamma", lambda v: v if isinstance(v, str) and v == "auto" else check_gamma(v),
-                    'γ of eq. 12 (validated on assignment), or "auto".')
+                    'γ of eq. 12 (validated on assignment), or "auto" (γ\'s buffer added).', register_auto_gamma)
     clip = setting("_clip", check_clip, "Gradient clipping λ of α and β (None: the default rule).")
     clip_w = setting("_clip_w", check_clip, "Gradient clipping λ of W's filters (None: the default rule).")
     use_gain = setting("_use_gain", bool, "Whether eq. 12's sqrt(2/n_l) factor is applied.")
@@ -101,9 +101,8 @@ class PWSMixin(ReparamMixin):
     @property
     def effective_gamma(self) -> float:
         """γ as used inside the square root (2γ/n under ``equiv`` and for ``gamma="auto"``)."""
-        if self._gamma == "auto":
-            return 2.0 * AUTO_GAMMA / self.fan
-        return 2.0 * self._gamma / self.fan if self._equiv else self._gamma
+        auto = self._gamma == "auto"   # auto: relative, AUTO_GAMMA or AUTO_GAMMA_FREE chosen from the LR (_auto)
+        return 2.0 * (auto_gamma_of(self) if auto else self._gamma) / self.fan if auto or self._equiv else self._gamma
 
     @property
     def gain(self) -> float:
@@ -137,7 +136,7 @@ class PWSMixin(ReparamMixin):
         return unit_clip(b, lam, floor=floor, vector=vec) if lam else b   # b itself without λ
 
     def fused_args(self) -> tuple | None:
-        """(W, α, γ, gain, (λ_W, λ, β's floor, per vector), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
+        """(W, α, γ, gain, clips(), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
         (transposed, low precision, strided, α data-init to run, lazy before its first input, parametrized)."""
         p = self._parameters
         if "weight" not in p or "alpha" not in p:
@@ -148,8 +147,7 @@ class PWSMixin(ReparamMixin):
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \
                 or (self.data_init_alpha and a is not None and not bool(self.alpha_initialized)):
             return None
-        return (w, a, self.effective_gamma, self.gain, self.clips(),
-                p["bias"] if "bias" in p else self.bias)
+        return w, a, self.effective_gamma, self.gain, self.clips(), p["bias"] if "bias" in p else self.bias
 
     # ------------------------------------------------------------------ init and loading
     def _reset_extra(self) -> None:
