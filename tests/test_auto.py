@@ -532,9 +532,70 @@ def test_auto_gamma_of_older_checkpoints_and_plain_state_dicts():
     assert later.effective_gamma == 2 * AUTO_GAMMA / later.fan and int(later.state_dict()["auto_gamma_ppm"]) == 0
     # a layer pickled before the buffer existed (no buffer, no copy of its value) keeps the γ it trained with
     pickled = PWSConv2d(3, 4, 3, gamma="auto")
-    del pickled._buffers["auto_gamma_ppm"], pickled.__dict__["_auto_gamma_ppm"]
+    del pickled._buffers["auto_gamma_ppm"], pickled.__dict__["_auto_gamma"]
     torch.optim.SGD(pwsconv.param_groups(pickled, 5e-4), lr=0.1, momentum=0.9)
     assert pickled.effective_gamma == 2 * AUTO_GAMMA / pickled.fan and int(pickled.auto_gamma_ppm) == 1000
+
+
+def _two_auto_convs():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(PWSConv2d(3, 8, 3, gamma="auto"), torch.nn.ReLU(), PWSConv2d(8, 4, 3, gamma="auto"))
+
+
+def _rel_gamma(net):
+    return [round(m.effective_gamma * m.fan / 2, 12) for m in _pws_layers(net)]
+
+
+def test_auto_gamma_buffer_and_the_layers_copy_stay_together():
+    """Every way torch writes or replaces a buffer: the forward follows the buffer, the eval cache is never stale,
+    and copies made before the first forward compute as the original."""
+    x = torch.randn(2, 3, 8, 8)
+    # the eval cache, no gradients: a weight cached before the choice is not served after it
+    net = _two_auto_convs().eval()
+    with pwsconv.cached(net), torch.no_grad():
+        before = net(x)
+        torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+        after = net(x)
+    assert _rel_gamma(net) == [0.1, 0.1] and not torch.equal(before, after)
+    with torch.no_grad():
+        assert torch.equal(after, net(x))
+    # a copy made before the first forward (fold, deepcopy, an EMA model) chooses first, like the original
+    net = _two_auto_convs()
+    torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+    folded, ema = pwsconv.fold(copy.deepcopy(net)), copy.deepcopy(net)
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-6)
+    assert _rel_gamma(ema) == [0.1, 0.1] and torch.equal(ema(x), net(x))
+    # an in-place write to the buffer (DDP's broadcast, an EMA's copy_ of buffers, load_state_dict) is followed
+    other = _two_auto_convs()
+    other(x)                                               # unlinked: AUTO_GAMMA, nothing chosen
+    for mo, mn in zip(_pws_layers(other), _pws_layers(net)):
+        mo.auto_gamma_ppm.copy_(mn.auto_gamma_ppm)
+    assert _rel_gamma(other) == [0.1, 0.1] and torch.equal(other(x), net(x))
+    # .to() keeps the value without a read; to_empty() + reset_parameters() starts over (nothing chosen)
+    moved = copy.deepcopy(net).to(torch.float64)
+    assert _rel_gamma(moved) == [0.1, 0.1] and moved[0].auto_gamma_ppm.dtype == torch.int32
+    meta = torch.nn.Sequential(PWSConv2d(3, 8, 3, gamma="auto", device="meta"))
+    meta.to_empty(device="cpu")
+    meta[0].reset_parameters()
+    assert int(meta[0].auto_gamma_ppm) == 0 and _rel_gamma(meta) == [AUTO_GAMMA]
+    # trained with another optimizer: AUTO_GAMMA for good, so SGD fine-tuning later does not change the function
+    adam = _two_auto_convs()
+    torch.optim.Adam(pwsconv.param_groups(adam, 5e-4), lr=1e-3)
+    adam(x).sum().backward()
+    torch.optim.SGD(pwsconv.param_groups(adam, 5e-4), lr=0.01, momentum=0.9)
+    assert _rel_gamma(adam) == [AUTO_GAMMA] * 2 and int(adam[0].auto_gamma_ppm) == 1000
+    unlinked = _two_auto_convs()                           # no param_groups: a few training forwards, then locked
+    for _ in range(6):
+        unlinked(x).sum().backward()
+    torch.optim.SGD(pwsconv.param_groups(unlinked, 5e-4), lr=0.01, momentum=0.9)
+    assert _rel_gamma(unlinked) == [AUTO_GAMMA] * 2
+    # gamma set to a number: the buffer goes (paper PWS's keys), and a strict load into a paper PWS layer works
+    layer = PWSConv2d(3, 4, 3, gamma="auto")
+    layer.gamma = 1e-3
+    assert set(layer.state_dict()) == {"weight", "bias", "alpha"}
+    PWSConv2d(3, 4, 3).load_state_dict(layer.state_dict())
+    layer.gamma = "auto"
+    assert int(layer.state_dict()["auto_gamma_ppm"]) == 0
 
 
 def test_auto_fused_clips_many_groups_at_once_and_a_constant_filter():

@@ -2,7 +2,7 @@
 reparameterized layer in eval mode, with no gradient wanted, computes its weight once per state of its parameters.
 
 An entry is keyed on the tensors it was computed from (identity, version counter, storage address), the layer's
-settings version (assigning ``gamma``, ``eps``, ... bumps it) and the number of optimizer steps taken while a scope
+settings key (assigning ``gamma``, ``eps``, ... changes it) and the number of optimizer steps taken while a scope
 is open: ``SGD/Adam/AdamW(fused=True)`` update parameters without bumping their version counters (measured, torch
 2.13), so a step counter is kept through torch's optimizer-step hook — registered when the first scope opens and
 removed when the last one closes. A training forward, or one that wants gradients, drops the layer's entry and
@@ -35,13 +35,13 @@ class _Entry:
         self.w, self.w_version, self.w_ptr = w, w._version, w.data_ptr()
         self.a = a
         self.a_version, self.a_ptr = (None, None) if a is None else (a._version, a.data_ptr())
-        self.settings, self.steps, self.out = layer._settings_version, _STEPS[0], out
+        self.settings, self.steps, self.out = layer._settings_key(), _STEPS[0], out
         self.keep = (w.detach(), None if a is None else a.detach())
 
     def valid(self, layer: Any, w: Tensor, a: Tensor | None) -> bool:
         return (self.w is w and self.w_version == w._version and self.w_ptr == w.data_ptr() and self.a is a
                 and (a is None or (self.a_version == a._version and self.a_ptr == a.data_ptr()))
-                and self.settings == layer._settings_version and self.steps == _STEPS[0])
+                and self.settings == layer._settings_key() and self.steps == _STEPS[0])
 
 
 def cached_weight(layer: Any, w: Tensor, a: Tensor | None) -> Tensor:

@@ -27,7 +27,8 @@ import torch
 
 from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "auto_clips_of", "auto_gamma_of", "register_auto_gamma", "GAMMA_BUFFER"]
+__all__ = ["link_optimizer_group", "auto_clips_of", "auto_gamma_of", "register_auto_gamma", "GAMMA_BUFFER",
+           "AutoGammaMixin", "reset_auto_gamma"]
 
 #: the buffer of a ``gamma="auto"`` layer holding its γ relative to 2/n_l in millionths (0: not chosen yet); an
 #: integer, so casting the model to another float dtype leaves it exact
@@ -92,53 +93,143 @@ def _sgd_group(layer: Any, warn: bool = False) -> tuple[Any, Any] | None:
 
 
 def register_auto_gamma(layer: Any, ppm: int = 0) -> None:
-    """Set as ``gamma="auto"`` (on construction or assignment): give the layer γ's buffer (``ppm``; 0: not chosen)
-    and the hooks that load it, if it has none."""
-    if layer.__dict__.get("_gamma") != "auto" or GAMMA_BUFFER in layer._buffers:
+    """Called when ``gamma`` is set (on construction or assignment): an auto layer gets γ's buffer (``ppm``; 0: not
+    chosen) if it has none; a layer set to a number loses it (its state_dict keys are paper PWS's again)."""
+    d = layer.__dict__
+    if d.get("_gamma") != "auto":
+        if layer._buffers.pop(GAMMA_BUFFER, None) is not None:
+            d.pop("_auto_gamma", None)
+        return
+    if GAMMA_BUFFER in layer._buffers:
         return
     w = layer._raw_weight()
-    layer.register_buffer(GAMMA_BUFFER, torch.full((), ppm, dtype=torch.int32, device=None if w.is_meta else w.device))
-    layer.__dict__["_auto_gamma_ppm"] = ppm
-    layer._register_load_state_dict_pre_hook(_load_older_checkpoint, with_module=True)
-    layer.register_load_state_dict_post_hook(_read_loaded_gamma)
+    layer.register_buffer(GAMMA_BUFFER, torch.full((), ppm, dtype=torch.int32, device=w.device))
+    _mirror(layer, ppm)
+    if not d.get("_auto_gamma_hooks"):   # once per layer (hooks are kept when γ goes to a number and back)
+        d["_auto_gamma_hooks"] = True
+        layer.register_load_state_dict_pre_hook(_load_older_checkpoint)
+        layer.register_load_state_dict_post_hook(_read_loaded_gamma)
+        layer.register_state_dict_pre_hook(_choose_before_saving)
+
+
+def _mirror(layer: Any, ppm: int) -> None:
+    """Record ``ppm`` as the value of the layer's buffer as it is now (identity, version counter): any other write to
+    it, or another tensor in its place, makes :func:`auto_gamma_of` read it again. A change of γ in force bumps the
+    layer's ``_settings_version`` (the eval cache keys on it)."""
+    d = layer.__dict__
+    buf = layer._buffers[GAMMA_BUFFER]
+    old = d.get("_auto_gamma")
+    if old is not None and old[2] != ppm:
+        d["_settings_version"] = d.get("_settings_version", 0) + 1
+    d["_auto_gamma"] = (buf, _version(buf), ppm)
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """Its version counter (None in a compiled forward, which never compares it, and for an inference tensor)."""
+    return None if torch.compiler.is_compiling() or t.is_inference() else t._version
 
 
 def _load_older_checkpoint(layer: Any, state_dict: dict, prefix: str, *args: Any) -> None:
     """A pwsconv checkpoint of the layer (it has α) without γ's buffer was trained with ``AUTO_GAMMA``: load that."""
-    if prefix + GAMMA_BUFFER not in state_dict and prefix + "alpha" in state_dict:
+    if layer.__dict__.get("_gamma") == "auto" and prefix + GAMMA_BUFFER not in state_dict \
+            and prefix + "alpha" in state_dict:
         state_dict[prefix + GAMMA_BUFFER] = torch.tensor(round(_F.AUTO_GAMMA * 1e6), dtype=torch.int32)
 
 
-def _read_loaded_gamma(layer: Any, incompatible_keys: Any = None) -> None:
-    """After ``load_state_dict``: the layer's copy of the buffer's value (read once here, not per forward)."""
+def reset_auto_gamma(layer: Any) -> None:
+    """``reset_parameters()``: a re-initialized auto layer chooses its γ again (from the LR it next trains with)."""
     buf = layer._buffers.get(GAMMA_BUFFER)
-    _set_gamma(layer, 0 if buf is None or buf.is_meta else int(buf))
+    if buf is not None:
+        if not buf.is_meta:
+            with torch.no_grad():
+                buf.zero_()
+        _mirror(layer, 0)
+        layer.__dict__.pop("_auto_gamma_unlinked", None)
 
 
-def _set_gamma(layer: Any, ppm: int) -> None:
-    d = layer.__dict__
-    if d.get("_auto_gamma_ppm", 0) != ppm:   # γ in force changes: the eval cache keys on the settings version
-        d["_settings_version"] = d.get("_settings_version", 0) + 1
-    d["_auto_gamma_ppm"] = ppm
+def _read_loaded_gamma(layer: Any, incompatible_keys: Any = None) -> None:
+    """After ``load_state_dict``: read the loaded value once here (not in the next forward, which may be compiled)."""
+    if GAMMA_BUFFER in layer._buffers:
+        auto_gamma_of(layer, choose=False)
 
 
-def auto_gamma_of(layer: Any) -> float:
+def _choose_before_saving(layer: Any, *args: Any) -> None:
+    """A state_dict saved once the optimizer is known holds the γ the layer's next forward will use."""
+    if layer.__dict__.get("_gamma") == "auto":
+        auto_gamma_of(layer)
+
+
+def auto_gamma_of(layer: Any, choose: bool = True) -> float:
     """γ of a ``gamma="auto"`` layer relative to 2/n_l: chosen once from the linked SGD group's starting LR
-    (:func:`pwsconv.functional.auto_gamma`) and kept in its buffer; ``AUTO_GAMMA`` until then. The layer keeps a
-    copy of the buffer's value (written with it, read again by ``load_state_dict``): no device sync per forward."""
+    (:func:`pwsconv.functional.auto_gamma`) and kept in its buffer; ``AUTO_GAMMA`` until then, and for good once the
+    layer has trained without an SGD group (``_UNFILLED_READS`` training forwards, or a non-SGD optimizer's group).
+    The layer keeps a copy of the buffer's value, read again only after another write to it (``load_state_dict``,
+    DDP's broadcast, an EMA copy, ``functional_call``): no device sync per forward."""
     if GAMMA_BUFFER not in layer._buffers:   # a layer pickled before γ's buffer existed: it trained with AUTO_GAMMA
         register_auto_gamma(layer, round(_F.AUTO_GAMMA * 1e6))
-    ppm = layer.__dict__["_auto_gamma_ppm"]
-    if ppm == 0:   # not chosen yet: from the optimizer's starting LR once there is one
-        sgd = _sgd_group(layer)
-        gamma = _F.auto_gamma(*sgd) if sgd is not None else None
-        if gamma is None:
-            return _F.AUTO_GAMMA
-        ppm = round(gamma * 1e6)
-        with torch.no_grad():
-            layer._buffers[GAMMA_BUFFER].fill_(ppm)
-        _set_gamma(layer, ppm)
-    return ppm / 1e6
+    buf = layer._buffers[GAMMA_BUFFER]
+    seen = layer.__dict__.get("_auto_gamma")
+    # (a compiled forward trusts the copy: dynamo cannot guard on a version counter; the eager paths refresh it)
+    if seen is None or not torch.compiler.is_compiling() and (seen[0] is not buf or seen[1] != _version(buf)):
+        _mirror(layer, 0 if buf.is_meta else int(buf))
+        seen = layer.__dict__["_auto_gamma"]
+    ppm = seen[2]
+    if ppm == 0 and choose:   # not chosen yet: from the optimizer's starting LR once there is one
+        gamma = _chosen_gamma(layer)
+        if gamma is not None:
+            ppm = round(gamma * 1e6)
+            with torch.no_grad():
+                buf.fill_(ppm)
+            _mirror(layer, ppm)
+    return ppm / 1e6 if ppm else _F.AUTO_GAMMA
+
+
+def _chosen_gamma(layer: Any) -> float | None:
+    """γ from the linked SGD group; AUTO_GAMMA where the layer trains without one; None: not yet known."""
+    sgd = _sgd_group(layer)
+    if sgd is not None:
+        return _F.auto_gamma(*sgd)
+    if not (layer.training and torch.is_grad_enabled()):
+        return None
+    link = layer.__dict__.get("_opt_group")
+    if link is not None and any("lr" in g for g in link.groups):   # an optimizer filled it in, not SGD
+        return _F.AUTO_GAMMA
+    n = layer.__dict__.get("_auto_gamma_unlinked", 0) + 1     # a forward or two before the optimizer exists is usual
+    layer.__dict__["_auto_gamma_unlinked"] = n
+    return _F.AUTO_GAMMA if n >= _UNFILLED_READS else None
+
+
+class AutoGammaMixin:
+    """What keeps γ's buffer and the layer's copy of it together through torch's module machinery."""
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``.to()``, ``.cuda()``, ``to_empty()``: the value recorded before the move is written into the new
+        buffer (to_empty leaves it uninitialized) and recorded with it, so the next forward reads nothing."""
+        ppm = None
+        if GAMMA_BUFFER in self._buffers:   # type: ignore[attr-defined]
+            auto_gamma_of(self, choose=False)   # the value now (read again if something else wrote it)
+            ppm = self.__dict__["_auto_gamma"][2]
+        out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        buf = self._buffers.get(GAMMA_BUFFER)   # type: ignore[attr-defined]
+        if ppm is not None and buf is not None and self.__dict__["_auto_gamma"][0] is not buf:
+            if not buf.is_meta:
+                with torch.no_grad():
+                    buf.fill_(ppm)
+            _mirror(self, ppm)
+        return out
+
+    def _settings_key(self) -> int:
+        """What the eval cache keys on besides the parameters (γ chosen first, which bumps the version)."""
+        if self.__dict__.get("_gamma") == "auto":
+            auto_gamma_of(self)
+        return self._settings_version   # type: ignore[attr-defined]
+
+    def __getstate__(self) -> dict:
+        """Pickling, deepcopy (and so ``fold``, an EMA copy): γ is chosen first, so the copy computes as the original
+        (a copy is unlinked from the optimizer)."""
+        if self.__dict__.get("_gamma") == "auto":
+            auto_gamma_of(self)
+        return super().__getstate__()  # type: ignore[misc]
 
 
 #: reads of the bounds in training (one or two per forward) after which a layer linked by ``param_groups`` whose

@@ -188,6 +188,10 @@ class ReparamMixin:
         if params and params <= set(missing):   # none of the layer's own parameters given: all at their init
             self._reset_extra()
 
+    def _settings_key(self) -> Any:
+        """What the eval cache keys on besides the parameters it reads (a setting's assignment changes it)."""
+        return self._settings_version
+
     def __getstate__(self) -> dict:  # pickling / deepcopy: an installed weight source is not part of the layer
         state = super().__getstate__()  # type: ignore[misc]
         state.pop("_weight_source", None)

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from .. import functional as _F   # CLIP_BIAS_FLOOR read at the call
 from ..functional import check_clip, check_gamma, he_std, pws_weight, unit_clip
-from ._auto import auto_clips_of, auto_gamma_of, link_optimizer_group, register_auto_gamma
+from ._auto import (AutoGammaMixin, auto_clips_of, auto_gamma_of, link_optimizer_group, register_auto_gamma,
+                    reset_auto_gamma)
 from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
@@ -34,7 +35,7 @@ def _fan_mode(value: str) -> str:
     raise ValueError(f"fan_mode must be one of {FAN_MODES}, got {value!r}")
 
 
-class PWSMixin(ReparamMixin):
+class PWSMixin(AutoGammaMixin, ReparamMixin):
     """Eq. 12 on a torch layer: α, γ, the ablation switches and ``gamma="auto"``.
 
     Constructor switches (paper defaults first):
@@ -151,6 +152,7 @@ class PWSMixin(ReparamMixin):
 
     # ------------------------------------------------------------------ init and loading
     def _reset_extra(self) -> None:
+        reset_auto_gamma(self)   # gamma="auto": chosen again from the LR (_auto)
         with torch.no_grad():
             if self.alpha is not None:
                 self.alpha.fill_(1.0)
