@@ -1,4 +1,4 @@
-"""How a ``gamma="auto"`` PWS layer learns the clipping λ of its filters from its optimizer (no per-step call).
+"""How a ``gamma="auto"`` PWS layer learns its γ and its clipping bounds from its optimizer (no per-step call).
 
 :func:`pwsconv.param_groups` calls ``layer.link_optimizer_group(group)`` with the parameter group that holds the
 layer's weight. torch's optimizers keep those very dicts and fill in their defaults, so once an SGD optimizer exists
@@ -7,16 +7,20 @@ the layer reads its starting LR and momentum there, once, and sets λ_W = :func:
 :func:`pwsconv.functional.auto_clip` (only spikes clipped, per entry, up to LR 0.1 at momentum 0.9; 0.005 above,
 each layer's α and β as one vector: :func:`pwsconv.functional.auto_clip_vector`) and the floor of β's bound,
 :func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule
-changes nothing after that, and
-no λ is saved: a resumed run builds its optimizer from ``param_groups`` with the same LR and gets the same λ.
-Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``CLIP_BIAS_FLOOR``.
+changes nothing after that, and no λ is saved: a resumed run builds its optimizer from ``param_groups`` with the
+same LR and gets the same λ. Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and
+``CLIP_BIAS_FLOOR``.
 
 γ acts in the forward, so it is state: the buffer ``auto_gamma_ppm`` holds the layer's γ relative to 2/n_l in
-millionths, 0 until chosen (``AUTO_GAMMA`` in force). The first forward that finds a linked SGD group chooses it from
-the starting LR, :func:`pwsconv.functional.auto_gamma` (``AUTO_GAMMA_FREE`` up to LR 0.1 at momentum 0.9,
-``AUTO_GAMMA`` above), and it is kept from then on — a later optimizer, a schedule or fine-tuning at another LR does
-not change the function; folding, inference and a resumed run read it from the state_dict. A pwsconv checkpoint of
-an auto layer saved before the buffer existed loads with ``AUTO_GAMMA``, the γ it was trained with.
+millionths (an integer: exact under dtype casts), 0 until chosen (``AUTO_GAMMA`` in force meanwhile). The first
+forward that finds a linked SGD group chooses it from the starting LR, :func:`pwsconv.functional.auto_gamma`
+(``AUTO_GAMMA_FREE`` up to LR 0.1 at momentum 0.9, ``AUTO_GAMMA`` above); a layer that trains without one (another
+optimizer, or no ``param_groups``) chooses ``AUTO_GAMMA``. It is kept from then on — a later optimizer, a schedule
+or fine-tuning at another LR does not change the function — and folding, inference, copies and a resumed run read
+it from the buffer. The layer keeps a copy of the buffer's value so that a forward needs no device sync; the copy
+follows every write torch makes to the buffer (see :class:`AutoGammaMixin`). A pwsconv checkpoint of an auto layer
+(with α) saved before the buffer existed loads with ``AUTO_GAMMA``, the γ it was trained with; one without α cannot
+be told from a plain torch layer's and loads unchosen. ``reset_parameters()`` un-chooses it.
 """
 
 from __future__ import annotations
