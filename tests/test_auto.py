@@ -584,11 +584,39 @@ def test_auto_gamma_buffer_and_the_layers_copy_stay_together():
     adam(x).sum().backward()
     torch.optim.SGD(pwsconv.param_groups(adam, 5e-4), lr=0.01, momentum=0.9)
     assert _rel_gamma(adam) == [AUTO_GAMMA] * 2 and int(adam[0].auto_gamma_ppm) == 1000
-    unlinked = _two_auto_convs()                           # no param_groups: a few training forwards, then locked
-    for _ in range(6):
+    unlinked = _two_auto_convs()                           # no param_groups: locked after two optimizer steps
+    for _ in range(5):
+        unlinked.state_dict(), copy.deepcopy(unlinked), unlinked(x)   # bookkeeping and forwards alone lock nothing
+    plain_sgd = torch.optim.SGD(unlinked.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(2):
+        plain_sgd.zero_grad()
         unlinked(x).sum().backward()
+        plain_sgd.step()
+    unlinked(x)
     torch.optim.SGD(pwsconv.param_groups(unlinked, 5e-4), lr=0.01, momentum=0.9)
-    assert _rel_gamma(unlinked) == [AUTO_GAMMA] * 2
+    assert _rel_gamma(unlinked) == [AUTO_GAMMA] * 2 and int(unlinked[0].auto_gamma_ppm) == 1000
+    # before any step, a forward or two and saving the initial weights do not decide anything
+    early = _two_auto_convs()
+    for _ in range(8):
+        early(x), early.state_dict()
+    torch.optim.SGD(pwsconv.param_groups(early, 5e-4), lr=0.1, momentum=0.9)
+    assert _rel_gamma(early) == [0.1, 0.1]
+    # a model built in inference mode reads a loaded γ (no version counter there)
+    with torch.inference_mode():
+        inf = _two_auto_convs()
+        inf.load_state_dict(net.state_dict())
+        assert _rel_gamma(inf) == [0.1, 0.1]
+    # an in-place write is also read at the next train() / eval() — what a compiled forward relies on
+    ema = _two_auto_convs()
+    for mo, mn in zip(_pws_layers(ema), _pws_layers(net)):
+        mo.auto_gamma_ppm.copy_(mn.auto_gamma_ppm)
+    ema.eval()
+    assert all(m.__dict__["_auto_gamma"][2] == 100000 for m in _pws_layers(ema))
+    # vmap over stacked copies (model ensembling): the layer's own γ, no read of a batched buffer
+    params, buffers = torch.func.stack_module_state([copy.deepcopy(net), copy.deepcopy(net)])
+    base = copy.deepcopy(net).to("meta")
+    out = torch.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(params, buffers)
+    torch.testing.assert_close(out[1], net(x), rtol=1e-5, atol=1e-6)
     # gamma set to a number: the buffer goes (paper PWS's keys), and a strict load into a paper PWS layer works
     layer = PWSConv2d(3, 4, 3, gamma="auto")
     layer.gamma = 1e-3

@@ -148,13 +148,14 @@ def reset_auto_gamma(layer: Any) -> None:
             with torch.no_grad():
                 buf.zero_()
         _mirror(layer, 0)
-        layer.__dict__.pop("_auto_gamma_unlinked", None)
+        layer.__dict__.pop("_auto_gamma_w0", None)
 
 
 def _read_loaded_gamma(layer: Any, incompatible_keys: Any = None) -> None:
     """After ``load_state_dict``: read the loaded value once here (not in the next forward, which may be compiled)."""
-    if GAMMA_BUFFER in layer._buffers:
-        auto_gamma_of(layer, choose=False)
+    buf = layer._buffers.get(GAMMA_BUFFER)
+    if buf is not None:   # always read (an inference tensor has no version counter to tell a write)
+        _mirror(layer, 0 if buf.is_meta else int(buf))
 
 
 def _choose_before_saving(layer: Any, *args: Any) -> None:
@@ -166,7 +167,7 @@ def _choose_before_saving(layer: Any, *args: Any) -> None:
 def auto_gamma_of(layer: Any, choose: bool = True) -> float:
     """γ of a ``gamma="auto"`` layer relative to 2/n_l: chosen once from the linked SGD group's starting LR
     (:func:`pwsconv.functional.auto_gamma`) and kept in its buffer; ``AUTO_GAMMA`` until then, and for good once the
-    layer has trained without an SGD group (``_UNFILLED_READS`` training forwards, or a non-SGD optimizer's group).
+    layer has trained without an SGD group (:func:`_chosen_gamma`).
     The layer keeps a copy of the buffer's value, read again only after another write to it (``load_state_dict``,
     DDP's broadcast, an EMA copy, ``functional_call``): no device sync per forward."""
     if GAMMA_BUFFER not in layer._buffers:   # a layer pickled before γ's buffer existed: it trained with AUTO_GAMMA
@@ -175,12 +176,16 @@ def auto_gamma_of(layer: Any, choose: bool = True) -> float:
     seen = layer.__dict__.get("_auto_gamma")
     # (a compiled forward trusts the copy: dynamo cannot guard on a version counter; the eager paths refresh it)
     if seen is None or not torch.compiler.is_compiling() and (seen[0] is not buf or seen[1] != _version(buf)):
+        if _wrapped(buf):   # vmap over stacked models' buffers: the layer's own value, nothing chosen in there
+            return seen[2] / 1e6 if seen is not None and seen[2] else _F.AUTO_GAMMA
         _mirror(layer, 0 if buf.is_meta else int(buf))
         seen = layer.__dict__["_auto_gamma"]
     ppm = seen[2]
     if ppm == 0 and choose:   # not chosen yet: from the optimizer's starting LR once there is one
         gamma = _chosen_gamma(layer)
         if gamma is not None:
+            if torch._C._functorch.maybe_current_level() is not None:   # inside torch.func.grad/vmap: no write to
+                return gamma                                # a captured buffer; the next plain forward stores it
             ppm = round(gamma * 1e6)
             with torch.no_grad():
                 buf.fill_(ppm)
@@ -188,19 +193,33 @@ def auto_gamma_of(layer: Any, choose: bool = True) -> float:
     return ppm / 1e6 if ppm else _F.AUTO_GAMMA
 
 
+#: optimizer steps (in-place updates of the weight, seen by its version counter) after which a layer that trains
+#: without a filled optimizer group keeps AUTO_GAMMA for good
+_STEPS_WITHOUT_GROUP = 2
+
+
 def _chosen_gamma(layer: Any) -> float | None:
-    """γ from the linked SGD group; AUTO_GAMMA where the layer trains without one; None: not yet known."""
+    """γ from the linked SGD group; AUTO_GAMMA where the layer trains without one (a filled non-SGD group, or its
+    weight updated ``_STEPS_WITHOUT_GROUP`` times in training mode with no group); None: not known yet."""
     sgd = _sgd_group(layer)
     if sgd is not None:
         return _F.auto_gamma(*sgd)
-    if not (layer.training and torch.is_grad_enabled()):
-        return None
     link = layer.__dict__.get("_opt_group")
     if link is not None and any("lr" in g for g in link.groups):   # an optimizer filled it in, not SGD
         return _F.AUTO_GAMMA
-    n = layer.__dict__.get("_auto_gamma_unlinked", 0) + 1     # a forward or two before the optimizer exists is usual
-    layer.__dict__["_auto_gamma_unlinked"] = n
-    return _F.AUTO_GAMMA if n >= _UNFILLED_READS else None
+    w = layer._raw_weight()
+    if not layer.training or torch.compiler.is_compiling() or w.is_inference():
+        return None
+    first = layer.__dict__.get("_auto_gamma_w0")           # (the weight, its version when first seen training)
+    if first is None or first[0] is not w:
+        layer.__dict__["_auto_gamma_w0"] = (w, w._version)
+        return None
+    return _F.AUTO_GAMMA if w._version - first[1] >= _STEPS_WITHOUT_GROUP else None
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """A tensor of a torch.func transform (vmap over stacked buffers): no value to read here."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class AutoGammaMixin:
@@ -220,6 +239,15 @@ class AutoGammaMixin:
                 with torch.no_grad():
                     buf.fill_(ppm)
             _mirror(self, ppm)
+        return out
+
+    def train(self, mode: bool = True) -> Any:
+        """``train()`` / ``eval()``: the layer's copy of γ is brought up to date (and γ chosen if it can be) here,
+        outside any compiled region — a compiled forward trusts the copy (dynamo cannot guard on version counters),
+        so a write to the buffer in place (an EMA's copy, DDP's broadcast) reaches it at the next mode switch."""
+        out = super().train(mode)  # type: ignore[misc]
+        if GAMMA_BUFFER in self._buffers and self.__dict__.get("_gamma") == "auto":   # type: ignore[attr-defined]
+            auto_gamma_of(self)
         return out
 
     def _settings_key(self) -> int:
