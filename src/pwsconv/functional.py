@@ -291,6 +291,13 @@ def _sgd_setting(lr: object, momentum: object) -> tuple[float, float] | None:
     return (lr, m) if math.isfinite(lr) and lr > 0 and 0 <= m < 1 else None
 
 
+def _in_free_range(lr: float, m: float, free: float | None) -> bool:
+    """Whether the effective LR lr/(1 − m) is at most ``free`` (default :data:`AUTO_CLIP_FREE`, read at the call; 0:
+    no free range) — rounded: 0.1 / (1 − 0.9) is 1.0000000000000002 in floats."""
+    free = AUTO_CLIP_FREE if free is None else free
+    return bool(free) and round(lr / (1.0 - m), 12) <= free
+
+
 def auto_clip_w(lr: float, momentum: float = 0.0, step: float = AUTO_STEP,
                 floor: float = AUTO_CLIP_W_MIN, knee: float | None = None) -> float | None:
     """λ of W's filters for ``gamma="auto"`` under SGD: ``max(step · (1 − m) / lr, floor)``, or ``None`` where it is
@@ -333,8 +340,7 @@ def auto_clip(lr: float, momentum: float = 0.0, top: float | None = None, bottom
     if sgd is None:
         return None
     lr, m = sgd
-    free = AUTO_CLIP_FREE if free is None else free
-    if free and round(lr / (1.0 - m), 12) <= free:     # rounded: 0.1 / (1 − 0.9) is 1.0000000000000002 in floats
+    if _in_free_range(lr, m, free):
         return AUTO_CLIP_SPIKE
     top = AUTO_CLIP_TOP if top is None else top
     bottom = AUTO_CLIP_MIN if bottom is None else bottom
@@ -357,8 +363,7 @@ def auto_clip_vector(lr: float, momentum: float = 0.0, free: float | None = None
     if sgd is None:
         return None
     lr, m = sgd
-    free = AUTO_CLIP_FREE if free is None else free
-    return bool(AUTO_CLIP_VECTOR) and not (free and round(lr / (1.0 - m), 12) <= free)
+    return bool(AUTO_CLIP_VECTOR) and not _in_free_range(lr, m, free)
 
 
 def auto_gamma(lr: float, momentum: float = 0.0, free: float | None = None) -> float | None:
@@ -370,8 +375,7 @@ def auto_gamma(lr: float, momentum: float = 0.0, free: float | None = None) -> f
     if sgd is None:
         return None
     lr, m = sgd
-    free = AUTO_CLIP_FREE if free is None else free
-    return AUTO_GAMMA_FREE if free and round(lr / (1.0 - m), 12) <= free else AUTO_GAMMA
+    return AUTO_GAMMA_FREE if _in_free_range(lr, m, free) else AUTO_GAMMA
 
 
 def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,

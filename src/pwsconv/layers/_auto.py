@@ -128,6 +128,21 @@ def _mirror(layer: Any, ppm: int) -> None:
     d["_auto_gamma"] = (buf, _version(buf), ppm)
 
 
+def _store(layer: Any, ppm: int) -> None:
+    """Write ``ppm`` into the layer's buffer (a meta tensor holds no value) and record it."""
+    buf = layer._buffers[GAMMA_BUFFER]
+    if not buf.is_meta:
+        with torch.no_grad():
+            buf.fill_(ppm)
+    _mirror(layer, ppm)
+
+
+def _reread(layer: Any) -> None:
+    """Record the value the layer's buffer holds now (one read; a meta tensor holds none: 0)."""
+    buf = layer._buffers[GAMMA_BUFFER]
+    _mirror(layer, 0 if buf.is_meta else int(buf))
+
+
 def _version(t: torch.Tensor) -> int | None:
     """Its version counter (None in a compiled forward, which never compares it, and for an inference tensor)."""
     return None if torch.compiler.is_compiling() or t.is_inference() else t._version
@@ -142,20 +157,15 @@ def _load_older_checkpoint(layer: Any, state_dict: dict, prefix: str, *args: Any
 
 def reset_auto_gamma(layer: Any) -> None:
     """``reset_parameters()``: a re-initialized auto layer chooses its γ again (from the LR it next trains with)."""
-    buf = layer._buffers.get(GAMMA_BUFFER)
-    if buf is not None:
-        if not buf.is_meta:
-            with torch.no_grad():
-                buf.zero_()
-        _mirror(layer, 0)
+    if GAMMA_BUFFER in layer._buffers:
+        _store(layer, 0)
         layer.__dict__.pop("_auto_gamma_w0", None)
 
 
 def _read_loaded_gamma(layer: Any, incompatible_keys: Any = None) -> None:
     """After ``load_state_dict``: read the loaded value once here (not in the next forward, which may be compiled)."""
-    buf = layer._buffers.get(GAMMA_BUFFER)
-    if buf is not None:   # always read (an inference tensor has no version counter to tell a write)
-        _mirror(layer, 0 if buf.is_meta else int(buf))
+    if GAMMA_BUFFER in layer._buffers:   # always read (an inference tensor has no version counter to tell a write)
+        _reread(layer)
 
 
 def _choose_before_saving(layer: Any, *args: Any) -> None:
@@ -178,7 +188,7 @@ def auto_gamma_of(layer: Any, choose: bool = True) -> float:
     if seen is None or not torch.compiler.is_compiling() and (seen[0] is not buf or seen[1] != _version(buf)):
         if _wrapped(buf):   # vmap over stacked models' buffers: the layer's own value, nothing chosen in there
             return seen[2] / 1e6 if seen is not None and seen[2] else _F.AUTO_GAMMA
-        _mirror(layer, 0 if buf.is_meta else int(buf))
+        _reread(layer)
         seen = layer.__dict__["_auto_gamma"]
     ppm = seen[2]
     if ppm == 0 and choose:   # not chosen yet: from the optimizer's starting LR once there is one
@@ -187,9 +197,7 @@ def auto_gamma_of(layer: Any, choose: bool = True) -> float:
             if torch._C._functorch.maybe_current_level() is not None:   # inside torch.func.grad/vmap: no write to
                 return gamma                                # a captured buffer; the next plain forward stores it
             ppm = round(gamma * 1e6)
-            with torch.no_grad():
-                buf.fill_(ppm)
-            _mirror(layer, ppm)
+            _store(layer, ppm)
     return ppm / 1e6 if ppm else _F.AUTO_GAMMA
 
 
@@ -235,10 +243,7 @@ class AutoGammaMixin:
         out = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
         buf = self._buffers.get(GAMMA_BUFFER)   # type: ignore[attr-defined]
         if ppm is not None and buf is not None and self.__dict__["_auto_gamma"][0] is not buf:
-            if not buf.is_meta:
-                with torch.no_grad():
-                    buf.fill_(ppm)
-            _mirror(self, ppm)
+            _store(self, ppm)
         return out
 
     def train(self, mode: bool = True) -> Any:
