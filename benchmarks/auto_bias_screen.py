@@ -3,9 +3,8 @@
 Auto clips ∂L/∂β to λ·max(|β|, floor). A bias starts at 0, so with a floor of 1e-3 (round 4) its gradient stayed
 below 1e-5, and in the medium runs every bias ended below 2e-3 in magnitude (paper PWS: 0.1–0.7): auto trained
 almost without biases. This trains the preset's own auto runs (same configs and names) with another setting, set
-in this process: ``--floor``, one floor at every LR (``CLIP_BIAS_FLOOR``, ``AUTO_BIAS_FLOOR`` and ``AUTO_BIAS_FREE``;
-the default is the rule ``auto_bias_floor``, so a screen at the rule's value for one LR is that LR's default run;
-``--floor 1`` at LR 0.05/0.1 is round 9's spike guard on β), and
+in this process: ``--floor``, one floor at every LR (``CLIP_BIAS_FLOOR`` and ``AUTO_BIAS_FLOOR``; the default is
+the rule ``auto_bias_floor``, so a screen at the rule's value for one LR is that LR's default run), and
 ``--clip-min``, the floor of λ of α and β (``AUTO_CLIP_MIN``, rule ``auto_clip``). The runs are trained one at a
 time here, so start several processes with other ``--nets`` / ``--lrs`` to use more cores. Then it prints the table
 against the preset's finished BN, paper PWS and auto cells.
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.report:
         if a.floor is not None:
-            functional.CLIP_BIAS_FLOOR = functional.AUTO_BIAS_FLOOR = functional.AUTO_BIAS_FREE = a.floor  # every LR
+            functional.CLIP_BIAS_FLOOR = functional.AUTO_BIAS_FLOOR = a.floor   # one floor at every LR
         if a.clip_min is not None:
             functional.AUTO_CLIP_MIN = a.clip_min
         if a.clip_top is not None:

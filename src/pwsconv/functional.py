@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-__all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip", "AUTO_GAMMA",
+__all__ = ["pws_weight", "check_gamma", "check_clip", "he_std", "unit_clip",
+           "AUTO_GAMMA",
            "AUTO_CLIP", "AUTO_CLIP_W", "AUTO_STEP", "AUTO_STEP_KNEE", "AUTO_CLIP_W_MIN", "CLIP_BIAS_FLOOR", "clip_bias", "auto_clip_w", "AUTO_BIAS_FLOOR",
            "auto_bias_floor", "AUTO_CLIP_MIN", "AUTO_CLIP_TOP", "AUTO_CLIP_KNEE", "AUTO_CLIP_FREE", "AUTO_CLIP_SPIKE",
-           "auto_clip", "AUTO_CLIP_VECTOR", "auto_clip_vector", "clip_vectors", "AUTO_GAMMA_FREE", "auto_gamma",
-           "AUTO_BIAS_FREE"]
+           "auto_clip", "AUTO_CLIP_VECTOR", "auto_clip_vector", "clip_vectors",
+           "AUTO_GAMMA_FREE", "auto_gamma"]
 
 #: ``gamma="auto"``: γ relative to the He-init filter variance 2/n_l, i.e. γ_eff = AUTO_GAMMA · 2/n_l (the authors'
 #: "equiv" rule), so that 1/sqrt(Var[W_o] + γ) is bounded at 1/sqrt(AUTO_GAMMA) ≈ 32× its He-init value whatever
@@ -74,10 +75,9 @@ AUTO_CLIP_W_MIN = 0.005
 #: the floor of a bias's clipping bound, |∂L/∂β| ≤ λ·max(|β|, CLIP_BIAS_FLOOR) (α's is 1e-3, AGC's). A bias starts at
 #: 0, where a floor of 1e-3 keeps its gradient below 1e-5 (λ 0.01); read at every forward
 CLIP_BIAS_FLOOR = 1e-3
-#: ``gamma="auto"`` under SGD: the largest floor of β's clipping bound above auto's free range (:func:`auto_bias_floor`)
+#: ``gamma="auto"`` under SGD: the largest floor of β's clipping bound (:func:`auto_bias_floor`), in force up to an
+#: effective LR lr/(1 − m) of 1: β measured against the output's scale, which eq. 12's gain keeps near 1
 AUTO_BIAS_FLOOR = 1.0
-#: ... and β's floor inside it (effective LR lr/(1 − m) ≤ 1, where paper PWS trains): inf, β not clipped there
-AUTO_BIAS_FREE = math.inf
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -159,9 +159,8 @@ def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None, f
     for a vector (α, β; ``dims=None``; ``floor`` replaces 1e-3 there: β's is :data:`CLIP_BIAS_FLOOR`), or the whole
     vector as one unit with ``vector=True`` (‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)) for k entries; :func:`clip_vectors`). A
     per-filter scale keeps eq. 13: the clipped ∂L/∂W_o still has zero mean.
-    ``None`` stays ``None``; without autograd (no grad mode, or ``p`` needs no gradient), and for an infinite bound
-    (``floor`` inf: no unit is ever clipped), ``p`` itself is returned."""
-    if p is None or not lam or floor == math.inf or not (p.requires_grad and torch.is_grad_enabled()):
+    ``None`` stays ``None``; without autograd (no grad mode, or ``p`` needs no gradient) ``p`` itself is returned."""
+    if p is None or not lam or not (p.requires_grad and torch.is_grad_enabled()):
         return p
     if p.dim() <= 1:
         if vector:
@@ -382,25 +381,22 @@ def auto_gamma(lr: float, momentum: float = 0.0, free: float | None = None) -> f
 def auto_bias_floor(lr: float, momentum: float = 0.0, top: float | None = None,
                     bottom: float | None = None) -> float | None:
     """The floor of β's clipping bound for ``gamma="auto"`` under SGD, |∂L/∂β| ≤ λ·max(|β|, floor):
-    :data:`AUTO_BIAS_FREE` (inf: β not clipped) up to the effective LR lr/(1 − m) 1 (LR 0.1 at m 0.9), above it
     ``((1 − m)/lr)²`` clamped to [``bottom``, ``top``] (default :data:`CLIP_BIAS_FLOOR` = 1e-3 and
-    :data:`AUTO_BIAS_FLOOR` = 1; all read at the call), or ``None`` where it is not defined (as :func:`auto_clip_w`).
+    :data:`AUTO_BIAS_FLOOR` = 1, read at the call), or ``None`` where it is not defined (as :func:`auto_clip_w`).
 
     A bias starts at 0, so its bound is λ·floor. With 1e-3 (α's floor, AGC's) every bias of an auto run stayed below
     2e-3, and auto trailed paper PWS by 0.7–1 point on the CIFAR residual net at LR 0.05/0.1; a floor of 1 lets β
     move there (one step at most lr·λ/(1 − m) = 0.01 at LR 0.1, m 0.9) and closes that gap, but a free β at
-    LR 1.6–3.2 cost 7–13 points (RESULTS.md). So β is free while the effective LR is at most 1 — from round 7 to 9
-    a floor of 1 with λ 1 guarded it against spikes there, and it never fired — and the floor falls with the
-    effective LR's inverse square above: 0.0625 at LR 0.4, 0.0039 at 1.6, and 1e-3 from 3.2 — a bias's step at most
-    λ·(1 − m)/lr there."""
+    LR 1.6–3.2 cost 7–13 points (RESULTS.md). So the floor is 1 while the effective LR lr/(1 − m) is at most 1 (LR
+    0.1 at m 0.9) and falls with its inverse square above: 0.0625 at LR 0.4, 0.0039 at 1.6, and 1e-3 from 3.2 —
+    a bias's step at most λ·(1 − m)/lr there."""
     sgd = _sgd_setting(lr, momentum)
     if sgd is None:
         return None
     lr, m = sgd
     top = AUTO_BIAS_FLOOR if top is None else top
     bottom = CLIP_BIAS_FLOOR if bottom is None else bottom
-    if _in_free_range(lr, m, None):
-        return AUTO_BIAS_FREE
+    # rounded to 12 decimals: 1 − 0.9 is 0.09999999999999998 in floats, and LR 0.1 at m 0.9 should give exactly 1
     return min(top, max(round(((1.0 - m) / lr) ** 2, 12), bottom))
 
 

@@ -211,7 +211,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
            biases: Sequence[Tensor | None] = (), cast: tuple[str, torch.dtype] | None = None
            ) -> tuple[list[Tensor], list[Tensor | None]]:
     """:func:`pws_weights_fused`, and the layers' biases (β) passed through the same node: a bias whose layer clips
-    α (λ_α > 0) with a finite floor, and that needs a gradient, gets its gradient clipped like α (bound
+    α (λ_α > 0) and that needs a gradient gets its gradient clipped like α (:func:`unit_clip`'s bound
     λ_α·max(|β|, floor), the floor the third entry of its ``clips`` tuple, else CLIP_BIAS_FLOOR; per vector where the
     fourth is true), with α's foreach ops. ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the
     float32 weights and biases on that device type come out in that dtype (autocast then casts nothing). Another bias
@@ -259,9 +259,8 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
             continue
         c = clips[k]
         lam = c[1] if isinstance(c, tuple) else c
+        lam = float(lam or 0.0) if b.requires_grad and torch.is_grad_enabled() else 0.0
         floor = float(c[2]) if isinstance(c, tuple) and len(c) > 2 else _F.CLIP_BIAS_FLOOR
-        # an infinite floor is no bound (auto's free range): such a bias is handed to its layer as it is
-        lam = float(lam or 0.0) if b.requires_grad and torch.is_grad_enabled() and floor != math.inf else 0.0
         if lam or (cast is not None and b.dtype == torch.float32 and b.device.type == cast[0]):
             bias_spec.append((len(tensors), lam, floor, isinstance(c, tuple) and len(c) > 3 and bool(c[3])))
             passed.append(k)

@@ -6,7 +6,7 @@ the layer reads its starting LR and momentum there, once, and sets λ_W = :func:
 (each SGD step moves a filter by at most ``AUTO_STEP`` of its norm), λ of α and β =
 :func:`pwsconv.functional.auto_clip` (only spikes clipped, per entry, up to LR 0.1 at momentum 0.9; 0.005 above,
 each layer's α and β as one vector: :func:`pwsconv.functional.auto_clip_vector`) and the floor of β's bound,
-:func:`pwsconv.functional.auto_bias_floor` (β not clipped up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule
+:func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule
 changes nothing after that, and no λ is saved: a resumed run builds its optimizer from ``param_groups`` with the
 same LR and gets the same λ. Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and
 ``CLIP_BIAS_FLOOR``.
