@@ -240,3 +240,21 @@ def test_report_tables_from_the_finished_runs_only(tmp_path):
     md = (out / "results.md").read_text()
     assert "Partial report" in md and runs[3].name in md
     assert not (out / runs[3].name).exists()          # nothing trained
+
+
+def test_table1_rewrites_the_same_bytes_when_a_rate_sits_on_a_rounding_edge(tmp_path, monkeypatch):
+    """A measured rate like 908.5012 img/s reads 909 in results.md; speed.csv keeps 908.50, which reads 908 — the table
+    must come from the rates as speed.csv holds them, so the call that only re-reads them writes the same bytes."""
+    import pwsconv.experiments.speed as speed_mod
+
+    def fake_rates(model, methods, batch, **kw):
+        return {m: {"ms": 8.80571234, "images_per_s": 908.5012, "ratio_to_first": 1.09424999} for m in methods}
+
+    monkeypatch.setattr(speed_mod, "train_step_rates", fake_rates)
+    out = tmp_path / "table1"
+    reproduce("table1", "smoke", out_dir=out, log=None)
+    md = (out / "results.md").read_text()
+    assert "| 908 |" in md   # 908.50 → 908 (round half to even), as when read back
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    reproduce("table1", "smoke", out_dir=out, log=None)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -66,6 +66,10 @@ def speed(ctx: Context) -> dict[str, str]:
         rates[b] = train_step_rates(c.model, methods, b, model_opts=c.model_opts, method_opts=opts, image_size=image,
                                     in_channels=in_ch, repeats=repeats, warmup=2,
                                     device="cuda" if c.device != "cpu" and _cuda() else "cpu")
+    # the tables use the rates as speed.csv holds them, so a later call that reads them back writes the same bytes
+    rates = {b: {m: {"ms": round(r["ms"], 4), "images_per_s": round(r["images_per_s"], 2),
+                     "ratio_to_first": round(r["ratio_to_first"], 4)} for m, r in per.items()}
+             for b, per in rates.items()}
     ctx.extra["speed"] = rates
     lines = ["batch,method,ms_per_step,images_per_s,ratio_to_first"]
     for b, per in rates.items():
