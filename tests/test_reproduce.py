@@ -258,3 +258,36 @@ def test_table1_rewrites_the_same_bytes_when_a_rate_sits_on_a_rounding_edge(tmp_
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     reproduce("table1", "smoke", out_dir=out, log=None)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_one_writer_of_the_tables(tmp_path):
+    """Shards that finish together: the one that finds another writing the tables leaves them to it; a plain call
+    that finds the tables being written says so in one line (its runs are finished and kept)."""
+    import threading
+
+    from pwsconv.train.rundir import lock_run_dir
+
+    out = tmp_path / "collapse"
+    held, done = threading.Event(), threading.Event()
+
+    def holder():   # another writer (a thread counts as one: the lock is per process and thread)
+        with lock_run_dir(out):
+            held.set()
+            done.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert held.wait(60)
+        said: list[str] = []
+        info = reproduce("collapse", "smoke", out_dir=out, shard=(0, 1), log=said.append)
+        assert info["unfinished"] == [] and "files" not in info and "another shard is writing the tables" in said[-1]
+        assert not (out / "results.md").exists()
+        with pytest.raises(ReproduceError, match="another process is writing the tables"):
+            reproduce("collapse", "smoke", out_dir=out, log=None)
+    finally:
+        done.set()
+        t.join()
+    info = reproduce("collapse", "smoke", out_dir=out, log=None)   # the lock released: the tables, nothing trained
+    assert info["skipped"] == info["n_runs"] and (out / "results.md").is_file()
+    assert not list(out.glob(".*tmp*")) and not (out / ".lock").exists()

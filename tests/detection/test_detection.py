@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -205,7 +204,7 @@ def test_mask_rcnn_pretrained_backbone_trains_and_scores_masks(synth, tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
-def test_two_process_detection_run(synth, tmp_path):
+def test_two_process_detection_run(synth, tmp_path, torchrun):
     script = tmp_path / "run.py"
     script.write_text(
         "import sys\nfrom pwsconv.detection.train import DetConfig, train_detector\n"
@@ -219,9 +218,9 @@ def test_two_process_detection_run(synth, tmp_path):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     outs = {}
     for n in (1, 2):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={n}",
-                            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script), str(tmp_path / f"w{n}")],
-                           env=env, capture_output=True, text=True, timeout=400)
+        p = torchrun([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={n}",
+                      "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script), str(tmp_path / f"w{n}")],
+                     env, tmp_path / f"w{n}", timeout=400)
         assert p.returncode == 0, p.stderr[-3000:]
         outs[n] = load_checkpoint(tmp_path / f"w{n}" / "checkpoint.pt", formats=("pwsconv-detection-checkpoint",))
     assert outs[2]["world_size"] == 2 and outs[1]["step"] == outs[2]["step"] == 2

@@ -5,7 +5,6 @@ ResNet-50 transforms, per-(seed, epoch) determinism, torchrun sharding, mid-epoc
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -148,7 +147,7 @@ def test_bad_imagenet_root_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
-def test_two_process_torchrun_matches_single_process(tree, tmp_path):
+def test_two_process_torchrun_matches_single_process(tree, tmp_path, torchrun):
     # 3 steps: at this LR a from-scratch net amplifies the all-reduce's float rounding ~30× per step (measured), so
     # longer runs drift apart by chaos, not by a sharding error (the batches themselves are checked exactly above)
     single = train(_cfg(tree, tmp_path / "single", epochs=1, method="gn", ckpt_every=0, max_steps=3))
@@ -164,7 +163,7 @@ def test_two_process_torchrun_matches_single_process(tree, tmp_path):
            "--set", "lr=0.025", "--set", "weight_decay=1e-4", "--set", "num_workers=1", "--set", "num_threads=1",
            "--set", "ckpt_every=0", "--set", "deterministic=true", "--set", "progress=false",
            "--set", "milestones=[1]", "--set", "max_steps=3", "--set", f"out_dir={out}"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    p = torchrun(cmd, env, out, timeout=400)   # repeated once after gloo's known abort at exit (tests/conftest.py)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = load_checkpoint(tmp_path / "single" / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
     assert b["world_size"] == 2 and a["step"] == b["step"] == 3

@@ -31,11 +31,10 @@ def _figure(ncols: int, width: float = 5.2, height: float = 3.8, nrows: int = 1)
 
 
 def _save(fig: Any, path: str | os.PathLike) -> str | os.PathLike:
-    d = os.path.dirname(os.fspath(path))
-    if d:
-        os.makedirs(d, exist_ok=True)
+    from ..train.checkpoint import atomic_save_figure
+
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
+    atomic_save_figure(fig, path)
     return path
 
 

@@ -59,7 +59,8 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
-from ..train.checkpoint import atomic_write_text
+from ..train.checkpoint import atomic_save_figure, atomic_write_text
+from ..train.rundir import RunDirLocked, lock_run_dir
 from .sweep import (RunSpec, SweepRecord, plot_curves, results_table, run_sweep, shard_of, unfinished,
                     write_results)
 from .estimate import (_CPU_RATES, _DATA_SHAPES, _DATA_SIZES, _ENGINE_EFFICIENCY, _GPU_EFFICIENCY,  # noqa: F401
@@ -229,11 +230,8 @@ def _plot_vs(agg: list[dict[str, Any]], x_key: str, path: str, *, title: str, li
         ax.legend(fontsize=7)
     fig.suptitle(title + "  (× = collapsed seeds, in the line's colour; NaN drawn at 100 %)", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -385,15 +383,27 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     # a grid re-aggregated without training keeps the versions that trained it: its results.md stays byte-identical
     info["versions"] = previous if previous and not trained else _versions()
     agg = aggregate(records, [k for k in runs[0].labels if k != "seed"])
-    files = dict(write_results(records, out_dir, title=table.title))
     ctx = Context(preset, runs, records, agg, out_dir)
-    more = table.extra(ctx) if table.extra is not None else {}
-    summary = table.summary(ctx)
-    if plots:
-        files.update({p.key: _plot(p, ctx, min(info["seeds"])) for p in table.plots})
-    files["summary"] = _write_summary_csv(agg, os.path.join(out_dir, "summary.csv"))
-    files.update(more)
-    atomic_write_text(_results_md(table, ctx, info, summary, files, seeds), files["md"])
+    try:   # one writer of the tables: shards that finish together must not interleave their files
+        with lock_run_dir(out_dir):
+            files = dict(write_results(records, out_dir, title=table.title))
+            more = table.extra(ctx) if table.extra is not None else {}
+            summary = table.summary(ctx)
+            if plots:
+                files.update({p.key: _plot(p, ctx, min(info["seeds"])) for p in table.plots})
+            files["summary"] = _write_summary_csv(agg, os.path.join(out_dir, "summary.csv"))
+            files.update(more)
+            atomic_write_text(_results_md(table, ctx, info, summary, files, seeds), files["md"])
+    except RunDirLocked:
+        if shard is None:
+            raise ReproduceError(f"another process is writing the tables in {out_dir}; the runs are finished: "
+                                 f"run the command again with --report when it is done") from None
+        if log is not None:
+            log(f"{name} [{preset}] shard {shard[0]}/{shard[1]}: {len(records)} runs done; another shard is "
+                f"writing the tables")
+        info.update({"records": records, "runs": [r.spec.name for r in records], "unfinished": [],
+                     "wall_time": wall})
+        return info
     skipped = sum(r.skipped for r in records)
     info.update({"records": records, "summary": agg, "files": files, "wall_time": wall, "skipped": skipped,
                  "runs": [r.name for r in runs], **ctx.extra})

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ..config import TrainConfig, fields_with
-from ..train.checkpoint import atomic_write_text, json_safe
+from ..train.checkpoint import atomic_save_figure, atomic_write_text, json_safe
 from ..train.engine import ConfigMismatchError, RunResult, _config_diff, train
 from ..train.metrics import read_metrics
 from ..train.rundir import check_output_dir
@@ -329,9 +329,6 @@ def plot_curves(records: Sequence[SweepRecord], path: str | os.PathLike, *, grou
         fig.suptitle(title)
     fig.tight_layout()
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -32,8 +32,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "WriteError", "atomic_save", "atomic_write_text", "load_checkpoint",
-           "verify_checkpoint", "rng_state", "set_rng_state", "scheduler_state", "load_scheduler_state",
+__all__ = ["CheckpointError", "WriteError", "atomic_save", "atomic_write_text", "atomic_save_figure",
+           "load_checkpoint", "verify_checkpoint", "rng_state", "set_rng_state", "scheduler_state", "load_scheduler_state",
            "current_umask", "file_mode", "check_training_state", "check_model_spec", "CHECKPOINT_FORMAT",
            "MODEL_FORMAT", "FORMAT_VERSION"]
 
@@ -159,6 +159,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:class:`WriteError` if it fails)."""
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG to ``path`` atomically (a unique temporary name: concurrent writers of the same
+    plot never share a file; :class:`WriteError` if it fails)."""
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def _resolve(path: str) -> str:
