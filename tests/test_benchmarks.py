@@ -133,3 +133,34 @@ def test_activation_scales_of_a_trained_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         scales.main([str(tmp_path / "nothing")])
     assert e.value.code == 2
+
+
+def test_autoclip_screen_clips_each_tensor_to_its_own_percentile(tmp_path, monkeypatch):
+    """benchmarks/autoclip_screen.py: a tensor's gradient is clipped to the percentile of its own norm history (the
+    current norm included); installed, it clips every parameter of a training run, each step, and restores nothing
+    else (the task's bind is patched for this process only — here undone by monkeypatch)."""
+    from pwsconv.config import TrainConfig
+    from pwsconv.models import build_model
+    from pwsconv.train import train
+    from pwsconv.train.task import ClassificationTask
+
+    mod = _script("autoclip_screen")
+    clip = mod.AutoClip(50)
+    hook = clip.hook(0)
+    for norm, want in ((1.0, 1.0), (3.0, 2.0), (2.0, 2.0)):   # median of [1], [1, 3], [1, 3, 2]
+        g = torch.tensor([norm, 0.0])
+        assert float(hook(g).norm()) == pytest.approx(want)
+    assert (clip.seen, clip.held) == (3, 1) and clip.kept == [pytest.approx(2 / 3)]
+
+    monkeypatch.setattr(ClassificationTask, "bind", ClassificationTask.bind)
+    for scope in ("layer", "model"):
+        log: dict = {"clips": []}
+        mod.install(10, scope, log)
+        cfg = TrainConfig(model="tiny_cnn", method="pws", dataset="digits", epochs=1, max_steps=3, limit=64,
+                          test_limit=32, batch_size=16, lr=0.1, device="cpu", progress=False,
+                          out_dir=str(tmp_path / scope), ckpt_every=0)
+        assert train(cfg).status == "ok"
+        (c,) = log["clips"]
+        n_params = len(list(build_model("tiny_cnn", "pws", num_classes=10, in_channels=1).parameters()))
+        assert len(c.hist) == (n_params if scope == "layer" else 1)
+        assert c.seen == 3 * len(c.hist) and 0 < c.held < c.seen
