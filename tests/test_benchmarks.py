@@ -164,3 +164,27 @@ def test_autoclip_screen_clips_each_tensor_to_its_own_percentile(tmp_path, monke
         n_params = len(list(build_model("tiny_cnn", "pws", num_classes=10, in_channels=1).parameters()))
         assert len(c.hist) == (n_params if scope == "layer" else 1)
         assert c.seen == 3 * len(c.hist) and 0 < c.held < c.seen
+
+
+def test_auto_relax_screen_loosens_the_chosen_bounds_with_the_steps(tmp_path, monkeypatch):
+    """benchmarks/auto_relax_screen.py: after t steps every auto layer clips with its chosen bounds × max(1, t/T)^p
+    (β's floor and the per-vector choice unchanged)."""
+    from pwsconv.config import TrainConfig
+    from pwsconv.train import train
+    from pwsconv.train.task import ClassificationTask
+
+    mod = _script("auto_relax_screen")
+    assert [mod.relax_factor(t, 78, 1.0) for t in (1, 78, 156)] == [1.0, 1.0, 2.0]
+    assert mod.relax_factor(400, 0, 1.0) == 1.0 and mod.relax_factor(4, 2, 2.0) == 4.0
+    monkeypatch.setattr(ClassificationTask, "bind", ClassificationTask.bind)
+    log: dict = {"runs": []}
+    mod.install(1, 1.0, log)
+    cfg = TrainConfig(model="tiny_cnn", method="pws", method_opts={"gamma": "auto"}, dataset="digits", epochs=1,
+                      max_steps=3, limit=64, test_limit=32, batch_size=16, lr=1.6, device="cpu", progress=False,
+                      out_dir=str(tmp_path / "run"), ckpt_every=0)
+    train(cfg)
+    (state,) = log["runs"]
+    assert state["t"] == 3 and state["factor"] == 3.0 and state["base"]
+    for base in state["base"].values():
+        assert base[:2] == (0.005, 0.005)   # LR 1.6: λ_W at its floor, λ of α and β 0.005 (round 8)
+    assert all(m.clips()[:2] == (0.015, 0.015) for m in state["layers"]) and state["layers"]   # what the layers use

@@ -1,0 +1,86 @@
+"""Screen a ``gamma="auto"`` whose clips relax as the layer ages, one of issue 20's candidates ("a clip that is tight
+while the layer is young and relaxes on a schedule the layer counts itself").
+
+Each auto layer's bounds (λ of W's filters and λ of α and β, as ``gamma="auto"`` chose them from the SGD group) are
+multiplied after every optimizer step by ``max(1, (t / T)^p)``, t the steps taken, T ``--young`` steps (one epoch of
+the medium preset by default): as tight as the default for the first T steps, then looser, ×2 at 2T with p = 1. The
+bounds are set in this process by an optimizer step hook, so the layer's own backward uses them at the next step —
+what a layer counting its steps would do. The runs are the robust medium preset's auto runs (same configs and names);
+the table compares them with the preset's BN, paper PWS and auto cells.
+
+    python benchmarks/auto_relax_screen.py --nets plain --lrs 0.4 1.6 --out results/auto_relax
+    python benchmarks/auto_relax_screen.py --out results/auto_relax --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from auto_bias_screen import PRESET_LRS, _cell, screen_runs  # noqa: E402
+
+from pwsconv.experiments.sweep import run_sweep  # noqa: E402
+from pwsconv.layers._auto import auto_clips_of  # noqa: E402
+from pwsconv.train.task import ClassificationTask  # noqa: E402
+
+
+def relax_factor(t: int, young: int, power: float) -> float:
+    """How much looser than the chosen bounds a layer that has taken ``t`` steps clips."""
+    return max(1.0, (t / young) ** power) if young > 0 else 1.0
+
+
+def install(young: int, power: float, log: dict) -> None:
+    """Patch ``ClassificationTask.bind`` so that every auto layer of a run of this process relaxes its clips."""
+    def bind(self, model, opt):
+        layers = [m for m in model.modules() if getattr(m, "_gamma", None) == "auto"]
+        state = {"t": 0, "base": {}, "layers": layers}
+        log["runs"].append(state)
+
+        def post(optimizer, args, kwargs):
+            state["t"] += 1
+            f = relax_factor(state["t"], young, power)
+            for m in layers:
+                base = state["base"].get(id(m))
+                if base is None:   # the bounds the layer chose from its SGD group at its first forward
+                    base = state["base"][id(m)] = auto_clips_of(m)
+                m.__dict__["_auto_clips"] = (base[0] * f, base[1] * f, base[2], base[3])
+            state["factor"] = f
+        opt.register_step_post_hook(post)
+    ClassificationTask.bind = bind
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--young", type=int, default=78, help="steps the clips stay as chosen (78: one epoch of the "
+                    "medium preset's large-LR runs)")
+    ap.add_argument("--power", type=float, default=1.0, help="then the bounds grow as (t / young)^power")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--nets", nargs="+", default=["residual", "plain"])
+    ap.add_argument("--lrs", nargs="+", type=float, default=[0.4, 1.6, 3.2])
+    ap.add_argument("--seeds", type=int, help="seeds per cell (default: the preset's 3)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
+    ap.add_argument("--report", action="store_true", help="only print the table of the finished runs")
+    a = ap.parse_args(argv)
+    if not a.report:
+        install(a.young, a.power, {"runs": []})
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "setting.txt").write_text(f"clips × max(1, (t/{a.young})^{a.power:g})\n")
+        run_sweep([r for r in screen_runs(a.nets, a.lrs, ["pws auto"], a.seeds) if r.config.seed >= a.first_seed],
+                  a.out, jobs=1)
+    label = (a.out / "setting.txt").read_text().strip() if (a.out / "setting.txt").is_file() else "relaxed"
+    lrs = list(PRESET_LRS)
+    lines = ["| net | method | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " |", "|---|---|" + "---:|" * len(lrs)]
+    for net in ("residual", "plain"):
+        for name, folder, method in (("BN", a.base, "bn"), ("paper PWS", a.base, "pws"), ("auto", a.base, "pws_auto"),
+                                     (f"auto, {label}", a.out, "pws_auto")):
+            lines.append(f"| {net} | {name} | " + " | ".join(
+                _cell(folder, f"lr_{net}_{method}_lr{lr:g}", 3) for lr in lrs) + " |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
