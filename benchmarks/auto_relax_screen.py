@@ -8,7 +8,11 @@ bounds are set in this process by an optimizer step hook, so the layer's own bac
 what a layer counting its steps would do. The runs are the robust medium preset's auto runs (same configs and names);
 the table compares them with the preset's BN, paper PWS and auto cells.
 
+``--follow-lr`` instead recomputes the bounds after every step from the group's current LR (the default reads the
+starting LR once): after each LR decay the clips loosen to what ``gamma="auto"`` would choose at the new LR.
+
     python benchmarks/auto_relax_screen.py --nets plain --lrs 0.4 1.6 --out results/auto_relax
+    python benchmarks/auto_relax_screen.py --follow-lr --out results/auto_follow_lr
     python benchmarks/auto_relax_screen.py --out results/auto_relax --report
 """
 
@@ -21,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from auto_bias_screen import PRESET_LRS, _cell, screen_runs  # noqa: E402
 
+from pwsconv import functional as _F  # noqa: E402
 from pwsconv.experiments.sweep import run_sweep  # noqa: E402
 from pwsconv.layers._auto import auto_clips_of  # noqa: E402
 from pwsconv.train.task import ClassificationTask  # noqa: E402
@@ -31,8 +36,15 @@ def relax_factor(t: int, young: int, power: float) -> float:
     return max(1.0, (t / young) ** power) if young > 0 else 1.0
 
 
-def install(young: int, power: float, log: dict) -> None:
-    """Patch ``ClassificationTask.bind`` so that every auto layer of a run of this process relaxes its clips."""
+def follow_lr_clips(lr: float, momentum: float) -> tuple[float, float, float, bool]:
+    """The bounds ``gamma="auto"`` would choose if the SGD group started at ``lr``."""
+    return (_F.auto_clip_w(lr, momentum), _F.auto_clip(lr, momentum), _F.auto_bias_floor(lr, momentum),
+            bool(_F.auto_clip_vector(lr, momentum)))
+
+
+def install(young: int, power: float, log: dict, follow_lr: bool = False) -> None:
+    """Patch ``ClassificationTask.bind`` so that every auto layer of a run of this process relaxes its clips (with
+    the steps, or with the LR's schedule: ``follow_lr``)."""
     def bind(self, model, opt):
         layers = [m for m in model.modules() if getattr(m, "_gamma", None) == "auto"]
         state = {"t": 0, "base": {}, "layers": layers}
@@ -40,6 +52,13 @@ def install(young: int, power: float, log: dict) -> None:
 
         def post(optimizer, args, kwargs):
             state["t"] += 1
+            if follow_lr:
+                g = optimizer.param_groups[0]
+                clips = follow_lr_clips(g["lr"], g.get("momentum", 0.0))
+                for m in layers:
+                    m.__dict__["_auto_clips"] = clips
+                state["clips"] = clips
+                return
             f = relax_factor(state["t"], young, power)
             for m in layers:
                 base = state["base"].get(id(m))
@@ -56,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--young", type=int, default=78, help="steps the clips stay as chosen (78: one epoch of the "
                     "medium preset's large-LR runs)")
     ap.add_argument("--power", type=float, default=1.0, help="then the bounds grow as (t / young)^power")
+    ap.add_argument("--follow-lr", action="store_true", help="recompute the bounds from the current LR after every "
+                    "step instead (--young and --power unused)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--nets", nargs="+", default=["residual", "plain"])
     ap.add_argument("--lrs", nargs="+", type=float, default=[0.4, 1.6, 3.2])
@@ -65,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     a = ap.parse_args(argv)
     if not a.report:
-        install(a.young, a.power, {"runs": []})
+        install(a.young, a.power, {"runs": []}, a.follow_lr)
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "setting.txt").write_text(f"clips × max(1, (t/{a.young})^{a.power:g})\n")
+        (a.out / "setting.txt").write_text("clips follow the LR's schedule\n" if a.follow_lr else
+                                           f"clips × max(1, (t/{a.young})^{a.power:g})\n")
         run_sweep([r for r in screen_runs(a.nets, a.lrs, ["pws auto"], a.seeds) if r.config.seed >= a.first_seed],
                   a.out, jobs=1)
     label = (a.out / "setting.txt").read_text().strip() if (a.out / "setting.txt").is_file() else "relaxed"

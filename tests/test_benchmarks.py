@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -188,3 +189,11 @@ def test_auto_relax_screen_loosens_the_chosen_bounds_with_the_steps(tmp_path, mo
     for base in state["base"].values():
         assert base[:2] == (0.005, 0.005)   # LR 1.6: λ_W at its floor, λ of α and β 0.005 (round 8)
     assert all(m.clips()[:2] == (0.015, 0.015) for m in state["layers"]) and state["layers"]   # what the layers use
+    log = {"runs": []}
+    mod.install(1, 1.0, log, follow_lr=True)   # the bounds of the current LR: at a decayed LR 0.16, W's loosen
+    train(dataclasses.replace(cfg, out_dir=str(tmp_path / "follow"), milestones=[1], lr_decay=0.1, epochs=2,
+                              max_steps=6))
+    (state,) = log["runs"]
+    want = mod.follow_lr_clips(1.6 * 0.1, 0.9)
+    assert state["clips"] == want and state["clips"][0] == pytest.approx(0.125)
+    assert all(m.clips() == state["clips"] for m in state["layers"])
