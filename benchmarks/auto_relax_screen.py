@@ -42,9 +42,10 @@ def follow_lr_clips(lr: float, momentum: float) -> tuple[float, float, float, bo
             bool(_F.auto_clip_vector(lr, momentum)))
 
 
-def install(young: int, power: float, log: dict, follow_lr: bool = False) -> None:
+def install(young: int, power: float, log: dict, follow_lr: bool = False, only: str = "all") -> None:
     """Patch ``ClassificationTask.bind`` so that every auto layer of a run of this process relaxes its clips (with
-    the steps, or with the LR's schedule: ``follow_lr``)."""
+    the steps, or with the LR's schedule: ``follow_lr``; ``only``: "w" follows with W's bound alone, "ab" with α's
+    and β's alone, the other kept as chosen)."""
     def bind(self, model, opt):
         layers = [m for m in model.modules() if getattr(m, "_gamma", None) == "auto"]
         state = {"t": 0, "base": {}, "layers": layers}
@@ -54,8 +55,12 @@ def install(young: int, power: float, log: dict, follow_lr: bool = False) -> Non
             state["t"] += 1
             if follow_lr:
                 g = optimizer.param_groups[0]
-                clips = follow_lr_clips(g["lr"], g.get("momentum", 0.0))
+                now = follow_lr_clips(g["lr"], g.get("momentum", 0.0))
                 for m in layers:
+                    base = state["base"].get(id(m))
+                    if base is None:
+                        base = state["base"][id(m)] = auto_clips_of(m)
+                    clips = now if only == "all" else (now[0],) + base[1:] if only == "w" else (base[0],) + now[1:]
                     m.__dict__["_auto_clips"] = clips
                 state["clips"] = clips
                 return
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--power", type=float, default=1.0, help="then the bounds grow as (t / young)^power")
     ap.add_argument("--follow-lr", action="store_true", help="recompute the bounds from the current LR after every "
                     "step instead (--young and --power unused)")
+    ap.add_argument("--only", choices=["all", "w", "ab"], default="all", help="with --follow-lr: which bounds follow "
+                    "the LR (w: W's alone; ab: α's and β's alone)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--nets", nargs="+", default=["residual", "plain"])
     ap.add_argument("--lrs", nargs="+", type=float, default=[0.4, 1.6, 3.2])
@@ -86,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only print the table of the finished runs")
     a = ap.parse_args(argv)
     if not a.report:
-        install(a.young, a.power, {"runs": []}, a.follow_lr)
+        install(a.young, a.power, {"runs": []}, a.follow_lr, a.only)
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "setting.txt").write_text("clips follow the LR's schedule\n" if a.follow_lr else
+        what = {"all": "clips", "w": "W's clip", "ab": "α's and β's clips"}[a.only]
+        (a.out / "setting.txt").write_text(f"{what} follow the LR's schedule\n" if a.follow_lr else
                                            f"clips × max(1, (t/{a.young})^{a.power:g})\n")
         run_sweep([r for r in screen_runs(a.nets, a.lrs, ["pws auto"], a.seeds) if r.config.seed >= a.first_seed],
                   a.out, jobs=1)
