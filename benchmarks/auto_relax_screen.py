@@ -42,36 +42,44 @@ def follow_lr_clips(lr: float, momentum: float) -> tuple[float, float, float, bo
             bool(_F.auto_clip_vector(lr, momentum)))
 
 
-def install(young: int, power: float, log: dict, follow_lr: bool = False, only: str = "all") -> None:
-    """Patch ``ClassificationTask.bind`` so that every auto layer of a run of this process relaxes its clips (with
-    the steps, or with the LR's schedule: ``follow_lr``; ``only``: "w" follows with W's bound alone, "ab" with α's
-    and β's alone, the other kept as chosen)."""
-    def bind(self, model, opt):
-        layers = [m for m in model.modules() if getattr(m, "_gamma", None) == "auto"]
-        state = {"t": 0, "base": {}, "layers": layers}
-        log["runs"].append(state)
+def attach(model, opt, young: int = 0, power: float = 1.0, follow_lr: bool = False, only: str = "all") -> dict:
+    """Relax the clips of every auto layer of ``model`` after each step of ``opt`` (with the steps, or with the LR's
+    schedule: ``follow_lr``; ``only``: "w" follows with W's bound alone, "ab" with α's and β's alone, the other kept
+    as chosen). Returns the state the hook keeps (steps, the chosen bounds, the bounds now, the layers)."""
+    layers = [m for m in model.modules() if getattr(m, "_gamma", None) == "auto"]
+    state = {"t": 0, "base": {}, "layers": layers}
 
-        def post(optimizer, args, kwargs):
-            state["t"] += 1
-            if follow_lr:
-                g = optimizer.param_groups[0]
-                now = follow_lr_clips(g["lr"], g.get("momentum", 0.0))
-                for m in layers:
-                    base = state["base"].get(id(m))
-                    if base is None:
-                        base = state["base"][id(m)] = auto_clips_of(m)
-                    clips = now if only == "all" else (now[0],) + base[1:] if only == "w" else (base[0],) + now[1:]
-                    m.__dict__["_auto_clips"] = clips
-                state["clips"] = clips
-                return
-            f = relax_factor(state["t"], young, power)
+    def chosen(m):   # the bounds the layer chose from its SGD group at its first forward
+        base = state["base"].get(id(m))
+        if base is None:
+            base = state["base"][id(m)] = auto_clips_of(m)
+        return base
+
+    def post(optimizer, args, kwargs):
+        state["t"] += 1
+        if follow_lr:
+            g = optimizer.param_groups[0]
+            now = follow_lr_clips(g["lr"], g.get("momentum", 0.0))
             for m in layers:
-                base = state["base"].get(id(m))
-                if base is None:   # the bounds the layer chose from its SGD group at its first forward
-                    base = state["base"][id(m)] = auto_clips_of(m)
-                m.__dict__["_auto_clips"] = (base[0] * f, base[1] * f, base[2], base[3])
-            state["factor"] = f
-        opt.register_step_post_hook(post)
+                base = chosen(m)
+                clips = now if only == "all" else (now[0],) + base[1:] if only == "w" else (base[0],) + now[1:]
+                m.__dict__["_auto_clips"] = clips
+            state["clips"] = clips
+            return
+        f = relax_factor(state["t"], young, power)
+        for m in layers:
+            base = chosen(m)
+            m.__dict__["_auto_clips"] = (base[0] * f, base[1] * f, base[2], base[3])
+        state["factor"] = f
+    opt.register_step_post_hook(post)
+    return state
+
+
+def install(young: int, power: float, log: dict, follow_lr: bool = False, only: str = "all") -> None:
+    """Patch ``ClassificationTask.bind`` so that every auto layer of a run of this process relaxes its clips
+    (:func:`attach`)."""
+    def bind(self, model, opt):
+        log["runs"].append(attach(model, opt, young, power, follow_lr, only))
     ClassificationTask.bind = bind
 
 

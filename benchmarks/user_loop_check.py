@@ -4,6 +4,9 @@ lr, momentum=0.9)``, forward, backward, step — nothing else. The shape of issu
 net, 5,000 images, 4 epochs, LR 0.1 / 0.4 / 1.6), written independently of it; one JSON line per run.
 
     python benchmarks/user_loop_check.py --method auto --lr 0.1 --seed 0 --out results/auto_user_loop/runs.jsonl
+
+``--follow-w`` (a screen, not the library): after every step W's clipping bound is set to the one ``gamma="auto"``
+would choose at the current LR (benchmarks/auto_relax_screen.py), α's and β's kept as chosen.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--limit", type=int, default=5000)
     p.add_argument("--test-limit", type=int, default=2000)
+    p.add_argument("--follow-w", action="store_true", help="auto: W's bound follows the LR's schedule (a screen)")
     p.add_argument("--out", type=Path, default=Path("results/auto_user_loop/runs.jsonl"))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -53,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         net = pwsconv.convert(net, "pws", gamma="auto" if a.method == "auto" else 1e-3)
     opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=a.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [a.epochs // 2, (3 * a.epochs) // 4], 0.1)
+    if a.follow_w:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from auto_relax_screen import attach
+
+        attach(net, opt, follow_lr=True, only="w")
     t0, finite = time.perf_counter(), True
     for _ in range(a.epochs):
         net.train()
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             correct += int((out.argmax(1) == y).sum())
             n += len(y)
     err = 100.0 * (1 - correct / n) if finite else float("nan")
-    row = {"method": a.method, "lr": a.lr, "seed": a.seed, "epochs": a.epochs, "limit": a.limit,
+    row = {"method": a.method + (" follow-w" if a.follow_w else ""), "lr": a.lr, "seed": a.seed, "epochs": a.epochs, "limit": a.limit,
            "test_error": err, "seconds": round(time.perf_counter() - t0, 1)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
