@@ -79,6 +79,9 @@ def install(young: int, power: float, log: dict, follow_lr: bool = False, only: 
     """Patch ``ClassificationTask.bind`` so that every auto layer of a run of this process relaxes its clips
     (:func:`attach`)."""
     def bind(self, model, opt):
+        if opt.state:   # bound after a resumed checkpoint loaded: the hook's state would restart mid-run
+            raise RuntimeError("this screen does not resume an interrupted run (its clipping state is not in the "
+                               "checkpoint): delete the run's folder to train it again")
         log["runs"].append(attach(model, opt, young, power, follow_lr, only))
     ClassificationTask.bind = bind
 

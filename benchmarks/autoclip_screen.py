@@ -57,6 +57,9 @@ class AutoClip:
 def install(p: float, scope: str, log: dict) -> None:
     """Patch ``ClassificationTask.bind`` so every run of this process clips its gradients with AutoClip."""
     def bind(self, model, opt):
+        if opt.state:   # bound after a resumed checkpoint loaded: the hook's state would restart mid-run
+            raise RuntimeError("this screen does not resume an interrupted run (its clipping state is not in the "
+                               "checkpoint): delete the run's folder to train it again")
         clip = AutoClip(p)
         log["clips"].append(clip)
         params = [q for q in model.parameters() if q.requires_grad]

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--follow-w", action="store_true", help="auto: W's bound follows the LR's schedule (a screen)")
     p.add_argument("--out", type=Path, default=Path("results/auto_user_loop/runs.jsonl"))
     a = p.parse_args(argv)
+    if a.follow_w and a.method != "auto":
+        p.error("--follow-w needs --method auto")
     torch.set_num_threads(1)
     ds = load_dataset("cifar10", limit=a.limit, test_limit=a.test_limit, seed=a.seed)
     train = Loader(ds.train, 128, shuffle=True, drop_last=True, augment=ds.augment, mean=ds.mean, std=ds.std,

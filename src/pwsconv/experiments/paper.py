@@ -50,6 +50,7 @@ table1 38 min, table2 33 min, collapse 50 min of wall time (results in ``results
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -57,10 +58,10 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..train.checkpoint import atomic_save_figure, atomic_write_text
-from ..train.rundir import RunDirLocked, lock_run_dir
+from ..train.rundir import RunDirLocked, lock_run_dir, remove_stale_temps
 from .sweep import (RunSpec, SweepRecord, plot_curves, results_table, run_sweep, shard_of, unfinished,
                     write_results)
 from .estimate import (_CPU_RATES, _DATA_SHAPES, _DATA_SIZES, _ENGINE_EFFICIENCY, _GPU_EFFICIENCY,  # noqa: F401
@@ -384,32 +385,40 @@ def reproduce(name: str, preset: str = "cpu", out_dir: str | os.PathLike | None 
     info["versions"] = previous if previous and not trained else _versions()
     agg = aggregate(records, [k for k in runs[0].labels if k != "seed"])
     ctx = Context(preset, runs, records, agg, out_dir)
-    try:   # one writer of the tables: shards that finish together must not interleave their files
-        with lock_run_dir(out_dir):
-            files = dict(write_results(records, out_dir, title=table.title))
-            more = table.extra(ctx) if table.extra is not None else {}
-            summary = table.summary(ctx)
-            if plots:
-                files.update({p.key: _plot(p, ctx, min(info["seeds"])) for p in table.plots})
-            files["summary"] = _write_summary_csv(agg, os.path.join(out_dir, "summary.csv"))
-            files.update(more)
-            atomic_write_text(_results_md(table, ctx, info, summary, files, seeds), files["md"])
-    except RunDirLocked:
-        if shard is None:
-            raise ReproduceError(f"another process is writing the tables in {out_dir}; the runs are finished: "
-                                 f"run the command again with --report when it is done") from None
-        if log is not None:
-            log(f"{name} [{preset}] shard {shard[0]}/{shard[1]}: {len(records)} runs done; another shard is "
-                f"writing the tables")
-        info.update({"records": records, "runs": [r.spec.name for r in records], "unfinished": [],
-                     "wall_time": wall})
-        return info
+    with _one_writer(out_dir, log):   # shards that finish together (or a --report meanwhile) write one at a time
+        remove_stale_temps(out_dir)   # left by a writer killed mid-write
+        files = dict(write_results(records, out_dir, title=table.title))
+        more = table.extra(ctx) if table.extra is not None else {}
+        summary = table.summary(ctx)
+        if plots:
+            files.update({p.key: _plot(p, ctx, min(info["seeds"])) for p in table.plots})
+        files["summary"] = _write_summary_csv(agg, os.path.join(out_dir, "summary.csv"))
+        files.update(more)
+        atomic_write_text(_results_md(table, ctx, info, summary, files, seeds), files["md"])
     skipped = sum(r.skipped for r in records)
     info.update({"records": records, "summary": agg, "files": files, "wall_time": wall, "skipped": skipped,
                  "runs": [r.name for r in runs], **ctx.extra})
     if log is not None:
         log(f"{name} [{preset}]: {len(records)} runs ({skipped} skipped) in {wall:.1f} s → {files['md']}")
     return info
+
+
+@contextlib.contextmanager
+def _one_writer(out_dir: str, log: Callable[[str], None] | None) -> Iterator[None]:
+    """Hold ``out_dir``'s writer lock for the block, waiting while another process (or thread) holds it — the last
+    to write sees every run, so it writes the tables after the other."""
+    stack, said = contextlib.ExitStack(), False
+    while True:
+        try:
+            stack.enter_context(lock_run_dir(out_dir))
+            break
+        except RunDirLocked:
+            if log is not None and not said:
+                log(f"waiting: another process is writing the tables in {out_dir}")
+                said = True
+            time.sleep(0.2)
+    with stack:
+        yield
 
 
 def _dry_run(info: dict[str, Any], runs: Sequence[RunSpec], log: Callable[[str], None] | None,

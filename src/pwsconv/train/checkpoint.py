@@ -17,6 +17,7 @@ as before.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
@@ -163,8 +164,10 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 
 def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
     """Save a matplotlib figure as PNG to ``path`` atomically (a unique temporary name: concurrent writers of the same
-    plot never share a file; :class:`WriteError` if it fails)."""
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plot never share a file; :class:`WriteError` if writing fails — an error of matplotlib's comes as itself)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def _resolve(path: str) -> str:

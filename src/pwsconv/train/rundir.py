@@ -100,7 +100,7 @@ def check_output_file(path: str | os.PathLike, what: str = "output file") -> str
 
 # the temporary files of checkpoint._atomic_write: "." + basename + "." + random + ".tmp"
 _TEMP = re.compile(r"^\.(checkpoint\.pt|result\.json|config\.yaml|metrics\.csv|metrics\.jsonl|results\.(md|csv|jsonl)"
-                   r"|summary\.csv)\.[A-Za-z0-9_]+\.tmp$")
+                   r"|summary\.csv|speed\.csv|[A-Za-z0-9_-]+\.png)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def remove_stale_temps(run_dir: str | os.PathLike) -> list[str]:
