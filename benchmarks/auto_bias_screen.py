@@ -78,6 +78,30 @@ def report(out: Path, base: Path, seeds: int = 3, extra_lrs: tuple[float, ...] =
     return "\n".join(lines)
 
 
+def add_screen_args(ap: argparse.ArgumentParser, lrs: list[float]) -> None:
+    """The arguments every hook screen shares (benchmarks/autoclip_screen.py, benchmarks/auto_relax_screen.py)."""
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--nets", nargs="+", default=["residual", "plain"])
+    ap.add_argument("--lrs", nargs="+", type=float, default=lrs)
+    ap.add_argument("--seeds", type=int, help="seeds per cell (default: the preset's 3)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
+    ap.add_argument("--report", action="store_true", help="only print the table of the finished runs")
+
+
+def screen_table(out: Path, base: Path, lrs: list[float], method: str, label: str, seeds: int = 3) -> str:
+    """The preset's BN, paper PWS and auto cells beside the screened runs of ``method`` in ``out``, labelled
+    ``label`` (``{}`` is replaced by out/setting.txt)."""
+    setting = (out / "setting.txt").read_text().strip() if (out / "setting.txt").is_file() else "screened"
+    lines = ["| net | method | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " |", "|---|---|" + "---:|" * len(lrs)]
+    for net in ("residual", "plain"):
+        for name, folder, m in (("BN", base, "bn"), ("paper PWS", base, "pws"), ("auto", base, "pws_auto"),
+                                (label.format(setting), out, method)):
+            cells = [_cell(folder, f"lr_{net}_{m}_lr{lr:g}", seeds) for lr in lrs]
+            lines.append(f"| {net} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def screen_runs(nets: list[str], lrs: list[float], methods: list[str], seeds: int | None = None,
                 width: float | None = None) -> list:
     """The preset's LR-scan runs of ``methods`` on ``nets`` at ``lrs``; at an LR the preset lacks, its LR-0.1 runs

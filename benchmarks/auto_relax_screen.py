@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from auto_bias_screen import PRESET_LRS, _cell, screen_runs  # noqa: E402
+from auto_bias_screen import PRESET_LRS, add_screen_args, screen_runs, screen_table  # noqa: E402
 
 from pwsconv import functional as _F  # noqa: E402
 from pwsconv.experiments.sweep import run_sweep  # noqa: E402
@@ -95,13 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                     "step instead (--young and --power unused)")
     ap.add_argument("--only", choices=["all", "w", "ab"], default="all", help="with --follow-lr: which bounds follow "
                     "the LR (w: W's alone; ab: α's and β's alone)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--nets", nargs="+", default=["residual", "plain"])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[0.4, 1.6, 3.2])
-    ap.add_argument("--seeds", type=int, help="seeds per cell (default: the preset's 3)")
-    ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
-    ap.add_argument("--report", action="store_true", help="only print the table of the finished runs")
+    add_screen_args(ap, [0.4, 1.6, 3.2])
     a = ap.parse_args(argv)
     if not a.report:
         install(a.young, a.power, {"runs": []}, a.follow_lr, a.only)
@@ -111,15 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                            f"clips × max(1, (t/{a.young})^{a.power:g})\n")
         run_sweep([r for r in screen_runs(a.nets, a.lrs, ["pws auto"], a.seeds) if r.config.seed >= a.first_seed],
                   a.out, jobs=1)
-    label = (a.out / "setting.txt").read_text().strip() if (a.out / "setting.txt").is_file() else "relaxed"
-    lrs = list(PRESET_LRS)
-    lines = ["| net | method | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " |", "|---|---|" + "---:|" * len(lrs)]
-    for net in ("residual", "plain"):
-        for name, folder, method in (("BN", a.base, "bn"), ("paper PWS", a.base, "pws"), ("auto", a.base, "pws_auto"),
-                                     (f"auto, {label}", a.out, "pws_auto")):
-            lines.append(f"| {net} | {name} | " + " | ".join(
-                _cell(folder, f"lr_{net}_{method}_lr{lr:g}", 3) for lr in lrs) + " |")
-    print("\n".join(lines))
+    print(screen_table(a.out, a.base, list(PRESET_LRS), "pws_auto", "auto, {}"))
     return 0
 
 

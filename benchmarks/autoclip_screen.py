@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from auto_bias_screen import PRESET_LRS, _cell, screen_runs  # noqa: E402
+from auto_bias_screen import PRESET_LRS, add_screen_args, screen_runs, screen_table  # noqa: E402
 
 from pwsconv.experiments.sweep import run_sweep  # noqa: E402
 from pwsconv.train.task import ClassificationTask  # noqa: E402
@@ -79,29 +79,12 @@ def install(p: float, scope: str, log: dict) -> None:
     ClassificationTask.bind = bind
 
 
-def report(out: Path, base: Path, lrs: list[float], seeds: int = 3) -> str:
-    lines = ["| net | method | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " |", "|---|---|" + "---:|" * len(lrs)]
-    label = (out / "setting.txt").read_text().strip() if (out / "setting.txt").is_file() else "AutoClip"
-    for net in ("residual", "plain"):
-        for name, folder, method in (("BN", base, "bn"), ("paper PWS", base, "pws"), ("auto", base, "pws_auto"),
-                                     (f"paper PWS + {label}", out, "pws")):
-            cells = [_cell(folder, f"lr_{net}_{method}_lr{lr:g}", seeds) for lr in lrs]
-            lines.append(f"| {net} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--percentile", type=float, default=10.0, help="clip to this percentile of the history (10)")
     ap.add_argument("--scope", choices=["layer", "model"], default="layer",
                     help="one history per parameter tensor (the issue's form) or one for the whole gradient")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--nets", nargs="+", default=["residual", "plain"])
-    ap.add_argument("--lrs", nargs="+", type=float, default=list(PRESET_LRS))
-    ap.add_argument("--seeds", type=int, help="seeds per cell (default: the preset's 3)")
-    ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--base", type=Path, default=Path("results/reproduce/robust_medium"))
-    ap.add_argument("--report", action="store_true", help="only print the table of the finished runs")
+    add_screen_args(ap, list(PRESET_LRS))
     a = ap.parse_args(argv)
     if not a.report:
         log: dict = {"clips": []}
@@ -117,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 with open(a.out / "clip_stats.jsonl", "a") as f:
                     f.write(json.dumps({"name": r.name, "held_share": c.held / max(c.seen, 1),
                                         "mean_kept_when_held": float(np.mean(c.kept)) if c.kept else 1.0}) + "\n")
-    print(report(a.out, a.base, sorted(set(a.lrs) | ({0.1, 1.6} if a.report else set()))))
+    print(screen_table(a.out, a.base, sorted(set(a.lrs) | ({0.1, 1.6} if a.report else set())), "pws",
+                       "paper PWS + {}"))
     return 0
 
 
