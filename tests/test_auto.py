@@ -383,11 +383,12 @@ def _pws_layers(net):
     return [m for m in net.modules() if isinstance(m, pwsconv.PWSMixin)]
 
 
-def test_auto_reads_its_lr_once_from_param_groups():
-    """The user's plain loop: SGD(param_groups(net, wd), lr, momentum) — the layers learn λ_W from the LR the
-    optimizer starts with (a schedule changes nothing after that); without param_groups, or under another optimizer,
-    the fixed AUTO_CLIP_W."""
-    from pwsconv.functional import auto_clip_w
+def test_auto_reads_its_lr_from_param_groups(monkeypatch):
+    """The user's plain loop: SGD(param_groups(net, wd), lr, momentum) — the layers learn α's and β's bounds from
+    the LR the optimizer starts with (a schedule changes nothing after that) and λ_W from the LR now (round 10: a
+    bound on each filter's step); without param_groups, or under another optimizer, the fixed AUTO_CLIP_W."""
+    from pwsconv.functional import auto_clip, auto_clip_w
+    from pwsconv.layers import _auto
 
     net = _auto_net()
     assert all(m.clip_w_lambda == AUTO_CLIP_W for m in _pws_layers(net))      # no optimizer known
@@ -398,8 +399,13 @@ def test_auto_reads_its_lr_once_from_param_groups():
     want = auto_clip_w(0.4, 0.9)
     assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(net))
     opt.step()
-    sched.step()                                                              # LR now 0.04: λ_W stays
+    sched.step()                                                              # LR now 0.04: λ_W follows it
+    assert auto_clip_w(0.04, 0.9) > 10 * want
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.04, 0.9)) for m in _pws_layers(net))
+    assert all(m.clip_lambda == auto_clip(0.4, 0.9) for m in _pws_layers(net))   # α and β: chosen once
+    monkeypatch.setattr(_auto, "AUTO_W_FOLLOWS_LR", False)                    # round 9: λ_W from the starting LR
     assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(net))
+    monkeypatch.undo()
     # explicit settings win; an Adam group is not SGD: the fixed λ
     assert PWSConv2d(3, 4, 3, gamma="auto", clip_w=0.5).clip_w_lambda == 0.5
     other = _auto_net()
@@ -420,10 +426,13 @@ def test_auto_reads_its_lr_once_from_param_groups():
     assert all(m.clip_w_lambda == pytest.approx(want) for m in _pws_layers(third)) and opt3
 
 
-def test_auto_lr_rule_is_the_same_after_resume():
-    """A resumed run builds a new optimizer from param_groups and loads its state: λ_W is the same as in the run
-    it continues (the start LR), so the run continues bit-exactly."""
-    from pwsconv.functional import auto_clip_w
+@pytest.mark.parametrize("linked", [True, False])
+def test_auto_lr_rule_is_the_same_after_resume(linked):
+    """A resumed run builds a new optimizer from param_groups and loads its state. With pwsconv.link_optimizer the
+    layers follow the loaded groups' LR (λ_W of LR 0.08 after the decay) and the run continues bit-exactly; without
+    it they read the dicts param_groups returned, which load_state_dict replaced (LR 0.8: the documented reason for
+    the call). α's and β's bounds come from the starting LR either way."""
+    from pwsconv.functional import auto_clip, auto_clip_w
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
@@ -431,6 +440,8 @@ def test_auto_lr_rule_is_the_same_after_resume():
     def make():
         net = _auto_net()
         opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.8, momentum=0.9)
+        pwsconv.link_optimizer(net, opt)
+        pwsconv.link_optimizer(net, opt)                 # twice: one hook
         return net, opt, torch.optim.lr_scheduler.MultiStepLR(opt, [2], gamma=0.1)
 
     def step(net, opt, sched):
@@ -441,20 +452,93 @@ def test_auto_lr_rule_is_the_same_after_resume():
         sched.step()
 
     net, opt, sched = make()
+    assert len(opt._optimizer_load_state_dict_post_hooks) == 1
     for _ in range(3):
         step(net, opt, sched)
     saved = copy.deepcopy((net.state_dict(), opt.state_dict(), sched.state_dict()))
     for _ in range(2):
         step(net, opt, sched)
-    net2, opt2, sched2 = make()
+    net2 = _auto_net()
+    opt2 = torch.optim.SGD(pwsconv.param_groups(net2, 5e-4), lr=0.8, momentum=0.9)
+    if linked:
+        pwsconv.link_optimizer(net2, opt2)
+    sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, [2], gamma=0.1)
     net2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     sched2.load_state_dict(saved[2])
     for _ in range(2):
         step(net2, opt2, sched2)
-    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.8, 0.9)) for m in _pws_layers(net2))
-    for (k, p), (_, q) in zip(net.state_dict().items(), net2.state_dict().items()):
-        assert torch.equal(p, q), k
+    assert all(m.clip_lambda == auto_clip(0.8, 0.9) for m in _pws_layers(net2))
+    lam_w = auto_clip_w(0.08 if linked else 0.8, 0.9)
+    assert all(m.clip_w_lambda == pytest.approx(lam_w) for m in _pws_layers(net2))
+    if linked:
+        for (k, p), (_, q) in zip(net.state_dict().items(), net2.state_dict().items()):
+            assert torch.equal(p, q), k
+
+
+def _train_with_decay(fuse: bool, follow: bool, monkeypatch, compiled: bool = False):
+    """4 steps of the auto tiny_cnn at LR 1.6 (W's bound 0.005: it holds), the LR ×0.1 after every step."""
+    from pwsconv.layers import _auto
+
+    monkeypatch.setattr(_auto, "AUTO_W_FOLLOWS_LR", follow)
+    net = _auto_net()
+    if fuse:
+        pwsconv.fuse_standardization(net)
+    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1.6, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.1)
+    model = torch.compile(net, backend="aot_eager") if compiled else net
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net
+
+
+def test_auto_w_bound_follows_the_lr_fused_and_per_layer(monkeypatch):
+    """λ_W read at every forward: the fused node and the per-layer path clip with the same bound after each decay
+    (same weights), and following changes the run (the bound held at LR 1.6 is 10× looser per decay)."""
+    per_layer = _train_with_decay(False, True, monkeypatch)
+    fused = _train_with_decay(True, True, monkeypatch)
+    kept = _train_with_decay(False, False, monkeypatch)
+    for (k, a), b, c in zip(per_layer.state_dict().items(), fused.state_dict().values(), kept.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=k)
+    assert any(not torch.allclose(a, c) for a, c in zip(per_layer.state_dict().values(), kept.state_dict().values())
+               if a.is_floating_point())
+
+
+def test_compiled_auto_keeps_the_starting_lr_bound_without_recompiling(monkeypatch):
+    """Under torch.compile λ_W is the starting LR's (a Python float the graph would guard on, so following the LR
+    would recompile at every change): a schedule that changes the LR every step compiles once, and the run is
+    eager's with the bound kept."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _train_with_decay(False, True, monkeypatch, compiled=True)
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["recompiles"], dict(counters["stats"])
+    kept = _train_with_decay(False, False, monkeypatch)
+    for (k, a), b in zip(kept.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_link_optimizer_checks_its_arguments_and_links_without_param_groups():
+    from pwsconv.functional import auto_clip_w
+
+    net = _auto_net()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        pwsconv.link_optimizer("net", torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        pwsconv.link_optimizer(net, [{"params": list(net.parameters())}])
+    opt = torch.optim.SGD(net.parameters(), lr=0.4, momentum=0.9)   # no param_groups: the optimizer's own groups
+    pwsconv.link_optimizer(net, opt)
+    opt.param_groups[0]["lr"] = 0.04
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.04, 0.9)) for m in _pws_layers(net))
+    pwsconv.param_groups(net, 5e-4)      # a new param_groups call: the layers follow its groups from then on
+    assert all(m.__dict__["_opt_group"].live is None for m in _pws_layers(net))
 
 
 def test_auto_gamma_formula():

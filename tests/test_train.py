@@ -90,10 +90,13 @@ def test_out_dir_is_never_overwritten(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("method", ["bn", "pws"])
+@pytest.mark.parametrize("method", ["bn", "pws", "pws auto"])
 def test_resume_after_crash_is_exact(tmp_path, method):
-    # 4 steps per epoch, 3 epochs = 12 steps; checkpoints every 3 steps (mid-epoch) and at epoch ends
-    cfg = small(tmp_path, "ref", method=method, epochs=3, ckpt_every=3, milestones=[2], lr=0.1)
+    # 4 steps per epoch, 3 epochs = 12 steps; checkpoints every 3 steps (mid-epoch) and at epoch ends. gamma="auto"
+    # at LR 1.6: W's bound holds and follows the LR after the decay at epoch 2 — from the optimizer's loaded groups
+    auto = {"method_opts": {"gamma": "auto"}, "lr": 1.6, "milestones": [1, 2]} if method == "pws auto" else {}
+    cfg = small(tmp_path, "ref", **{"method": method.split()[0], "epochs": 3, "ckpt_every": 3, "milestones": [2],
+                                    "lr": 0.1, **auto})
     ref = train(cfg)
     ref_ck = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
     for crash in (2, 7, 10):   # before any checkpoint; 1 step after the mid-epoch one at 6; after the one at 9

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 # loads is then the command's one-line "interrupted" (exit 130), and ``pwsconv --version`` is instant.
 _LAZY = {
     "pws_weight": ".functional",
-    "fold": ".folding", "is_norm_layer": ".optim", "param_groups": ".optim",
+    "fold": ".folding", "is_norm_layer": ".optim", "param_groups": ".optim", "link_optimizer": ".optim",
     **{name: ".layers.pws" for name in ("PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d",
                                         "PWSConvTranspose2d", "PWSConvTranspose3d", "PWSLinear", "PWSMixin")},
     "fuse_standardization": ".accel", "cached": ".accel", "clear_cache": ".accel",
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # what static tools see: the eager imports
                              PWSConvTranspose3d, PWSLinear, PWSMixin)
     from .layers.same import Conv2dSame, PWSConv2dSame
     from .methods import Method, available_methods, build_conv, build_linear, build_norm, get_method, register_method
-    from .optim import is_norm_layer, param_groups
+    from .optim import is_norm_layer, link_optimizer, param_groups
     from .train.loading import load
 
 
@@ -105,6 +105,7 @@ __all__ = [
     "fold",
     "load",
     "param_groups",
+    "link_optimizer",
     "is_norm_layer",
     "Method",
     "available_methods",

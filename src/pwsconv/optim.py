@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["param_groups", "is_norm_layer", "NORM_TYPES"]
+__all__ = ["param_groups", "link_optimizer", "is_norm_layer", "NORM_TYPES"]
 
 #: Module types whose parameters count as "norm affine" in :func:`param_groups`.
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
@@ -34,7 +36,8 @@ def param_groups(
     require grad are left out; shared parameters appear once. Empty groups are dropped. Each group has a ``"name"``.
 
     Layers with ``gamma="auto"`` are told which group holds their weight: once an SGD optimizer built from these
-    groups has filled in its learning rate, they set their clipping from it (:func:`pwsconv.functional.auto_clip_w`).
+    groups has filled in its learning rate, they set their clipping from it (:func:`pwsconv.functional.auto_clip_w`);
+    to resume such a run with ``optimizer.load_state_dict``, see :func:`link_optimizer`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -70,10 +73,45 @@ def param_groups(
                 key = "decay"
             groups[key][1].append(p)
     out = [{"params": ps, "weight_decay": float(wd), "name": k} for k, (wd, ps) in groups.items() if ps]
-    # layers that adapt to their optimizer (gamma="auto" reads the SGD settings of its weight's group once)
-    owner = {id(p): g for g in out for p in g["params"]}
+    _link_layers(model, out, "link_optimizer_group")   # gamma="auto" reads the SGD settings of its weight's group
+    return out
+
+
+def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Tie the ``gamma="auto"`` layers of ``model`` to ``optimizer``: each follows the LR of the optimizer's group
+    that holds its weight, now and after every ``optimizer.load_state_dict`` (which replaces the group dicts that
+    :func:`param_groups` linked). Call it once, after building the optimizer, when a run may be resumed::
+
+        opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+        pwsconv.link_optimizer(net, opt)        # then opt.load_state_dict(...) resumes bit-exactly
+
+    A fresh run needs no call (:func:`param_groups` links the groups it returns). Layers without ``gamma="auto"``
+    are left alone; calling it again is harmless."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"link_optimizer: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"link_optimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _link_layers(model, optimizer.param_groups, "link_live_group")
+    linked = _RELINKED.setdefault(optimizer, weakref.WeakSet())
+    if model not in linked:
+        linked.add(model)
+        ref = weakref.ref(model)
+
+        def relink(opt: torch.optim.Optimizer) -> None:
+            if (m := ref()) is not None:
+                _link_layers(m, opt.param_groups, "link_live_group")
+        optimizer.register_load_state_dict_post_hook(relink)
+
+
+#: the models each optimizer relinks after its load_state_dict (one hook per pair)
+_RELINKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def _link_layers(model: nn.Module, groups: list[dict[str, Any]], method: str) -> None:
+    """Call ``layer.<method>(group)`` on every layer that has it, with the group of ``groups`` holding its weight."""
+    owner = {id(p): g for g in groups for p in g["params"]}
     for mod in model.modules():
-        link = getattr(mod, "link_optimizer_group", None)
+        link = getattr(mod, method, None)
         if link is None:
             continue
         w = mod._parameters.get("weight")   # or, parametrized (weight_norm, ...), the tensors the weight is made of
@@ -82,5 +120,3 @@ def param_groups(
         group = next((owner[id(p)] for p in ws if id(p) in owner), None)
         if group is not None:
             link(group)
-    return out
-

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim import link_optimizer
 from ..train import TrainConfig
 from ..train.engine import run_task
 from ..train.step import train_step
@@ -114,6 +115,8 @@ def measure_without_update(
     saved_bufs = [b.detach().clone() for b in bufs] if restore else []
     if probe is None:
         probe = VarianceProbe(model, optimizer=optimizer, lr=lr, every=every)
+    if optimizer is not None:   # its state is put back by load_state_dict: gamma="auto" layers follow the new groups
+        link_optimizer(model, optimizer)
     task_loss, record = _probed(probe, loss_fn, logit_scale=False)
     try:
         probe.attach()

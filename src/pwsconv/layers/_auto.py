@@ -2,14 +2,17 @@
 
 :func:`pwsconv.param_groups` calls ``layer.link_optimizer_group(group)`` with the parameter group that holds the
 layer's weight. torch's optimizers keep those very dicts and fill in their defaults, so once an SGD optimizer exists
-the layer reads its starting LR and momentum there, once, and sets λ_W = :func:`pwsconv.functional.auto_clip_w`
-(each SGD step moves a filter by at most ``AUTO_STEP`` of its norm), λ of α and β =
+the layer reads its starting LR and momentum there, once, and sets λ of α and β =
 :func:`pwsconv.functional.auto_clip` (only spikes clipped, per entry, up to LR 0.1 at momentum 0.9; 0.005 above,
 each layer's α and β as one vector: :func:`pwsconv.functional.auto_clip_vector`) and the floor of β's bound,
-:func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). A schedule
-changes nothing after that, and no λ is saved: a resumed run builds its optimizer from ``param_groups`` with the
-same LR and gets the same λ. Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and
-``CLIP_BIAS_FLOOR``.
+:func:`pwsconv.functional.auto_bias_floor` (β free up to LR 0.1 at momentum 0.9, held from about 3.2). Those are
+kept whatever the schedule does. λ_W = :func:`pwsconv.functional.auto_clip_w` (each SGD step moves a filter by at
+most ``AUTO_STEP`` of its norm) follows the group's *current* LR (:data:`AUTO_W_FOLLOWS_LR`, round 10): a bound on
+the step, not on the gradient, so when the schedule lowers the LR the bound on the gradient loosens with it.
+No λ is saved. A resumed run builds its optimizer from ``param_groups`` with the same starting LR and gets the same
+α/β bounds; for λ_W to follow the LR the optimizer holds after ``optimizer.load_state_dict`` (which replaces the
+group dicts), :func:`pwsconv.link_optimizer` ties the layers to the optimizer itself (the training engine does).
+Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``CLIP_BIAS_FLOOR``.
 
 γ acts in the forward, so it is state: the buffer ``auto_gamma_ppm`` holds the layer's γ relative to 2/n_l in
 millionths (an integer: exact under dtype casts), 0 until chosen (``AUTO_GAMMA`` in force meanwhile). The first
@@ -31,12 +34,17 @@ import torch
 
 from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "auto_clips_of", "auto_gamma_of", "register_auto_gamma", "GAMMA_BUFFER",
+__all__ = ["link_optimizer_group", "link_live_group", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
+           "register_auto_gamma", "GAMMA_BUFFER",
            "AutoGammaMixin", "reset_auto_gamma"]
 
 #: the buffer of a ``gamma="auto"`` layer holding its γ relative to 2/n_l in millionths (0: not chosen yet); an
 #: integer, so casting the model to another float dtype leaves it exact
 GAMMA_BUFFER = "auto_gamma_ppm"
+
+#: ``gamma="auto"`` under SGD: λ_W is :func:`pwsconv.functional.auto_clip_w` of the linked group's current LR (True,
+#: round 10: a bound on each filter's step that holds through the schedule) or of its starting LR (False: round 9)
+AUTO_W_FOLLOWS_LR = True
 
 
 class _OptimizerGroups:
@@ -44,10 +52,11 @@ class _OptimizerGroups:
     one of them reaches an optimizer). Derived, not state: a copy or an unpickled layer is unlinked until its own
     ``param_groups`` call."""
 
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "live")
 
     def __init__(self) -> None:
         self.groups: list[dict] = []
+        self.live: dict | None = None   # the optimizer's own group (pwsconv.link_optimizer), followed for λ_W
 
     def __reduce__(self) -> tuple:
         return (_OptimizerGroups, ())
@@ -62,27 +71,59 @@ def link_optimizer_group(layer: Any, group: dict) -> None:
     link = layer.__dict__.get("_opt_group")
     if link is None:
         link = layer.__dict__["_opt_group"] = _OptimizerGroups()
-    link.groups = link.groups[-3:] + [group]
+    link.groups, link.live = link.groups[-3:] + [group], None
     layer.__dict__["_auto_clips"] = None
+
+
+def link_live_group(layer: Any, group: dict) -> None:
+    """Called by :func:`pwsconv.link_optimizer` with the optimizer's group that holds ``layer``'s weight (again after
+    every ``optimizer.load_state_dict``): λ_W follows that group's LR. The bounds chosen from the starting LR stay as
+    they are (a resumed run chooses them from the group its ``param_groups`` call made, as the run it continues)."""
+    link = layer.__dict__.get("_opt_group")
+    if link is None:
+        link = layer.__dict__["_opt_group"] = _OptimizerGroups()
+    if not link.groups:   # linked by the optimizer alone (no param_groups call): the choice reads this group too
+        link.groups = [group]
+    link.live = group
 
 
 def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
     """(λ of ``layer``'s filters, λ of α and β, the floor of β's bound, α and β clipped per vector) under
-    ``gamma="auto"``: learned once from the newest linked group that an SGD optimizer has filled in, else
-    (AUTO_CLIP_W, AUTO_CLIP, CLIP_BIAS_FLOOR, False)."""
+    ``gamma="auto"``: learned from the newest linked group that an SGD optimizer has filled in — λ_W from its current
+    LR (:data:`AUTO_W_FOLLOWS_LR`), the others once, from its starting LR — else (AUTO_CLIP_W, AUTO_CLIP,
+    CLIP_BIAS_FLOOR, False)."""
     clips = layer.__dict__.get("_auto_clips")
-    if clips is not None and len(clips) == 4:     # (a model pickled by round 7 or before cached 3 entries: re-read)
+    if clips is None or len(clips) != 4:     # (a model pickled by round 7 or before cached 3 entries: re-read)
+        sgd = _sgd_group(layer, warn=True)
+        if sgd is None:   # no optimizer (yet), or not SGD: the fixed values
+            return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
+        lr, m = sgd
+        lam_w, lam, floor = _F.auto_clip_w(lr, m), _F.auto_clip(lr, m), _F.auto_bias_floor(lr, m)
+        if lam_w is None or lam is None or floor is None:
+            return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
+        # once: the LR the optimizer starts with, whatever the schedule does
+        clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor, bool(_F.auto_clip_vector(lr, m)))
+    if not AUTO_W_FOLLOWS_LR or torch.compiler.is_compiling():   # compiled: the starting LR's (no guard on the LR)
         return clips
-    sgd = _sgd_group(layer, warn=True)
-    if sgd is None:   # no optimizer (yet), or not SGD: the fixed values
-        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
-    lr, m = sgd
-    lam_w, lam, floor = _F.auto_clip_w(lr, m), _F.auto_clip(lr, m), _F.auto_bias_floor(lr, m)
-    if lam_w is None or lam is None or floor is None:
-        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
-    # once: the LR the optimizer starts with, whatever the schedule does
-    clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor, bool(_F.auto_clip_vector(lr, m)))
-    return clips
+    now = _current_lr(layer)
+    if now is None:
+        return clips
+    follow = layer.__dict__.get("_auto_follow")   # (LR and momentum, the chosen bounds, the bounds now)
+    if follow is None or follow[0] != now or follow[1] is not clips:
+        lam_w = _F.auto_clip_w(*now)
+        follow = layer.__dict__["_auto_follow"] = (now, clips, clips if lam_w is None else (lam_w,) + clips[1:])
+    return follow[2]
+
+
+def _current_lr(layer: Any) -> tuple[Any, Any] | None:
+    """(LR now, momentum) of the optimizer's group (:func:`link_live_group`), else of the newest linked SGD group."""
+    link = layer.__dict__.get("_opt_group")
+    if link is None:
+        return None
+    group = link.live if link.live is not None else next((g for g in reversed(link.groups) if "lr" in g), None)
+    if group is None or "dampening" not in group:
+        return None
+    return group["lr"], group.get("momentum", 0.0)
 
 
 def _sgd_group(layer: Any, warn: bool = False) -> tuple[Any, Any] | None:

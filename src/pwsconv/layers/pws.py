@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from .. import functional as _F   # CLIP_BIAS_FLOOR read at the call
 from ..functional import check_clip, check_gamma, he_std, pws_weight, unit_clip
-from ._auto import (AutoGammaMixin, auto_clips_of, auto_gamma_of, link_optimizer_group, register_auto_gamma,
-                    reset_auto_gamma)
+from ._auto import (AutoGammaMixin, auto_clips_of, auto_gamma_of, link_live_group, link_optimizer_group,
+                    register_auto_gamma, reset_auto_gamma)
 from ._reparam import ReparamLinear, ReparamMixin, check_layer_args, setting
 
 __all__ = ["PWSMixin", "PWSConv1d", "PWSConv2d", "PWSConv3d", "PWSConvTranspose1d", "PWSConvTranspose2d",
@@ -169,7 +169,7 @@ class PWSMixin(AutoGammaMixin, ReparamMixin):
             self.alpha_initialized.fill_(True)
 
     standardized_weight = ReparamMixin.reparam_weight   # α·Ŵ as the layer applies it (the name of earlier releases)
-    link_optimizer_group = link_optimizer_group         # pwsconv.param_groups → gamma="auto" (layers/_auto.py)
+    link_optimizer_group, link_live_group = link_optimizer_group, link_live_group   # param_groups, link_optimizer
 
     def extra_repr(self) -> str:  # type: ignore[override]
         s = super().extra_repr()  # type: ignore[misc]

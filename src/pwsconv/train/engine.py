@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..accel import cached
-from ..optim import param_groups
+from ..optim import link_optimizer, param_groups
 from ..config import ConfigError, TrainConfig
 from . import distributed as D
 from .checkpoint import (
@@ -132,6 +132,7 @@ class _Run:
         self.spec = task.spec()
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)
+        link_optimizer(model, self.opt)   # gamma="auto" follows this optimizer's LR, after a resume too
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=list(cfg.milestones),
                                                           gamma=cfg.lr_decay)
         self.scaler = _grad_scaler(device, cfg.amp)
