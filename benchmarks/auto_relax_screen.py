@@ -27,6 +27,7 @@ from auto_bias_screen import PRESET_LRS, add_screen_args, screen_runs, screen_ta
 
 from pwsconv import functional as _F  # noqa: E402
 from pwsconv.experiments.sweep import run_sweep  # noqa: E402
+from pwsconv.layers import _auto  # noqa: E402
 from pwsconv.layers._auto import auto_clips_of  # noqa: E402
 from pwsconv.train.task import ClassificationTask  # noqa: E402
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     add_screen_args(ap, [0.4, 1.6, 3.2])
     a = ap.parse_args(argv)
     if not a.report:
+        _auto.AUTO_W_FOLLOWS_LR = False   # screened against round 9, whose λ_W stays at the starting LR's
         install(a.young, a.power, {"runs": []}, a.follow_lr, a.only)
         a.out.mkdir(parents=True, exist_ok=True)
         what = {"all": "clips", "w": "W's clip", "ab": "α's and β's clips"}[a.only]

@@ -5,8 +5,9 @@ net, 5,000 images, 4 epochs, LR 0.1 / 0.4 / 1.6), written independently of it; o
 
     python benchmarks/user_loop_check.py --method auto --lr 0.1 --seed 0 --out results/auto_user_loop/runs.jsonl
 
-``--follow-w`` (a screen, not the library): after every step W's clipping bound is set to the one ``gamma="auto"``
-would choose at the current LR (benchmarks/auto_relax_screen.py), α's and β's kept as chosen.
+``--round9``: ``gamma="auto"`` as in round 9, λ_W kept at the starting LR's (the library's λ_W follows the LR since
+round 10). ``--follow-w`` (the screen of that change, on round 9): after every step W's clipping bound is set to
+the one ``gamma="auto"`` would choose at the current LR (benchmarks/auto_relax_screen.py), α's and β's kept.
 """
 
 from __future__ import annotations
@@ -44,11 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--limit", type=int, default=5000)
     p.add_argument("--test-limit", type=int, default=2000)
-    p.add_argument("--follow-w", action="store_true", help="auto: W's bound follows the LR's schedule (a screen)")
+    p.add_argument("--follow-w", action="store_true", help="auto: round 9 with W's bound following the LR's schedule "
+                   "after every step (the screen of round 10)")
+    p.add_argument("--round9", action="store_true", help="auto: λ_W kept at the starting LR's (round 9)")
     p.add_argument("--out", type=Path, default=Path("results/auto_user_loop/runs.jsonl"))
     a = p.parse_args(argv)
-    if a.follow_w and a.method != "auto":
-        p.error("--follow-w needs --method auto")
+    if (a.follow_w or a.round9) and a.method != "auto":
+        p.error("--follow-w and --round9 need --method auto")
+    if a.follow_w or a.round9:
+        from pwsconv.layers import _auto
+
+        _auto.AUTO_W_FOLLOWS_LR = False
     torch.set_num_threads(1)
     ds = load_dataset("cifar10", limit=a.limit, test_limit=a.test_limit, seed=a.seed)
     train = Loader(ds.train, 128, shuffle=True, drop_last=True, augment=ds.augment, mean=ds.mean, std=ds.std,
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             correct += int((out.argmax(1) == y).sum())
             n += len(y)
     err = 100.0 * (1 - correct / n) if finite else float("nan")
-    row = {"method": a.method + (" follow-w" if a.follow_w else ""), "lr": a.lr, "seed": a.seed, "epochs": a.epochs, "limit": a.limit,
+    tag = " follow-w" if a.follow_w else " round9" if a.round9 else ""
+    row = {"method": a.method + tag, "lr": a.lr, "seed": a.seed, "epochs": a.epochs, "limit": a.limit,
            "test_error": err, "seconds": round(time.perf_counter() - t0, 1)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
