@@ -200,3 +200,28 @@ def test_auto_relax_screen_loosens_the_chosen_bounds_with_the_steps(tmp_path, mo
     want = mod.follow_lr_clips(1.6 * 0.1, 0.9)
     assert state["clips"] == want and state["clips"][0] == pytest.approx(0.125)
     assert all(m.clips() == state["clips"] for m in state["layers"])
+
+
+def test_auto_follow_mechanism_records_w_clipping_per_step():
+    """benchmarks/auto_follow_mechanism.py: one row per optimizer step with W's held share and kept norm share
+    (at LR 1.6 the filters of a loss ×100 are held; after a decay ×0.01 round 10's looser bound holds few)."""
+    import pwsconv
+    from pwsconv.models import build_model
+
+    mod = _script("auto_follow_mechanism")
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1.6, momentum=0.9)
+    rows = mod.record_w_clipping(net, opt)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        loss = 100 * torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 1:
+            opt.param_groups[0]["lr"] = 0.016
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and [r["lr"] for r in rows] == [1.6, 1.6, 0.016, 0.016]
+    assert all(0 <= r["held"] <= 1 and 0 < r["kept"] <= 1 for r in rows)
+    assert rows[0]["held"] > 0.5 and rows[0]["kept"] < 0.5 and rows[3]["held"] < 0.2 and rows[3]["kept"] > 0.9
