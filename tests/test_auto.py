@@ -477,7 +477,7 @@ def test_auto_lr_rule_is_the_same_after_resume(linked):
 
 
 def _train_with_decay(fuse: bool, follow: bool, monkeypatch, compiled: bool = False):
-    """4 steps of the auto tiny_cnn at LR 1.6 (W's bound 0.005: it holds), the LR ×0.1 after every step."""
+    """5 steps of the auto tiny_cnn at LR 1.6 (W's bound 0.005: it holds), the LR ×0.1 after every step."""
     from pwsconv.layers import _auto
 
     monkeypatch.setattr(_auto, "AUTO_W_FOLLOWS_LR", follow)
@@ -488,7 +488,7 @@ def _train_with_decay(fuse: bool, follow: bool, monkeypatch, compiled: bool = Fa
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.1)
     model = torch.compile(net, backend="aot_eager") if compiled else net
     g = torch.Generator().manual_seed(1)
-    for _ in range(4):
+    for _ in range(5):
         x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -510,19 +510,27 @@ def test_auto_w_bound_follows_the_lr_fused_and_per_layer(monkeypatch):
                if a.is_floating_point())
 
 
-def test_compiled_auto_keeps_the_starting_lr_bound_without_recompiling(monkeypatch):
-    """Under torch.compile λ_W is the starting LR's (a Python float the graph would guard on, so following the LR
-    would recompile at every change): a schedule that changes the LR every step compiles once, and the run is
-    eager's with the bound kept."""
+def test_compiled_auto_follows_the_lr_without_recompiling_at_every_change(monkeypatch):
+    """Under torch.compile λ_W follows the LR too: computed in arithmetic alone, so the LR becomes a symbolic input
+    after its first change and a schedule that changes it every step compiles at most twice (the first graph, then
+    the dynamic one); the run is eager's, per layer and fused."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = _train_with_decay(False, True, monkeypatch, compiled=True)
-    assert counters["stats"]["unique_graphs"] <= 2 and not counters["recompiles"], dict(counters["stats"])
-    kept = _train_with_decay(False, False, monkeypatch)
-    for (k, a), b in zip(kept.state_dict().items(), compiled.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=k)
+    from pwsconv.functional import auto_clip_w
+    from pwsconv.layers._auto import _traced_clip_w
+
+    for lr in (0.016, 0.1, 0.16, 0.4, 1.6, 3.2, 1e-5):
+        assert _traced_clip_w(lr, 0.9) == auto_clip_w(lr, 0.9) and _traced_clip_w(lr, 0.0) == auto_clip_w(lr, 0.0)
+    assert _traced_clip_w(0.0, 0.9) is None and _traced_clip_w(float("inf"), 0.9) is None
+    assert _traced_clip_w(float("nan"), 0.9) is None and _traced_clip_w(0.1, 1.0) is None
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = _train_with_decay(fuse, True, monkeypatch, compiled=True)
+        assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+        eager = _train_with_decay(fuse, True, monkeypatch)
+        for (k, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_link_optimizer_checks_its_arguments_and_links_without_param_groups():

@@ -12,6 +12,7 @@ the step, not on the gradient, so when the schedule lowers the LR the bound on t
 No λ is saved. A resumed run builds its optimizer from ``param_groups`` with the same starting LR and gets the same
 α/β bounds; for λ_W to follow the LR the optimizer holds after ``optimizer.load_state_dict`` (which replaces the
 group dicts), :func:`pwsconv.link_optimizer` ties the layers to the optimizer itself (the training engine does).
+Compiled, λ_W follows too: computed in arithmetic alone, the LR becomes a symbolic input after its first change.
 Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``CLIP_BIAS_FLOOR``.
 
 γ acts in the forward, so it is state: the buffer ``auto_gamma_ppm`` holds the layer's γ relative to 2/n_l in
@@ -103,16 +104,29 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
             return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False
         # once: the LR the optimizer starts with, whatever the schedule does
         clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor, bool(_F.auto_clip_vector(lr, m)))
-    if not AUTO_W_FOLLOWS_LR or torch.compiler.is_compiling():   # compiled: the starting LR's (no guard on the LR)
+    if not AUTO_W_FOLLOWS_LR:
         return clips
     now = _current_lr(layer)
     if now is None:
         return clips
+    if torch.compiler.is_compiling():   # no cache, no float(): dynamo keeps the LR symbolic, so no recompile per LR
+        return clips if (lam_w := _traced_clip_w(*now)) is None else (lam_w,) + clips[1:]
     follow = layer.__dict__.get("_auto_follow")   # (LR and momentum, the chosen bounds, the bounds now)
     if follow is None or follow[0] != now or follow[1] is not clips:
         lam_w = _F.auto_clip_w(*now)
         follow = layer.__dict__["_auto_follow"] = (now, clips, clips if lam_w is None else (lam_w,) + clips[1:])
     return follow[2]
+
+
+def _traced_clip_w(lr: Any, m: Any) -> Any:
+    """:func:`pwsconv.functional.auto_clip_w` in arithmetic alone (the same operations, so the same float), for a
+    compiled forward: a Python float from the optimizer's group becomes a symbolic input after its first change
+    (dynamo's automatic dynamic), where ``float()``, ``math`` or ``max`` would specialize it and recompile at every
+    change. ``None`` where the rule is not defined (the guards are on the signs only)."""
+    if not (0 < lr < float("inf")) or not (0 <= m < 1):
+        return None
+    step = _F.AUTO_STEP * (1.0 - m) / lr * torch.sym_max(1.0, _F.AUTO_STEP_KNEE * (1.0 - m) / lr)
+    return torch.sym_max(step, _F.AUTO_CLIP_W_MIN)
 
 
 def _current_lr(layer: Any) -> tuple[Any, Any] | None:
