@@ -533,6 +533,65 @@ def test_compiled_auto_follows_the_lr_without_recompiling_at_every_change(monkey
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_auto_links_survive_copies_other_optimizers_and_reloads():
+    """Review cases of round 10: a tensor LR is followed (schedulers fill it in place); a copy keeps nothing of the
+    original's optimizer (its choice comes from its own); link_optimizer to Adam gives the fixed bounds; groups the
+    optimizer got as copies are read through link_optimizer, without the warning; a reload of an optimizer the
+    model has left (param_groups for a new one) does not take it back; OneCycleLR's bounds are chosen for its
+    max_lr; the probe's measure_without_update leaves the layers with the optimizer they train with."""
+    import warnings
+
+    from pwsconv.diagnostics.experiment import measure_without_update
+    from pwsconv.functional import AUTO_CLIP, auto_clip, auto_clip_w
+
+    def step(net, opt, loss_scale=1.0):
+        torch.manual_seed(1)
+        x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+        opt.zero_grad()
+        (loss_scale * torch.nn.functional.cross_entropy(net(x), y)).backward()
+        opt.step()
+
+    net = _auto_net()
+    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=torch.tensor(1.6), momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)
+    step(net, opt)
+    sched.step()
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.16, 0.9)) for m in _pws_layers(net))
+    # a copy: its own optimizer's choice (not the original's LR-1.6 bounds)
+    cp = copy.deepcopy(net)
+    pwsconv.link_optimizer(cp, torch.optim.SGD(cp.parameters(), lr=0.01, momentum=0.9))
+    assert all(m.clips()[1:] == (auto_clip(0.01, 0.9), 1.0, False) for m in _pws_layers(cp))
+    # Adam linked: the fixed bounds, whatever SGD chose before
+    pwsconv.link_optimizer(net, torch.optim.Adam(net.parameters(), lr=1e-3))
+    assert all(m.clip_w_lambda == AUTO_CLIP_W and m.clip_lambda == AUTO_CLIP for m in _pws_layers(net))
+    # groups copied into the optimizer: seen through link_optimizer, no warning
+    other = _auto_net()
+    opt2 = torch.optim.SGD([{**g, "lr": 0.4} for g in pwsconv.param_groups(other, 5e-4)], momentum=0.9)
+    pwsconv.link_optimizer(other, opt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            step(other, opt2)
+    opt2.param_groups[0]["lr"] = 0.04
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.04, 0.9)) for m in _pws_layers(other))
+    # fine-tuning with a new optimizer, then the old one reloaded: the layers stay with the new one
+    snap = copy.deepcopy(opt2.state_dict())
+    opt3 = torch.optim.SGD(pwsconv.param_groups(other, 5e-4), lr=0.02, momentum=0.9)
+    opt2.load_state_dict(snap)
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.02, 0.9)) for m in _pws_layers(other))
+    # the probe's measurement with the training optimizer: the layers follow its groups after it
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    measure_without_update(other, None, batches, optimizer=opt3, progress=False)
+    opt3.param_groups[0]["lr"] = 0.002
+    assert all(m.clip_w_lambda == pytest.approx(auto_clip_w(0.002, 0.9)) for m in _pws_layers(other))
+    # OneCycleLR: initial_lr is max_lr / div_factor; the bounds chosen once are those of max_lr
+    one = _auto_net()
+    opt4 = torch.optim.SGD(pwsconv.param_groups(one, 5e-4), lr=1.6, momentum=0.9)
+    torch.optim.lr_scheduler.OneCycleLR(opt4, max_lr=1.6, total_steps=10)
+    step(one, opt4)
+    assert all(m.clip_lambda == auto_clip(1.6, 0.9) for m in _pws_layers(one))
+
+
 def test_link_optimizer_checks_its_arguments_and_links_without_param_groups():
     from pwsconv.functional import auto_clip_w
 

@@ -85,21 +85,29 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
         pwsconv.link_optimizer(net, opt)        # then opt.load_state_dict(...) resumes bit-exactly
 
-    A fresh run needs no call (:func:`param_groups` links the groups it returns). Layers without ``gamma="auto"``
-    are left alone; calling it again is harmless."""
+    A fresh run needs no call (:func:`param_groups` links the groups it returns). After a load, only the links to
+    this optimizer's groups move (a layer since linked to another optimizer by :func:`param_groups` stays with it).
+    Layers without ``gamma="auto"`` are left alone; calling it again is harmless."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"link_optimizer: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"link_optimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    from .layers._auto import remap_groups
+
     _link_layers(model, optimizer.param_groups, "link_live_group")
     linked = _RELINKED.setdefault(optimizer, weakref.WeakSet())
     if model not in linked:
         linked.add(model)
-        ref = weakref.ref(model)
+        ref, before = weakref.ref(model), []
 
-        def relink(opt: torch.optim.Optimizer) -> None:
+        def keep(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+            before[:] = opt.param_groups
+
+        def relink(opt: torch.optim.Optimizer) -> None:   # links to the replaced dicts move to their successors
             if (m := ref()) is not None:
-                _link_layers(m, opt.param_groups, "link_live_group")
+                remap_groups(m, before, opt.param_groups)
+            before.clear()
+        optimizer.register_load_state_dict_pre_hook(keep)
         optimizer.register_load_state_dict_post_hook(relink)
 
 

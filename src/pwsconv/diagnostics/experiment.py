@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim import link_optimizer
+from ..layers._auto import remap_groups
 from ..train import TrainConfig
 from ..train.engine import run_task
 from ..train.step import train_step
@@ -115,8 +115,7 @@ def measure_without_update(
     saved_bufs = [b.detach().clone() for b in bufs] if restore else []
     if probe is None:
         probe = VarianceProbe(model, optimizer=optimizer, lr=lr, every=every)
-    if optimizer is not None:   # its state is put back by load_state_dict: gamma="auto" layers follow the new groups
-        link_optimizer(model, optimizer)
+    groups = list(optimizer.param_groups) if optimizer is not None else []   # replaced by each load_state_dict
     task_loss, record = _probed(probe, loss_fn, logit_scale=False)
     try:
         probe.attach()
@@ -142,6 +141,8 @@ def measure_without_update(
     finally:
         probe.detach()
         model.zero_grad(set_to_none=True)
+        if optimizer is not None:   # gamma="auto" layers linked to the optimizer's groups follow their successors
+            remap_groups(model, groups, optimizer.param_groups)
         if restore:
             with torch.no_grad():
                 for p, s in zip(params, saved):

@@ -35,7 +35,7 @@ import torch
 
 from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "link_live_group", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
+__all__ = ["link_optimizer_group", "link_live_group", "remap_groups", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
            "register_auto_gamma", "GAMMA_BUFFER",
            "AutoGammaMixin", "reset_auto_gamma"]
 
@@ -83,9 +83,20 @@ def link_live_group(layer: Any, group: dict) -> None:
     link = layer.__dict__.get("_opt_group")
     if link is None:
         link = layer.__dict__["_opt_group"] = _OptimizerGroups()
-    if not link.groups:   # linked by the optimizer alone (no param_groups call): the choice reads this group too
-        link.groups = [group]
+    if link.live is not group and not any("lr" in g for g in link.groups):
+        layer.__dict__["_auto_clips"] = None   # no filled param_groups group: the choice reads this one
     link.live = group
+
+
+def remap_groups(model: Any, old: list[dict], new: list[dict]) -> None:
+    """Every link of ``model``'s layers to a dict of ``old`` now goes to the dict at the same place in ``new`` (an
+    optimizer's groups before and after its ``load_state_dict``); links to other optimizers' groups stay."""
+    to = {id(o): n for o, n in zip(old, new)}
+    for m in model.modules():
+        link = m.__dict__.get("_opt_group")
+        if link is not None and to:
+            link.groups = [to.get(id(g), g) for g in link.groups]
+            link.live = to.get(id(link.live), link.live) if link.live is not None else None
 
 
 def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
@@ -93,6 +104,9 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
     ``gamma="auto"``: learned from the newest linked group that an SGD optimizer has filled in — λ_W from its current
     LR (:data:`AUTO_W_FOLLOWS_LR`), the others once, from its starting LR — else (AUTO_CLIP_W, AUTO_CLIP,
     CLIP_BIAS_FLOOR, False)."""
+    link = layer.__dict__.get("_opt_group")
+    if link is not None and link.live is not None and "dampening" not in link.live:
+        return _F.AUTO_CLIP_W, _F.AUTO_CLIP, _F.CLIP_BIAS_FLOOR, False   # tied to another optimizer than SGD
     clips = layer.__dict__.get("_auto_clips")
     if clips is None or len(clips) != 4:     # (a model pickled by round 7 or before cached 3 entries: re-read)
         sgd = _sgd_group(layer, warn=True)
@@ -137,18 +151,28 @@ def _current_lr(layer: Any) -> tuple[Any, Any] | None:
     group = link.live if link.live is not None else next((g for g in reversed(link.groups) if "lr" in g), None)
     if group is None or "dampening" not in group:
         return None
-    return group["lr"], group.get("momentum", 0.0)
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):   # a tensor LR (filled in place by schedulers): its value, in eager only
+        if torch.compiler.is_compiling():
+            return None
+        lr = float(lr)
+    return lr, group.get("momentum", 0.0)
 
 
 def _sgd_group(layer: Any, warn: bool = False) -> tuple[Any, Any] | None:
-    """(starting LR, momentum) of the newest linked group an SGD optimizer has filled in, else None."""
+    """(starting LR, momentum) of the newest linked group an SGD optimizer has filled in (else of the optimizer's
+    own group, :func:`link_live_group`), else None. The starting LR is a scheduler's ``max_lr`` (OneCycleLR: the
+    largest it reaches) or ``initial_lr``, else the LR."""
     link = layer.__dict__.get("_opt_group")
     group = next((g for g in reversed(link.groups) if "lr" in g), None) if link is not None else None
+    if group is None and link is not None and link.live is not None and "lr" in link.live:
+        group = link.live
     if warn and group is None and link is not None and layer.training and torch.is_grad_enabled():
         _warn_if_never_filled(layer)
     if group is None or "dampening" not in group:
         return None
-    return group.get("initial_lr", group["lr"]), group.get("momentum", 0.0)
+    key = "max_lr" if "max_lr" in group else "initial_lr" if "initial_lr" in group else "lr"
+    return group[key], group.get("momentum", 0.0)
 
 
 def register_auto_gamma(layer: Any, ppm: int = 0) -> None:
@@ -321,7 +345,10 @@ class AutoGammaMixin:
         (a copy is unlinked from the optimizer)."""
         if self.__dict__.get("_gamma") == "auto":
             auto_gamma_of(self)
-        return super().__getstate__()  # type: ignore[misc]
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        for key in ("_auto_clips", "_auto_follow", "_auto_unfilled"):   # the bounds come from the copy's optimizer
+            state.pop(key, None)
+        return state
 
 
 #: reads of the bounds in training (one or two per forward) after which a layer linked by ``param_groups`` whose

@@ -30,7 +30,7 @@ METHOD = Method(
                doc='γ of eq. 12 (1e-3), or "auto": γ·2/n_l relative to the He-init filter variance — γ = 0.1 if the '
                    'SGD group\'s starting LR/(1 − momentum) is ≤ 1, else 1e-3, chosen once and saved in the state_dict '
                    '— plus unit-wise gradient clipping in the backward, its bounds from the same group: each filter of W '
-                   'at λ_W = max(0.08·(1 − momentum)/LR·max(1, 4·(1 − momentum)/LR), 0.005) of the LR now (eager), '
+                   'at λ_W = max(0.08·(1 − momentum)/LR·max(1, 4·(1 − momentum)/LR), 0.005) of the LR now, '
                    'α and β at 1 (spikes only) up to a starting LR/(1 − momentum) = 1 (per entry) and at 0.005 above '
                    '(each layer\'s α, β as one vector), β\'s floor ((1 − momentum)/LR)² in [1e-3, 1] of the starting LR '
                    '(without an SGD group: γ 1e-3, 0.01, 0.01, 1e-3; when to '
