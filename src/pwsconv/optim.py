@@ -92,8 +92,6 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         raise TypeError(f"link_optimizer: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"link_optimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    from .layers._auto import remap_groups
-
     _link_layers(model, optimizer.param_groups, "link_live_group")
     linked = _RELINKED.setdefault(optimizer, weakref.WeakSet())
     if model not in linked:
@@ -105,7 +103,7 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
         def relink(opt: torch.optim.Optimizer) -> None:   # links to the replaced dicts move to their successors
             if (m := ref()) is not None:
-                remap_groups(m, before, opt.param_groups)
+                remap_optimizer_groups(m, before, opt.param_groups)
             before.clear()
         optimizer.register_load_state_dict_pre_hook(keep)
         optimizer.register_load_state_dict_post_hook(relink)
@@ -113,6 +111,16 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 #: the models each optimizer relinks after its load_state_dict (one hook per pair)
 _RELINKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+def remap_optimizer_groups(model: nn.Module, old: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:
+    """Move every link of ``model``'s layers to a group of ``old`` onto the group at the same place in ``new`` (an
+    optimizer's groups before and after its ``load_state_dict``); links to other groups stay."""
+    to = {id(o): n for o, n in zip(old, new)}
+    for mod in model.modules():
+        remap = getattr(mod, "remap_optimizer_groups", None)
+        if remap is not None and to:
+            remap(to)
 
 
 def _link_layers(model: nn.Module, groups: list[dict[str, Any]], method: str) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers._auto import remap_groups
+from ..optim import remap_optimizer_groups
 from ..train import TrainConfig
 from ..train.engine import run_task
 from ..train.step import train_step
@@ -142,7 +142,7 @@ def measure_without_update(
         probe.detach()
         model.zero_grad(set_to_none=True)
         if optimizer is not None:   # gamma="auto" layers linked to the optimizer's groups follow their successors
-            remap_groups(model, groups, optimizer.param_groups)
+            remap_optimizer_groups(model, groups, optimizer.param_groups)
         if restore:
             with torch.no_grad():
                 for p, s in zip(params, saved):

@@ -35,7 +35,7 @@ import torch
 
 from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "link_live_group", "remap_groups", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
+__all__ = ["link_optimizer_group", "link_live_group", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
            "register_auto_gamma", "GAMMA_BUFFER",
            "AutoGammaMixin", "reset_auto_gamma"]
 
@@ -88,15 +88,13 @@ def link_live_group(layer: Any, group: dict) -> None:
     link.live = group
 
 
-def remap_groups(model: Any, old: list[dict], new: list[dict]) -> None:
-    """Every link of ``model``'s layers to a dict of ``old`` now goes to the dict at the same place in ``new`` (an
-    optimizer's groups before and after its ``load_state_dict``); links to other optimizers' groups stay."""
-    to = {id(o): n for o, n in zip(old, new)}
-    for m in model.modules():
-        link = m.__dict__.get("_opt_group")
-        if link is not None and to:
-            link.groups = [to.get(id(g), g) for g in link.groups]
-            link.live = to.get(id(link.live), link.live) if link.live is not None else None
+def remap_groups(layer: Any, to: dict[int, dict]) -> None:
+    """Called by :func:`pwsconv.optim.remap_optimizer_groups`: each link of ``layer`` to a group whose id is in
+    ``to`` goes to the group that replaced it (an optimizer's ``load_state_dict``); other links stay."""
+    link = layer.__dict__.get("_opt_group")
+    if link is not None:
+        link.groups = [to.get(id(g), g) for g in link.groups]
+        link.live = to.get(id(link.live), link.live) if link.live is not None else None
 
 
 def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
@@ -310,7 +308,10 @@ def _wrapped(t: torch.Tensor) -> bool:
 
 
 class AutoGammaMixin:
-    """What keeps γ's buffer and the layer's copy of it together through torch's module machinery."""
+    """What keeps γ's buffer and the layer's copy of it together through torch's module machinery (and the links
+    to the optimizer's groups through a reload: ``remap_optimizer_groups``)."""
+
+    remap_optimizer_groups = remap_groups
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``.to()``, ``.cuda()``, ``to_empty()``: the value recorded before the move is written into the new
