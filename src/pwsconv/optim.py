@@ -117,9 +117,9 @@ def remap_optimizer_groups(model: nn.Module, old: list[dict[str, Any]], new: lis
     """Move every link of ``model``'s layers to a group of ``old`` onto the group at the same place in ``new`` (an
     optimizer's groups before and after its ``load_state_dict``); links to other groups stay."""
     to = {id(o): n for o, n in zip(old, new)}
-    for mod in model.modules():
+    for mod in model.modules() if to else ():
         remap = getattr(mod, "remap_optimizer_groups", None)
-        if remap is not None and to:
+        if remap is not None:
             remap(to)
 
 

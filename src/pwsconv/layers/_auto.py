@@ -66,12 +66,18 @@ class _OptimizerGroups:
         return _OptimizerGroups()
 
 
-def link_optimizer_group(layer: Any, group: dict) -> None:
-    """Called by :func:`pwsconv.param_groups` with the group that holds ``layer``'s weight: ``gamma="auto"`` reads
-    the learning rate and momentum from it once an optimizer has filled them in (and again after a new call)."""
+def _link_of(layer: Any) -> _OptimizerGroups:
+    """The layer's links to its optimizer's groups (made empty on first use)."""
     link = layer.__dict__.get("_opt_group")
     if link is None:
         link = layer.__dict__["_opt_group"] = _OptimizerGroups()
+    return link
+
+
+def link_optimizer_group(layer: Any, group: dict) -> None:
+    """Called by :func:`pwsconv.param_groups` with the group that holds ``layer``'s weight: ``gamma="auto"`` reads
+    the learning rate and momentum from it once an optimizer has filled them in (and again after a new call)."""
+    link = _link_of(layer)
     link.groups, link.live = link.groups[-3:] + [group], None
     layer.__dict__["_auto_clips"] = None
 
@@ -80,9 +86,7 @@ def link_live_group(layer: Any, group: dict) -> None:
     """Called by :func:`pwsconv.link_optimizer` with the optimizer's group that holds ``layer``'s weight (again after
     every ``optimizer.load_state_dict``): λ_W follows that group's LR. The bounds chosen from the starting LR stay as
     they are (a resumed run chooses them from the group its ``param_groups`` call made, as the run it continues)."""
-    link = layer.__dict__.get("_opt_group")
-    if link is None:
-        link = layer.__dict__["_opt_group"] = _OptimizerGroups()
+    link = _link_of(layer)
     if link.live is not group and not any("lr" in g for g in link.groups):
         layer.__dict__["_auto_clips"] = None   # no filled param_groups group: the choice reads this one
     link.live = group
@@ -118,7 +122,7 @@ def auto_clips_of(layer: Any) -> tuple[float, float, float, bool]:
         clips = layer.__dict__["_auto_clips"] = (lam_w, lam, floor, bool(_F.auto_clip_vector(lr, m)))
     if not AUTO_W_FOLLOWS_LR:
         return clips
-    now = _current_lr(layer)
+    now = _current_lr(link)
     if now is None:
         return clips
     if torch.compiler.is_compiling():   # no cache, no float(): dynamo keeps the LR symbolic, so no recompile per LR
@@ -141,9 +145,8 @@ def _traced_clip_w(lr: Any, m: Any) -> Any:
     return torch.sym_max(step, _F.AUTO_CLIP_W_MIN)
 
 
-def _current_lr(layer: Any) -> tuple[Any, Any] | None:
+def _current_lr(link: _OptimizerGroups | None) -> tuple[Any, Any] | None:
     """(LR now, momentum) of the optimizer's group (:func:`link_live_group`), else of the newest linked SGD group."""
-    link = layer.__dict__.get("_opt_group")
     if link is None:
         return None
     group = link.live if link.live is not None else next((g for g in reversed(link.groups) if "lr" in g), None)
