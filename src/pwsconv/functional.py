@@ -62,7 +62,8 @@ AUTO_CLIP_VECTOR = True
 #: optimizer's settings (a weight not in a :func:`pwsconv.param_groups` group of SGD): the value that trains at LR 1.6
 AUTO_CLIP_W = 0.01
 #: ``gamma="auto"`` under SGD: the largest step of a filter, relative to its norm, momentum included
-#: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr, 0.08 at LR 0.1 and 0.02 at LR 0.4 with momentum 0.9)
+#: (:func:`auto_clip_w`: λ of W = AUTO_STEP·(1 − m)/lr from the knee up, 0.02 at LR 0.4 with momentum 0.9; looser
+#: below it, :data:`AUTO_STEP_KNEE`)
 AUTO_STEP = 0.08
 #: ``gamma="auto"`` under SGD: below this effective LR lr/(1 − m) (LR 0.4 at momentum 0.9) W's step bound loosens
 #: as 1/lr — λ_W ∝ 1/lr², 0.32 at LR 0.1 — so that the clip leaves ordinary steps alone (0: off, the bound is

@@ -85,7 +85,8 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
         pwsconv.link_optimizer(net, opt)        # then opt.load_state_dict(...) resumes bit-exactly
 
-    A fresh run needs no call (:func:`param_groups` links the groups it returns). After a load, only the links to
+    A fresh run with :func:`param_groups` needs no call (it links the groups it returns); an optimizer built on
+    ``net.parameters()`` or on copies of those groups is read only through this call. After a load, only the links to
     this optimizer's groups move (a layer since linked to another optimizer by :func:`param_groups` stays with it).
     Layers without ``gamma="auto"`` are left alone; calling it again is harmless."""
     if not isinstance(model, nn.Module):

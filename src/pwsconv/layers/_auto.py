@@ -19,10 +19,11 @@ Without a linked SGD group the layer uses ``AUTO_CLIP_W``, ``AUTO_CLIP`` and ``C
 millionths (an integer: exact under dtype casts), 0 until chosen (``AUTO_GAMMA`` in force meanwhile). The first
 forward that finds a linked SGD group chooses it from the starting LR, :func:`pwsconv.functional.auto_gamma`
 (``AUTO_GAMMA_FREE`` up to LR 0.1 at momentum 0.9, ``AUTO_GAMMA`` above); a layer that trains without one (another
-optimizer, or no ``param_groups``) chooses ``AUTO_GAMMA``. It is kept from then on — a later optimizer, a schedule
-or fine-tuning at another LR does not change the function — and folding, inference, copies and a resumed run read
-it from the buffer. The layer keeps a copy of the buffer's value so that a forward needs no device sync; the copy
-follows every write torch makes to the buffer (see :class:`AutoGammaMixin`). A pwsconv checkpoint of an auto layer
+optimizer, or neither ``param_groups`` nor :func:`pwsconv.link_optimizer`) chooses ``AUTO_GAMMA``. It is kept
+from then on — a later optimizer, a schedule or fine-tuning at another LR does not change the function — and
+folding, inference, copies and a resumed run read it from the buffer. The layer keeps a copy of the buffer's
+value so that a forward needs no device sync; the copy follows every write torch makes to the buffer (see
+:class:`AutoGammaMixin`). A pwsconv checkpoint of an auto layer
 (with α) saved before the buffer existed loads with ``AUTO_GAMMA``, the γ it was trained with; one without α cannot
 be told from a plain torch layer's and loads unchosen. ``reset_parameters()`` un-chooses it.
 """

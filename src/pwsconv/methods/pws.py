@@ -41,9 +41,10 @@ METHOD = Method(
         Option("equiv", bool, doc='the authors\' "equiv" option: γ → 2γ/n_l (False)'),
         Option("data_init_alpha", bool, doc="α from the first training batch's output scale (False)"),
         Option("clip", float | None, low=0, doc='the clipping λ of α and β, per entry (None: under gamma="auto" 1 '
-               'up to LR/(1 − momentum) = 1 and 0.005 per layer vector above with a param_groups SGD group, else 0.01; '
-               'off otherwise; 0: off); also of W when clip_w is not given'),
-        Option("clip_w", float | None, low=0, doc='the clipping λ of W\'s filters (None: from the optimizer under '
-               'gamma="auto" — 0.01 without a param_groups SGD group —, else clip; 0: off)'),
+               'up to a starting LR/(1 − momentum) = 1 and 0.005 per layer vector above, read from the SGD group '
+               '(param_groups or link_optimizer), else 0.01; off otherwise; 0: off); also of W when clip_w is not '
+               'given — so under gamma="auto" a clip given replaces all of its bounds (β\'s floor 1e-3)'),
+        Option("clip_w", float | None, low=0, doc='the clipping λ of W\'s filters (None: clip if given, else under '
+               'gamma="auto" from the SGD group\'s LR now — 0.01 without an SGD group —, else off; 0: off)'),
     ),
     prepare=_prepare, ln_io=True, extra_params="α per filter", reference="Liu et al. 2021 (this paper)")
