@@ -1082,3 +1082,81 @@ def test_auto_fused_mixed_dtypes_on_cpu():
         assert q.grad.dtype == p.dtype
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=k)
     handle.remove()
+
+
+def _train_scaled(mode: str, lr: float, clip: dict | None = None, scaler: bool = True):
+    """4 steps of the tiny_cnn (auto, or ``clip`` options) in ``mode`` ("layer", "fused", "compiled"), the loss scaled
+    by a linked GradScaler (its scale halved after the first step) or, ``scaler=False``, not scaled and not linked."""
+    torch.manual_seed(0)
+    net = build_model("tiny_cnn", method="pws", method_opts=clip or {"gamma": "auto"}, in_channels=1)
+    if mode == "fused":
+        pwsconv.fuse_standardization(net)
+    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
+    sc = torch.amp.GradScaler("cpu") if scaler else None
+    pwsconv.link_optimizer(net, opt, scaler=sc)
+    model = torch.compile(net, backend="aot_eager") if mode == "compiled" else net
+    g, grads = torch.Generator().manual_seed(1), []
+    for step in range(4):
+        x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        if sc is None:
+            loss.backward()
+            opt.step()
+            grads.append([p.grad.clone() for p in net.parameters()])
+            continue
+        sc.scale(loss).backward()
+        grads.append([p.grad / sc.get_scale() for p in net.parameters()])
+        sc.step(opt)
+        sc.update(new_scale=sc.get_scale() / 2 if step == 0 else None)
+    return net, grads
+
+
+@pytest.mark.parametrize("mode", ["layer", "fused", "compiled"])
+def test_clipping_bounds_the_unscaled_gradients_under_a_linked_grad_scaler(mode):
+    """fp16 mixed precision scales the loss (GradScaler, 65536 at first): a clip in the backward compares gradients of
+    the scaled loss with the weights, so without the scale it would be 65536× tighter. With
+    ``link_optimizer(..., scaler=)`` the bounds are multiplied by the scale (followed when it changes): the run is
+    the unscaled run's, per layer, fused and compiled, where the clips hold (LR 1.6: W, α and β per vector; an
+    explicit clip= per entry) — and unlinked, the scaled run's gradients are far smaller (the defect fixed)."""
+    for lr, clip in ((1.6, None), (0.1, {"clip": 0.002, "clip_w": 0.001})):
+        ref, ref_grads = _train_scaled("layer", lr, clip, scaler=False)
+        net, grads = _train_scaled(mode, lr, clip)
+        for step, (a, b) in enumerate(zip(ref_grads, grads)):
+            for k, (ga, gb) in enumerate(zip(a, b)):
+                torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-7, msg=f"step {step}, parameter {k}")
+        for (k, a), b in zip(ref.state_dict().items(), net.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=k)
+    if mode == "layer":   # the defect: a scaled loss through unlinked layers
+        torch.manual_seed(0)
+        net = build_model("tiny_cnn", method="pws", method_opts={"gamma": "auto"}, in_channels=1)
+        torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=1.6, momentum=0.9)
+        x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+        (65536.0 * torch.nn.functional.cross_entropy(net(x), y)).backward()
+        w = net.features[0].conv.weight.grad / 65536.0
+        assert w.norm() < 0.01 * ref_grads[0][0].norm()
+
+
+def test_link_optimizer_scaler_checks_and_the_fp16_warning():
+    """A scaler that is not a GradScaler is refused before anything is linked; None unlinks; under float16
+    autocast a clipping layer without a linked scaler warns once (bfloat16, which needs no scaler, does not)."""
+    import warnings
+
+    net = _auto_net()
+    opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
+        pwsconv.link_optimizer(net, opt, scaler=2.0)
+    layer = _pws_layers(net)[0]
+    assert "_opt_group" not in layer.__dict__ or layer.__dict__["_opt_group"].scaler is None
+    sc = torch.amp.GradScaler("cpu")
+    pwsconv.link_optimizer(net, opt, scaler=sc)
+    assert layer.backward_clips()[:2] == tuple(v * 65536.0 for v in layer.clips()[:2])
+    pwsconv.link_optimizer(net, opt)
+    assert layer.backward_clips() == layer.clips()
+    x = torch.randn(4, 1, 8, 8)
+    for dtype, warns in ((torch.bfloat16, False), (torch.float16, True)):
+        with warnings.catch_warnings(record=True) as seen, torch.autocast("cpu", dtype=dtype):
+            warnings.simplefilter("always")
+            net(x)
+        hits = [w for w in seen if "GradScaler" in str(w.message)]
+        assert bool(hits) == warns, [str(w.message) for w in seen]

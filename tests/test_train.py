@@ -268,3 +268,16 @@ def test_metrics_log_takes_a_tasks_columns(tmp_path):
     again = MetricsLog(str(tmp_path), resume_step=4, columns=cols)   # resumed at step 4: the later row is redone
     assert [r["step"] for r in again.rows] == [4] and len((tmp_path / "metrics.csv").read_text().splitlines()) == 2
     assert MetricsLog(str(tmp_path / "other"), enabled=False).rows == []   # a non-main process keeps no rows
+
+
+def test_engine_links_its_grad_scaler_for_fp16(tmp_path, monkeypatch):
+    """`amp=fp16` scales the loss with a GradScaler: the engine links it (clipping layers bound unscaled gradients);
+    bf16 and float32 need none (None unlinks)."""
+    import pwsconv.train.engine as engine
+
+    seen = []
+    real = engine.link_optimizer
+    monkeypatch.setattr(engine, "link_optimizer", lambda m, o, scaler=None: (seen.append(scaler), real(m, o, scaler))[1])
+    for amp in ("fp16", "bf16", None):
+        train(small(tmp_path, f"amp_{amp}", epochs=1, max_steps=1, amp=amp, method_opts={"gamma": "auto"}))
+    assert isinstance(seen[0], torch.amp.GradScaler) and seen[1:] == [None, None]

@@ -152,7 +152,7 @@ def _clip_per_entry(g: Tensor, p: Tensor, lam: float | Tensor, floor: float | Te
     return torch.clamp(g, -bound, bound)
 
 
-def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None, floor: float = 1e-3,
+def unit_clip(p: Tensor | None, lam: float | Tensor, dims: Sequence[int] | None = None, floor: float = 1e-3,
               vector: bool = False) -> Tensor | None:
     """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021, "High-performance large-scale image recognition
     without normalization"), as an identity op: the value is ``p``; the gradient flowing back through it is scaled
@@ -161,15 +161,16 @@ def unit_clip(p: Tensor | None, lam: float, dims: Sequence[int] | None = None, f
     vector as one unit with ``vector=True`` (‖g‖ ≤ λ·max(‖p‖, floor·sqrt(k)) for k entries; :func:`clip_vectors`). A
     per-filter scale keeps eq. 13: the clipped ∂L/∂W_o still has zero mean.
     ``None`` stays ``None``; without autograd (no grad mode, or ``p`` needs no gradient) ``p`` itself is returned."""
-    if p is None or not lam or not (p.requires_grad and torch.is_grad_enabled()):
+    if p is None or (not isinstance(lam, Tensor) and not lam) or not (p.requires_grad and torch.is_grad_enabled()):
         return p
+    lam = lam if isinstance(lam, Tensor) else float(lam)   # a tensor: a loss scale's product, compiled (no sync)
     if p.dim() <= 1:
         if vector:
-            return _UnitClip.apply(p, float(lam), (0,) if p.dim() else (), float(floor) * math.sqrt(p.numel()))
-        return _UnitClip.apply(p, float(lam), None, float(floor))
+            return _UnitClip.apply(p, lam, (0,) if p.dim() else (), float(floor) * math.sqrt(p.numel()))
+        return _UnitClip.apply(p, lam, None, float(floor))
     nd = p.dim()
     d = tuple(range(1, nd)) if dims is None else tuple(sorted({int(x) % nd for x in dims}))
-    return _UnitClip.apply(p, float(lam), d)
+    return _UnitClip.apply(p, lam, d)
 
 
 def clip_bias(b: Tensor | None, lam: float) -> Tensor | None:

@@ -77,7 +77,7 @@ def param_groups(
     return out
 
 
-def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
     """Tie the ``gamma="auto"`` layers of ``model`` to ``optimizer``: each follows the LR of the optimizer's group
     that holds its weight, now and after every ``optimizer.load_state_dict`` (which replaces the group dicts that
     :func:`param_groups` linked). Call it once, after building the optimizer, when a run may be resumed::
@@ -88,12 +88,23 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     A fresh run with :func:`param_groups` needs no call (it links the groups it returns); an optimizer built on
     ``net.parameters()`` or on copies of those groups is read only through this call. After a load, only the links to
     this optimizer's groups move (a layer since linked to another optimizer by :func:`param_groups` stays with it).
-    Layers without ``gamma="auto"`` are left alone; calling it again is harmless."""
+
+    ``scaler``: the ``torch.amp.GradScaler`` of float16 mixed precision, if the loss is scaled with one
+    (``scaler.scale(loss).backward()``): the layers that clip gradients in their backward (``gamma="auto"``,
+    ``clip=``) then multiply their bounds by its scale, so that they bound the unscaled gradients (without it they
+    would be tighter by the scale, 65536 at first). None (the default): the loss is not scaled.
+    Layers without ``gamma="auto"`` or ``clip`` are left alone; calling it again is harmless."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"link_optimizer: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"link_optimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if scaler is not None and not (callable(getattr(scaler, "is_enabled", None)) and hasattr(scaler, "_scale")):
+        raise TypeError(f"link_optimizer: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     _link_layers(model, optimizer.param_groups, "link_live_group")
+    for mod in model.modules():
+        link_scaler = getattr(mod, "link_loss_scaler", None)
+        if link_scaler is not None:
+            link_scaler(scaler)
     linked = _RELINKED.setdefault(optimizer, weakref.WeakSet())
     if model not in linked:
         linked.add(model)

@@ -30,13 +30,15 @@ be told from a plain torch layer's and loads unchosen. ``reset_parameters()`` un
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 
 from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "link_live_group", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
+__all__ = ["link_optimizer_group", "link_live_group", "link_loss_scaler", "loss_scale_of", "backward_clips",
+           "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
            "register_auto_gamma", "GAMMA_BUFFER",
            "AutoGammaMixin", "reset_auto_gamma"]
 
@@ -54,11 +56,12 @@ class _OptimizerGroups:
     one of them reaches an optimizer). Derived, not state: a copy or an unpickled layer is unlinked until its own
     ``param_groups`` call."""
 
-    __slots__ = ("groups", "live")
+    __slots__ = ("groups", "live", "scaler")
 
     def __init__(self) -> None:
         self.groups: list[dict] = []
         self.live: dict | None = None   # the optimizer's own group (pwsconv.link_optimizer), followed for λ_W
+        self.scaler: Any = None         # the GradScaler whose scale the gradients carry (pwsconv.link_optimizer)
 
     def __reduce__(self) -> tuple:
         return (_OptimizerGroups, ())
@@ -91,6 +94,72 @@ def link_live_group(layer: Any, group: dict) -> None:
     if link.live is not group and not any("lr" in g for g in link.groups):
         layer.__dict__["_auto_clips"] = None   # no filled param_groups group: the choice reads this one
     link.live = group
+
+
+def link_loss_scaler(layer: Any, scaler: Any) -> None:
+    """Called by :func:`pwsconv.link_optimizer` with its ``scaler``: a ``torch.amp.GradScaler`` whose scale the loss
+    is multiplied by before ``backward()`` (fp16 mixed precision), or None. The clipping bounds compare gradients
+    with the weights, so in backward they are multiplied by that scale (:func:`backward_clips`)."""
+    _link_of(layer).scaler = scaler
+
+
+#: GradScaler → (its scale tensor, the tensor's version, its value): one read of the device per scale, for all layers
+_SCALES: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+
+
+def loss_scale_of(layer: Any) -> Any:
+    """The scale a linked GradScaler multiplies the loss by now (:func:`link_loss_scaler`): a float (read from the
+    device once per change of the scale, shared by all layers), under ``torch.compile`` the scale tensor itself
+    (no sync, no graph break); None without a scaler (warned once under float16 autocast, where one is usual)."""
+    link = layer.__dict__.get("_opt_group")
+    scaler = None if link is None else link.scaler
+    if scaler is None or not scaler.is_enabled():
+        if scaler is None and not torch.compiler.is_compiling():
+            _warn_if_fp16_unscaled(layer)
+        return None
+    s = scaler._scale   # (GradScaler's) made by the first scale(), then changed in place by update() and loads
+    if s is None:
+        return float(scaler._init_scale)   # what the first scale() will use (get_scale(), without a sync)
+    if torch.compiler.is_compiling():
+        return s
+    seen = _SCALES.get(scaler)
+    if seen is None or seen[0] is not s or seen[1] != s._version:
+        seen = _SCALES[scaler] = (s, s._version, float(s.item()))
+    return seen[2]
+
+
+def backward_clips(layer: Any) -> tuple:
+    """``layer.clips()`` with λ_W and λ of α and β multiplied by the loss scale of a linked GradScaler
+    (:func:`loss_scale_of`): the bounds the backward applies to gradients of the scaled loss."""
+    clips = layer.clips()
+    if not (clips[0] or clips[1]):
+        return clips
+    link = layer.__dict__.get("_opt_group")
+    if link is None or link.scaler is None:   # (loss_scale_of's first case, inlined: once per layer and forward)
+        if not torch.compiler.is_compiling():
+            _warn_if_fp16_unscaled(layer)
+        return clips
+    s = loss_scale_of(layer)
+    return clips if s is None else (clips[0] * s if clips[0] else 0.0, clips[1] * s if clips[1] else 0.0) + clips[2:]
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))
+
+
+def _warn_if_fp16_unscaled(layer: Any) -> None:
+    """Warn once (per call site) when a clipping layer trains under float16 autocast without a linked GradScaler."""
+    if not _any_autocast():   # the usual case: done (one call)
+        return
+    dev = layer._raw_weight().device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16 \
+            and layer.training and torch.is_grad_enabled():
+        import warnings
+
+        warnings.warn(f"{type(layer).__name__} clips gradients in its backward and runs under float16 autocast: if "
+                      "a GradScaler scales the loss, call pwsconv.link_optimizer(model, optimizer, scaler=scaler) so "
+                      "that the bounds apply to the unscaled gradients (else they are tighter by the scale)",
+                      stacklevel=4)
 
 
 def remap_groups(layer: Any, to: dict[int, dict]) -> None:
@@ -315,7 +384,7 @@ class AutoGammaMixin:
     """What keeps γ's buffer and the layer's copy of it together through torch's module machinery (and the links
     to the optimizer's groups through a reload: ``remap_optimizer_groups``)."""
 
-    remap_optimizer_groups = remap_groups
+    remap_optimizer_groups, link_loss_scaler, backward_clips = remap_groups, link_loss_scaler, backward_clips
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``.to()``, ``.cuda()``, ``to_empty()``: the value recorded before the move is written into the new

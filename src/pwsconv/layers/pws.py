@@ -123,7 +123,7 @@ class PWSMixin(AutoGammaMixin, ReparamMixin):
         """α·Ŵ of eq. 12 (gradients of W and α clipped by ``clip_w_lambda`` / ``clip_lambda``; values unchanged)."""
         view, reduce, alpha_shape = self._layout()
         w = self.weight if view is None else self.weight.reshape(view)
-        lam_w, lam, _, vec = self.clips()
+        lam_w, lam, _, vec = self.backward_clips()
         w, alpha = unit_clip(w, lam_w, reduce), unit_clip(self.alpha, lam, vector=vec)   # λ = 0: as is
         alpha = None if alpha is None else alpha.view(alpha_shape)
         out = pws_weight(w, self.effective_gamma, alpha, reduce_dims=reduce, gain=self.gain)
@@ -133,8 +133,8 @@ class PWSMixin(AutoGammaMixin, ReparamMixin):
         """β, its gradient clipped by ``clip_lambda``."""
         p = self._parameters
         b = p["bias"] if "bias" in p else self.bias   # (ReparamMixin.compute_bias, inlined: once per forward)
-        _, lam, floor, vec = self.clips()
-        return unit_clip(b, lam, floor=floor, vector=vec) if lam else b   # b itself without λ
+        _, lam, floor, vec = self.backward_clips()
+        return unit_clip(b, lam, floor=floor, vector=vec)   # b itself without λ
 
     def fused_args(self) -> tuple | None:
         """(W, α, γ, gain, clips(), β) for :func:`pwsconv.fuse_standardization`, or ``None`` where it cannot serve
@@ -148,7 +148,7 @@ class PWSMixin(AutoGammaMixin, ReparamMixin):
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \
                 or (self.data_init_alpha and a is not None and not bool(self.alpha_initialized)):
             return None
-        return w, a, self.effective_gamma, self.gain, self.clips(), p["bias"] if "bias" in p else self.bias
+        return w, a, self.effective_gamma, self.gain, self.backward_clips(), p["bias"] if "bias" in p else self.bias
 
     # ------------------------------------------------------------------ init and loading
     def _reset_extra(self) -> None:

@@ -132,10 +132,11 @@ class _Run:
         self.spec = task.spec()
         self.opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov)
-        link_optimizer(model, self.opt)   # gamma="auto" follows this optimizer's LR, after a resume too
         self.sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, milestones=list(cfg.milestones),
                                                           gamma=cfg.lr_decay)
         self.scaler = _grad_scaler(device, cfg.amp)
+        # gamma="auto" follows this optimizer's LR (after a resume too); clipping layers bound unscaled gradients
+        link_optimizer(model, self.opt, scaler=self.scaler)
 
         # -- position: (epoch, batch within epoch, global step), the epoch's running sums, time
         self.epoch, self.batch, self.step = 0, 0, 0
