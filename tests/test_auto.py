@@ -1094,6 +1094,8 @@ def _train_scaled(mode: str, lr: float, clip: dict | None = None, scaler: bool =
     opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=lr, momentum=0.9)
     sc = torch.amp.GradScaler("cpu") if scaler else None
     pwsconv.link_optimizer(net, opt, scaler=sc)
+    if mode == "compiled":
+        torch._dynamo.reset()
     model = torch.compile(net, backend="aot_eager") if mode == "compiled" else net
     g, grads = torch.Generator().manual_seed(1), []
     for step in range(4):
@@ -1120,8 +1122,13 @@ def test_clipping_bounds_the_unscaled_gradients_under_a_linked_grad_scaler(mode)
     the unscaled run's, per layer, fused and compiled, where the clips hold (LR 1.6: W, α and β per vector; an
     explicit clip= per entry) — and unlinked, the scaled run's gradients are far smaller (the defect fixed)."""
     for lr, clip in ((1.6, None), (0.1, {"clip": 0.002, "clip_w": 0.001})):
+        from torch._dynamo.utils import counters
+
         ref, ref_grads = _train_scaled("layer", lr, clip, scaler=False)
+        counters.clear()
         net, grads = _train_scaled(mode, lr, clip)
+        if mode == "compiled":   # one graph, and one more when the scale becomes GradScaler's tensor; no breaks
+            assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters)
         for step, (a, b) in enumerate(zip(ref_grads, grads)):
             for k, (ga, gb) in enumerate(zip(a, b)):
                 torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-7, msg=f"step {step}, parameter {k}")
@@ -1138,9 +1145,20 @@ def test_clipping_bounds_the_unscaled_gradients_under_a_linked_grad_scaler(mode)
 
 
 def test_link_optimizer_scaler_checks_and_the_fp16_warning():
-    """A scaler that is not a GradScaler is refused before anything is linked; None unlinks; under float16
-    autocast a clipping layer without a linked scaler warns once (bfloat16, which needs no scaler, does not)."""
+    """A scaler that is not a GradScaler is refused before anything is linked; None or a disabled scaler unlinks;
+    the forward reads the scale without a device sync (GradScaler's update() writes its tensor at every step);
+    under float16 autocast a clipping layer without a linked scaler warns (bfloat16, which needs no scaler, and a
+    frozen layer do not)."""
     import warnings
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.item)
+            return func(*args, **(kwargs or {}))
 
     net = _auto_net()
     opt = torch.optim.SGD(pwsconv.param_groups(net, 5e-4), lr=0.1, momentum=0.9)
@@ -1151,12 +1169,32 @@ def test_link_optimizer_scaler_checks_and_the_fp16_warning():
     sc = torch.amp.GradScaler("cpu")
     pwsconv.link_optimizer(net, opt, scaler=sc)
     assert layer.backward_clips()[:2] == tuple(v * 65536.0 for v in layer.clips()[:2])
+    x = torch.randn(4, 1, 8, 8)
+    for fuse in (False, True):
+        handle = pwsconv.fuse_standardization(net) if fuse else None
+        for _ in range(2):
+            opt.zero_grad()
+            sc.scale(net(x).sum()).backward()    # the scale is a tensor from here on, written by every update()
+            sc.step(opt)
+            sc.update()
+            with Syncs() as syncs:
+                net(x)
+            assert syncs.n == 0
+        assert torch.is_tensor(layer.backward_clips()[0])
+        if handle is not None:
+            handle.remove()
     pwsconv.link_optimizer(net, opt)
     assert layer.backward_clips() == layer.clips()
-    x = torch.randn(4, 1, 8, 8)
+    pwsconv.link_optimizer(net, opt, scaler=torch.amp.GradScaler("cpu", enabled=False))
+    assert layer.backward_clips() == layer.clips()
     for dtype, warns in ((torch.bfloat16, False), (torch.float16, True)):
         with warnings.catch_warnings(record=True) as seen, torch.autocast("cpu", dtype=dtype):
             warnings.simplefilter("always")
             net(x)
         hits = [w for w in seen if "GradScaler" in str(w.message)]
         assert bool(hits) == warns, [str(w.message) for w in seen]
+    net.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as seen, torch.autocast("cpu", dtype=torch.float16):
+        warnings.simplefilter("always")
+        net(x)
+    assert not [w for w in seen if "GradScaler" in str(w.message)]

@@ -92,13 +92,15 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: A
     ``scaler``: the ``torch.amp.GradScaler`` of float16 mixed precision, if the loss is scaled with one
     (``scaler.scale(loss).backward()``): the layers that clip gradients in their backward (``gamma="auto"``,
     ``clip=``) then multiply their bounds by its scale, so that they bound the unscaled gradients (without it they
-    would be tighter by the scale, 65536 at first). None (the default): the loss is not scaled.
+    would be tighter by the scale, 65536 at first). None (the default) or a disabled scaler: the loss is not
+    scaled.
     Layers without ``gamma="auto"`` or ``clip`` are left alone; calling it again is harmless."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"link_optimizer: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"link_optimizer: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if scaler is not None and not (callable(getattr(scaler, "is_enabled", None)) and hasattr(scaler, "_scale")):
+    if scaler is not None and not (isinstance(scaler, torch.amp.GradScaler) or (
+            callable(getattr(scaler, "is_enabled", None)) and hasattr(scaler, "_init_scale"))):
         raise TypeError(f"link_optimizer: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     _link_layers(model, optimizer.param_groups, "link_live_group")
     for mod in model.modules():

@@ -9,9 +9,7 @@ How it reaches the layers: a forward pre-hook on the model computes the weights 
 fresh one and puts them in a per-forward table held by a :class:`contextvars.ContextVar` (so threads and nested
 forwards never see another forward's table). It also installs :func:`weight_source` on each layer it walks (the
 layers' one hook for weights computed elsewhere, ``layer._weight_source``), which looks the layer up there — or in
-the eval cache of an open :func:`pwsconv.cached` scope. A layer takes part by defining ``fused_args()`` (see
-:class:`pwsconv.layers.PWSMixin`).
-"""
+the eval cache of an open :func:`pwsconv.cached` scope. A layer takes part by defining ``fused_args()``."""
 
 from __future__ import annotations
 
@@ -69,13 +67,13 @@ class _PWSMany(torch.autograd.Function):
 
     ``cast`` (autocast's ``(device type, dtype)``, or ``None``): the float32 weights and biases on that device type
     are handed out in that dtype, one cast per group and one for all biases instead of autocast's one per layer and
-    tensor in forward and again in backward (the same values: a cast is elementwise).
+    tensor in forward and again in backward (the same values: a cast is elementwise). ``scale`` (a GradScaler's
+    tensor, read in backward, or a float, or None): the gradients are of a loss times it: so are the clips' bounds.
     """
 
     @staticmethod
     def forward(ctx, spec: tuple, bias_spec: tuple, cast: tuple[str, torch.dtype] | None,  # type: ignore[override]
-                n_out: int,
-                *tensors: Tensor) -> tuple[Tensor, ...]:
+                scale: Tensor | float | None, n_out: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)      # layers that were not used get None, not zeros
         outs: list[Tensor | None] = [None] * n_out
         saved = []
@@ -110,7 +108,7 @@ class _PWSMany(torch.autograd.Function):
             # it there cost one more op per group
             saved.append((ws, al, versions, s, mean, rstd, w))
         outs += bias_views([tensors[i] for i, *_ in bias_spec], cast)
-        ctx.spec, ctx.bias_spec, ctx.cast = spec, bias_spec, cast
+        ctx.spec, ctx.bias_spec, ctx.cast, ctx.scale = spec, bias_spec, cast, scale
         ctx.groups = saved
         if bias_spec:
             ctx.biases = [tensors[i] for i, *_ in bias_spec]
@@ -171,7 +169,7 @@ class _PWSMany(torch.autograd.Function):
                         if clip_a:
                             ca.append((i + _NARGS, p, a, clip_a, 1e-3, vec))
         if cw:
-            clip_filters_(cw)
+            clip_filters_(cw, scale=ctx.scale)
         if ctx.bias_spec:
             gb = bias_grads(grads[len(grads) - len(ctx.bias_spec):], ctx.biases, ctx.cast)
             for (i, lam, floor, vec), b, g in zip(ctx.bias_spec, ctx.biases, gb):
@@ -180,13 +178,13 @@ class _PWSMany(torch.autograd.Function):
                         ca.append((i + _NARGS, g, b, lam, floor, vec))
                     else:
                         res[i + _NARGS] = g
-        for i, c in clip_units(ca):   # α and β: per entry, or per vector above auto's free range
+        for i, c in clip_units(ca, ctx.scale):   # α and β: per entry, or per vector above auto's free range
             res[i] = c
         return tuple(res)
 
 
-#: the leading non-tensor arguments of _PWSMany.forward (spec, bias_spec, cast, n_out)
-_NARGS = 4
+#: the leading non-tensor arguments of _PWSMany.forward (spec, bias_spec, cast, scale, n_out)
+_NARGS = 5
 
 
 def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: Sequence[float],
@@ -200,8 +198,8 @@ def pws_weights_fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None]
     standardized together by one native op. Each weight uses the default layout (filters along dim 0, contiguous,
     float32 or float64); each α has one value per filter (or is ``None``). ``clips``: per layer, the unit-wise
     gradient clipping λ of :func:`unit_clip` applied to ∂L/∂W (per filter) and ∂L/∂α (per entry, or per vector) in
-    the node's backward — one λ for both, or (λ_W, λ_α[, the floor of β's bound[, α and β per vector]]) (0 = none;
-    ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
+    the node's backward — one λ for both, or (λ_W, λ_α[, β's floor[, α and β per vector[, the loss scale]]]) (0 =
+    none; ``gamma="auto"`` layers). Used by :func:`pwsconv.fuse_standardization`.
     """
     return _fused(weights, alphas, gammas, gains, clips)[0]
 
@@ -222,6 +220,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
         raise ValueError("pws_weights_fused: weights, alphas, gammas, gains and clips must have the same length")
     groups: dict[tuple, tuple[list[int], list[int], list[int] | None, list[int]]] = {}
     tensors: list[Tensor] = []
+    scale = None   # a GradScaler's loss scale (the fifth entry of a clips tuple), applied in backward
     for k, (w, a, gamma, gain, clip) in enumerate(zip(weights, alphas, gammas, gains, clips)):
         if w.dim() < 2 or not w.is_contiguous() or w.dtype in _LOW_PRECISION:
             raise ValueError(f"pws_weights_fused: needs contiguous float32/float64 weights with ≥ 2 dims, got "
@@ -229,6 +228,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
         rows = w.shape[0]
         if a is not None and a.numel() != rows:
             raise ValueError(f"pws_weights_fused: alpha has {a.numel()} values for {rows} filters")
+        scale = clip[4] if isinstance(clip, tuple) and len(clip) > 4 and clip[4] is not None else scale
         clip = (float(clip[0] or 0.0), float(clip[1] or 0.0), len(clip) > 3 and bool(clip[3])) \
             if isinstance(clip, tuple) else (float(clip or 0.0),) * 2 + (False,)
         # a large weight is not concatenated with others (its own group): on a CPU copying it costs more than the
@@ -265,7 +265,7 @@ def _fused(weights: Sequence[Tensor], alphas: Sequence[Tensor | None], gammas: S
             bias_spec.append((len(tensors), lam, floor, isinstance(c, tuple) and len(c) > 3 and bool(c[3])))
             passed.append(k)
             tensors.append(b)
-    out = _PWSMany.apply(spec, tuple(bias_spec), cast, len(weights), *tensors)
+    out = _PWSMany.apply(spec, tuple(bias_spec), cast, scale, len(weights), *tensors)
     for k, v in zip(passed, out[len(weights):]):
         bias_out[k] = v
     return list(out[:len(weights)]), bias_out

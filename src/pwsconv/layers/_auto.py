@@ -30,7 +30,6 @@ be told from a plain torch layer's and loads unchosen. ``reset_parameters()`` un
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -38,7 +37,7 @@ import torch
 from .. import functional as _F
 
 __all__ = ["link_optimizer_group", "link_live_group", "link_loss_scaler", "loss_scale_of", "backward_clips",
-           "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
+           "fused_clips", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
            "register_auto_gamma", "GAMMA_BUFFER",
            "AutoGammaMixin", "reset_auto_gamma"]
 
@@ -98,49 +97,44 @@ def link_live_group(layer: Any, group: dict) -> None:
 
 def link_loss_scaler(layer: Any, scaler: Any) -> None:
     """Called by :func:`pwsconv.link_optimizer` with its ``scaler``: a ``torch.amp.GradScaler`` whose scale the loss
-    is multiplied by before ``backward()`` (fp16 mixed precision), or None. The clipping bounds compare gradients
-    with the weights, so in backward they are multiplied by that scale (:func:`backward_clips`)."""
-    _link_of(layer).scaler = scaler
-
-
-#: GradScaler → (its scale tensor, the tensor's version, its value): one read of the device per scale, for all layers
-_SCALES: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()
+    is multiplied by before ``backward()`` (fp16 mixed precision), or None (a disabled scaler counts as None: it
+    scales nothing, and it stays disabled). The clipping bounds compare gradients with the weights, so in backward
+    they are multiplied by that scale (:func:`backward_clips`, :func:`fused_clips`)."""
+    _link_of(layer).scaler = scaler if scaler is not None and scaler.is_enabled() else None
 
 
 def loss_scale_of(layer: Any) -> Any:
-    """The scale a linked GradScaler multiplies the loss by now (:func:`link_loss_scaler`): a float (read from the
-    device once per change of the scale, shared by all layers), under ``torch.compile`` the scale tensor itself
-    (no sync, no graph break); None without a scaler (warned once under float16 autocast, where one is usual)."""
+    """The scale a linked GradScaler multiplies the loss by: its scale tensor (``update()`` and loads change it in
+    place, so the clip nodes read its value when they run: no device sync, no graph break), or before its first
+    ``scale()`` the float that call will use; None without a scaler (warned once under float16 autocast, where one
+    is usual)."""
     link = layer.__dict__.get("_opt_group")
     scaler = None if link is None else link.scaler
-    if scaler is None or not scaler.is_enabled():
-        if scaler is None and not torch.compiler.is_compiling():
+    if scaler is None:
+        if not torch.compiler.is_compiling():
             _warn_if_fp16_unscaled(layer)
         return None
-    s = scaler._scale   # (GradScaler's) made by the first scale(), then changed in place by update() and loads
-    if s is None:
-        return float(scaler._init_scale)   # what the first scale() will use (get_scale(), without a sync)
-    if torch.compiler.is_compiling():
-        return s
-    seen = _SCALES.get(scaler)
-    if seen is None or seen[0] is not s or seen[1] != s._version:
-        seen = _SCALES[scaler] = (s, s._version, float(s.item()))
-    return seen[2]
+    s = scaler._scale   # (GradScaler's) made by the first scale(); GradScaler's scales are powers of two
+    return float(scaler._init_scale) if s is None else s
 
 
 def backward_clips(layer: Any) -> tuple:
     """``layer.clips()`` with λ_W and λ of α and β multiplied by the loss scale of a linked GradScaler
-    (:func:`loss_scale_of`): the bounds the backward applies to gradients of the scaled loss."""
+    (:func:`loss_scale_of`; then tensors, or floats before the first step): the bounds the per-layer backward
+    applies to gradients of the scaled loss."""
     clips = layer.clips()
     if not (clips[0] or clips[1]):
         return clips
-    link = layer.__dict__.get("_opt_group")
-    if link is None or link.scaler is None:   # (loss_scale_of's first case, inlined: once per layer and forward)
-        if not torch.compiler.is_compiling():
-            _warn_if_fp16_unscaled(layer)
-        return clips
     s = loss_scale_of(layer)
     return clips if s is None else (clips[0] * s if clips[0] else 0.0, clips[1] * s if clips[1] else 0.0) + clips[2:]
+
+
+def fused_clips(layer: Any) -> tuple:
+    """``layer.clips()`` and, fifth, the loss scale (:func:`loss_scale_of`, None without one) for
+    :func:`pwsconv.fuse_standardization`'s node, which groups layers by the bounds and applies the scale in its
+    backward."""
+    clips = layer.clips()
+    return clips + ((loss_scale_of(layer) if clips[0] or clips[1] else None),)
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
@@ -151,9 +145,10 @@ def _warn_if_fp16_unscaled(layer: Any) -> None:
     """Warn once (per call site) when a clipping layer trains under float16 autocast without a linked GradScaler."""
     if not _any_autocast():   # the usual case: done (one call)
         return
-    dev = layer._raw_weight().device.type
+    w = layer._raw_weight()
+    dev = w.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16 \
-            and layer.training and torch.is_grad_enabled():
+            and layer.training and torch.is_grad_enabled() and w.requires_grad:
         import warnings
 
         warnings.warn(f"{type(layer).__name__} clips gradients in its backward and runs under float16 autocast: if "
@@ -384,7 +379,8 @@ class AutoGammaMixin:
     """What keeps γ's buffer and the layer's copy of it together through torch's module machinery (and the links
     to the optimizer's groups through a reload: ``remap_optimizer_groups``)."""
 
-    remap_optimizer_groups, link_loss_scaler, backward_clips = remap_groups, link_loss_scaler, backward_clips
+    remap_optimizer_groups, link_loss_scaler = remap_groups, link_loss_scaler
+    backward_clips, fused_clips = backward_clips, fused_clips
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``.to()``, ``.cuda()``, ``to_empty()``: the value recorded before the move is written into the new

@@ -148,7 +148,7 @@ class PWSMixin(AutoGammaMixin, ReparamMixin):
                 or (a is not None and (a.dtype != w.dtype or not a.is_contiguous())) \
                 or (self.data_init_alpha and a is not None and not bool(self.alpha_initialized)):
             return None
-        return w, a, self.effective_gamma, self.gain, self.backward_clips(), p["bias"] if "bias" in p else self.bias
+        return w, a, self.effective_gamma, self.gain, self.fused_clips(), p["bias"] if "bias" in p else self.bias
 
     # ------------------------------------------------------------------ init and loading
     def _reset_extra(self) -> None:
