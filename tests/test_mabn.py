@@ -353,3 +353,40 @@ def test_deepcopy_and_double():
     layer(torch.randn(2, 3, 2, 2))
     c = copy.deepcopy(layer).double()
     assert c.buffer_x2.dtype == torch.float64 and c.iters.dtype == torch.long and int(c.iters) == 1
+
+
+def test_fp16_loss_scale_is_kept_out_of_the_moving_average_and_overflows_out_of_the_buffers():
+    """Under fp16 a GradScaler multiplies the loss, so Σ g·z carries its scale, which changes (×0.5 after an
+    overflow, ×2 after a stretch without one): with the scaler linked (``pwsconv.link_optimizer(..., scaler=)``)
+    the window averages unscaled statistics and the gradients are the unscaled run's, exactly (the scales are
+    powers of two). A non-finite statistic (the overflowing step, which the scaler skips) does not enter the
+    buffers, so the next steps are not NaN (unlinked, too)."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 3, 3), MABN2d(3, B=2, real_B=6, warmup_iters=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(27, 4))
+
+    ref, scaled = net(), net()
+    x = torch.randn(6, 2, 1, 5, 5)
+    ref(x[0]), scaled(x[0])
+    opt = torch.optim.SGD(scaled.parameters(), lr=0.0)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    pwsconv.link_optimizer(scaled, opt, scaler=sc)
+    for step in range(6):
+        ref.zero_grad()
+        ref(x[step]).square().sum().backward()
+        opt.zero_grad()
+        sc.scale(scaled(x[step]).square().sum()).backward()
+        s = sc.get_scale()
+        for (k, p), q in zip(ref.named_parameters(), scaled.parameters()):
+            torch.testing.assert_close(q.grad / s, p.grad, rtol=1e-6, atol=1e-9, msg=f"step {step}: {k}")
+        sc.update(new_scale=s * (0.5 if step % 2 else 2.0))
+    layer = scaled[1]
+    with torch.no_grad():
+        layer.buffer_gz.zero_()
+    out = layer(torch.randn(2, 3, 4, 4, requires_grad=True))
+    out.backward(torch.full_like(out, float("inf")))     # an overflowing backward
+    assert torch.isfinite(layer.buffer_gz).all() and torch.isfinite(layer.buffer_x2).all()
+    y = layer(torch.randn(2, 3, 4, 4, requires_grad=True))
+    y.sum().backward()
+    assert torch.isfinite(y).all()

@@ -92,7 +92,8 @@ def link_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: A
     ``scaler``: the ``torch.amp.GradScaler`` of float16 mixed precision, if the loss is scaled with one
     (``scaler.scale(loss).backward()``): the layers that clip gradients in their backward (``gamma="auto"``,
     ``clip=``) then multiply their bounds by its scale, so that they bound the unscaled gradients (without it they
-    would be tighter by the scale, 65536 at first). None (the default) or a disabled scaler: the loss is not
+    would be tighter by the scale, 65536 at first), and MABN keeps its moving average of backward statistics
+    unscaled (the scale changes during training). None (the default) or a disabled scaler: the loss is not
     scaled.
     Layers without ``gamma="auto"`` or ``clip`` are left alone; calling it again is harmless."""
     if not isinstance(model, nn.Module):

@@ -36,7 +36,8 @@ import torch
 
 from .. import functional as _F
 
-__all__ = ["link_optimizer_group", "link_live_group", "link_loss_scaler", "loss_scale_of", "backward_clips",
+__all__ = ["link_optimizer_group", "link_live_group", "link_loss_scaler", "loss_scale_of", "linked_scale",
+           "backward_clips",
            "fused_clips", "auto_clips_of", "AUTO_W_FOLLOWS_LR", "auto_gamma_of",
            "register_auto_gamma", "GAMMA_BUFFER",
            "AutoGammaMixin", "reset_auto_gamma"]
@@ -108,13 +109,21 @@ def loss_scale_of(layer: Any) -> Any:
     place, so the clip nodes read its value when they run: no device sync, no graph break), or before its first
     ``scale()`` the float that call will use; None without a scaler (warned once under float16 autocast, where one
     is usual)."""
+    s = linked_scale(layer)
+    if s is None and not torch.compiler.is_compiling():
+        _warn_if_fp16_unscaled(layer)
+    return s
+
+
+def linked_scale(layer: Any) -> Any:
+    """The scale of the GradScaler linked to ``layer`` (:func:`link_loss_scaler`): its tensor (changed in place by
+    ``update()`` and loads; GradScaler's scales are powers of two), before its first ``scale()`` the float that
+    call will use, else None."""
     link = layer.__dict__.get("_opt_group")
     scaler = None if link is None else link.scaler
     if scaler is None:
-        if not torch.compiler.is_compiling():
-            _warn_if_fp16_unscaled(layer)
         return None
-    s = scaler._scale   # (GradScaler's) made by the first scale(); GradScaler's scales are powers of two
+    s = scaler._scale
     return float(scaler._init_scale) if s is None else s
 
 

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._auto import link_loss_scaler, linked_scale
 from ._checks import check_norm_input
-
 from ._reparam import LOW_PRECISION, ReparamMixin, filter_dims
 
 __all__ = ["CenConv1d", "CenConv2d", "CenConv3d", "MABN1d", "MABN2d", "MABN3d", "centered_weight"]
@@ -97,14 +97,14 @@ class _MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_var: Tensor, buffer_x2: Tensor,
                 buffer_gz: Tensor, it: int, buffer_size: int, warmup_iters: int, eps: float,
-                momentum: float) -> Tensor:
+                momentum: float, scale: Tensor | float | None = None) -> Tensor:
         dims = [0] + list(range(2, x.dim()))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         cdt = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
         xc = x.to(cdt)
         slot = it % buffer_size
         x2 = (xc * xc).mean(dim=dims)
-        buffer_x2[slot].copy_(x2)
+        _keep_finite(buffer_x2[slot], x2)
         var = x2 if _in_warmup(it, buffer_size, warmup_iters) else buffer_x2.mean(dim=0).to(cdt)
         std = torch.sqrt(var + eps)
         z = xc / std.view(shape)
@@ -119,7 +119,7 @@ class _MABNFunction(torch.autograd.Function):
         # written in backward: kept as attributes (not saved tensors) so that several forwards before their backwards
         # (gradient accumulation) do not trip autograd's version check
         ctx.buffer_gz = buffer_gz
-        ctx.it, ctx.buffer_size, ctx.warmup_iters = it, buffer_size, warmup_iters
+        ctx.it, ctx.buffer_size, ctx.warmup_iters, ctx.scale = it, buffer_size, warmup_iters, scale
         return out.to(x.dtype)
 
     @staticmethod
@@ -132,19 +132,27 @@ class _MABNFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         g = go * (weight.to(z.dtype) * r).view(shape)
         gz = (g * z).mean(dim=dims)
-        buffer_gz = ctx.buffer_gz
-        buffer_gz[ctx.it % ctx.buffer_size].copy_(gz)  # updated as in the original, whatever needs a gradient
+        buffer_gz, scale = ctx.buffer_gz, ctx.scale   # scale: a linked GradScaler's, in every gradient here
+        # updated as in the original, whatever needs a gradient; kept unscaled (exact: scales are powers of two)
+        _keep_finite(buffer_gz[ctx.it % ctx.buffer_size], gz if scale is None else gz / scale)
         if ctx.needs_input_grad[0]:
             if _in_warmup(ctx.it, ctx.buffer_size, ctx.warmup_iters):
                 mean_gz = gz
             else:
                 mean_gz = buffer_gz.mean(dim=0).to(z.dtype)
+                mean_gz = mean_gz if scale is None else mean_gz * scale
             grad_x = ((g - z * mean_gz.view(shape)) / std.view(shape)).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (go * z).sum(dim=dims).mul(r).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = go.sum(dim=dims).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def _keep_finite(slot: Tensor, value: Tensor) -> None:
+    """``slot`` ← ``value`` where it is finite: a statistic of an fp16 overflow (a step the GradScaler skips) would
+    otherwise poison the moving averages for a whole window (no host sync; finite values are written as they are)."""
+    slot.copy_(torch.where(torch.isfinite(value), value, slot))
 
 
 def _pos_int(v: Any, name: str) -> int:
@@ -218,10 +226,14 @@ class _MABNNd(nn.Module):
             self.iters.add_(1)
             it = int(self.iters)
             return _MABNFunction.apply(x, self.weight, self.bias, self.running_var, self.buffer_x2, self.buffer_gz,
-                                       it, self.buffer_size, self.warmup_iters, self.eps, self.momentum)
+                                       it, self.buffer_size, self.warmup_iters, self.eps, self.momentum,
+                                       linked_scale(self))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         return x * scale.to(x.dtype).view(shape) + self.bias.to(x.dtype).view(shape)
+
+    #: :func:`pwsconv.link_optimizer`'s ``scaler`` (fp16): the backward's moving average of Σ g·z is kept unscaled
+    link_loss_scaler = link_loss_scaler
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, B={self.B}, real_B={self.real_B}, eps={self.eps:g}, momentum={self.momentum:g}, "
