@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/ab"))
     p.add_argument("--lr", type=float, default=1e-3, help="SGD's LR (momentum 0.9): gamma=auto's bounds follow it "
                    "(above LR 0.1 α and β are clipped per vector)")
+    p.add_argument("--also", nargs="*", default=[], metavar="METHOD",
+                   help="other methods to time before and after too (e.g. mabn), with their default options")
     p.add_argument("--cpu-time", action="store_true",
                    help="one torch thread, timed by this thread's CPU time (for a machine busy with other work)")
     a = p.parse_args(argv)
@@ -85,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                    # the stabilized layer (same forward, clipped gradients) against paper PWS
                    "pws after (gamma=auto)": make(build_model, "pws", train_step_fn, {"gamma": "auto"}),
                    "pws before (gamma=auto)": make(before_build, "pws", before_step, {"gamma": "auto"})}
+            for m in a.also:
+                fns[f"{m} before"] = make(before_build, m, before_step)
+                fns[f"{m} after"] = make(build_model, m, train_step_fn)
             t = timed_interleaved(fns, "cpu", a.repeats, a.warmup, clock=clock)
             row = dict(model=model, batch=b, none_ms=t["none"] * 1e3,
                        **{k: v / t["none"] for k, v in t.items() if k != "none"})

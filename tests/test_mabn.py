@@ -360,7 +360,7 @@ def test_fp16_loss_scale_is_kept_out_of_the_moving_average_and_overflows_out_of_
     overflow, ×2 after a stretch without one): with the scaler linked (``pwsconv.link_optimizer(..., scaler=)``)
     the window averages unscaled statistics and the gradients are the unscaled run's, exactly (the scales are
     powers of two). A non-finite statistic (the overflowing step, which the scaler skips) does not enter the
-    buffers, so the next steps are not NaN (unlinked, too)."""
+    buffers, so the next steps are not NaN (unlinked too, with float16 inputs)."""
     def net():
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(1, 3, 3), MABN2d(3, B=2, real_B=6, warmup_iters=1), nn.ReLU(), nn.Flatten(),
@@ -390,3 +390,8 @@ def test_fp16_loss_scale_is_kept_out_of_the_moving_average_and_overflows_out_of_
     y = layer(torch.randn(2, 3, 4, 4, requires_grad=True))
     y.sum().backward()
     assert torch.isfinite(y).all()
+    alone = MABN2d(3, B=2, real_B=6, warmup_iters=1)   # no scaler: guarded by its float16 input
+    for _ in range(2):
+        out = alone(torch.randn(2, 3, 4, 4, dtype=torch.float16, requires_grad=True))
+        out.backward(torch.full_like(out, float("inf")))
+    assert torch.isfinite(alone.buffer_gz).all()

@@ -104,7 +104,8 @@ class _MABNFunction(torch.autograd.Function):
         xc = x.to(cdt)
         slot = it % buffer_size
         x2 = (xc * xc).mean(dim=dims)
-        _keep_finite(buffer_x2[slot], x2)
+        guard = scale is not None or x.dtype in LOW_PRECISION   # fp16 or a GradScaler: overflows kept out
+        _keep_finite(buffer_x2[slot], x2) if guard else buffer_x2[slot].copy_(x2)
         var = x2 if _in_warmup(it, buffer_size, warmup_iters) else buffer_x2.mean(dim=0).to(cdt)
         std = torch.sqrt(var + eps)
         z = xc / std.view(shape)
@@ -119,7 +120,7 @@ class _MABNFunction(torch.autograd.Function):
         # written in backward: kept as attributes (not saved tensors) so that several forwards before their backwards
         # (gradient accumulation) do not trip autograd's version check
         ctx.buffer_gz = buffer_gz
-        ctx.it, ctx.buffer_size, ctx.warmup_iters, ctx.scale = it, buffer_size, warmup_iters, scale
+        ctx.it, ctx.buffer_size, ctx.warmup_iters, ctx.scale, ctx.guard = it, buffer_size, warmup_iters, scale, guard
         return out.to(x.dtype)
 
     @staticmethod
@@ -134,7 +135,8 @@ class _MABNFunction(torch.autograd.Function):
         gz = (g * z).mean(dim=dims)
         buffer_gz, scale = ctx.buffer_gz, ctx.scale   # scale: a linked GradScaler's, in every gradient here
         # updated as in the original, whatever needs a gradient; kept unscaled (exact: scales are powers of two)
-        _keep_finite(buffer_gz[ctx.it % ctx.buffer_size], gz if scale is None else gz / scale)
+        slot = buffer_gz[ctx.it % ctx.buffer_size]
+        _keep_finite(slot, gz if scale is None else gz / scale) if ctx.guard else slot.copy_(gz)
         if ctx.needs_input_grad[0]:
             if _in_warmup(ctx.it, ctx.buffer_size, ctx.warmup_iters):
                 mean_gz = gz
@@ -151,7 +153,8 @@ class _MABNFunction(torch.autograd.Function):
 
 def _keep_finite(slot: Tensor, value: Tensor) -> None:
     """``slot`` ← ``value`` where it is finite: a statistic of an fp16 overflow (a step the GradScaler skips) would
-    otherwise poison the moving averages for a whole window (no host sync; finite values are written as they are)."""
+    otherwise poison the moving averages for a whole window (no host sync; finite values are written as they are).
+    Under fp16 inputs or a linked GradScaler only (float32 and bfloat16 do not overflow in practice: no ops added)."""
     slot.copy_(torch.where(torch.isfinite(value), value, slot))
 
 
