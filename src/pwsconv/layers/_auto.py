@@ -26,6 +26,10 @@ value so that a forward needs no device sync; the copy follows every write torch
 :class:`AutoGammaMixin`). A pwsconv checkpoint of an auto layer
 (with α) saved before the buffer existed loads with ``AUTO_GAMMA``, the γ it was trained with; one without α cannot
 be told from a plain torch layer's and loads unchosen. ``reset_parameters()`` un-chooses it.
+
+The same links carry fp16's GradScaler (:func:`link_loss_scaler`, set by ``link_optimizer(..., scaler=)``): layers
+that clip gradients in their backward multiply their bounds by its scale (:func:`backward_clips`,
+:func:`fused_clips`), and MABN keeps its moving average of backward statistics unscaled (:func:`linked_scale`).
 """
 
 from __future__ import annotations
