@@ -163,7 +163,7 @@ def unit_clip(p: Tensor | None, lam: float | Tensor, dims: Sequence[int] | None 
     ``None`` stays ``None``; without autograd (no grad mode, or ``p`` needs no gradient) ``p`` itself is returned."""
     if p is None or (not isinstance(lam, Tensor) and not lam) or not (p.requires_grad and torch.is_grad_enabled()):
         return p
-    lam = lam if isinstance(lam, Tensor) else float(lam)   # a tensor: a loss scale's product, compiled (no sync)
+    lam = lam if isinstance(lam, Tensor) else float(lam)   # a tensor: λ times a GradScaler's scale (no sync)
     if p.dim() <= 1:
         if vector:
             return _UnitClip.apply(p, lam, (0,) if p.dim() else (), float(floor) * math.sqrt(p.numel()))

@@ -136,7 +136,7 @@ def backward_clips(layer: Any) -> tuple:
     (:func:`loss_scale_of`; then tensors, or floats before the first step): the bounds the per-layer backward
     applies to gradients of the scaled loss."""
     clips = layer.clips()
-    if not (clips[0] or clips[1]):
+    if not (clips[0] or clips[1]):   # (paper PWS: no lookup at all)
         return clips
     s = loss_scale_of(layer)
     return clips if s is None else (clips[0] * s if clips[0] else 0.0, clips[1] * s if clips[1] else 0.0) + clips[2:]

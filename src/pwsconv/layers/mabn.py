@@ -105,7 +105,7 @@ class _MABNFunction(torch.autograd.Function):
         slot = it % buffer_size
         x2 = (xc * xc).mean(dim=dims)
         guard = scale is not None or x.dtype in LOW_PRECISION   # fp16 or a GradScaler: overflows kept out
-        _keep_finite(buffer_x2[slot], x2) if guard else buffer_x2[slot].copy_(x2)
+        _store(buffer_x2[slot], x2, guard)
         var = x2 if _in_warmup(it, buffer_size, warmup_iters) else buffer_x2.mean(dim=0).to(cdt)
         std = torch.sqrt(var + eps)
         z = xc / std.view(shape)
@@ -136,7 +136,7 @@ class _MABNFunction(torch.autograd.Function):
         buffer_gz, scale = ctx.buffer_gz, ctx.scale   # scale: a linked GradScaler's, in every gradient here
         # updated as in the original, whatever needs a gradient; kept unscaled (exact: scales are powers of two)
         slot = buffer_gz[ctx.it % ctx.buffer_size]
-        _keep_finite(slot, gz if scale is None else gz / scale) if ctx.guard else slot.copy_(gz)
+        _store(slot, gz if scale is None else gz / scale, ctx.guard)
         if ctx.needs_input_grad[0]:
             if _in_warmup(ctx.it, ctx.buffer_size, ctx.warmup_iters):
                 mean_gz = gz
@@ -151,11 +151,12 @@ class _MABNFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
-def _keep_finite(slot: Tensor, value: Tensor) -> None:
-    """``slot`` ← ``value`` where it is finite: a statistic of an fp16 overflow (a step the GradScaler skips) would
-    otherwise poison the moving averages for a whole window (no host sync; finite values are written as they are).
-    Under fp16 inputs or a linked GradScaler only (float32 and bfloat16 do not overflow in practice: no ops added)."""
-    slot.copy_(torch.where(torch.isfinite(value), value, slot))
+def _store(slot: Tensor, value: Tensor, guard: bool) -> None:
+    """``slot`` ← ``value``; with ``guard`` (fp16 inputs or a linked GradScaler) only where it is finite: a statistic
+    of an fp16 overflow (a step the GradScaler skips) would otherwise poison the moving averages for a whole window
+    (no host sync; finite values are written as they are). Float32 and bfloat16 do not overflow in practice: no
+    ops added there."""
+    slot.copy_(torch.where(torch.isfinite(value), value, slot) if guard else value)
 
 
 def _pos_int(v: Any, name: str) -> int:
